@@ -16,6 +16,8 @@
 #include <string>     // defines: std::string
 #include <vector>     // defines: std::vector
 #include <map>        // defines: std::map (safetensors name index)
+#include <memory>     // defines: std::unique_ptr
+#include <algorithm>  // defines: std::sort, std::find
 
 #ifdef __CUDACC__
 #define QL_HD __host__ __device__
@@ -333,6 +335,164 @@ inline Quant4 quantize_weight(const float* x, int64_t n, int qt = QT_NF4, int bs
 inline void dequantize_weight(float* out, const Quant4& q) { dequantize_4bit(out, q.packed.data(), q.absmax.data(), q.n, q.qt, q.bs); }
 
 // ---------------------------------------------------------------------------------------------
+// 5. JSON: a small DOM parser for config.json, safetensors headers, index files, adapter configs.
+// Hostile input is the norm here: every read is bounds-checked, nesting is limited, duplicate
+// object keys are rejected, and errors carry the byte offset.
+
+struct Json {
+    enum Type { NUL, BOOL, NUM, STR, ARR, OBJ } type = NUL;
+    bool b = false;
+    double num = 0; bool is_uint = false; uint64_t u = 0;   // is_uint: a plain non-negative integer literal
+    std::string str;
+    std::vector<Json> arr;
+    std::vector<std::pair<std::string, Json>> obj;          // in file order
+    const Json* get(const char* key) const {
+        if (type != OBJ) return nullptr;
+        for (auto& kv : obj) if (kv.first == key) return &kv.second;
+        return nullptr;
+    }
+};
+
+struct JsonParser {
+    const char* s; size_t n, i = 0; std::string err;
+    static const int MAX_DEPTH = 64;
+    bool fail(const char* what) { if (err.empty()) { char b[160]; snprintf(b, sizeof b, "%s at byte %zu", what, i); err = b; } return false; }
+    void ws() { while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) i++; }
+    bool lit(const char* w) { size_t k = strlen(w); if (n - i < k || memcmp(s + i, w, k)) return fail("invalid literal"); i += k; return true; }
+    bool hex4(uint32_t& v) {
+        if (n - i < 4) return fail("truncated \\u escape");
+        v = 0;
+        for (int k = 0; k < 4; k++) {
+            char c = s[i++]; v <<= 4;
+            if (c >= '0' && c <= '9') v |= c - '0'; else if (c >= 'a' && c <= 'f') v |= c - 'a' + 10;
+            else if (c >= 'A' && c <= 'F') v |= c - 'A' + 10; else return fail("bad \\u escape");
+        }
+        return true;
+    }
+    bool string(std::string& out) {
+        if (i >= n || s[i] != '"') return fail("expected string");
+        i++;
+        while (true) {
+            if (i >= n) return fail("unterminated string");
+            unsigned char c = (unsigned char)s[i++];
+            if (c == '"') return true;
+            if (c < 0x20) return fail("control character in string");
+            if (c != '\\') { out += (char)c; continue; }
+            if (i >= n) return fail("unterminated escape");
+            char e = s[i++];
+            switch (e) {
+                case '"': out += '"'; break; case '\\': out += '\\'; break; case '/': out += '/'; break;
+                case 'b': out += '\b'; break; case 'f': out += '\f'; break; case 'n': out += '\n'; break;
+                case 'r': out += '\r'; break; case 't': out += '\t'; break;
+                case 'u': {
+                    uint32_t cp; if (!hex4(cp)) return false;
+                    if (cp >= 0xd800 && cp < 0xdc00) {                     // surrogate pair
+                        uint32_t lo;
+                        if (n - i < 2 || s[i] != '\\' || s[i + 1] != 'u') return fail("lone surrogate");
+                        i += 2; if (!hex4(lo)) return false;
+                        if (lo < 0xdc00 || lo >= 0xe000) return fail("bad surrogate pair");
+                        cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+                    } else if (cp >= 0xdc00 && cp < 0xe000) return fail("lone surrogate");
+                    if (cp < 0x80) out += (char)cp;
+                    else if (cp < 0x800) { out += (char)(0xc0 | (cp >> 6)); out += (char)(0x80 | (cp & 63)); }
+                    else if (cp < 0x10000) { out += (char)(0xe0 | (cp >> 12)); out += (char)(0x80 | ((cp >> 6) & 63)); out += (char)(0x80 | (cp & 63)); }
+                    else { out += (char)(0xf0 | (cp >> 18)); out += (char)(0x80 | ((cp >> 12) & 63)); out += (char)(0x80 | ((cp >> 6) & 63)); out += (char)(0x80 | (cp & 63)); }
+                    break;
+                }
+                default: return fail("bad escape");
+            }
+        }
+    }
+    bool number(Json& v) {
+        size_t st = i;
+        if (i < n && s[i] == '-') i++;
+        if (i >= n || !(s[i] >= '0' && s[i] <= '9')) return fail("bad number");
+        if (s[i] == '0') i++; else while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+        bool integer = true;
+        if (i < n && s[i] == '.') { integer = false; i++; if (i >= n || !(s[i] >= '0' && s[i] <= '9')) return fail("bad number"); while (i < n && s[i] >= '0' && s[i] <= '9') i++; }
+        if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+            integer = false; i++;
+            if (i < n && (s[i] == '+' || s[i] == '-')) i++;
+            if (i >= n || !(s[i] >= '0' && s[i] <= '9')) return fail("bad number");
+            while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+        }
+        if (i - st > 400) return fail("number too long");
+        std::string t(s + st, i - st);
+        v.type = Json::NUM; v.num = strtod(t.c_str(), nullptr);
+        if (integer && s[st] != '-') {
+            uint64_t u = 0; bool ovf = false;
+            for (char c : t) { uint64_t d = (uint64_t)(c - '0'); if (u > (UINT64_MAX - d) / 10) ovf = true; u = u * 10 + d; }
+            if (!ovf) { v.is_uint = true; v.u = u; }
+        }
+        return true;
+    }
+    bool value(Json& v, int depth) {
+        if (depth > MAX_DEPTH) return fail("nesting too deep");
+        ws();
+        if (i >= n) return fail("unexpected end");
+        char c = s[i];
+        if (c == '{') {
+            v.type = Json::OBJ; i++; ws();
+            if (i < n && s[i] == '}') { i++; return true; }
+            while (true) {
+                ws(); std::string k; if (!string(k)) return false;
+                for (auto& kv : v.obj) if (kv.first == k) return fail(("duplicate key \"" + k.substr(0, 64) + "\"").c_str());
+                ws(); if (i >= n || s[i] != ':') return fail("expected ':'");
+                i++;
+                v.obj.emplace_back(std::move(k), Json());
+                if (!value(v.obj.back().second, depth + 1)) return false;
+                ws(); if (i >= n) return fail("unterminated object");
+                if (s[i] == ',') { i++; continue; }
+                if (s[i] == '}') { i++; return true; }
+                return fail("expected ',' or '}'");
+            }
+        }
+        if (c == '[') {
+            v.type = Json::ARR; i++; ws();
+            if (i < n && s[i] == ']') { i++; return true; }
+            while (true) {
+                v.arr.emplace_back();
+                if (!value(v.arr.back(), depth + 1)) return false;
+                ws(); if (i >= n) return fail("unterminated array");
+                if (s[i] == ',') { i++; continue; }
+                if (s[i] == ']') { i++; return true; }
+                return fail("expected ',' or ']'");
+            }
+        }
+        if (c == '"') { v.type = Json::STR; return string(v.str); }
+        if (c == 't') { v.type = Json::BOOL; v.b = true; return lit("true"); }
+        if (c == 'f') { v.type = Json::BOOL; v.b = false; return lit("false"); }
+        if (c == 'n') { v.type = Json::NUL; return lit("null"); }
+        return number(v);
+    }
+};
+// Parse a whole document (trailing whitespace allowed). On failure err says what and where.
+inline bool json_parse(const char* s, size_t n, Json& out, std::string& err) {
+    JsonParser p{s, n, 0, {}};
+    out = Json();
+    if (!p.value(out, 0)) { err = p.err; return false; }
+    p.ws();
+    if (p.i != n) { p.fail("trailing characters"); err = p.err; return false; }
+    return true;
+}
+inline Json json_load(const std::string& path) {
+    std::vector<uint8_t> b = read_file(path);
+    Json j; std::string err;
+    ql_assert(json_parse((const char*)b.data(), b.size(), j, err), "%s: invalid JSON: %s", path.c_str(), err.c_str());
+    return j;
+}
+// JSON text out: strings escaped, numbers with shortest round-trip precision where needed
+inline std::string json_quote(const std::string& s) {
+    std::string o = "\"";
+    for (unsigned char c : s) {
+        if (c == '"' || c == '\\') { o += '\\'; o += (char)c; }
+        else if (c < 0x20) { char b[8]; snprintf(b, sizeof b, "\\u%04x", c); o += b; }
+        else o += (char)c;
+    }
+    return o + "\"";
+}
+
+// ---------------------------------------------------------------------------------------------
 // 6. model configuration (Llama family), filled from config.json by load_config() below
 
 enum RopeType { ROPE_DEFAULT = 0, ROPE_LINEAR = 1, ROPE_LLAMA3 = 2 };
@@ -354,9 +514,19 @@ struct Config {
     int rope_orig_max = 8192;                                               // llama3
     bool tied = false;    // tie_word_embeddings: lm_head is embed_tokens
     int dtype = DT_BF16;  // torch_dtype / dtype of the checkpoint
+    int sliding_window = 0; // mistral: > 0 bands the causal mask (only matters beyond the window)
     int q_dim() const { return n_heads * head_dim; }
     int kv_dim() const { return n_kv_heads * head_dim; }
 };
+
+// the seven decoder linears of a layer, in this order everywhere (layouts, files, loops)
+enum Proj { P_Q = 0, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN, N_PROJ };
+static const char* const PROJ_NAME[N_PROJ] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+static const char* const PROJ_MODULE[N_PROJ] = {"self_attn", "self_attn", "self_attn", "self_attn", "mlp", "mlp", "mlp"};
+inline int proj_in(const Config& c, int p) { return p == P_O ? c.q_dim() : p == P_DOWN ? c.hidden_dim : c.dim; }
+inline int proj_out(const Config& c, int p) {
+    switch (p) { case P_Q: return c.q_dim(); case P_K: case P_V: return c.kv_dim(); case P_O: case P_DOWN: return c.dim; default: return c.hidden_dim; }
+}
 
 // RoPE inverse frequencies, as transformers computes them (formats.md §3.2, item 3):
 // inv[j] = 1 / theta^(2j/d) in fp32, then llama3 or linear scaling.
@@ -380,15 +550,329 @@ inline void rope_inv_freq(float* inv /* (hd/2) */, const Config& c) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 8. LoRA: configuration and the one flat parameter layout shared by CPU, GPU and the files
+// 6b. config.json -> Config (formats.md §2). Reads `rope_parameters` (transformers v5) first, else
+// rope_theta + rope_scaling; `dtype` or `torch_dtype`. Anything we would compute wrongly is refused.
 
-enum Proj { P_Q = 0, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN, N_PROJ };
-static const char* const PROJ_NAME[N_PROJ] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-static const char* const PROJ_MODULE[N_PROJ] = {"self_attn", "self_attn", "self_attn", "self_attn", "mlp", "mlp", "mlp"};
-inline int proj_in(const Config& c, int p) { return p == P_O ? c.q_dim() : p == P_DOWN ? c.hidden_dim : c.dim; }
-inline int proj_out(const Config& c, int p) {
-    switch (p) { case P_Q: return c.q_dim(); case P_K: case P_V: return c.kv_dim(); case P_O: case P_DOWN: return c.dim; default: return c.hidden_dim; }
+inline int dtype_from_torch_name(const std::string& s) {
+    if (s == "bfloat16") return DT_BF16;
+    if (s == "float16") return DT_F16;
+    if (s == "float32") return DT_F32;
+    return DT_NONE;
 }
+inline Config config_from_json(const Json& j, const std::string& path) {
+    const char* p = path.c_str();
+    ql_assert(j.type == Json::OBJ, "%s: expected a JSON object", p);
+    auto num = [&](const char* k, double def, bool required) -> double {
+        const Json* v = j.get(k);
+        if (!v || v->type == Json::NUL) { ql_assert(!required, "%s: missing \"%s\"", p, k); return def; }
+        ql_assert(v->type == Json::NUM, "%s: \"%s\" must be a number", p, k);
+        return v->num;
+    };
+    auto integer = [&](const char* k, int def, bool required, int lo, int hi) -> int {
+        double d = num(k, def, required);
+        ql_assert(d == floor(d) && d >= lo && d <= hi, "%s: \"%s\" = %g is not an integer in [%d, %d]", p, k, d, lo, hi);
+        return (int)d;
+    };
+    auto flag = [&](const char* k, bool def) -> bool {
+        const Json* v = j.get(k);
+        if (!v || v->type == Json::NUL) return def;
+        ql_assert(v->type == Json::BOOL, "%s: \"%s\" must be true or false", p, k);
+        return v->b;
+    };
+    auto str = [&](const Json* o, const char* k) -> std::string {
+        const Json* v = o ? o->get(k) : nullptr;
+        if (!v || v->type == Json::NUL) return "";
+        ql_assert(v->type == Json::STR, "%s: \"%s\" must be a string", p, k);
+        return v->str;
+    };
+    std::string mt = str(&j, "model_type");
+    ql_assert(mt == "llama" || mt == "mistral", "%s: model_type \"%s\" is not supported (llama, mistral)%s", p, mt.c_str(),
+              mt == "qwen2" ? ": qwen2 has q/k/v biases, which qlora does not implement yet" : "");
+    std::string act = str(&j, "hidden_act");
+    ql_assert(act.empty() || act == "silu", "%s: hidden_act \"%s\" is not supported (silu only)", p, act.c_str());
+    ql_assert(!flag("attention_bias", false), "%s: attention_bias = true is not supported (no biases on q/k/v/o)", p);
+    ql_assert(!flag("mlp_bias", false), "%s: mlp_bias = true is not supported (no biases on gate/up/down)", p);
+    Config c;
+    c.dim = integer("hidden_size", 4096, true, 1, 1 << 17);
+    c.hidden_dim = integer("intermediate_size", 11008, true, 1, 1 << 19);
+    c.n_layers = integer("num_hidden_layers", 32, true, 1, 1024);
+    c.n_heads = integer("num_attention_heads", 32, true, 1, 4096);
+    c.n_kv_heads = integer("num_key_value_heads", c.n_heads, false, 1, 4096);
+    ql_assert(c.n_heads % c.n_kv_heads == 0, "%s: num_attention_heads (%d) is not a multiple of num_key_value_heads (%d)", p, c.n_heads, c.n_kv_heads);
+    ql_assert(c.dim % c.n_heads == 0 || j.get("head_dim"), "%s: hidden_size %d not divisible by num_attention_heads %d and no head_dim", p, c.dim, c.n_heads);
+    c.head_dim = integer("head_dim", c.dim / c.n_heads, false, 2, 1024);
+    ql_assert(c.head_dim % 2 == 0, "%s: head_dim %d must be even (RoPE rotates halves)", p, c.head_dim);
+    c.vocab_size = integer("vocab_size", 32000, true, 1, 1 << 24);
+    c.max_seq_len = integer("max_position_embeddings", 2048, false, 1, 1 << 24);
+    c.norm_eps = (float)num("rms_norm_eps", 1e-6, false);
+    ql_assert(c.norm_eps > 0 && c.norm_eps < 1, "%s: rms_norm_eps %g out of range", p, c.norm_eps);
+    c.tied = flag("tie_word_embeddings", false);
+    std::string dt = str(&j, "dtype"); if (dt.empty()) dt = str(&j, "torch_dtype");
+    c.dtype = dt.empty() ? DT_BF16 : dtype_from_torch_name(dt);
+    ql_assert(c.dtype != DT_NONE, "%s: dtype \"%s\" is not supported (bfloat16, float16, float32)", p, dt.c_str());
+    const Json* sw = j.get("sliding_window");
+    if (sw && sw->type == Json::NUM) c.sliding_window = (int)sw->num;
+    // RoPE: v5 rope_parameters, else rope_theta + rope_scaling ("type" is an alias of "rope_type")
+    const Json* rp = j.get("rope_parameters");
+    const Json* rs = (rp && rp->type == Json::OBJ) ? rp : j.get("rope_scaling");
+    if (rs && rs->type != Json::NUL) ql_assert(rs->type == Json::OBJ, "%s: rope_scaling must be an object or null", p);
+    if (rs && rs->type != Json::OBJ) rs = nullptr;
+    const Json* th = (rp && rp->type == Json::OBJ && rp->get("rope_theta")) ? rp->get("rope_theta") : j.get("rope_theta");
+    if (th && th->type != Json::NUL) { ql_assert(th->type == Json::NUM && th->num > 1, "%s: bad rope_theta", p); c.rope_theta = (float)th->num; }
+    std::string rt = str(rs, "rope_type"); if (rt.empty()) rt = str(rs, "type");
+    auto rnum = [&](const char* k, double def) -> double {
+        const Json* v = rs ? rs->get(k) : nullptr;
+        if (!v || v->type == Json::NUL) return def;
+        ql_assert(v->type == Json::NUM, "%s: rope parameter \"%s\" must be a number", p, k);
+        return v->num;
+    };
+    if (rt.empty() || rt == "default") c.rope_type = ROPE_DEFAULT;
+    else if (rt == "linear") { c.rope_type = ROPE_LINEAR; c.rope_factor = (float)rnum("factor", 1.0); }
+    else if (rt == "llama3") {
+        c.rope_type = ROPE_LLAMA3;
+        ql_assert(rs->get("factor") && rs->get("low_freq_factor") && rs->get("high_freq_factor") && rs->get("original_max_position_embeddings"),
+                  "%s: llama3 rope scaling needs factor, low_freq_factor, high_freq_factor, original_max_position_embeddings", p);
+        c.rope_factor = (float)rnum("factor", 8); c.rope_low_freq = (float)rnum("low_freq_factor", 1);
+        c.rope_high_freq = (float)rnum("high_freq_factor", 4); c.rope_orig_max = (int)rnum("original_max_position_embeddings", 8192);
+        ql_assert(c.rope_high_freq > c.rope_low_freq && c.rope_orig_max > 0, "%s: inconsistent llama3 rope scaling", p);
+    } else ql_fail("%s: rope type \"%s\" is not supported (default, linear, llama3)", p, rt.c_str());
+    ql_assert(c.rope_factor > 0, "%s: rope factor must be positive", p);
+    return c;
+}
+inline Config load_config(const std::string& path) { return config_from_json(json_load(path), path); }
+
+// ---------------------------------------------------------------------------------------------
+// 7. safetensors (formats.md §1): `u64 N | N bytes JSON header | data`. Files are memory-mapped;
+// the header is validated like the Rust reader: size limits, known dtypes, nbytes == numel*bits/8,
+// tensors tile the data exactly (no holes, no overlap), nothing after the last tensor.
+struct DTypeInfo { const char* name; int bits; int dt; };
+static const DTypeInfo ST_DTYPES[] = {
+    {"BF16", 16, DT_BF16}, {"F16", 16, DT_F16}, {"F32", 32, DT_F32}, {"U8", 8, DT_U8}, {"I32", 32, DT_I32},
+    {"I64", 64, DT_I64}, {"BOOL", 8, DT_NONE}, {"I8", 8, DT_NONE}, {"I16", 16, DT_NONE}, {"U16", 16, DT_NONE},
+    {"U32", 32, DT_NONE}, {"U64", 64, DT_NONE}, {"F64", 64, DT_NONE}, {"C64", 64, DT_NONE}, {"F8_E5M2", 8, DT_NONE},
+    {"F8_E4M3", 8, DT_NONE}, {"F8_E8M0", 8, DT_NONE}, {"F8_E4M3FNUZ", 8, DT_NONE}, {"F8_E5M2FNUZ", 8, DT_NONE},
+    {"F4", 4, DT_NONE}, {"F6_E2M3", 6, DT_NONE}, {"F6_E3M2", 6, DT_NONE}};
+inline const char* dtype_name(int dt) { for (auto& d : ST_DTYPES) if (d.dt == dt) return d.name; return "?"; }
+inline int dtype_bytes(int dt) { for (auto& d : ST_DTYPES) if (d.dt == dt) return d.bits / 8; return 0; }
+
+struct MappedFile {   // read-only mmap of a whole file
+    std::string path; const uint8_t* data = nullptr; size_t size = 0;
+    MappedFile(const std::string& p);
+    ~MappedFile();
+    MappedFile(const MappedFile&) = delete; MappedFile& operator=(const MappedFile&) = delete;
+};
+#include <sys/mman.h>  // defines: mmap
+#include <sys/stat.h>  // defines: fstat
+#include <fcntl.h>     // defines: open
+#include <unistd.h>    // defines: close, fsync
+inline MappedFile::MappedFile(const std::string& p) : path(p) {
+    int fd = open(p.c_str(), O_RDONLY);
+    ql_assert(fd >= 0, "cannot open %s", p.c_str());
+    struct stat sb;
+    ql_assert(fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode), "%s: not a regular file", p.c_str());
+    size = (size_t)sb.st_size;
+    if (size > 0) {
+        void* m = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+        ql_assert(m != MAP_FAILED, "cannot map %s", p.c_str());
+        data = (const uint8_t*)m;
+    }
+    close(fd);
+}
+inline MappedFile::~MappedFile() { if (data) munmap((void*)data, size); }
+
+struct STensor {
+    std::string name, file;          // file: the path it lives in, for error messages
+    int dtype = DT_NONE; std::string dtype_str;
+    std::vector<int64_t> shape;
+    size_t nbytes = 0;
+    const uint8_t* data = nullptr;   // into the mapped file
+    int64_t numel() const { int64_t n = 1; for (int64_t d : shape) n *= d; return n; }
+    std::string shape_str() const { std::string s = "["; for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]); return s + "]"; }
+};
+
+struct SafeTensors {
+    std::vector<std::unique_ptr<MappedFile>> files;
+    std::map<std::string, STensor> tensors;
+    std::map<std::string, std::string> metadata;   // __metadata__ of the (first) file
+    const STensor* find(const std::string& name) const { auto it = tensors.find(name); return it == tensors.end() ? nullptr : &it->second; }
+    // The tensor, which must exist with exactly this shape; dtype one of the float types unless given.
+    const STensor& get(const std::string& name, std::vector<int64_t> shape, int want_dtype = -1) const {
+        const STensor* t = find(name);
+        ql_assert(t, "checkpoint is missing tensor \"%s\"%s", name.c_str(), files.empty() ? "" : (" (looked in " + files[0]->path + (files.size() > 1 ? " and its shards)" : ")")).c_str());
+        ql_assert(t->shape == shape, "%s: tensor \"%s\" has shape %s, the config implies [%s]", t->file.c_str(), name.c_str(),
+                  t->shape_str().c_str(), [&] { std::string s; for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]); return s; }().c_str());
+        if (want_dtype >= 0) ql_assert(t->dtype == want_dtype, "%s: tensor \"%s\" has dtype %s, expected %s", t->file.c_str(), name.c_str(), t->dtype_str.c_str(), dtype_name(want_dtype));
+        else ql_assert(t->dtype == DT_BF16 || t->dtype == DT_F16 || t->dtype == DT_F32, "%s: tensor \"%s\" has dtype %s; weights must be BF16, F16 or F32",
+                       t->file.c_str(), name.c_str(), t->dtype_str.c_str());
+        return *t;
+    }
+};
+
+// Validate one file's header and add its tensors. err-free on success; on any violation, exit with a
+// message naming the file and the tensor.
+inline void st_add_file(SafeTensors& st, const std::string& path) {
+    st.files.emplace_back(new MappedFile(path));
+    const MappedFile& f = *st.files.back();
+    const char* p = path.c_str();
+    ql_assert(f.size >= 8, "%s: not a safetensors file (%zu bytes, shorter than the 8-byte header length)", p, f.size);
+    uint64_t hn = 0; for (int k = 7; k >= 0; k--) hn = (hn << 8) | f.data[k];
+    ql_assert(hn <= 100000000ull, "%s: header length %llu exceeds the 100 MB limit (corrupt file?)", p, (unsigned long long)hn);
+    ql_assert(8 + hn <= f.size, "%s: header length %llu runs past the end of the %zu-byte file (truncated?)", p, (unsigned long long)hn, f.size);
+    ql_assert(hn >= 2 && f.data[8] == '{', "%s: header does not start with '{'", p);
+    size_t hlen = (size_t)hn; while (hlen > 0 && f.data[8 + hlen - 1] == ' ') hlen--;  // trailing space padding
+    Json h; std::string err;
+    ql_assert(json_parse((const char*)f.data + 8, hlen, h, err), "%s: invalid header JSON: %s", p, err.c_str());
+    ql_assert(h.type == Json::OBJ, "%s: header is not a JSON object", p);
+    const uint64_t data_size = f.size - 8 - hn;
+    struct Span { uint64_t b, e; std::string name; };
+    std::vector<Span> spans;
+    for (auto& kv : h.obj) {
+        const std::string& name = kv.first; const Json& t = kv.second;
+        if (name == "__metadata__") {
+            ql_assert(t.type == Json::OBJ, "%s: __metadata__ must be an object", p);
+            for (auto& m : t.obj) { ql_assert(m.second.type == Json::STR, "%s: __metadata__[\"%s\"] must be a string", p, m.first.c_str());
+                                    if (st.files.size() == 1) st.metadata[m.first] = m.second.str; }
+            continue;
+        }
+        const char* tn = name.c_str();
+        ql_assert(t.type == Json::OBJ, "%s: tensor \"%s\": entry is not an object", p, tn);
+        const Json *jd = t.get("dtype"), *js = t.get("shape"), *jo = t.get("data_offsets");
+        ql_assert(jd && jd->type == Json::STR, "%s: tensor \"%s\": missing dtype", p, tn);
+        ql_assert(js && js->type == Json::ARR, "%s: tensor \"%s\": missing shape", p, tn);
+        ql_assert(jo && jo->type == Json::ARR && jo->arr.size() == 2 && jo->arr[0].is_uint && jo->arr[1].is_uint,
+                  "%s: tensor \"%s\": data_offsets must be two non-negative integers", p, tn);
+        STensor s; s.name = name; s.file = path; s.dtype_str = jd->str;
+        int bits = 0;
+        for (auto& d : ST_DTYPES) if (jd->str == d.name) { bits = d.bits; s.dtype = d.dt; }
+        ql_assert(bits, "%s: tensor \"%s\": unknown dtype \"%s\"", p, tn, jd->str.c_str());
+        uint64_t numel = 1;
+        for (auto& d : js->arr) {
+            ql_assert(d.is_uint && d.u < (1ull << 40), "%s: tensor \"%s\": shape entries must be non-negative integers", p, tn);
+            s.shape.push_back((int64_t)d.u);
+            ql_assert(d.u == 0 || numel <= (1ull << 50) / d.u, "%s: tensor \"%s\": shape too large", p, tn);
+            numel *= d.u;
+        }
+        uint64_t b = jo->arr[0].u, e = jo->arr[1].u;
+        ql_assert(b <= e, "%s: tensor \"%s\": data_offsets [%llu, %llu] are reversed", p, tn, (unsigned long long)b, (unsigned long long)e);
+        ql_assert(numel * bits % 8 == 0, "%s: tensor \"%s\": %llu elements of %s do not fill whole bytes", p, tn, (unsigned long long)numel, jd->str.c_str());
+        ql_assert(e - b == numel * bits / 8, "%s: tensor \"%s\": data_offsets span %llu bytes but shape %s of %s needs %llu",
+                  p, tn, (unsigned long long)(e - b), s.shape_str().c_str(), jd->str.c_str(), (unsigned long long)(numel * bits / 8));
+        ql_assert(e <= data_size, "%s: tensor \"%s\": data_offsets end %llu is past the data (%llu bytes; truncated file?)",
+                  p, tn, (unsigned long long)e, (unsigned long long)data_size);
+        ql_assert(!st.find(name), "%s: tensor \"%s\" appears in two files", p, tn);
+        s.nbytes = (size_t)(e - b);
+        s.data = f.data + 8 + hn + b;
+        spans.push_back({b, e, name});
+        st.tensors[name] = s;
+    }
+    std::sort(spans.begin(), spans.end(), [](const Span& x, const Span& y) { return x.b != y.b ? x.b < y.b : x.e < y.e; });
+    uint64_t at = 0;
+    for (auto& sp : spans) {
+        ql_assert(sp.b == at, "%s: tensor \"%s\" starts at byte %llu of the data, expected %llu (%s)", p, sp.name.c_str(),
+                  (unsigned long long)sp.b, (unsigned long long)at, sp.b < at ? "overlaps the previous tensor" : "a hole before it");
+        at = sp.e;
+    }
+    ql_assert(at == data_size, "%s: %llu bytes after the last tensor (expected none)", p, (unsigned long long)(data_size - at));
+}
+inline SafeTensors st_open(const std::string& path) { SafeTensors st; st_add_file(st, path); return st; }
+
+// A Hugging Face model directory: model.safetensors, or model.safetensors.index.json + shards.
+inline SafeTensors st_open_model(const std::string& dir) {
+    std::string single = dir + "/model.safetensors", index = dir + "/model.safetensors.index.json";
+    if (!file_exists(index)) {
+        ql_assert(file_exists(single), "%s: no model.safetensors or model.safetensors.index.json (is this a Hugging Face checkpoint directory?)", dir.c_str());
+        return st_open(single);
+    }
+    Json j = json_load(index);
+    const Json* wm = j.get("weight_map");
+    ql_assert(wm && wm->type == Json::OBJ, "%s: missing \"weight_map\" object", index.c_str());
+    std::vector<std::string> shards;
+    for (auto& kv : wm->obj) {
+        ql_assert(kv.second.type == Json::STR, "%s: weight_map[\"%s\"] must be a file name", index.c_str(), kv.first.c_str());
+        const std::string& fn = kv.second.str;
+        ql_assert(!fn.empty() && fn.find('/') == std::string::npos && fn != "." && fn != "..",
+                  "%s: weight_map[\"%s\"] = \"%s\" is not a plain file name", index.c_str(), kv.first.c_str(), fn.c_str());
+        if (std::find(shards.begin(), shards.end(), fn) == shards.end()) shards.push_back(fn);
+    }
+    SafeTensors st;
+    for (auto& fn : shards) st_add_file(st, dir + "/" + fn);
+    for (auto& kv : wm->obj) {
+        const STensor* t = st.find(kv.first);
+        ql_assert(t, "%s: index lists tensor \"%s\" in %s, but that file does not contain it", index.c_str(), kv.first.c_str(), kv.second.str.c_str());
+        ql_assert(t->file == dir + "/" + kv.second.str, "%s: tensor \"%s\" is listed in %s but found in %s", index.c_str(), kv.first.c_str(), kv.second.str.c_str(), t->file.c_str());
+    }
+    return st;
+}
+
+// Tensor -> fp32 (BF16, F16, F32 exactly), and integer tensors -> int32 (range-checked).
+inline void st_to_f32(float* out, const STensor& t) {
+    int64_t n = t.numel();
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t* q = t.data + i * dtype_bytes(t.dtype);
+        if (t.dtype == DT_F32) { float v; memcpy(&v, q, 4); out[i] = v; }
+        else if (t.dtype == DT_BF16) out[i] = bf16_to_f32((uint16_t)(q[0] | q[1] << 8));
+        else if (t.dtype == DT_F16) out[i] = f16_to_f32((uint16_t)(q[0] | q[1] << 8));
+        else ql_fail("%s: tensor \"%s\" has dtype %s, expected BF16, F16 or F32", t.file.c_str(), t.name.c_str(), t.dtype_str.c_str());
+    }
+}
+inline std::vector<float> st_f32(const STensor& t) { std::vector<float> v((size_t)t.numel()); st_to_f32(v.data(), t); return v; }
+inline std::vector<int32_t> st_i32(const STensor& t) {
+    std::vector<int32_t> v((size_t)t.numel());
+    for (size_t i = 0; i < v.size(); i++) {
+        if (t.dtype == DT_I32) memcpy(&v[i], t.data + 4 * i, 4);
+        else if (t.dtype == DT_I64) { int64_t x; memcpy(&x, t.data + 8 * i, 8);
+            ql_assert(x >= INT32_MIN && x <= INT32_MAX, "%s: tensor \"%s\": value out of int32 range", t.file.c_str(), t.name.c_str()); v[i] = (int32_t)x; }
+        else ql_fail("%s: tensor \"%s\" has dtype %s, expected I32 or I64", t.file.c_str(), t.name.c_str(), t.dtype_str.c_str());
+    }
+    return v;
+}
+
+// Writer: header padded with spaces to a multiple of 8, __metadata__ {"format": "pt"} always, tensors
+// packed back to back in name order. Atomic: written to PATH.tmp, fsynced, renamed over PATH, so a
+// crash or a full disk leaves the previous file intact.
+struct STOut { std::string name; int dtype; std::vector<int64_t> shape; const void* data; };
+inline bool write_all(FILE* f, const void* p, size_t n) { return n == 0 || fwrite(p, 1, n, f) == n; }
+inline void atomic_write(const std::string& path, const std::vector<std::pair<const void*, size_t>>& parts) {
+    std::string tmp = path + ".tmp";
+    FILE* f = fopen(tmp.c_str(), "wb");
+    ql_assert(f, "cannot create %s (directory missing or not writable?)", tmp.c_str());
+    bool ok = true;
+    for (auto& pt : parts) ok = ok && write_all(f, pt.first, pt.second);
+    ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    ok = (fclose(f) == 0) && ok;
+    if (!ok) { remove(tmp.c_str()); ql_fail("writing %s failed (disk full?); the previous %s is unchanged", tmp.c_str(), path.c_str()); }
+    ql_assert(rename(tmp.c_str(), path.c_str()) == 0, "cannot rename %s to %s", tmp.c_str(), path.c_str());
+}
+inline void st_write(const std::string& path, std::vector<STOut> ts, std::map<std::string, std::string> meta = {}) {
+    std::sort(ts.begin(), ts.end(), [](const STOut& a, const STOut& b) { return a.name < b.name; });
+    meta["format"] = "pt";
+    std::string h = "{\"__metadata__\":{";
+    bool first = true;
+    for (auto& m : meta) { h += (first ? "" : ",") + json_quote(m.first) + ":" + json_quote(m.second); first = false; }
+    h += "}";
+    uint64_t off = 0;
+    std::vector<size_t> sizes;
+    for (auto& t : ts) {
+        size_t n = (size_t)dtype_bytes(t.dtype); for (int64_t d : t.shape) n *= (size_t)d;
+        sizes.push_back(n);
+        h += "," + json_quote(t.name) + ":{\"dtype\":\"" + dtype_name(t.dtype) + "\",\"shape\":[";
+        for (size_t i = 0; i < t.shape.size(); i++) h += (i ? "," : "") + std::to_string(t.shape[i]);
+        h += "],\"data_offsets\":[" + std::to_string(off) + "," + std::to_string(off + n) + "]}";
+        off += n;
+    }
+    h += "}";
+    while (h.size() % 8) h += ' ';
+    uint8_t len[8]; for (int k = 0; k < 8; k++) len[k] = (uint8_t)((uint64_t)h.size() >> (8 * k));
+    std::vector<std::pair<const void*, size_t>> parts = {{len, 8}, {h.data(), h.size()}};
+    for (size_t i = 0; i < ts.size(); i++) parts.push_back({ts[i].data, sizes[i]});
+    atomic_write(path, parts);
+}
+
+// Hugging Face tensor names (formats.md §3.1)
+inline std::string hf_linear_name(int l, int p) { return "model.layers." + std::to_string(l) + "." + PROJ_MODULE[p] + "." + PROJ_NAME[p] + ".weight"; }
+inline std::string hf_layer_name(int l, const char* what) { return "model.layers." + std::to_string(l) + "." + what + ".weight"; }
+// ---------------------------------------------------------------------------------------------
+// 8. LoRA: configuration and the one flat parameter layout shared by CPU, GPU and the files
 
 struct LoraConfig {
     int rank = 16;
@@ -432,3 +916,4 @@ inline void lora_init(float* params, const Config& c, const LoraConfig& lc, uint
             memset(params + s.b, 0, sizeof(float) * (size_t)out * lc.rank);
         }
 }
+
