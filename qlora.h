@@ -78,7 +78,7 @@ QL_HD inline float f16_to_f32(uint16_t h) {
 }
 QL_HD inline uint16_t f32_to_f16(float x) {
     uint32_t u = f32_bits(x), s = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return (uint16_t)(s | 0x7e00u);
+    if (a > 0x7f800000u) return (uint16_t)(s | 0x7fffu);                // NaN as CUDA's __float2half makes it
     if (a >= 0x477ff000u) return (uint16_t)(s | 0x7c00u);           // rounds to inf
     if (a < 0x38800000u) {                                            // subnormal or zero in f16
         float v = bits_f32(a) * 16777216.0f;                          // exact scale by 2^24
@@ -210,12 +210,16 @@ inline float rcp_approx_ftz(float a) {
     int d = (t.delta[m >> 2] >> (2 * (m & 3))) & 3;               // 0: equal, 1: +1 ulp, 3: -1 ulp
     return bits_f32(f32_bits(r) + (d == 1 ? 1 : d == 3 ? (uint32_t)-1 : 0));
 }
+// NVIDIA arithmetic returns this one NaN for every invalid operation (x86 returns -NaN, 0xffc00000)
+inline float gpu_nan() { return bits_f32(0x7fffffffu); }
+inline float gpu_add(float a, float b) { float r = a + b; return r != r ? gpu_nan() : r; }
 // mul.ftz.f32: the exact product is formed in double (24x24 bits fit), flushed to signed zero
 // if its magnitude is below 2^-126 before rounding, else rounded once to fp32.
 inline float mul_ftz(float a, float b) {
     if (fabsf(a) < 1.17549435e-38f) a = copysignf(0.0f, a);       // ftz inputs
     if (fabsf(b) < 1.17549435e-38f) b = copysignf(0.0f, b);
     double p = (double)a * (double)b;
+    if (p != p) return gpu_nan();
     if (fabs(p) < 1.1754943508222875e-38) return copysignf(0.0f, (float)p);
     return (float)p;
 }
@@ -289,7 +293,7 @@ inline void quantize_absmax(uint8_t* q8, float* absmax2, float* offset, const fl
     float off = offset_in ? *offset_in : absmax_mean(absmax, nb);
     *offset = off;
     std::vector<float> c((size_t)nb);
-    for (int64_t i = 0; i < nb; i++) c[i] = absmax[i] - off;
+    for (int64_t i = 0; i < nb; i++) c[i] = gpu_add(absmax[i], -off);   // torch, on the GPU
     int64_t n2 = (nb + DQ_BLOCK - 1) / DQ_BLOCK;
     for (int64_t b = 0; b < n2; b++) {
         float am = block_absmax(c.data(), nb, b, DQ_BLOCK);
@@ -302,7 +306,7 @@ inline void quantize_absmax(uint8_t* q8, float* absmax2, float* offset, const fl
 inline void dequantize_absmax(float* absmax, const uint8_t* q8, const float* absmax2, float offset, int64_t nb) {
     for (int64_t i = 0; i < nb; i++) {
         float p = mul_ftz(bits_f32(DYN8_BITS[q8[i]]), absmax2[i / DQ_BLOCK]);
-        absmax[i] = p + offset;
+        absmax[i] = gpu_add(p, offset);
     }
 }
 
