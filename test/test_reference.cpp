@@ -1,0 +1,103 @@
+// test_reference.cpp: the CPU reference against PyTorch (transformers + peft + bitsandbytes, fp32
+// compute; dev/reference.py -> test/ref/<variant>/debug_fp32.safetensors): logits, loss, every LoRA
+// gradient, and the losses and gradient norms of N AdamW steps with clipping.
+//
+// The model is loaded as the trainer loads it (config.json + model.safetensors, our own NF4
+// quantization), so this also checks loading, tied embeddings, GQA, llama3 RoPE and nh*hd != H.
+// Budget per tensor: |ours - torch| <= RTOL*|ref| + ATOL*max|ref|. Both sides are fp32; they differ
+// only in summation order and libm ulps (~1e-6 of the tensor's scale), so 2e-5 of the scale plus
+// 1e-4 relative is ~10x that: loose enough for any order, tight enough to see a wrong term.
+// For the record it also prints how far PyTorch's own bf16 run is from its fp32 run: the yardstick
+// the GPU trainer's bf16 tolerance is built from.
+#include "../qlora.h"      // defines: Config, safetensors, LoRA layout
+#include "../reference.h"  // defines: RefModel, ref_model_load, ref_forward, ref_backward, ref_adamw
+#include "test.h"          // defines: check_close, test_summary
+
+static const double RTOL = 1e-4, ATOL = 2e-5;
+
+static double max_abs(const std::vector<float>& v) { double m = 0; for (float x : v) m = fmax(m, fabs(x)); return m; }
+static bool close_scaled(const std::string& name, const std::vector<float>& got, const std::vector<float>& ref) {
+    return check_close(name.c_str(), got.data(), ref.data(), ref.size(), ATOL * max_abs(ref), RTOL);
+}
+static double meta_num(const SafeTensors& s, const char* k) {
+    auto it = s.metadata.find(k);
+    ql_assert(it != s.metadata.end(), "debug state lacks metadata \"%s\" (regenerate with dev/reference.py)", k);
+    return atof(it->second.c_str());
+}
+
+static void variant(const std::string& dir) {
+    printf("== %s\n", dir.c_str());
+    RefModel m; ref_model_load(m, dir);
+    const Config& c = m.cfg;
+    SafeTensors ds = st_open(dir + "/debug_fp32.safetensors"), d16 = st_open(dir + "/debug_bf16.safetensors");
+    LoraConfig lc; lc.rank = (int)meta_num(ds, "rank"); lc.alpha = (float)meta_num(ds, "alpha");
+    size_t np = lora_num_params(c, lc);
+    std::vector<float> w(np), g(np, 0.0f), gref(np), g16(np);
+    auto slot_tensor = [&](const SafeTensors& s, const std::string& pre, int l, int p, bool isA) {
+        return st_f32(s.get(pre + std::to_string(l) + "." + PROJ_NAME[p] + (isA ? ".A" : ".B"),
+                            isA ? std::vector<int64_t>{lc.rank, proj_in(c, p)} : std::vector<int64_t>{proj_out(c, p), lc.rank}));
+    };
+    for (int l = 0; l < c.n_layers; l++)
+        for (int p = 0; p < N_PROJ; p++) {
+            LoraSlot s = lora_slot(c, lc, l, p);
+            for (int isA = 0; isA < 2; isA++) {
+                size_t off = isA ? s.a : s.b;
+                std::vector<float> a = slot_tensor(ds, "lora.", l, p, isA), b = slot_tensor(ds, "grad.", l, p, isA), b16 = slot_tensor(d16, "grad.", l, p, isA);
+                std::copy(a.begin(), a.end(), w.begin() + off);
+                std::copy(b.begin(), b.end(), gref.begin() + off);
+                std::copy(b16.begin(), b16.end(), g16.begin() + off);
+            }
+        }
+    const STensor& ti = *ds.find("inputs");
+    std::vector<int32_t> in = st_i32(ti), tg = st_i32(*ds.find("targets"));
+    int B = (int)ti.shape[0], T = (int)ti.shape[1];
+    RefBatch bt; bt.inputs = in.data(); bt.targets = tg.data(); bt.B = B; bt.T = T;
+    bt.denom = (float)ref_count_targets(tg.data(), B * T);
+    RefActs<float> a; ref_acts_alloc(a, c, lc, B, T);
+
+    float loss = ref_forward(m, lc, w.data(), a, bt);
+    std::vector<float> logits_ref = st_f32(ds.get("logits", {B, T, c.vocab_size}));
+    close_scaled("logits", a.logits, logits_ref);
+    close_scaled("loss", {loss}, st_f32(*ds.find("loss")));
+    ref_backward(m, lc, w.data(), a, bt, g.data());
+    for (int l = 0; l < c.n_layers; l++)
+        for (int p = 0; p < N_PROJ; p++) {
+            LoraSlot s = lora_slot(c, lc, l, p);
+            size_t na = (size_t)lc.rank * proj_in(c, p), nb = (size_t)proj_out(c, p) * lc.rank;
+            for (int isA = 0; isA < 2; isA++) {
+                size_t off = isA ? s.a : s.b, n = isA ? na : nb;
+                std::string name = "grad " + std::to_string(l) + "." + PROJ_NAME[p] + (isA ? ".A" : ".B");
+                close_scaled(name, std::vector<float>(g.begin() + off, g.begin() + off + n), std::vector<float>(gref.begin() + off, gref.begin() + off + n));
+            }
+        }
+    // N steps: clip_grad_norm_ then AdamW, the same batch each step (dev/reference.py)
+    std::vector<float> losses_ref = st_f32(*ds.find("losses")), norms_ref = st_f32(*ds.find("grad_norms"));
+    size_t N = losses_ref.size();
+    std::vector<float> losses(N), norms(N), mom(np, 0.0f), vel(np, 0.0f);
+    for (size_t step = 0; step < N; step++) {
+        losses[step] = ref_forward(m, lc, w.data(), a, bt);
+        std::fill(g.begin(), g.end(), 0.0f);
+        ref_backward(m, lc, w.data(), a, bt, g.data());
+        norms[step] = ref_clip_grad_norm(g.data(), np, (float)meta_num(ds, "clip"));
+        ref_adamw(w.data(), g.data(), mom.data(), vel.data(), np, (int)step + 1, (float)meta_num(ds, "lr"), (float)meta_num(ds, "beta1"),
+                  (float)meta_num(ds, "beta2"), (float)meta_num(ds, "eps"), (float)meta_num(ds, "weight_decay"));
+    }
+    printf("  losses ours  "); for (float x : losses) printf(" %.5f", x); printf("\n");
+    printf("  losses torch "); for (float x : losses_ref) printf(" %.5f", x); printf("\n");
+    close_scaled(std::to_string(N) + "-step losses", losses, losses_ref);
+    close_scaled(std::to_string(N) + "-step grad norms", norms, norms_ref);
+    check(losses[N - 1] < losses[0] - 0.1f, "training lowers the loss: %.4f -> %.4f", losses[0], losses[N - 1]);
+    // the bf16 yardstick (information, not a check): PyTorch bf16 vs PyTorch fp32
+    std::vector<float> l16 = st_f32(*d16.find("logits"));
+    double dl = 0, dg = 0; for (size_t i = 0; i < l16.size(); i++) dl = fmax(dl, fabs(l16[i] - logits_ref[i]));
+    for (size_t i = 0; i < np; i++) dg = fmax(dg, fabs(g16[i] - gref[i]));
+    printf("  yardstick: torch bf16 vs fp32: logits max abs %.3e (scale %.3e), grads max abs %.3e (scale %.3e), loss %.3e\n",
+           dl, max_abs(logits_ref), dg, max_abs(gref), fabs(st_f32(*d16.find("loss"))[0] - loss));
+}
+
+int main() {
+    rcp_table_load("data/rcp_delta.bin");
+    variant("test/ref/tied");
+    variant("test/ref/untied");
+    return test_summary();
+}
