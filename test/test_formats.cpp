@@ -1,0 +1,209 @@
+// test_formats.cpp: config.json, safetensors (single and sharded) and JSON, good and hostile.
+// Good files load with the values transformers would use; every broken file must end the process
+// with exit code 1 and a message that names the file and the tensor (or key): never a crash, never
+// a silent wrong number. Each bad case runs in a forked child so its exit can be observed.
+#include "../qlora.h"   // defines: json_parse, load_config, st_open_model, st_write, checkpoint_view
+#include "test.h"       // defines: check, test_summary
+#include <sys/wait.h>   // defines: waitpid
+#include <functional>   // defines: std::function
+
+static const std::string TMP = "build/tmp_formats";
+
+// Run f in a child; it must exit(1) with stderr containing every string of `want`.
+static void expect_error(const char* name, std::function<void()> f, std::vector<std::string> want) {
+    int fd[2];
+    ql_assert(pipe(fd) == 0, "pipe");
+    fflush(stdout);
+    pid_t pid = fork();
+    ql_assert(pid >= 0, "fork");
+    if (pid == 0) { dup2(fd[1], 2); close(fd[0]); f(); exit(0); }
+    close(fd[1]);
+    std::string err; char buf[512]; ssize_t k;
+    while ((k = read(fd[0], buf, sizeof buf)) > 0) err.append(buf, (size_t)k);
+    close(fd[0]);
+    int status = 0; waitpid(pid, &status, 0);
+    bool clean = WIFEXITED(status) && WEXITSTATUS(status) == 1;
+    std::string missing;
+    for (auto& w : want) if (err.find(w) == std::string::npos) missing += " [" + w + "]";
+    if (!err.empty() && err.back() == '\n') err.pop_back();
+    check(clean && missing.empty(), "%-28s -> %s%s%s", name,
+          WIFSIGNALED(status) ? "CRASHED (signal)" : clean ? "exit 1" : "did not fail",
+          missing.empty() ? "" : ", message lacks", missing.c_str());
+    printf("         %s\n", err.substr(0, 220).c_str());
+}
+
+static void write_bytes(const std::string& path, const std::vector<uint8_t>& b) {
+    FILE* f = fopen(path.c_str(), "wb"); ql_assert(f && fwrite(b.data(), 1, b.size(), f) == b.size() && fclose(f) == 0, "write %s", path.c_str());
+}
+static void write_text(const std::string& path, const std::string& s) { write_bytes(path, std::vector<uint8_t>(s.begin(), s.end())); }
+// a raw safetensors file: given header text and data size
+static std::string raw_st(const std::string& name, const std::string& header, size_t data) {
+    std::vector<uint8_t> b(8 + header.size() + data, 0x3c);
+    uint64_t n = header.size(); for (int k = 0; k < 8; k++) b[k] = (uint8_t)(n >> (8 * k));
+    memcpy(&b[8], header.data(), header.size());
+    std::string p = TMP + "/" + name + ".safetensors";
+    write_bytes(p, b);
+    return p;
+}
+// a model directory: config text + tensors (a copy of the tied checkpoint, edited by `edit`)
+static std::string model_dir(const std::string& name, const std::string& config, std::function<void(std::vector<STOut>&)> edit) {
+    static SafeTensors src = st_open_model("test/ref/tied");
+    std::string d = TMP + "/" + name;
+    ql_assert(system(("mkdir -p " + d).c_str()) == 0, "mkdir");
+    write_text(d + "/config.json", config);
+    std::vector<STOut> ts;
+    for (auto& kv : src.tensors) ts.push_back({kv.first, kv.second.dtype, kv.second.shape, kv.second.data});
+    edit(ts);
+    st_write(d + "/model.safetensors", ts);
+    return d;
+}
+static void load_model(const std::string& d) { Config c = load_config(d + "/config.json"); SafeTensors st = st_open_model(d); checkpoint_view(c, st); }
+static std::string replace(std::string s, const std::string& a, const std::string& b) { size_t i = s.find(a); ql_assert(i != std::string::npos, "replace %s", a.c_str()); return s.replace(i, a.size(), b); }
+
+static void test_json() {
+    const char* doc = "{\"a\": \"\\u00e9\\ud83d\\ude00\\n\", \"b\": [1, 2.5, -3e2, 18446744073709551615], \"c\": null, \"d\": {\"e\": true}}  ";
+    Json j; std::string err;
+    bool ok = json_parse(doc, strlen(doc), j, err);
+    check(ok && j.get("a")->str == "\xc3\xa9\xf0\x9f\x98\x80\n" && j.get("b")->arr[1].num == 2.5 && j.get("b")->arr[2].num == -300 &&
+          j.get("b")->arr[3].is_uint && j.get("b")->arr[3].u == UINT64_MAX && j.get("c")->type == Json::NUL && j.get("d")->get("e")->b,
+          "JSON: strings with escapes and surrogate pairs, numbers, nesting");
+    auto bad = [&](const char* name, const std::string& s, const char* want) {
+        Json x; std::string e;
+        bool r = json_parse(s.data(), s.size(), x, e);
+        check(!r && e.find(want) != std::string::npos, "JSON rejects %-24s: %s", name, e.c_str());
+    };
+    bad("trailing garbage", "{} x", "trailing");
+    bad("duplicate keys", "{\"a\":1,\"a\":2}", "duplicate key");
+    bad("deep nesting", std::string(100, '[') + std::string(100, ']'), "too deep");
+    bad("unterminated string", "{\"a\":\"abc", "unterminated");
+    bad("lone surrogate", "\"\\ud800\"", "surrogate");
+    bad("leading zero", "[01]", "expected");
+    bad("control char", "\"a\x01\"", "control");
+    bad("truncated", "{\"a\": [1, 2", "unterminated");
+    bad("empty", "", "unexpected end");
+}
+
+static void test_configs() {
+    Config t = load_config("test/ref/tied/config.json"), u = load_config("test/ref/untied/config.json");
+    check(t.dim == 128 && t.hidden_dim == 256 && t.n_layers == 2 && t.n_heads == 2 && t.n_kv_heads == 1 && t.head_dim == 64 &&
+          t.vocab_size == 512 && t.tied && t.rope_type == ROPE_DEFAULT && t.rope_theta == 10000.0f && t.norm_eps == 1e-5f && t.dtype == DT_BF16,
+          "config tied: GQA, tied embeddings, default RoPE from rope_parameters, dtype");
+    check(u.n_heads == 4 && u.n_kv_heads == 2 && u.head_dim == 64 && u.q_dim() == 256 && u.dim == 128 && !u.tied && u.rope_type == ROPE_LLAMA3 &&
+          u.rope_factor == 8.0f && u.rope_low_freq == 1.0f && u.rope_high_freq == 4.0f && u.rope_orig_max == 64 && u.rope_theta == 500000.0f,
+          "config untied: head_dim != H/nh, llama3 RoPE scaling");
+    // the older form: rope_theta + rope_scaling with "type", torch_dtype
+    std::string old = "{\"model_type\":\"llama\",\"hidden_size\":64,\"intermediate_size\":96,\"num_hidden_layers\":1,\"num_attention_heads\":4,"
+                      "\"vocab_size\":10,\"rope_theta\":500000.0,\"rope_scaling\":{\"type\":\"llama3\",\"factor\":32.0,\"low_freq_factor\":1.0,"
+                      "\"high_freq_factor\":4.0,\"original_max_position_embeddings\":8192},\"torch_dtype\":\"float16\",\"tie_word_embeddings\":true}";
+    write_text(TMP + "/old.json", old);
+    Config o = load_config(TMP + "/old.json");
+    check(o.rope_type == ROPE_LLAMA3 && o.rope_factor == 32.0f && o.rope_theta == 500000.0f && o.n_kv_heads == 4 && o.head_dim == 16 &&
+          o.dtype == DT_F16 && o.tied, "config old form: rope_theta + rope_scaling{type}, torch_dtype, defaults for nkv and head_dim");
+    auto bad = [&](const char* name, const std::string& a, const std::string& b, std::vector<std::string> want) {
+        std::string p = TMP + "/bad_" + std::to_string(g_pass + g_fail) + ".json";
+        write_text(p, replace(old, a, b));
+        want.push_back(p);
+        expect_error(name, [p] { load_config(p); }, want);
+    };
+    bad("config: unknown model_type", "\"llama\"", "\"gpt2\"", {"model_type \"gpt2\""});
+    bad("config: hidden_act", "\"vocab_size\"", "\"hidden_act\":\"gelu\",\"vocab_size\"", {"hidden_act \"gelu\""});
+    bad("config: attention_bias", "\"vocab_size\"", "\"attention_bias\":true,\"vocab_size\"", {"attention_bias"});
+    bad("config: rope type yarn", "\"type\":\"llama3\"", "\"type\":\"yarn\"", {"rope type \"yarn\""});
+    bad("config: heads vs kv heads", "\"num_attention_heads\":4", "\"num_attention_heads\":4,\"num_key_value_heads\":3", {"num_key_value_heads"});
+    bad("config: missing hidden_size", "\"hidden_size\":64,", "", {"missing \"hidden_size\""});
+    bad("config: negative size", "\"intermediate_size\":96", "\"intermediate_size\":-96", {"intermediate_size"});
+    bad("config: dtype", "\"float16\"", "\"int8\"", {"dtype \"int8\""});
+    bad("config: invalid JSON", "}", "", {"invalid JSON"});
+}
+
+static void test_safetensors() {
+    // good: the committed checkpoints, and a round trip through our writer
+    SafeTensors t = st_open_model("test/ref/tied"), u = st_open_model("test/ref/untied");
+    Config ct = load_config("test/ref/tied/config.json"), cu = load_config("test/ref/untied/config.json");
+    CheckpointView vt = checkpoint_view(ct, t), vu = checkpoint_view(cu, u);
+    check(!t.find("lm_head.weight") && vt.lm_head == vt.embed, "tied checkpoint: no lm_head.weight, lm_head = embed_tokens");
+    check(u.find("lm_head.weight") && vu.lm_head != vu.embed, "untied checkpoint: lm_head.weight is its own tensor");
+    std::string d = model_dir("roundtrip", "{}", [](std::vector<STOut>&) {});
+    SafeTensors r = st_open(d + "/model.safetensors");
+    bool same = r.tensors.size() == t.tensors.size() && r.metadata["format"] == "pt";
+    for (auto& kv : t.tensors) { const STensor* x = r.find(kv.first); same = same && x && x->shape == kv.second.shape && x->nbytes == kv.second.nbytes && !memcmp(x->data, kv.second.data, x->nbytes); }
+    uint64_t hn = 0; for (int k = 7; k >= 0; k--) hn = (hn << 8) | r.files[0]->data[k];
+    check(same && hn % 8 == 0, "writer round trip: same tensors and bytes, header padded to 8 (%llu), __metadata__ format pt", (unsigned long long)hn);
+    // sharded: two shards + index, as save_pretrained writes them
+    std::string sd = TMP + "/sharded";
+    ql_assert(system(("mkdir -p " + sd + " && cp test/ref/tied/config.json " + sd).c_str()) == 0, "mkdir");
+    std::vector<STOut> a, b; std::string wm;
+    for (auto& kv : t.tensors) {
+        bool first = kv.first.find("layers.1.") == std::string::npos;
+        (first ? a : b).push_back({kv.first, kv.second.dtype, kv.second.shape, kv.second.data});
+        wm += (wm.empty() ? "" : ",") + json_quote(kv.first) + ":" + json_quote(first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors");
+    }
+    st_write(sd + "/model-00001-of-00002.safetensors", a); st_write(sd + "/model-00002-of-00002.safetensors", b);
+    std::string index = "{\"metadata\":{\"total_size\":1},\"weight_map\":{" + wm + "}}";
+    write_text(sd + "/model.safetensors.index.json", index);
+    SafeTensors s = st_open_model(sd);
+    checkpoint_view(ct, s);
+    check(s.files.size() == 2 && s.tensors.size() == t.tensors.size(), "sharded checkpoint (index + 2 shards) loads: %zu tensors", s.tensors.size());
+    write_text(sd + "/model.safetensors.index.json", replace(index, "model-00002-of-00002", "model-00003-of-00002"));
+    expect_error("index: shard file missing", [sd] { st_open_model(sd); }, {"cannot open", "model-00003-of-00002.safetensors"});
+    write_text(sd + "/model.safetensors.index.json", replace(index, "\"model-00002-of-00002.safetensors\"", "\"../model-00002-of-00002.safetensors\""));
+    expect_error("index: path outside the dir", [sd] { st_open_model(sd); }, {"not a plain file name"});
+    write_text(sd + "/model.safetensors.index.json", replace(index, "\"weight_map\":{", "\"weight_map\":{\"model.extra.weight\":\"model-00001-of-00002.safetensors\","));
+    expect_error("index: tensor not in shard", [sd] { st_open_model(sd); }, {"model.extra.weight", "does not contain"});
+
+    // hostile headers (raw files)
+    const std::string ok2 = "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}}";
+    std::string good = raw_st("good", ok2, 16);
+    st_open(good);
+    check(true, "raw two-tensor file loads");
+    auto bad = [&](const char* name, const std::string& header, size_t data, std::vector<std::string> want) {
+        std::string p = raw_st("bad" + std::to_string(g_pass + g_fail), header, data);
+        want.push_back(p);
+        expect_error(name, [p] { st_open(p); }, want);
+    };
+    bad("overlapping offsets", replace(ok2, "[8,16]", "[4,12]"), 12, {"\"b\"", "overlaps"});
+    bad("hole between tensors", replace(ok2, "[8,16]", "[12,20]"), 20, {"\"b\"", "hole"});
+    bad("bytes after last tensor", ok2, 24, {"8 bytes after the last tensor"});
+    bad("truncated data", ok2, 12, {"\"b\"", "past the data"});
+    bad("size != shape*dtype", replace(ok2, "\"shape\":[2],\"data_offsets\":[8,16]", "\"shape\":[3],\"data_offsets\":[8,16]"), 16, {"\"b\"", "needs 12"});
+    bad("unknown dtype", replace(ok2, "\"F32\"", "\"X9\""), 16, {"\"a\"", "unknown dtype \"X9\""});
+    bad("reversed offsets", replace(ok2, "[0,8]", "[8,0]"), 16, {"\"a\"", "reversed"});
+    bad("negative shape", replace(ok2, "[2],\"data_offsets\":[0,8]", "[-2],\"data_offsets\":[0,8]"), 16, {"\"a\"", "shape"});
+    bad("invalid header JSON", replace(ok2, "}}", "}"), 16, {"invalid header JSON"});
+    bad("duplicate tensor name", replace(ok2, "\"b\"", "\"a\""), 16, {"duplicate key \"a\""});
+    bad("metadata not strings", replace(ok2, "{\"a\"", "{\"__metadata__\":{\"x\":1},\"a\""), 16, {"__metadata__"});
+    bad("sub-byte dtype", replace(ok2, "\"dtype\":\"F32\",\"shape\":[2]", "\"dtype\":\"F4\",\"shape\":[3]"), 16, {"whole bytes"});
+    { std::vector<uint8_t> b(8 + 4, ' '); b[0] = 0xff; b[5] = 0x01; b[8] = '{';
+      write_bytes(TMP + "/huge.safetensors", b);
+      expect_error("header length 2^40", [] { st_open(TMP + "/huge.safetensors"); }, {"huge.safetensors", "100 MB limit"}); }
+    { std::string p = raw_st("pastend", ok2, 16); std::vector<uint8_t> b = read_file(p); b[0] = 0xf0; b[1] = 0x0f; write_bytes(p, b);
+      expect_error("header length past EOF", [p] { st_open(p); }, {p, "past the end"}); }
+    write_bytes(TMP + "/tiny.safetensors", {1, 2, 3});
+    expect_error("3-byte file", [] { st_open(TMP + "/tiny.safetensors"); }, {"tiny.safetensors", "not a safetensors file"});
+    { std::vector<uint8_t> b = read_file("test/ref/tied/model.safetensors"); b.resize(b.size() - 1000);
+      ql_assert(system(("mkdir -p " + TMP + "/trunc && cp test/ref/tied/config.json " + TMP + "/trunc").c_str()) == 0, "mkdir");
+      write_bytes(TMP + "/trunc/model.safetensors", b);
+      expect_error("truncated checkpoint", [] { load_model(TMP + "/trunc"); }, {"trunc/model.safetensors", "past the data"}); }
+
+    // model-level: the checkpoint against its config
+    std::string cfg = std::string((const char*)read_file("test/ref/tied/config.json").data(), read_file("test/ref/tied/config.json").size());
+    std::string dd = model_dir("missing", cfg, [](std::vector<STOut>& ts) {
+        ts.erase(std::remove_if(ts.begin(), ts.end(), [](const STOut& x) { return x.name == "model.layers.1.mlp.down_proj.weight"; }), ts.end()); });
+    expect_error("missing tensor", [dd] { load_model(dd); }, {"missing tensor \"model.layers.1.mlp.down_proj.weight\"", dd});
+    static std::vector<int32_t> ints(128 * 128, 7);
+    dd = model_dir("wrongdtype", cfg, [](std::vector<STOut>& ts) { for (auto& x : ts) if (x.name == "model.layers.0.self_attn.q_proj.weight") x.dtype = DT_I32, x.data = ints.data(); });
+    expect_error("wrong dtype", [dd] { load_model(dd); }, {"model.layers.0.self_attn.q_proj.weight", "dtype I32", dd});
+    dd = model_dir("shape", replace(cfg, "\"intermediate_size\": 256", "\"intermediate_size\": 300"), [](std::vector<STOut>&) {});
+    expect_error("config/shape mismatch", [dd] { load_model(dd); }, {"model.layers.0.mlp.gate_proj.weight", "[256, 128]", "[300, 128]", dd});
+    dd = model_dir("untied_no_head", replace(cfg, "\"tie_word_embeddings\": true", "\"tie_word_embeddings\": false"), [](std::vector<STOut>&) {});
+    expect_error("untied without lm_head", [dd] { load_model(dd); }, {"missing tensor \"lm_head.weight\""});
+    expect_error("no checkpoint in dir", [] { st_open_model(TMP); }, {"no model.safetensors"});
+}
+
+int main() {
+    ql_assert(system(("rm -rf " + TMP + " && mkdir -p " + TMP).c_str()) == 0, "cannot create %s", TMP.c_str());
+    test_json();
+    test_configs();
+    test_safetensors();
+    return test_summary();
+}
