@@ -921,3 +921,30 @@ inline void lora_init(float* params, const Config& c, const LoraConfig& lc, uint
         }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// 9. the checkpoint as the model sees it: every tensor it needs, shape-checked against the config
+// up front, so a bad file fails before anything is allocated, naming the file and the tensor.
+
+struct CheckpointView {
+    const STensor* embed = nullptr;       // (V, H)
+    const STensor* lm_head = nullptr;     // (V, H); == embed when tied
+    const STensor* final_norm = nullptr;  // (H)
+    std::vector<const STensor*> attn_norm, mlp_norm;        // (L) x (H)
+    std::vector<std::vector<const STensor*>> w;             // (L) x (N_PROJ) x (out, in)
+};
+inline CheckpointView checkpoint_view(const Config& c, const SafeTensors& st) {
+    CheckpointView v;
+    int64_t V = c.vocab_size, H = c.dim;
+    v.embed = &st.get("model.embed_tokens.weight", {V, H});
+    // tied: lm_head is usually absent; some fine-tunes carry both, and embed_tokens wins (formats.md §2)
+    v.lm_head = c.tied ? v.embed : &st.get("lm_head.weight", {V, H});
+    v.final_norm = &st.get("model.norm.weight", {H});
+    for (int l = 0; l < c.n_layers; l++) {
+        v.attn_norm.push_back(&st.get(hf_layer_name(l, "input_layernorm"), {H}));
+        v.mlp_norm.push_back(&st.get(hf_layer_name(l, "post_attention_layernorm"), {H}));
+        v.w.emplace_back();
+        for (int p = 0; p < N_PROJ; p++) v.w[l].push_back(&st.get(hf_linear_name(l, p), {proj_out(c, p), proj_in(c, p)}));
+    }
+    return v;
+}
