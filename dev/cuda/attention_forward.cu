@@ -1,0 +1,226 @@
+// dev/cuda/attention_forward.cu: playground for the causal GQA flash-attention forward (bf16, H100).
+//
+//   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -Xptxas -v dev/cuda/attention_forward.cu -o attention_forward
+//   ./attention_forward            check every variant against an fp64 CPU reference, then time them
+//   ./attention_forward 1a         one variant
+//
+// FLOPs counted as FlashAttention does for causal attention: 4 * hd * nh * (allowed (i, j) pairs),
+// i.e. 2 B nh T^2 hd for a plain causal row; packed rows count only their in-document pairs.
+//
+// Versions (the number stays with the kernel when it moves to kernels/attention.cuh):
+//   kernel1: FlashAttention-2 on mma.sync m16n8k16 + ldmatrix + 2-stage cp.async; a warp owns 16
+//            query rows; letters are tile/occupancy variants of it (see VARIANTS below).
+//
+// Two numbers, llama3-8b (B=4 T=2048 nh=32 nkv=8 hd=128): 137 GFLOP (causal); at the ~760 TFLOP/s a
+// cuBLAS bf16 GEMM reaches on this H100 that is 0.18 ms. Bytes: q, k, v, out = 160 MB -> 0.055 ms at
+// 2.9 TB/s. So compute-bound; mma.sync itself tops out well under the wgmma rate.
+//
+// Measured on one H100 80GB HBM3 (2026-11-23, two runs agreed within 2%), ms and causal TFLOP/s:
+//   shape (B, T)             1a 1CTA/SM   1b 2CTA/SM   1g Bc32      1c Br64
+//   llama3-8b (4, 2048)      0.608 226    0.565 244    0.568 242    0.659 209
+//   hd128 (1, 16384)         8.03  274    7.91  278    8.20  268    9.88  223
+//   hd128 (1, 16384) docs 2k 1.20  230    1.11  247    1.15  238    1.34  206
+//                            1d Bc64      1e Bc128     1f Br64
+//   llama3-1b (4, 2048)      0.276 250    0.342 201    0.283 243
+//   hd64 (1, 16384)          3.84  286    4.53  243    4.50  244
+// 1b beats 1a: 16 warps/SM hide more ldmatrix latency than Q-in-registers saves (1b fits 128
+// registers by spilling 40 bytes). Packed rows (2k documents in a 16k row) run at the dense rate on their own FLOPs:
+// the skipped tiles cost nothing.
+//
+// Profile (ncu --clock-control none, 1b on llama3-8b, 567 us): SM 40%, L1/shared 68%, L2 41%, DRAM 14%;
+// issue slots busy 37%, 10.5 cycles between a warp's instructions, 41% of them short-scoreboard
+// stalls on MIO (ldmatrix); the tensor pipe ~40% busy. Reading: a warp owns 16 query rows, so each
+// K/V element is fetched from smem once per 16 rows (16 FLOP per smem byte: at 128 B/clk/SM that caps
+// mma.sync near half its peak), and its latency is exposed at 16 warps/SM.
+// Next: wgmma (sm_90a) with 64-row warpgroup tiles reading K/V straight from smem, K/V by TMA, and
+// FA3-style overlap of softmax with the next tile's Q K^T; cheaper step first: two m16 row tiles per
+// warp sharing each B fragment (fits the register budget at hd 64 only).
+#include <cuda_runtime.h>                  // defines: cudaEvent_t
+#include <stdio.h>                         // defines: printf
+#include <string.h>                        // defines: strcmp
+#include <math.h>                          // defines: exp, sqrt
+#include <vector>                          // defines: std::vector
+#include <algorithm>                       // defines: std::sort
+#include "../../qlora.h"                   // defines: f32_to_bf16, bf16_to_f32, rng_uniform, rng_u32
+#include "../../kernels/attention.cuh"     // defines: attention_forward_kernel1, attention_forward_launch
+
+typedef void (*FwdLaunch)(const AttnFwdParams&, cudaStream_t);
+struct Variant { const char* name; int hd; FwdLaunch fn; const char* what; };
+static const Variant VARIANTS[] = {
+    {"1a", 128, attention_forward_launch<128, 128, 64, 1, true>, "hd128 Br128 Bc64, 8 warps, Q in regs, 1 CTA/SM"},
+    {"1b", 128, attention_forward_launch<128, 128, 64, 2, false>, "hd128 Br128 Bc64, 8 warps, Q from smem, 2 CTA/SM (production)"},
+    {"1g", 128, attention_forward_launch<128, 128, 32, 2, false>, "hd128 Br128 Bc32, 8 warps, Q from smem, 2 CTA/SM"},
+    {"1c", 128, attention_forward_launch<128, 64, 64, 3, true>, "hd128 Br64 Bc64, 4 warps, Q in regs, 3 CTA/SM"},
+    {"1d", 64, attention_forward_launch<64, 128, 64, 2, true>, "hd64 Br128 Bc64, 8 warps, Q in regs, 2 CTA/SM (production)"},
+    {"1e", 64, attention_forward_launch<64, 128, 128, 1, true>, "hd64 Br128 Bc128, 8 warps, Q in regs, 1 CTA/SM"},
+    {"1f", 64, attention_forward_launch<64, 64, 64, 4, true>, "hd64 Br64 Bc64, 4 warps, Q in regs, 4 CTA/SM"},
+};
+
+// ---------------------------------------------------------------------------------------------
+// fp64 CPU reference: out (B, T, nh, hd), lse (B, nh, T)
+
+static void attention_forward_cpu(double* out, double* lse, const float* q, const float* k, const float* v,
+                                  const int* doc, int B, int T, int nh, int nkv, int hd) {
+    const double scale = 1.0 / sqrt((double)hd);
+    std::vector<double> sc(T);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < nh; h++)
+            for (int i = 0; i < T; i++) {
+                const float* qi = q + (((size_t)b * T + i) * nh + h) * hd;
+                const int j0 = doc ? doc[b * T + i] : 0, kvh = h / (nh / nkv);
+                double mx = -INFINITY, l = 0;
+                for (int j = j0; j <= i; j++) {
+                    const float* kj = k + (((size_t)b * T + j) * nkv + kvh) * hd;
+                    double d = 0;
+                    for (int c = 0; c < hd; c++) d += (double)qi[c] * kj[c];
+                    sc[j] = d * scale;
+                    mx = fmax(mx, sc[j]);
+                }
+                double* oi = out + (((size_t)b * T + i) * nh + h) * hd;
+                for (int c = 0; c < hd; c++) oi[c] = 0;
+                for (int j = j0; j <= i; j++) {
+                    const double p = exp(sc[j] - mx);
+                    l += p;
+                    const float* vj = v + (((size_t)b * T + j) * nkv + kvh) * hd;
+                    for (int c = 0; c < hd; c++) oi[c] += p * vj[c];
+                }
+                for (int c = 0; c < hd; c++) oi[c] /= l;
+                lse[((size_t)b * nh + h) * T + i] = mx + log(l);
+            }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Problem {
+    int B, T, nh, nkv, hd, doc_len;  // doc_len > 0: rows packed with documents of doc_len tokens
+    std::vector<uint16_t> q, k, v;
+    std::vector<int> doc;
+    bf16 *d_q = nullptr, *d_k = nullptr, *d_v = nullptr, *d_out = nullptr;
+    float* d_lse = nullptr;
+    int* d_doc = nullptr;
+    double pairs = 0;  // allowed (i, j) pairs per (b, h)... summed over b
+};
+
+static void make_problem(Problem& P, uint64_t seed) {
+    const size_t nq = (size_t)P.B * P.T * P.nh * P.hd, nk = (size_t)P.B * P.T * P.nkv * P.hd;
+    P.q.resize(nq); P.k.resize(nk); P.v.resize(nk);
+    for (size_t i = 0; i < nq; i++) P.q[i] = f32_to_bf16(4.0f * rng_uniform(seed, 1, i) - 2.0f);
+    for (size_t i = 0; i < nk; i++) P.k[i] = f32_to_bf16(4.0f * rng_uniform(seed, 2, i) - 2.0f);
+    for (size_t i = 0; i < nk; i++) P.v[i] = f32_to_bf16(2.0f * rng_uniform(seed, 3, i) - 1.0f);
+    P.pairs = 0;
+    if (P.doc_len > 0) {
+        P.doc.resize((size_t)P.B * P.T);
+        for (int b = 0; b < P.B; b++)
+            for (int i = 0; i < P.T; i++) { P.doc[(size_t)b * P.T + i] = i / P.doc_len * P.doc_len; P.pairs += i - P.doc[(size_t)b * P.T + i] + 1; }
+    } else P.pairs = (double)P.B * P.T * (P.T + 1.0) / 2;
+    cudaCheck(cudaMalloc(&P.d_q, nq * 2)); cudaCheck(cudaMalloc(&P.d_k, nk * 2)); cudaCheck(cudaMalloc(&P.d_v, nk * 2));
+    cudaCheck(cudaMalloc(&P.d_out, nq * 2)); cudaCheck(cudaMalloc(&P.d_lse, (size_t)P.B * P.nh * P.T * 4));
+    cudaCheck(cudaMemcpy(P.d_q, P.q.data(), nq * 2, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(P.d_k, P.k.data(), nk * 2, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(P.d_v, P.v.data(), nk * 2, cudaMemcpyHostToDevice));
+    if (P.doc_len > 0) {
+        cudaCheck(cudaMalloc(&P.d_doc, P.doc.size() * 4));
+        cudaCheck(cudaMemcpy(P.d_doc, P.doc.data(), P.doc.size() * 4, cudaMemcpyHostToDevice));
+    }
+}
+static void free_problem(Problem& P) {
+    for (void* p : {(void*)P.d_q, (void*)P.d_k, (void*)P.d_v, (void*)P.d_out, (void*)P.d_lse, (void*)P.d_doc}) if (p) cudaCheck(cudaFree(p));
+}
+static AttnFwdParams params(const Problem& P) {
+    return AttnFwdParams{P.d_out, P.d_lse, P.d_q, P.d_k, P.d_v, P.d_doc, P.B, P.T, P.nh, P.nkv, 1.4426950408889634f / sqrtf((float)P.hd)};
+}
+
+// check one variant: poisoned outputs, rel-L2 and max-abs against the fp64 reference
+static bool check_variant(const Variant& V, Problem& P, const std::vector<double>& out_ref, const std::vector<double>& lse_ref) {
+    const size_t nq = out_ref.size(), nl = lse_ref.size();
+    cudaCheck(cudaMemset(P.d_out, 0xff, nq * 2));
+    cudaCheck(cudaMemset(P.d_lse, 0xff, nl * 4));
+    V.fn(params(P), 0);
+    cudaCheck(cudaDeviceSynchronize());
+    std::vector<uint16_t> out(nq);
+    std::vector<float> lse(nl);
+    cudaCheck(cudaMemcpy(out.data(), P.d_out, nq * 2, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(lse.data(), P.d_lse, nl * 4, cudaMemcpyDeviceToHost));
+    double num = 0, den = 0, max_abs = 0, lse_abs = 0;
+    for (size_t i = 0; i < nq; i++) {
+        const double d = bf16_to_f32(out[i]) - out_ref[i];
+        num += d * d; den += out_ref[i] * out_ref[i];
+        max_abs = fmax(max_abs, isnan(d) ? INFINITY : fabs(d));
+    }
+    for (size_t i = 0; i < nl; i++) lse_abs = fmax(lse_abs, isnan(lse[i]) ? INFINITY : fabs(lse[i] - lse_ref[i]));
+    const double rel = sqrt(num / den);
+    const bool ok = rel < 1e-2 && max_abs < 2e-2 && lse_abs < 1e-4;
+    printf("  %-3s %-5s T=%-5d docs=%-4d out rel_l2 %.2e max_abs %.2e  lse max_abs %.2e\n", V.name, ok ? "ok" : "FAIL",
+           P.T, P.doc_len, rel, max_abs, lse_abs);
+    return ok;
+}
+
+static float time_variant(const Variant& V, Problem& P, int reps) {
+    cudaEvent_t e0, e1;
+    cudaCheck(cudaEventCreate(&e0)); cudaCheck(cudaEventCreate(&e1));
+    std::vector<float> ms;
+    for (int r = 0; r < reps + 1; r++) {  // groups of 10 back-to-back launches hide the launch gaps
+        cudaCheck(cudaEventRecord(e0));
+        for (int k = 0; k < 10; k++) V.fn(params(P), 0);
+        cudaCheck(cudaEventRecord(e1));
+        cudaCheck(cudaEventSynchronize(e1));
+        float t; cudaCheck(cudaEventElapsedTime(&t, e0, e1));
+        if (r >= 1) ms.push_back(t / 10);  // the first group is warm-up
+    }
+    cudaCheck(cudaEventDestroy(e0)); cudaCheck(cudaEventDestroy(e1));
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+}
+
+int main(int argc, char** argv) {
+    const char* only = argc > 1 ? argv[1] : nullptr;
+    const bool once = argc > 2 && !strcmp(argv[2], "once");  // one launch of the first matching shape (for ncu)
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) { printf("no CUDA device\n"); return 0; }
+    cudaDeviceProp prop; cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+    bool all_ok = true;
+
+    // correctness: a tail (T not a multiple of any tile), GQA 4:1, with and without documents
+    if (!once) printf("correctness vs fp64 CPU (B=1 T=777 nh=8 nkv=2):\n");
+    for (int hd : {64, 128})
+        for (int doc_len : {0, 100}) {
+            if (once) break;
+            Problem P{1, 777, 8, 2, hd, doc_len};
+            make_problem(P, 42 + hd + doc_len);
+            std::vector<float> q(P.q.size()), k(P.k.size()), v(P.v.size());
+            for (size_t i = 0; i < q.size(); i++) q[i] = bf16_to_f32(P.q[i]);
+            for (size_t i = 0; i < k.size(); i++) { k[i] = bf16_to_f32(P.k[i]); v[i] = bf16_to_f32(P.v[i]); }
+            std::vector<double> out_ref(q.size()), lse_ref((size_t)P.B * P.nh * P.T);
+            attention_forward_cpu(out_ref.data(), lse_ref.data(), q.data(), k.data(), v.data(), doc_len ? P.doc.data() : nullptr,
+                                  P.B, P.T, P.nh, P.nkv, hd);
+            for (const Variant& V : VARIANTS)
+                if (V.hd == hd && (!only || !strcmp(only, V.name))) all_ok &= check_variant(V, P, out_ref, lse_ref);
+            free_problem(P);
+        }
+
+    // timing
+    struct Shape { const char* name; int B, T, nh, nkv, hd, doc_len; };
+    const Shape shapes[] = {
+        {"llama3-8b", 4, 2048, 32, 8, 128, 0},
+        {"llama3-1b", 4, 2048, 32, 8, 64, 0},
+        {"8b long", 1, 16384, 32, 8, 128, 0},
+        {"8b long packed 2k", 1, 16384, 32, 8, 128, 2048},
+        {"1b long", 1, 16384, 32, 8, 64, 0},
+    };
+    printf("\n%-18s %-4s %10s %10s   %s\n", "shape", "var", "ms", "TFLOP/s", "variant");
+    for (const Shape& S : shapes) {
+        Problem P{S.B, S.T, S.nh, S.nkv, S.hd, S.doc_len};
+        make_problem(P, 7);
+        const double flops = 4.0 * S.hd * S.nh * P.pairs;
+        for (const Variant& V : VARIANTS) {
+            if (V.hd != S.hd || (only && strcmp(only, V.name))) continue;
+            if (once) { V.fn(params(P), 0); cudaCheck(cudaDeviceSynchronize()); free_problem(P); return 0; }
+            const float ms = time_variant(V, P, 10);
+            printf("%-18s %-4s %10.4f %10.1f   %s\n", S.name, V.name, ms, flops / (ms * 1e-3) / 1e12, V.what);
+        }
+        free_problem(P);
+    }
+    printf("%s\n", all_ok ? "all variants correct" : "SOME VARIANTS FAILED");
+    return all_ok ? 0 : 1;
+}

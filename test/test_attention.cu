@@ -1,0 +1,232 @@
+// test/test_attention.cu: kernels/attention.cuh against a CPU reference, forward and backward.
+// Shapes: B=2, T in {1, 17, 128, 300}, nh=4, nkv in {4, 2, 1}, hd in {64, 128}, with and without
+// document packing. Inputs are seeded random bf16 values; outputs are poisoned (NaN) before each launch.
+//
+// Error budget (per tensor, elementwise |gpu - ref| <= atol + rtol |ref|, ref in fp64 from the same bf16
+// inputs): a CPU run in our precision plan (P and dS rounded to bf16 before their matmuls, outputs rounded
+// to bf16; "sim") has an error e_sim = max |sim - ref|. The GPU differs from sim only in summation order,
+// where the online softmax rounds P (against the running instead of the final max) and ex2.approx, so we
+// allow atol = 2 e_sim and rtol = 2^-8 (one bf16 ulp); plus relative L2 error <= 1e-2 and <= 2x sim's + 1e-3
+// (the FlashAttention test rule: ours vs fp64 within 2x a same-precision run's). lse is fp32: atol 1e-4.
+//
+//   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a test/test_attention.cu -o test_attention
+#include <cuda_runtime.h>            // defines: cudaMalloc, cudaGetDeviceCount
+#include <vector>                    // defines: std::vector
+#include <algorithm>                 // defines: std::max
+#include "test.h"                    // defines: check, check_close, test_summary, test_skip
+#include "../qlora.h"                // defines: f32_to_bf16, bf16_to_f32, rng_u32, rng_uniform
+#include "../kernels/attention.cuh"  // defines: attention_forward, attention_backward, attention_backward_scratch_bytes
+
+// ---------------------------------------------------------------------------------------------
+// CPU reference. sim = false: fp64 throughout, no rounding. sim = true: our precision plan.
+
+struct Shape { int B, T, nh, nkv, hd; };
+
+static inline double rnd(double x, bool sim) { return sim ? (double)bf16_round((float)x) : x; }
+
+// out (B, T, nh, hd), lse (B, nh, T) from q (B, T, nh, hd), k, v (B, T, nkv, hd); doc (B, T) or null
+static void attention_forward_cpu(std::vector<double>& out, std::vector<double>& lse, const std::vector<float>& q,
+                                  const std::vector<float>& k, const std::vector<float>& v, const int* doc,
+                                  Shape s, bool sim) {
+    const int B = s.B, T = s.T, nh = s.nh, nkv = s.nkv, hd = s.hd;
+    const double scale = 1.0 / sqrt((double)hd);
+    out.assign((size_t)B * T * nh * hd, 0.0);
+    lse.assign((size_t)B * nh * T, 0.0);
+    std::vector<double> sc(T), acc(hd);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < nh; h++) {
+            const int kvh = h / (nh / nkv);
+            for (int i = 0; i < T; i++) {
+                const float* qi = &q[(((size_t)b * T + i) * nh + h) * hd];
+                const int j0 = doc ? doc[b * T + i] : 0;
+                double mx = -INFINITY;
+                for (int j = j0; j <= i; j++) {
+                    const float* kj = &k[(((size_t)b * T + j) * nkv + kvh) * hd];
+                    double d = 0;
+                    for (int c = 0; c < hd; c++) d += (double)qi[c] * kj[c];
+                    sc[j] = d * scale;
+                    mx = std::max(mx, sc[j]);
+                }
+                double l = 0;
+                std::fill(acc.begin(), acc.end(), 0.0);
+                for (int j = j0; j <= i; j++) {
+                    const double pj = exp(sc[j] - mx);
+                    l += pj;
+                    const double pv = rnd(pj, sim);  // P cast to bf16 before P V
+                    const float* vj = &v[(((size_t)b * T + j) * nkv + kvh) * hd];
+                    for (int c = 0; c < hd; c++) acc[c] += pv * vj[c];
+                }
+                double* oi = &out[(((size_t)b * T + i) * nh + h) * hd];
+                for (int c = 0; c < hd; c++) oi[c] = rnd(acc[c] / l, sim);
+                lse[((size_t)b * nh + h) * T + i] = mx + log(l);
+            }
+        }
+}
+
+// dq (B, T, nh, hd), dk, dv (B, T, nkv, hd) from dout, q, k, v, out (bf16 values) and lse
+static void attention_backward_cpu(std::vector<double>& dq, std::vector<double>& dk, std::vector<double>& dv,
+                                   const std::vector<float>& dout, const std::vector<float>& q, const std::vector<float>& k,
+                                   const std::vector<float>& v, const std::vector<float>& out, const std::vector<float>& lse,
+                                   const int* doc, Shape s, bool sim) {
+    const int B = s.B, T = s.T, nh = s.nh, nkv = s.nkv, hd = s.hd;
+    const double scale = 1.0 / sqrt((double)hd);
+    dq.assign((size_t)B * T * nh * hd, 0.0);
+    dk.assign((size_t)B * T * nkv * hd, 0.0);
+    dv.assign((size_t)B * T * nkv * hd, 0.0);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < nh; h++) {
+            const int kvh = h / (nh / nkv);
+            for (int i = 0; i < T; i++) {
+                const size_t qo = (((size_t)b * T + i) * nh + h) * hd;
+                const float *qi = &q[qo], *doi = &dout[qo], *oi = &out[qo];
+                double D = 0;
+                for (int c = 0; c < hd; c++) D += (double)doi[c] * oi[c];
+                const double L = lse[((size_t)b * nh + h) * T + i];
+                const int j0 = doc ? doc[b * T + i] : 0;
+                for (int j = j0; j <= i; j++) {
+                    const size_t ko = (((size_t)b * T + j) * nkv + kvh) * hd;
+                    const float *kj = &k[ko], *vj = &v[ko];
+                    double sij = 0, dpij = 0;
+                    for (int c = 0; c < hd; c++) { sij += (double)qi[c] * kj[c]; dpij += (double)doi[c] * vj[c]; }
+                    const double p = exp(sij * scale - L);
+                    const double ds = rnd(p * (dpij - D), sim), pr = rnd(p, sim);
+                    for (int c = 0; c < hd; c++) {
+                        dq[qo + c] += scale * ds * kj[c];
+                        dk[ko + c] += scale * ds * qi[c];
+                        dv[ko + c] += pr * doi[c];
+                    }
+                }
+            }
+        }
+    if (sim) for (auto* t : {&dq, &dk, &dv}) for (double& x : *t) x = rnd(x, true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+static void fill_bf16(std::vector<uint16_t>& bits, std::vector<float>& vals, size_t n, float amp, uint64_t seed, uint64_t stream) {
+    bits.resize(n); vals.resize(n);
+    for (size_t i = 0; i < n; i++) {
+        bits[i] = f32_to_bf16((2.0f * rng_uniform(seed, stream, i) - 1.0f) * amp);
+        vals[i] = bf16_to_f32(bits[i]);
+    }
+}
+static std::vector<float> bf16_vals(const std::vector<uint16_t>& bits) {
+    std::vector<float> v(bits.size());
+    for (size_t i = 0; i < bits.size(); i++) v[i] = bf16_to_f32(bits[i]);
+    return v;
+}
+template <typename T> static T* to_device(const std::vector<T>& h) {
+    T* d; cudaCheck(cudaMalloc(&d, h.size() * sizeof(T) + 16));
+    cudaCheck(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+}
+template <typename T> static T* poisoned(size_t n) {  // 0xff bytes: NaN as bf16 and as fp32
+    T* d; cudaCheck(cudaMalloc(&d, n * sizeof(T) + 16));
+    cudaCheck(cudaMemset(d, 0xff, n * sizeof(T) + 16));
+    return d;
+}
+template <typename T> static std::vector<T> to_host(const T* d, size_t n) {
+    std::vector<T> h(n);
+    cudaCheck(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+}
+static double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b) {
+    double m = 0; for (size_t i = 0; i < a.size(); i++) m = std::max(m, fabs(a[i] - b[i])); return m;
+}
+template <typename A> static double rel_l2(const std::vector<A>& got, const std::vector<double>& ref) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < ref.size(); i++) { double d = (double)got[i] - ref[i]; num += d * d; den += ref[i] * ref[i]; }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+// one tensor: elementwise budget from sim's error, then the relative-L2 rule
+static void check_tensor(const char* what, const char* cfg, const std::vector<float>& got, const std::vector<double>& ref,
+                         const std::vector<double>& sim) {
+    char name[128];
+    snprintf(name, sizeof name, "%s %s", what, cfg);
+    const double e_sim = max_abs_diff(sim, ref), r_sim = rel_l2(sim, ref), r_gpu = rel_l2(got, ref);
+    check_close(name, got.data(), ref.data(), ref.size(), 2.0 * e_sim + 1e-6, 1.0 / 256);
+    check(r_gpu <= 1e-2 && r_gpu <= 2.0 * r_sim + 1e-3, "%-44s rel_l2=%.3e (sim %.3e, budget min(1e-2, 2*sim+1e-3))", name, r_gpu, r_sim);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+static void run_case(Shape s, bool packed, uint64_t seed) {
+    const int B = s.B, T = s.T, nh = s.nh, nkv = s.nkv, hd = s.hd;
+    char cfg[96];
+    snprintf(cfg, sizeof cfg, "T=%d nkv=%d hd=%d%s", T, nkv, hd, packed ? " docs" : "");
+    const size_t nq = (size_t)B * T * nh * hd, nk = (size_t)B * T * nkv * hd, nl = (size_t)B * nh * T;
+    std::vector<uint16_t> qb, kb, vb, dob;
+    std::vector<float> q, k, v, dout;
+    fill_bf16(qb, q, nq, 2.0f, seed, 1);  // |q.k| / sqrt(hd) up to ~1.3 std: softmax neither flat nor one-hot
+    fill_bf16(kb, k, nk, 2.0f, seed, 2);
+    fill_bf16(vb, v, nk, 1.0f, seed, 3);
+    fill_bf16(dob, dout, nq, 1.0f, seed, 4);
+    std::vector<int> doc;
+    if (packed) {  // documents of 1..T/4+8 tokens, so whole key tiles get skipped at T=300
+        doc.resize((size_t)B * T);
+        uint64_t ctr = 0;
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < T;) {
+                const int len = 1 + (int)(rng_u32(seed, 5, ctr++) % (uint32_t)(T / 4 + 8));
+                for (int j = i; j < std::min(T, i + len); j++) doc[(size_t)b * T + j] = i;
+                i += len;
+            }
+    }
+    const int* doc_h = packed ? doc.data() : nullptr;
+
+    // forward
+    std::vector<double> out_ref, lse_ref, out_sim, lse_sim;
+    attention_forward_cpu(out_ref, lse_ref, q, k, v, doc_h, s, false);
+    attention_forward_cpu(out_sim, lse_sim, q, k, v, doc_h, s, true);
+    bf16 *d_q = (bf16*)to_device(qb), *d_k = (bf16*)to_device(kb), *d_v = (bf16*)to_device(vb), *d_do = (bf16*)to_device(dob);
+    int* d_doc = packed ? to_device(doc) : nullptr;
+    bf16* d_out = poisoned<bf16>(nq);
+    float* d_lse = poisoned<float>(nl);
+    attention_forward(d_out, d_lse, d_q, d_k, d_v, d_doc, B, T, nh, nkv, hd, 0);
+    cudaCheck(cudaDeviceSynchronize());
+    check_tensor("fwd out", cfg, bf16_vals(to_host((uint16_t*)d_out, nq)), out_ref, out_sim);
+    const std::vector<float> lse_gpu = to_host(d_lse, nl);
+    char name[128];
+    snprintf(name, sizeof name, "fwd lse %s", cfg);
+    check_close(name, lse_gpu.data(), lse_ref.data(), nl, 1e-4, 1e-5);
+
+    // backward, fed with the reference forward (bf16 out, fp32 lse) so its errors are its own
+    std::vector<uint16_t> ob(nq);
+    std::vector<float> lse_in(nl);
+    for (size_t i = 0; i < nq; i++) ob[i] = f32_to_bf16((float)out_ref[i]);
+    for (size_t i = 0; i < nl; i++) lse_in[i] = (float)lse_ref[i];
+    const std::vector<float> o = bf16_vals(ob);
+    std::vector<double> dq_ref, dk_ref, dv_ref, dq_sim, dk_sim, dv_sim;
+    attention_backward_cpu(dq_ref, dk_ref, dv_ref, dout, q, k, v, o, lse_in, doc_h, s, false);
+    attention_backward_cpu(dq_sim, dk_sim, dv_sim, dout, q, k, v, o, lse_in, doc_h, s, true);
+    bf16* d_o = (bf16*)to_device(ob);
+    float* d_lse_in = to_device(lse_in);
+    bf16 *d_dq = poisoned<bf16>(nq), *d_dk = poisoned<bf16>(nk), *d_dv = poisoned<bf16>(nk);
+    const size_t scratch_bytes = attention_backward_scratch_bytes(B, T, nh, hd);
+    float* d_scratch = poisoned<float>(scratch_bytes / sizeof(float));  // must not need zeroing by the caller
+    attention_backward(d_dq, d_dk, d_dv, d_scratch, d_do, d_q, d_k, d_v, d_o, d_lse_in, d_doc, B, T, nh, nkv, hd, 0);
+    cudaCheck(cudaDeviceSynchronize());
+    check_tensor("bwd dq", cfg, bf16_vals(to_host((uint16_t*)d_dq, nq)), dq_ref, dq_sim);
+    check_tensor("bwd dk", cfg, bf16_vals(to_host((uint16_t*)d_dk, nk)), dk_ref, dk_sim);
+    check_tensor("bwd dv", cfg, bf16_vals(to_host((uint16_t*)d_dv, nk)), dv_ref, dv_sim);
+
+    for (void* ptr : {(void*)d_q, (void*)d_k, (void*)d_v, (void*)d_do, (void*)d_doc, (void*)d_out, (void*)d_lse, (void*)d_o,
+                      (void*)d_lse_in, (void*)d_dq, (void*)d_dk, (void*)d_dv, (void*)d_scratch})
+        if (ptr) cudaCheck(cudaFree(ptr));
+}
+
+// test_attention [T]: all cases, or only those of one T (short runs under compute-sanitizer)
+int main(int argc, char** argv) {
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) return test_skip("test_attention", "no CUDA device");
+    const int only_T = argc > 1 ? atoi(argv[1]) : 0;
+    uint64_t seed = 1234;
+    for (int hd : {64, 128})
+        for (int T : {1, 17, 128, 300})
+            for (int nkv : {4, 2, 1})
+                for (int packed = 0; packed < 2; packed++, seed++)
+                    if (!only_T || T == only_T) run_case(Shape{2, T, 4, nkv, hd}, packed, seed);
+    return test_summary();
+}
