@@ -1,0 +1,552 @@
+// qlora.cu: the GPU trainer. LoRA adapters (bf16 compute, fp32 masters and AdamW state) on a Llama
+// whose seven decoder linears per layer are NF4 (bitsandbytes' bytes, double quant), on one GPU.
+//   make && ./qlora --model DIR|random:NAME [--synthetic-data] --batch 4 --seq 2048 --steps 20
+// forward() and backward() mirror reference.h; every op is one launcher call from kernels/.
+#include "qlora.h"                    // defines: Config, LoraConfig, NF4 host side, safetensors, JSON
+#include "kernels/common.cuh"         // defines: bf16, cudaCheck, kernel_assert
+#include "kernels/matmul.cuh"         // defines: MatmulCtx, matmul
+#include "kernels/nf4.cuh"            // defines: quantize_4bit_gpu, quantize_absmax_gpu, dequantize_4bit_nested_gpu
+#include "kernels/embedding.cuh"      // defines: embedding_forward, fill_normal
+#include "kernels/rmsnorm.cuh"        // defines: rmsnorm_forward, rmsnorm_residual_forward, rmsnorm_backward
+#include "kernels/rope.cuh"           // defines: rope_forward, rope_backward
+#include "kernels/attention.cuh"      // defines: attention_forward, attention_backward
+#include "kernels/swiglu.cuh"         // defines: swiglu_forward, swiglu_backward
+#include "kernels/crossentropy.cuh"   // defines: fused_classifier
+#include "kernels/adamw.cuh"          // defines: grad_norm, adamw_update
+#include "kernels/lora.cuh"           // defines: lora_dropout_forward, lora_dropout_backward_add, cast_f32_to_bf16
+#include <chrono>                     // defines: steady_clock (tokens/s)
+#include <array>                      // defines: std::array
+
+// ---------------------------------------------------------------------------------------------
+// options
+
+struct Options {
+    std::string model = "random:tiny";   // DIR (Hugging Face checkpoint) or random:NAME
+    bool synthetic = true;               // random tokens (the only data source so far)
+    int batch = 4, seq = 512, steps = 20, grad_accum = 1, warmup = 0;
+    float lr = 2e-4f, weight_decay = 0.0f, clip = 1.0f, min_lr_frac = 0.1f;
+    int rank = 16; float alpha = 32.0f, dropout = 0.0f; bool rslora = false; std::string targets = "q,k,v,o,gate,up,down";
+    bool recompute = false;
+    uint64_t seed = 1234;
+    std::string out;                     // adapter output directory ("" = do not save)
+    std::string log;                     // log file ("" = none)
+    double peak_tflops = 700.0;          // measured bf16 GEMM peak for MFU (../shared/bench/gemm_peak.py)
+};
+
+static void usage() {
+    printf("usage: qlora --model DIR|random:{tiny,llama3-1b,llama3-3b,llama3-8b} [options]\n"
+           "  --synthetic-data        random tokens (default)\n"
+           "  --batch N --seq T       sequences per micro-batch and their length (4, 512)\n"
+           "  --steps N --grad-accum K --lr X --warmup N --weight-decay X --clip X\n"
+           "  --rank R --alpha A --dropout P --rslora --targets q,k,v,o,gate,up,down\n"
+           "  --recompute             recompute each layer's activations in backward (less memory)\n"
+           "  --seed S --out DIR (PEFT adapter) --log FILE --peak-tflops X (for MFU)\n");
+}
+
+static Options parse_args(int argc, char** argv) {
+    Options o;
+    for (int i = 1; i < argc; i++) {
+        std::string a = argv[i];
+        auto next = [&]() -> std::string { ql_assert(i + 1 < argc, "%s needs a value (see --help)", a.c_str()); return argv[++i]; };
+        auto num = [&](double lo, double hi) -> double {
+            std::string v = next(); char* end; double d = strtod(v.c_str(), &end);
+            ql_assert(*end == 0 && d >= lo && d <= hi, "%s %s: expected a number in [%g, %g]", a.c_str(), v.c_str(), lo, hi);
+            return d;
+        };
+        if (a == "--help" || a == "-h") { usage(); exit(0); }
+        else if (a == "--model") o.model = next();
+        else if (a == "--synthetic-data") o.synthetic = true;
+        else if (a == "--batch") o.batch = (int)num(1, 4096);
+        else if (a == "--seq") o.seq = (int)num(1, 1 << 20);
+        else if (a == "--steps") o.steps = (int)num(0, 1e9);
+        else if (a == "--grad-accum") o.grad_accum = (int)num(1, 1 << 16);
+        else if (a == "--warmup") o.warmup = (int)num(0, 1e9);
+        else if (a == "--lr") o.lr = (float)num(0, 10);
+        else if (a == "--weight-decay") o.weight_decay = (float)num(0, 10);
+        else if (a == "--clip") o.clip = (float)num(0, 1e9);
+        else if (a == "--rank") o.rank = (int)num(1, 4096);
+        else if (a == "--alpha") o.alpha = (float)num(0, 1e6);
+        else if (a == "--dropout") o.dropout = (float)num(0, 0.99);
+        else if (a == "--rslora") o.rslora = true;
+        else if (a == "--targets") o.targets = next();
+        else if (a == "--recompute") o.recompute = true;
+        else if (a == "--seed") o.seed = (uint64_t)num(0, 1e18);
+        else if (a == "--out") o.out = next();
+        else if (a == "--log") o.log = next();
+        else if (a == "--peak-tflops") o.peak_tflops = num(1, 1e6);
+        else ql_fail("unknown option %s (see --help)", a.c_str());
+    }
+    return o;
+}
+
+static unsigned parse_targets(const std::string& s) {
+    unsigned t = 0; size_t a = 0;
+    while (a <= s.size()) {
+        size_t b = s.find(',', a); if (b == std::string::npos) b = s.size();
+        std::string name = s.substr(a, b - a); int p = -1;
+        for (int k = 0; k < N_PROJ; k++) if (name == PROJ_NAME[k] || name + "_proj" == PROJ_NAME[k]) p = k;
+        ql_assert(p >= 0, "--targets: unknown projection \"%s\" (q,k,v,o,gate,up,down)", name.c_str());
+        t |= 1u << p; a = b + 1;
+    }
+    return t;
+}
+
+// Llama-3.x shapes for benchmarks without a checkpoint (the real dimensions; random weights)
+static Config random_config(const std::string& name) {
+    Config c;
+    c.rope_theta = 500000.0f; c.norm_eps = 1e-5f; c.max_seq_len = 131072; c.vocab_size = 128256;
+    c.rope_type = ROPE_LLAMA3; c.rope_factor = 32.0f; c.rope_low_freq = 1.0f; c.rope_high_freq = 4.0f; c.rope_orig_max = 8192;
+    if (name == "tiny") { c = Config(); c.dim = 256; c.hidden_dim = 768; c.n_layers = 4; c.n_heads = 4; c.n_kv_heads = 2; c.head_dim = 64;
+                          c.vocab_size = 4096; c.max_seq_len = 4096; c.norm_eps = 1e-5f; c.tied = true; }
+    else if (name == "llama3-1b") { c.dim = 2048; c.hidden_dim = 8192; c.n_layers = 16; c.n_heads = 32; c.n_kv_heads = 8; c.head_dim = 64; c.tied = true; }
+    else if (name == "llama3-3b") { c.dim = 3072; c.hidden_dim = 8192; c.n_layers = 28; c.n_heads = 24; c.n_kv_heads = 8; c.head_dim = 128; c.tied = true; }
+    else if (name == "llama3-8b") { c.dim = 4096; c.hidden_dim = 14336; c.n_layers = 32; c.n_heads = 32; c.n_kv_heads = 8; c.head_dim = 128;
+                                    c.rope_factor = 8.0f; c.tied = false; }
+    else ql_fail("--model random:%s: unknown shape (tiny, llama3-1b, llama3-3b, llama3-8b)", name.c_str());
+    return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// device memory: one allocation per role, carved into named buffers from one size table
+
+struct Arena {
+    const char* role; size_t bytes = 0; char* base = nullptr;
+    std::vector<std::pair<void**, size_t>> wants;
+    template <class T> void want(T** p, size_t n) { wants.push_back({(void**)p, (n * sizeof(T) + 255) & ~(size_t)255}); bytes += wants.back().second; }
+    void alloc() {
+        if (!bytes) return;
+        cudaCheck(cudaMalloc(&base, bytes));
+        size_t off = 0;
+        for (auto& w : wants) { *w.first = base + off; off += w.second; }
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// the model on the GPU
+
+struct QWeight {                 // one decoder linear, NF4 blocksize 64 + double quant (bitsandbytes layout)
+    uint8_t* packed;             // (out*in/2)
+    uint8_t* absmax_q;           // (out*in/64) 8-bit codes
+    float* absmax2;              // (ceil(out*in/64/256))
+    float* offset;               // (1)
+};
+static const int QBS = 64;
+
+struct Model {
+    Config cfg; LoraConfig lc;
+    bf16 *embed, *lm_head, *final_norm;                  // (V, H), (V, H) (== embed when tied), (H)
+    std::vector<bf16*> attn_norm, mlp_norm;              // (L) x (H)
+    std::vector<std::array<QWeight, N_PROJ>> w;          // (L) x 7
+    float* inv_freq;                                     // (hd/2) RoPE
+    size_t n_lora;
+    float *lora, *grad, *m, *v;                          // (n_lora) fp32: master params, grads, AdamW moments
+    bf16* lora_bf16;                                     // (n_lora) compute copy
+};
+
+// Per-layer activations kept for backward. With --recompute only h survives per layer; the rest is
+// one set of buffers that every layer reuses, refilled by re-running the layer's forward in backward.
+struct Acts {
+    int B, T, N;
+    std::vector<bf16*> h;                 // (L+1) x (N, H) residual stream entering layer l; h[L] before the final norm
+    struct Layer { bf16 *n1, *q, *k, *v, *att, *h_mid, *n2, *gate, *up; float *rstd1, *rstd2, *lse; };
+    std::vector<Layer> l;                 // (L), or (1) shared with --recompute
+    bf16* hf; float* rstdf;               // (N, H) final norm output, (N)
+    // scratch (one purpose each)
+    bf16* wdq[N_PROJ];                    // dequantized weights of the current layer, (out, in) each
+    bf16* delta;                          // (N, H) o_proj / down_proj output before the residual add
+    bf16* act;                            // (N, I) swiglu output
+    bf16 *u, *t;                          // (N, r) LoRA x·Aᵀ, and dy·B in backward
+    bf16* xdrop;                          // (N, max in) dropped-out LoRA input (dropout > 0 only)
+    bf16 *dres, *dn, *datt, *dq, *dk, *dv, *dgate, *dup;  // gradients
+    float* attn_scratch; void* ce_scratch; size_t ce_bytes; void* norm_scratch;
+    int *ids, *targets, *flags;           // (N), (N), (2): bad token, bad target
+    float *losses, *loss_sum, *norm;      // (N), (1), (1)
+};
+
+struct Trainer { Model m; Acts a; MatmulCtx mm; cudaStream_t s; Options o; };
+
+// LoRA pointers of (l, p) inside the flat layout of qlora.h
+static const bf16* lA(const Model& m, int l, int p) { return m.lora_bf16 + lora_slot(m.cfg, m.lc, l, p).a; }
+static const bf16* lB(const Model& m, int l, int p) { return m.lora_bf16 + lora_slot(m.cfg, m.lc, l, p).b; }
+
+// plan every allocation; print the table; exit cleanly if it does not fit
+static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
+    const Config& c = t.m.cfg; const Options& o = t.o;
+    size_t H = c.dim, I = c.hidden_dim, V = c.vocab_size, L = c.n_layers, q = c.q_dim(), kv = c.kv_dim(), N = (size_t)o.batch * o.seq, r = o.rank;
+    ar.assign(5, Arena());
+    Arena &W = ar[0], &P = ar[1], &A = ar[2], &S = ar[3], &G = ar[4];
+    W.role = "frozen weights (NF4 + bf16 embeddings/norms)"; P.role = "LoRA params, grads, AdamW"; A.role = "activations";
+    S.role = "scratch (dequant, CE, attention)"; G.role = "gradients of activations";
+    Model& m = t.m; Acts& a = t.a;
+    W.want(&m.embed, V * H); if (!c.tied) W.want(&m.lm_head, V * H);
+    W.want(&m.final_norm, H); W.want(&m.inv_freq, (size_t)c.head_dim / 2);
+    m.attn_norm.resize(L); m.mlp_norm.resize(L); m.w.resize(L);
+    for (size_t l = 0; l < L; l++) {
+        W.want(&m.attn_norm[l], H); W.want(&m.mlp_norm[l], H);
+        for (int p = 0; p < N_PROJ; p++) {
+            size_t n = (size_t)proj_out(c, p) * proj_in(c, p), nb = n / QBS;
+            W.want(&m.w[l][p].packed, n / 2); W.want(&m.w[l][p].absmax_q, nb);
+            W.want(&m.w[l][p].absmax2, (nb + DQ_BLOCK - 1) / DQ_BLOCK); W.want(&m.w[l][p].offset, 1);
+        }
+    }
+    m.n_lora = lora_num_params(c, m.lc);
+    P.want(&m.lora, m.n_lora); P.want(&m.grad, m.n_lora); P.want(&m.m, m.n_lora); P.want(&m.v, m.n_lora); P.want(&m.lora_bf16, m.n_lora);
+    a.B = o.batch; a.T = o.seq; a.N = (int)N;
+    a.h.resize(L + 1);
+    for (size_t l = 0; l <= L; l++) A.want(&a.h[l], N * H);
+    a.l.resize(o.recompute ? 1 : L);
+    for (auto& ly : a.l) {
+        A.want(&ly.n1, N * H); A.want(&ly.q, N * q); A.want(&ly.k, N * kv); A.want(&ly.v, N * kv); A.want(&ly.att, N * q);
+        A.want(&ly.h_mid, N * H); A.want(&ly.n2, N * H); A.want(&ly.gate, N * I); A.want(&ly.up, N * I);
+        A.want(&ly.rstd1, N); A.want(&ly.rstd2, N); A.want(&ly.lse, (size_t)o.batch * c.n_heads * o.seq);
+    }
+    A.want(&a.hf, N * H); A.want(&a.rstdf, N);
+    for (int p = 0; p < N_PROJ; p++) S.want(&a.wdq[p], (size_t)proj_out(c, p) * proj_in(c, p));
+    S.want(&a.delta, N * H); S.want(&a.act, N * I); S.want(&a.u, N * r); S.want(&a.t, N * r);
+    a.xdrop = nullptr; if (o.dropout > 0) S.want(&a.xdrop, N * (I > q ? I : q > H ? q : H));
+    S.want(&a.attn_scratch, attention_backward_scratch_bytes(o.batch, o.seq, c.n_heads, c.head_dim) / sizeof(float));
+    a.ce_bytes = ce_scratch_bytes(ce_default_rows((int)V), (int)V); S.want((char**)&a.ce_scratch, a.ce_bytes);
+    S.want((char**)&a.norm_scratch, grad_norm_scratch_bytes());
+    S.want(&a.ids, N); S.want(&a.targets, N); S.want(&a.flags, 2); S.want(&a.losses, N); S.want(&a.loss_sum, 1); S.want(&a.norm, 1);
+    G.want(&a.dres, N * H); G.want(&a.dn, N * H); G.want(&a.datt, N * q); G.want(&a.dq, N * q); G.want(&a.dk, N * kv); G.want(&a.dv, N * kv);
+    G.want(&a.dgate, N * I); G.want(&a.dup, N * I);
+    size_t total = 0; for (auto& x : ar) total += x.bytes;
+    size_t free_b = 0, total_b = 0; cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+    printf("memory plan (batch %d x seq %d, recompute %s):\n", o.batch, o.seq, o.recompute ? "on" : "off");
+    for (auto& x : ar) printf("  %-46s %9.2f GiB\n", x.role, x.bytes / 1073741824.0);
+    printf("  %-46s %9.2f GiB (GPU has %.2f GiB free of %.2f)\n", "total", total / 1073741824.0, free_b / 1073741824.0, total_b / 1073741824.0);
+    if (total + (size_t)768 * 1048576 > free_b)   // cuBLASLt workspace, CUDA context headroom
+        ql_fail("this run needs %.2f GiB but the GPU has %.2f GiB free. Try %s--batch %d, or a shorter --seq.", total / 1073741824.0,
+                free_b / 1073741824.0, o.recompute ? "" : "--recompute, ", o.batch > 1 ? o.batch / 2 : 1);
+    for (auto& x : ar) x.alloc();
+}
+
+// ---------------------------------------------------------------------------------------------
+// loading: weights arrive as bf16 (converted on the host if the file is F16/F32), one tensor at a
+// time through a staging buffer; decoder linears are quantized to NF4 on the GPU as they arrive,
+// so the bf16 model never sits on the GPU whole.
+
+static void quantize_into(QWeight& q, const bf16* w, int64_t n, float* absmax_tmp, cudaStream_t s) {
+    quantize_4bit_gpu(q.packed, absmax_tmp, w, n, QT_NF4, QBS, s);
+    quantize_absmax_gpu(q.absmax_q, q.absmax2, q.offset, absmax_tmp, n / QBS, nullptr, s);
+}
+
+static void load_model(Trainer& t) {
+    Model& m = t.m; const Config& c = m.cfg;
+    size_t biggest = (size_t)c.vocab_size * c.dim;
+    for (int p = 0; p < N_PROJ; p++) biggest = std::max(biggest, (size_t)proj_out(c, p) * proj_in(c, p));
+    bf16* stage; float* absmax_tmp;
+    cudaCheck(cudaMalloc(&stage, biggest * sizeof(bf16)));
+    cudaCheck(cudaMalloc(&absmax_tmp, biggest / QBS * sizeof(float)));
+    bool random = t.o.model.rfind("random:", 0) == 0;
+    auto linear = [&](int l, int p, const STensor* ts) {
+        int64_t n = (int64_t)proj_out(c, p) * proj_in(c, p);
+        if (ts) { std::vector<uint16_t> h((size_t)n); std::vector<float> f = st_f32(*ts);
+                  for (int64_t i = 0; i < n; i++) h[i] = f32_to_bf16(f[i]);
+                  cudaCheck(cudaMemcpy(stage, h.data(), n * 2, cudaMemcpyHostToDevice)); }
+        else fill_normal(stage, n, 0.02f, t.o.seed, 1000 + (uint64_t)l * N_PROJ + p, t.s);
+        quantize_into(m.w[l][p], stage, n, absmax_tmp, t.s);
+        cudaCheck(cudaStreamSynchronize(t.s));
+    };
+    auto dense = [&](bf16* dst, const STensor* ts, size_t n, float fill, uint64_t stream) {
+        if (ts) { std::vector<float> f = st_f32(*ts); std::vector<uint16_t> h(n); for (size_t i = 0; i < n; i++) h[i] = f32_to_bf16(f[i]);
+                  cudaCheck(cudaMemcpy(dst, h.data(), n * 2, cudaMemcpyHostToDevice)); }
+        else if (fill != 0.0f) fill_normal(dst, (int64_t)n, fill, t.o.seed, stream, t.s);
+        else { std::vector<uint16_t> one(n, f32_to_bf16(1.0f)); cudaCheck(cudaMemcpy(dst, one.data(), n * 2, cudaMemcpyHostToDevice)); }
+    };
+    size_t H = c.dim, V = c.vocab_size;
+    if (random) {
+        dense(m.embed, nullptr, V * H, 0.02f, 1); if (!c.tied) dense(m.lm_head, nullptr, V * H, 0.02f, 2);
+        dense(m.final_norm, nullptr, H, 0, 0);
+        for (int l = 0; l < c.n_layers; l++) {
+            dense(m.attn_norm[l], nullptr, H, 0, 0); dense(m.mlp_norm[l], nullptr, H, 0, 0);
+            for (int p = 0; p < N_PROJ; p++) linear(l, p, nullptr);
+        }
+    } else {
+        SafeTensors st = st_open_model(t.o.model);
+        CheckpointView v = checkpoint_view(c, st);
+        dense(m.embed, v.embed, V * H, 0, 0); if (!c.tied) dense(m.lm_head, v.lm_head, V * H, 0, 0);
+        dense(m.final_norm, v.final_norm, H, 0, 0);
+        for (int l = 0; l < c.n_layers; l++) {
+            dense(m.attn_norm[l], v.attn_norm[l], H, 0, 0); dense(m.mlp_norm[l], v.mlp_norm[l], H, 0, 0);
+            for (int p = 0; p < N_PROJ; p++) linear(l, p, v.w[l][p]);
+            printf("\rloading %s: layer %d/%d", t.o.model.c_str(), l + 1, c.n_layers); fflush(stdout);
+        }
+        printf("\n");
+    }
+    if (c.tied) m.lm_head = m.embed;
+    std::vector<float> inv((size_t)c.head_dim / 2); rope_inv_freq(inv.data(), c);
+    cudaCheck(cudaMemcpy(m.inv_freq, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaStreamSynchronize(t.s));
+    cudaCheck(cudaFree(stage)); cudaCheck(cudaFree(absmax_tmp));
+}
+
+// LoRA init (PEFT's: A kaiming-uniform, B = 0) on the host from the counter RNG, then the bf16 copy
+static void set_lora(Trainer& t, const float* host) {
+    Model& m = t.m;
+    cudaCheck(cudaMemcpy(m.lora, host, m.n_lora * 4, cudaMemcpyHostToDevice));
+    cast_f32_to_bf16(m.lora_bf16, m.lora, m.n_lora, t.s);
+    cudaCheck(cudaMemset(m.m, 0, m.n_lora * 4)); cudaCheck(cudaMemset(m.v, 0, m.n_lora * 4));
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward and backward
+
+static void dequant_layer(Trainer& t, int l) {
+    const Config& c = t.m.cfg;
+    for (int p = 0; p < N_PROJ; p++) {
+        const QWeight& q = t.m.w[l][p];
+        dequantize_4bit_nested_gpu(t.a.wdq[p], q.packed, q.absmax_q, q.absmax2, q.offset, (int64_t)proj_out(c, p) * proj_in(c, p), QT_NF4, QBS, t.s);
+    }
+}
+
+// y (N, out) = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ        (PEFT Linear4bit.forward)
+static void linear_forward(Trainer& t, bf16* y, const bf16* x, int l, int p, uint64_t drop_seed) {
+    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc; int N = t.a.N, in = proj_in(c, p), out = proj_out(c, p);
+    matmul(t.mm, y, MM_BF16, x, t.a.wdq[p], N, out, in, false, true);
+    if (!lc.has(p)) return;
+    const bf16* xd = x;
+    if (lc.dropout > 0) { lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s); xd = t.a.xdrop; }
+    matmul(t.mm, t.a.u, MM_BF16, xd, lA(t.m, l, p), N, lc.rank, in, false, true);                       // u = xd·Aᵀ
+    matmul(t.mm, y, MM_BF16, t.a.u, lB(t.m, l, p), N, out, lc.rank, false, true, lc.scale(), 1.0f);      // y += s·u·Bᵀ
+}
+
+// dx (N, in) (= or +=) dy·W + LoRA part; dA += s·(dy·B)ᵀ·xd, dB += s·dyᵀ·u (fp32 grads)
+static void linear_backward(Trainer& t, bf16* dx, bool acc, const bf16* dy, const bf16* x, int l, int p, uint64_t drop_seed) {
+    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc; const Model& m = t.m;
+    int N = t.a.N, in = proj_in(c, p), out = proj_out(c, p), r = lc.rank; float s = lc.scale();
+    matmul(t.mm, dx, MM_BF16, dy, t.a.wdq[p], N, in, out, false, false, 1.0f, acc ? 1.0f : 0.0f);     // dx = dy·W
+    if (!lc.has(p)) return;
+    LoraSlot sl = lora_slot(c, lc, l, p);
+    const bf16* xd = x;
+    if (lc.dropout > 0) { lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s); xd = t.a.xdrop; }
+    matmul(t.mm, t.a.u, MM_BF16, xd, lA(m, l, p), N, r, in, false, true);                              // u = xd·Aᵀ (recomputed)
+    matmul(t.mm, m.grad + sl.b, MM_F32, dy, t.a.u, out, r, N, true, false, s, 1.0f);                    // dB += s·dyᵀ·u
+    matmul(t.mm, t.a.t, MM_BF16, dy, lB(m, l, p), N, r, out, false, false);                              // t = dy·B
+    matmul(t.mm, m.grad + sl.a, MM_F32, t.a.t, xd, r, in, N, true, false, s, 1.0f);                      // dA += s·tᵀ·xd
+    if (lc.dropout > 0) {                                                                                 // dx += mask(s·t·A)
+        matmul(t.mm, t.a.xdrop, MM_BF16, t.a.t, lA(m, l, p), N, in, r, false, false, s, 0.0f);
+        lora_dropout_backward_add(dx, t.a.xdrop, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);
+    } else matmul(t.mm, dx, MM_BF16, t.a.t, lA(m, l, p), N, in, r, false, false, s, 1.0f);                // dx += s·t·A
+}
+
+static Acts::Layer& acts(Trainer& t, int l) { return t.a.l[t.o.recompute ? 0 : l]; }
+
+// One decoder layer. fresh: in the forward pass, where the residual h[l] = h_mid[l-1] + mlp_out[l-1]
+// is formed here, fused with input_layernorm; in a recompute (backward) h[l] is already stored.
+static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
+    const Config& c = t.m.cfg; Acts& a = t.a; Acts::Layer& y = acts(t, l); int N = a.N;
+    if (l > 0 && fresh)   // h[l] = h_mid + down_proj(...) of layer l-1 (still in delta); n1 = input_layernorm(h[l])
+        rmsnorm_residual_forward(a.h[l], y.n1, y.rstd1, acts(t, l - 1).h_mid, a.delta, t.m.attn_norm[l], N, c.dim, c.norm_eps, t.s);
+    else rmsnorm_forward(y.n1, y.rstd1, a.h[l], t.m.attn_norm[l], N, c.dim, c.norm_eps, t.s);
+    dequant_layer(t, l);
+    linear_forward(t, y.q, y.n1, l, P_Q, drop_seed);                 // q = q_proj(n1)
+    linear_forward(t, y.k, y.n1, l, P_K, drop_seed);                 // k = k_proj(n1)
+    linear_forward(t, y.v, y.n1, l, P_V, drop_seed);                 // v = v_proj(n1)
+    rope_forward(y.q, y.k, t.m.inv_freq, nullptr, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+    attention_forward(y.att, y.lse, y.q, y.k, y.v, nullptr, a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+    linear_forward(t, a.delta, y.att, l, P_O, drop_seed);            // o_proj(att)
+    // h_mid = h + o_proj(att); n2 = post_attention_layernorm(h_mid)
+    rmsnorm_residual_forward(y.h_mid, y.n2, y.rstd2, a.h[l], a.delta, t.m.mlp_norm[l], N, c.dim, c.norm_eps, t.s);
+    linear_forward(t, y.gate, y.n2, l, P_GATE, drop_seed);           // gate_proj(n2)
+    linear_forward(t, y.up, y.n2, l, P_UP, drop_seed);               // up_proj(n2)
+    swiglu_forward(a.act, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);   // silu(gate) * up
+    linear_forward(t, a.delta, a.act, l, P_DOWN, drop_seed);         // down_proj(...), added to h_mid by the next op
+}
+
+// Forward to the loss (and dh of the loss when grad): returns nothing, loss lands in a.loss_sum.
+static void forward(Trainer& t, float dloss, bool grad, uint64_t drop_seed) {
+    const Config& c = t.m.cfg; Acts& a = t.a;
+    embedding_forward(a.h[0], &a.flags[0], a.ids, t.m.embed, a.N, c.dim, c.vocab_size, t.s);   // h0 = embed_tokens(ids)
+    for (int l = 0; l < c.n_layers; l++) layer_forward(t, l, true, drop_seed);
+    // h[L] = h_mid + mlp_out of the last layer; hf = norm(h[L]); logits = hf·lm_headᵀ, CE, dh
+    rmsnorm_residual_forward(a.h[c.n_layers], a.hf, a.rstdf, acts(t, c.n_layers - 1).h_mid, a.delta, t.m.final_norm, a.N, c.dim, c.norm_eps, t.s);
+    fused_classifier(a.loss_sum, a.losses, grad ? a.dres : nullptr, &a.flags[1], a.hf, t.m.lm_head, a.targets, dloss,
+                     a.N, c.dim, c.vocab_size, a.ce_scratch, a.ce_bytes, 0, t.mm);
+}
+
+static void backward(Trainer& t, uint64_t drop_seed) {
+    const Config& c = t.m.cfg; Acts& a = t.a; int N = a.N;
+    // d h[L] = final norm backward of dh (dres holds dL/dhf from the classifier)
+    rmsnorm_backward(a.dn, a.dres, a.h[c.n_layers], t.m.final_norm, a.rstdf, N, c.dim, false, t.s);
+    std::swap(a.dres, a.dn);
+    for (int l = c.n_layers - 1; l >= 0; l--) {
+        if (t.o.recompute) layer_forward(t, l, false, drop_seed); else dequant_layer(t, l);
+        Acts::Layer& y = acts(t, l);
+        // MLP: h[l+1] = h_mid + down(silu(gate(n2)) * up(n2))
+        swiglu_forward(a.act, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);                       // recompute act
+        linear_backward(t, a.dgate, false, a.dres, a.act, l, P_DOWN, drop_seed);                   // d act (in dgate)
+        swiglu_backward(a.dgate, a.dup, a.dgate, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);
+        linear_backward(t, a.dn, false, a.dgate, y.n2, l, P_GATE, drop_seed);
+        linear_backward(t, a.dn, true, a.dup, y.n2, l, P_UP, drop_seed);
+        rmsnorm_backward(a.dres, a.dn, y.h_mid, t.m.mlp_norm[l], y.rstd2, N, c.dim, true, t.s);     // d h_mid
+        // attention: h_mid = h + o_proj(attn(rope(q), rope(k), v))
+        linear_backward(t, a.datt, false, a.dres, y.att, l, P_O, drop_seed);
+        attention_backward(a.dq, a.dk, a.dv, a.attn_scratch, a.datt, y.q, y.k, y.v, y.att, y.lse, nullptr,
+                           a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+        rope_backward(a.dq, a.dk, t.m.inv_freq, nullptr, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+        linear_backward(t, a.dn, false, a.dq, y.n1, l, P_Q, drop_seed);
+        linear_backward(t, a.dn, true, a.dk, y.n1, l, P_K, drop_seed);
+        linear_backward(t, a.dn, true, a.dv, y.n1, l, P_V, drop_seed);
+        rmsnorm_backward(a.dres, a.dn, a.h[l], t.m.attn_norm[l], y.rstd1, N, c.dim, true, t.s);     // d h[l]
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// adapters out, in PEFT's own files (formats.md §4.3, §4.4): F32 A (r, in) and B (out, r)
+
+static void save_adapter(Trainer& t, const std::string& dir) {
+    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc;
+    ql_assert(system(("mkdir -p '" + dir + "'").c_str()) == 0, "cannot create %s", dir.c_str());
+    std::vector<float> host(t.m.n_lora);
+    cudaCheck(cudaMemcpy(host.data(), t.m.lora, host.size() * 4, cudaMemcpyDeviceToHost));
+    std::vector<STOut> ts; std::vector<std::string> targets;
+    for (int p = 0; p < N_PROJ; p++) if (lc.has(p)) targets.push_back(json_quote(PROJ_NAME[p]));
+    for (int l = 0; l < c.n_layers; l++)
+        for (int p = 0; p < N_PROJ; p++) {
+            if (!lc.has(p)) continue;
+            LoraSlot s = lora_slot(c, lc, l, p);
+            std::string k = "base_model.model." + hf_linear_name(l, p); k.resize(k.size() - 7);   // drop ".weight"
+            ts.push_back({k + ".lora_A.weight", DT_F32, {lc.rank, proj_in(c, p)}, host.data() + s.a});
+            ts.push_back({k + ".lora_B.weight", DT_F32, {proj_out(c, p), lc.rank}, host.data() + s.b});
+        }
+    st_write(dir + "/adapter_model.safetensors", ts);
+    char alpha[32]; snprintf(alpha, sizeof alpha, "%.9g", lc.alpha);
+    char drop[32]; snprintf(drop, sizeof drop, "%.9g", lc.dropout);
+    std::string tm; for (size_t i = 0; i < targets.size(); i++) tm += (i ? ", " : "") + targets[i];
+    std::string j = "{\n  \"alpha_pattern\": {},\n  \"base_model_name_or_path\": " + json_quote(t.o.model) + ",\n  \"bias\": \"none\",\n"
+                    "  \"fan_in_fan_out\": false,\n  \"inference_mode\": true,\n  \"init_lora_weights\": true,\n  \"lora_alpha\": " + alpha + ",\n"
+                    "  \"lora_dropout\": " + drop + ",\n  \"modules_to_save\": null,\n  \"peft_type\": \"LORA\",\n  \"r\": " + std::to_string(lc.rank) + ",\n"
+                    "  \"rank_pattern\": {},\n  \"revision\": null,\n  \"target_modules\": [" + tm + "],\n  \"task_type\": \"CAUSAL_LM\",\n"
+                    "  \"use_dora\": false,\n  \"use_rslora\": " + (lc.rslora ? "true" : "false") + "\n}\n";
+    atomic_write(dir + "/adapter_config.json", {{j.data(), j.size()}});
+}
+
+// ---------------------------------------------------------------------------------------------
+// setup and the training loop
+
+static void trainer_init(Trainer& t, const Options& o) {
+    t.o = o;
+    int ndev = 0;
+    ql_assert(cudaGetDeviceCount(&ndev) == cudaSuccess && ndev > 0, "no CUDA device found");
+    cudaCheck(cudaStreamCreate(&t.s));
+    matmul_init(t.mm, t.s);
+    bool random = o.model.rfind("random:", 0) == 0;
+    Config c = random ? random_config(o.model.substr(7)) : load_config(o.model + "/config.json");
+    ql_assert(c.head_dim == 64 || c.head_dim == 128, "head_dim %d: the attention kernel supports 64 and 128", c.head_dim);
+    ql_assert(o.seq <= c.max_seq_len, "--seq %d is longer than the model allows (max_position_embeddings %d)", o.seq, c.max_seq_len);
+    ql_assert(c.sliding_window == 0 || o.seq <= c.sliding_window, "--seq %d exceeds the model's sliding_window %d, which qlora does not implement", o.seq, c.sliding_window);
+    for (int p = 0; p < N_PROJ; p++)
+        ql_assert(((size_t)proj_out(c, p) * proj_in(c, p)) % QBS == 0, "%s: %d x %d is not a whole number of %d-element NF4 blocks",
+                  PROJ_NAME[p], proj_out(c, p), proj_in(c, p), QBS);
+    ql_assert(c.dim % 8 == 0 && c.hidden_dim % 8 == 0 && c.vocab_size % 8 == 0, "hidden_size, intermediate_size and vocab_size must be multiples of 8");
+    t.m.cfg = c;
+    t.m.lc.rank = o.rank; t.m.lc.alpha = o.alpha; t.m.lc.dropout = o.dropout; t.m.lc.rslora = o.rslora; t.m.lc.targets = parse_targets(o.targets);
+    printf("model %s: H %d I %d L %d heads %d/%d hd %d V %d%s | LoRA r %d alpha %g on %s | %.1f M trainable\n", o.model.c_str(), c.dim,
+           c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.tied ? " tied" : "", o.rank, o.alpha,
+           o.targets.c_str(), lora_num_params(c, t.m.lc) / 1e6);
+    std::vector<Arena> arenas;
+    plan_memory(t, arenas);
+    load_model(t);
+    std::vector<float> init(t.m.n_lora);
+    lora_init(init.data(), c, t.m.lc, o.seed);
+    set_lora(t, init.data());
+}
+
+// model FLOPs per token, as ../shared/bench/hf_qlora.py counts them: forward 2N + input grad 2N over
+// the quantized linears and the head, attention forward + backward (causal)
+static double flops_per_token(const Config& c, int seq) {
+    double lin = 0; for (int p = 0; p < N_PROJ; p++) lin += (double)proj_out(c, p) * proj_in(c, p);
+    lin *= c.n_layers;
+    double attn = 4.0 * seq * c.n_heads * c.head_dim * c.n_layers / 2;
+    return 4 * (lin + (double)c.vocab_size * c.dim) + 3 * attn;
+}
+
+static float lr_at(const Options& o, int step) {
+    if (step < o.warmup) return o.lr * (step + 1) / o.warmup;
+    float p = o.steps > o.warmup ? (float)(step - o.warmup) / (float)(o.steps - o.warmup) : 1.0f;
+    return o.lr * (o.min_lr_frac + (1 - o.min_lr_frac) * 0.5f * (1 + cosf((float)M_PI * p)));
+}
+
+// synthetic data: random tokens, labels = ids (hf_qlora.py's recipe), shifted within each row
+static void synthetic_batch(std::vector<int>& ids, std::vector<int>& tg, const Options& o, int V, uint64_t micro) {
+    int N = o.batch * o.seq;
+    ids.resize(N); tg.resize(N);
+    for (int i = 0; i < N; i++) ids[i] = (int)(rng_u32(o.seed, 77, micro * (uint64_t)N + i) % (uint32_t)V);
+    for (int i = 0; i < N; i++) tg[i] = (i % o.seq == o.seq - 1) ? -1 : ids[i + 1];
+}
+
+// one optimizer step over grad_accum micro-batches; returns the loss (mean over unmasked targets)
+static float train_step(Trainer& t, int step, float lr, float* norm_out) {
+    const Options& o = t.o; Model& m = t.m; Acts& a = t.a;
+    std::vector<std::vector<int>> ids(o.grad_accum), tg(o.grad_accum);
+    long denom = 0;
+    for (int k = 0; k < o.grad_accum; k++) {
+        synthetic_batch(ids[k], tg[k], o, m.cfg.vocab_size, (uint64_t)step * o.grad_accum + k);
+        for (int x : tg[k]) denom += x >= 0;
+    }
+    cudaCheck(cudaMemsetAsync(m.grad, 0, m.n_lora * 4, t.s));
+    float loss = 0;
+    for (int k = 0; k < o.grad_accum; k++) {
+        cudaCheck(cudaMemcpyAsync(a.ids, ids[k].data(), a.N * 4, cudaMemcpyHostToDevice, t.s));
+        cudaCheck(cudaMemcpyAsync(a.targets, tg[k].data(), a.N * 4, cudaMemcpyHostToDevice, t.s));
+        cudaCheck(cudaMemsetAsync(a.flags, 0, 8, t.s));
+        uint64_t drop_seed = mix64(o.seed ^ ((uint64_t)step * o.grad_accum + k));
+        forward(t, denom ? 1.0f / (float)denom : 0.0f, true, drop_seed);
+        backward(t, drop_seed);
+        float ls; int flags[2];
+        cudaCheck(cudaMemcpyAsync(&ls, a.loss_sum, 4, cudaMemcpyDeviceToHost, t.s));
+        cudaCheck(cudaMemcpyAsync(flags, a.flags, 8, cudaMemcpyDeviceToHost, t.s));
+        cudaCheck(cudaStreamSynchronize(t.s));
+        ql_assert(!flags[0], "step %d: a token id is outside the vocabulary (%d)", step, m.cfg.vocab_size);
+        ql_assert(!flags[1], "step %d: a target id is outside the vocabulary (%d)", step, m.cfg.vocab_size);
+        loss += denom ? ls / (float)denom : 0.0f;
+    }
+    AdamWConfig ac; ac.lr = lr; ac.weight_decay = o.weight_decay;
+    int nonfinite = 0;
+    cudaCheck(cudaMemsetAsync(a.flags, 0, 4, t.s));
+    grad_norm(a.norm, a.flags, m.grad, m.n_lora, a.norm_scratch, t.s);
+    adamw_update(m.lora, m.lora_bf16, m.m, m.v, m.grad, a.norm, o.clip, m.n_lora, ac, step + 1, t.s);
+    cudaCheck(cudaMemcpyAsync(norm_out, a.norm, 4, cudaMemcpyDeviceToHost, t.s));
+    cudaCheck(cudaMemcpyAsync(&nonfinite, a.flags, 4, cudaMemcpyDeviceToHost, t.s));
+    cudaCheck(cudaStreamSynchronize(t.s));
+    if (nonfinite) fprintf(stderr, "qlora: warning: step %d: gradient norm is not finite; update skipped\n", step);
+    return loss;
+}
+
+#ifndef QLORA_TESTING
+int main(int argc, char** argv) {
+    Options o = parse_args(argc, argv);
+    Trainer t;
+    trainer_init(t, o);
+    FILE* logf = o.log.empty() ? nullptr : fopen(o.log.c_str(), "w");
+    ql_assert(o.log.empty() || logf, "cannot open log file %s", o.log.c_str());
+    double fpt = flops_per_token(t.m.cfg, o.seq), tok_per_step = (double)o.batch * o.seq * o.grad_accum;
+    size_t free_b, total_b, peak = 0;
+    std::vector<double> times;
+    for (int step = 0; step < o.steps; step++) {
+        auto t0 = std::chrono::steady_clock::now();
+        float lr = lr_at(o, step), norm = 0;
+        float loss = train_step(t, step, lr, &norm);
+        double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (step > 0) times.push_back(dt);
+        cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+        peak = std::max(peak, total_b - free_b);
+        double tps = tok_per_step / dt, mfu = 100.0 * tps * fpt / (o.peak_tflops * 1e12);
+        char line[256];
+        snprintf(line, sizeof line, "step %5d/%d | loss %.4f | lr %.3e | norm %.4f | %.0f tok/s | MFU %.1f%% | GPU mem %.2f GiB",
+                 step + 1, o.steps, loss, lr, norm, tps, mfu, (total_b - free_b) / 1073741824.0);
+        printf("%s\n", line); fflush(stdout);
+        if (logf) { fprintf(logf, "%s\n", line); fflush(logf); }
+    }
+    if (!times.empty()) {
+        std::sort(times.begin(), times.end());
+        double med = times[times.size() / 2], tps = tok_per_step / med;
+        printf("median step %.4f s | %.0f tok/s | MFU %.1f%% of %.0f TFLOP/s | peak GPU memory (driver) %.2f GiB\n", med, tps,
+               100.0 * tps * fpt / (o.peak_tflops * 1e12), o.peak_tflops, peak / 1073741824.0);
+    }
+    if (!o.out.empty()) { save_adapter(t, o.out); printf("adapter saved to %s (PEFT format)\n", o.out.c_str()); }
+    if (logf) fclose(logf);
+    return 0;
+}
+#endif

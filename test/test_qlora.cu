@@ -1,0 +1,114 @@
+// test_qlora.cu: the GPU trainer (qlora.cu, included whole) against PyTorch's bf16 run
+// (dev/reference.py -> test/ref/<variant>/debug_*.safetensors), and against itself.
+//   - logits, loss and every LoRA gradient: our error against the fp32 reference must stay within
+//     2x the error of PyTorch's own bf16 run against it, per tensor (flash-attention's rule), plus
+//     a floor of 1e-3 of the tensor's scale for tensors where PyTorch's bf16 error happens to be tiny;
+//   - 8 AdamW steps (clipping, weight decay) on the same batch: losses within the same rule;
+//   - determinism: the same steps twice give the same losses, bit for bit.
+#define QLORA_TESTING
+#include "../qlora.cu"   // defines: Trainer, trainer_init, forward, backward, the kernels
+#include "test.h"        // defines: check_close, test_summary, test_skip
+
+static double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) { double m = 0; for (size_t i = 0; i < a.size(); i++) m = fmax(m, fabs(a[i] - b[i])); return m; }
+static double max_abs(const std::vector<float>& a) { double m = 0; for (float x : a) m = fmax(m, fabs(x)); return m; }
+// ours vs fp32 reference, budget 2 x |torch bf16 - fp32| + 1e-3 x scale
+static void check_bf16(const std::string& name, const std::vector<float>& ours, const std::vector<float>& f32, const std::vector<float>& b16) {
+    double atol = 2 * max_abs_diff(b16, f32) + 1e-3 * max_abs(f32);
+    check_close(name.c_str(), ours.data(), f32.data(), f32.size(), atol, 0.0);
+}
+
+struct Debug { std::vector<float> lora, grad32, grad16; std::vector<int> ids, tg; int B, T; };
+
+static Debug load_debug(const std::string& dir, const Config& c, const LoraConfig& lc) {
+    SafeTensors d32 = st_open(dir + "/debug_fp32.safetensors"), d16 = st_open(dir + "/debug_bf16.safetensors");
+    Debug d; size_t n = lora_num_params(c, lc);
+    d.lora.resize(n); d.grad32.resize(n); d.grad16.resize(n);
+    for (int l = 0; l < c.n_layers; l++)
+        for (int p = 0; p < N_PROJ; p++) {
+            LoraSlot s = lora_slot(c, lc, l, p);
+            std::string k = std::to_string(l) + "." + PROJ_NAME[p];
+            st_to_f32(d.lora.data() + s.a, *d32.find("lora." + k + ".A")); st_to_f32(d.lora.data() + s.b, *d32.find("lora." + k + ".B"));
+            st_to_f32(d.grad32.data() + s.a, *d32.find("grad." + k + ".A")); st_to_f32(d.grad32.data() + s.b, *d32.find("grad." + k + ".B"));
+            st_to_f32(d.grad16.data() + s.a, *d16.find("grad." + k + ".A")); st_to_f32(d.grad16.data() + s.b, *d16.find("grad." + k + ".B"));
+        }
+    d.ids = st_i32(*d32.find("inputs")); d.tg = st_i32(*d32.find("targets"));
+    for (int& x : d.tg) if (x < 0) x = -1;
+    d.B = (int)d32.find("inputs")->shape[0]; d.T = (int)d32.find("inputs")->shape[1];
+    return d;
+}
+
+// forward + backward on the debug batch; returns the loss, fills grads (host)
+static float step_grads(Trainer& t, const Debug& d, std::vector<float>& grad) {
+    Acts& a = t.a; long denom = 0; for (int x : d.tg) denom += x >= 0;
+    cudaCheck(cudaMemcpy(a.ids, d.ids.data(), a.N * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(a.targets, d.tg.data(), a.N * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemset(a.flags, 0, 8));
+    cudaCheck(cudaMemset(t.m.grad, 0, t.m.n_lora * 4));
+    forward(t, 1.0f / (float)denom, true, 0);
+    backward(t, 0);
+    float ls; cudaCheck(cudaMemcpy(&ls, a.loss_sum, 4, cudaMemcpyDeviceToHost));
+    grad.resize(t.m.n_lora);
+    cudaCheck(cudaMemcpy(grad.data(), t.m.grad, grad.size() * 4, cudaMemcpyDeviceToHost));
+    return ls / (float)denom;
+}
+
+static std::vector<float> run_steps(Trainer& t, const Debug& d, const SafeTensors& meta, int n) {
+    set_lora(t, d.lora.data());
+    std::vector<float> losses, g;
+    AdamWConfig ac; ac.lr = atof(meta.metadata.at("lr").c_str()); ac.weight_decay = atof(meta.metadata.at("weight_decay").c_str());
+    ac.beta1 = atof(meta.metadata.at("beta1").c_str()); ac.beta2 = atof(meta.metadata.at("beta2").c_str()); ac.eps = atof(meta.metadata.at("eps").c_str());
+    float clip = (float)atof(meta.metadata.at("clip").c_str());
+    for (int s = 0; s < n; s++) {
+        losses.push_back(step_grads(t, d, g));
+        grad_norm(t.a.norm, t.a.flags, t.m.grad, t.m.n_lora, t.a.norm_scratch, t.s);
+        adamw_update(t.m.lora, t.m.lora_bf16, t.m.m, t.m.v, t.m.grad, t.a.norm, clip, t.m.n_lora, ac, s + 1, t.s);
+        cudaCheck(cudaStreamSynchronize(t.s));
+    }
+    return losses;
+}
+
+static void variant(const std::string& dir) {
+    printf("== %s\n", dir.c_str());
+    SafeTensors d32 = st_open(dir + "/debug_fp32.safetensors"), d16 = st_open(dir + "/debug_bf16.safetensors");
+    Options o; o.model = dir; o.rank = atoi(d32.metadata["rank"].c_str()); o.alpha = (float)atof(d32.metadata["alpha"].c_str());
+    o.batch = atoi(d32.metadata["batch"].c_str()); o.seq = atoi(d32.metadata["seq"].c_str());
+    Trainer t; trainer_init(t, o);
+    Debug d = load_debug(dir, t.m.cfg, t.m.lc);
+    set_lora(t, d.lora.data());
+    std::vector<float> g;
+    float loss = step_grads(t, d, g);
+    // logits: hf (N, H) · lm_headᵀ, materialised here only (V is small)
+    int N = t.a.N, V = t.m.cfg.vocab_size;
+    bf16* logits; cudaCheck(cudaMalloc(&logits, (size_t)N * V * 2));
+    matmul(t.mm, logits, MM_BF16, t.a.hf, t.m.lm_head, N, V, t.m.cfg.dim, false, true);
+    std::vector<uint16_t> lh((size_t)N * V); cudaCheck(cudaMemcpy(lh.data(), logits, lh.size() * 2, cudaMemcpyDeviceToHost));
+    std::vector<float> lg(lh.size()); for (size_t i = 0; i < lh.size(); i++) lg[i] = bf16_to_f32(lh[i]);
+    cudaCheck(cudaFree(logits));
+    check_bf16("logits", lg, st_f32(*d32.find("logits")), st_f32(*d16.find("logits")));
+    check_bf16("loss", {loss}, st_f32(*d32.find("loss")), st_f32(*d16.find("loss")));
+    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc;
+    for (int l = 0; l < c.n_layers; l++)
+        for (int p = 0; p < N_PROJ; p++) {
+            LoraSlot s = lora_slot(c, lc, l, p);
+            for (int isA = 0; isA < 2; isA++) {
+                size_t off = isA ? s.a : s.b, n = isA ? (size_t)lc.rank * proj_in(c, p) : (size_t)proj_out(c, p) * lc.rank;
+                auto sl = [&](const std::vector<float>& v) { return std::vector<float>(v.begin() + off, v.begin() + off + n); };
+                check_bf16("grad " + std::to_string(l) + "." + PROJ_NAME[p] + (isA ? ".A" : ".B"), sl(g), sl(d.grad32), sl(d.grad16));
+            }
+        }
+    std::vector<float> l32 = st_f32(*d32.find("losses")), l16 = st_f32(*d16.find("losses"));
+    std::vector<float> ours = run_steps(t, d, d32, (int)l32.size());
+    printf("  losses gpu  "); for (float x : ours) printf(" %.5f", x); printf("\n");
+    printf("  losses torch"); for (float x : l32) printf(" %.5f", x); printf("\n");
+    check_bf16(std::to_string(l32.size()) + "-step losses", ours, l32, l16);
+    std::vector<float> again = run_steps(t, d, d32, (int)l32.size());
+    check(again == ours, "determinism: the same %zu steps again give bit-identical losses", ours.size());
+}
+
+int main() {
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) return test_skip("test_qlora", "no CUDA device");
+    variant("test/ref/tied");
+    variant("test/ref/untied");
+    return test_summary();
+}
