@@ -29,9 +29,14 @@
 // 1. checked host helpers
 
 // Fatal error: print and exit(1). Every user-visible error goes through here so the message
-// always says what to do or which file/tensor is wrong.
-#define ql_fail(...) do { fprintf(stderr, "qlora: error: "); fprintf(stderr, __VA_ARGS__); \
-                          fprintf(stderr, "\n"); exit(1); } while (0)
+// always says what to do or which file/tensor is wrong. The fuzzers (test/fuzz/) switch it to
+// throwing QlError, silently, so one process can try millions of hostile inputs.
+struct QlError {};
+struct QlErrorMode { bool throw_instead = false, quiet = false; };
+inline QlErrorMode& ql_error_mode() { static QlErrorMode m; return m; }
+[[noreturn]] inline void ql_die() { if (ql_error_mode().throw_instead) throw QlError(); exit(1); }
+#define ql_fail(...) do { if (!ql_error_mode().quiet) { fprintf(stderr, "qlora: error: "); fprintf(stderr, __VA_ARGS__); \
+                          fprintf(stderr, "\n"); } ql_die(); } while (0)
 #define ql_assert(cond, ...) do { if (!(cond)) ql_fail(__VA_ARGS__); } while (0)
 
 inline void* ql_malloc(size_t n, const char* what) {
