@@ -8,6 +8,11 @@
 #include <math.h>    // defines: fabs
 #include <stdint.h>  // defines: uint8_t
 #include <string.h>  // defines: memcmp
+#include <string>    // defines: std::string
+#include <vector>    // defines: std::vector
+#include <functional> // defines: std::function
+#include <unistd.h>  // defines: fork, pipe
+#include <sys/wait.h> // defines: waitpid
 
 static int g_pass = 0, g_fail = 0;
 
@@ -52,6 +57,29 @@ inline bool check_bytes(const char* name, const void* got, const void* ref, size
     for (size_t i = 0; i < nbytes; i++) if (g[i] != r[i]) { diff++; if (first == (size_t)-1) first = i; }
     if (diff == 0) return check(true, "%-44s %zu bytes identical", name, nbytes);
     return check(false, "%-44s %zu of %zu bytes differ, first at byte %zu (got %02x ref %02x)", name, diff, nbytes, first, g[first], r[first]);
+}
+
+// For hostile inputs: run f in a child; it must exit(1) with stderr containing every string of `want`.
+inline void expect_error(const char* name, std::function<void()> f, std::vector<std::string> want) {
+    int fd[2];
+    if (pipe(fd) != 0) { check(false, "%s: pipe failed", name); return; }
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0) { check(false, "%s: fork failed", name); return; }
+    if (pid == 0) { dup2(fd[1], 2); close(fd[0]); f(); exit(0); }
+    close(fd[1]);
+    std::string err; char buf[512]; ssize_t k;
+    while ((k = read(fd[0], buf, sizeof buf)) > 0) err.append(buf, (size_t)k);
+    close(fd[0]);
+    int status = 0; waitpid(pid, &status, 0);
+    bool clean = WIFEXITED(status) && WEXITSTATUS(status) == 1;
+    std::string missing;
+    for (auto& w : want) if (err.find(w) == std::string::npos) missing += " [" + w + "]";
+    if (!err.empty() && err.back() == '\n') err.pop_back();
+    check(clean && missing.empty(), "%-28s -> %s%s%s", name,
+          WIFSIGNALED(status) ? "CRASHED (signal)" : clean ? "exit 1" : "did not fail",
+          missing.empty() ? "" : ", message lacks", missing.c_str());
+    printf("         %s\n", err.substr(0, 220).c_str());
 }
 
 inline int test_summary() {

@@ -4,33 +4,8 @@
 // a silent wrong number. Each bad case runs in a forked child so its exit can be observed.
 #include "../qlora.h"   // defines: json_parse, load_config, st_open_model, st_write, checkpoint_view
 #include "test.h"       // defines: check, test_summary
-#include <sys/wait.h>   // defines: waitpid
-#include <functional>   // defines: std::function
 
 static const std::string TMP = "build/tmp_formats";
-
-// Run f in a child; it must exit(1) with stderr containing every string of `want`.
-static void expect_error(const char* name, std::function<void()> f, std::vector<std::string> want) {
-    int fd[2];
-    ql_assert(pipe(fd) == 0, "pipe");
-    fflush(stdout);
-    pid_t pid = fork();
-    ql_assert(pid >= 0, "fork");
-    if (pid == 0) { dup2(fd[1], 2); close(fd[0]); f(); exit(0); }
-    close(fd[1]);
-    std::string err; char buf[512]; ssize_t k;
-    while ((k = read(fd[0], buf, sizeof buf)) > 0) err.append(buf, (size_t)k);
-    close(fd[0]);
-    int status = 0; waitpid(pid, &status, 0);
-    bool clean = WIFEXITED(status) && WEXITSTATUS(status) == 1;
-    std::string missing;
-    for (auto& w : want) if (err.find(w) == std::string::npos) missing += " [" + w + "]";
-    if (!err.empty() && err.back() == '\n') err.pop_back();
-    check(clean && missing.empty(), "%-28s -> %s%s%s", name,
-          WIFSIGNALED(status) ? "CRASHED (signal)" : clean ? "exit 1" : "did not fail",
-          missing.empty() ? "" : ", message lacks", missing.c_str());
-    printf("         %s\n", err.substr(0, 220).c_str());
-}
 
 static void write_bytes(const std::string& path, const std::vector<uint8_t>& b) {
     FILE* f = fopen(path.c_str(), "wb"); ql_assert(f && fwrite(b.data(), 1, b.size(), f) == b.size() && fclose(f) == 0, "write %s", path.c_str());
