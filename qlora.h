@@ -703,6 +703,7 @@ struct SafeTensors {
     std::vector<std::unique_ptr<MappedFile>> files;
     std::map<std::string, STensor> tensors;
     std::map<std::string, std::string> metadata;   // __metadata__ of the (first) file
+    int n_parsed = 0;                              // files parsed so far (st_parse)
     const STensor* find(const std::string& name) const { auto it = tensors.find(name); return it == tensors.end() ? nullptr : &it->second; }
     // The tensor, which must exist with exactly this shape; dtype one of the float types unless given.
     const STensor& get(const std::string& name, std::vector<int64_t> shape, int want_dtype = -1) const {
@@ -718,21 +719,21 @@ struct SafeTensors {
 };
 
 // Validate one file's header and add its tensors. err-free on success; on any violation, exit with a
-// message naming the file and the tensor.
-inline void st_add_file(SafeTensors& st, const std::string& path) {
-    st.files.emplace_back(new MappedFile(path));
-    const MappedFile& f = *st.files.back();
+// message naming the file and the tensor. `data` (size bytes, the whole file) must outlive st: the
+// tensors point into it. `path` names the file in messages and in STensor::file.
+inline void st_parse(SafeTensors& st, const uint8_t* data, size_t size, const std::string& path) {
+    const bool first = st.n_parsed++ == 0;
     const char* p = path.c_str();
-    ql_assert(f.size >= 8, "%s: not a safetensors file (%zu bytes, shorter than the 8-byte header length)", p, f.size);
-    uint64_t hn = 0; for (int k = 7; k >= 0; k--) hn = (hn << 8) | f.data[k];
+    ql_assert(size >= 8, "%s: not a safetensors file (%zu bytes, shorter than the 8-byte header length)", p, size);
+    uint64_t hn = 0; for (int k = 7; k >= 0; k--) hn = (hn << 8) | data[k];
     ql_assert(hn <= 100000000ull, "%s: header length %llu exceeds the 100 MB limit (corrupt file?)", p, (unsigned long long)hn);
-    ql_assert(8 + hn <= f.size, "%s: header length %llu runs past the end of the %zu-byte file (truncated?)", p, (unsigned long long)hn, f.size);
-    ql_assert(hn >= 2 && f.data[8] == '{', "%s: header does not start with '{'", p);
-    size_t hlen = (size_t)hn; while (hlen > 0 && f.data[8 + hlen - 1] == ' ') hlen--;  // trailing space padding
+    ql_assert(8 + hn <= size, "%s: header length %llu runs past the end of the %zu-byte file (truncated?)", p, (unsigned long long)hn, size);
+    ql_assert(hn >= 2 && data[8] == '{', "%s: header does not start with '{'", p);
+    size_t hlen = (size_t)hn; while (hlen > 0 && data[8 + hlen - 1] == ' ') hlen--;  // trailing space padding
     Json h; std::string err;
-    ql_assert(json_parse((const char*)f.data + 8, hlen, h, err), "%s: invalid header JSON: %s", p, err.c_str());
+    ql_assert(json_parse((const char*)data + 8, hlen, h, err), "%s: invalid header JSON: %s", p, err.c_str());
     ql_assert(h.type == Json::OBJ, "%s: header is not a JSON object", p);
-    const uint64_t data_size = f.size - 8 - hn;
+    const uint64_t data_size = size - 8 - hn;
     struct Span { uint64_t b, e; std::string name; };
     std::vector<Span> spans;
     for (auto& kv : h.obj) {
@@ -740,7 +741,7 @@ inline void st_add_file(SafeTensors& st, const std::string& path) {
         if (name == "__metadata__") {
             ql_assert(t.type == Json::OBJ, "%s: __metadata__ must be an object", p);
             for (auto& m : t.obj) { ql_assert(m.second.type == Json::STR, "%s: __metadata__[\"%s\"] must be a string", p, m.first.c_str());
-                                    if (st.files.size() == 1) st.metadata[m.first] = m.second.str; }
+                                    if (first) st.metadata[m.first] = m.second.str; }
             continue;
         }
         const char* tn = name.c_str();
@@ -770,7 +771,7 @@ inline void st_add_file(SafeTensors& st, const std::string& path) {
                   p, tn, (unsigned long long)e, (unsigned long long)data_size);
         ql_assert(!st.find(name), "%s: tensor \"%s\" appears in two files", p, tn);
         s.nbytes = (size_t)(e - b);
-        s.data = f.data + 8 + hn + b;
+        s.data = data + 8 + hn + b;
         spans.push_back({b, e, name});
         st.tensors[name] = s;
     }
@@ -783,8 +784,41 @@ inline void st_add_file(SafeTensors& st, const std::string& path) {
     }
     ql_assert(at == data_size, "%s: %llu bytes after the last tensor (expected none)", p, (unsigned long long)(data_size - at));
 }
+inline void st_add_file(SafeTensors& st, const std::string& path) {
+    st.files.emplace_back(new MappedFile(path));
+    st_parse(st, st.files.back()->data, st.files.back()->size, path);
+}
 inline SafeTensors st_open(const std::string& path) { SafeTensors st; st_add_file(st, path); return st; }
 
+// A sharded checkpoint's model.safetensors.index.json: which file holds each tensor.
+struct STIndex {
+    std::vector<std::pair<std::string, std::string>> weight_map;   // (tensor, shard file name), in file order
+    std::vector<std::string> shards;                               // distinct shard file names, first-seen order
+};
+inline STIndex st_parse_index(const uint8_t* data, size_t size, const std::string& index) {
+    Json j; std::string err;
+    ql_assert(json_parse((const char*)data, size, j, err), "%s: invalid JSON: %s", index.c_str(), err.c_str());
+    const Json* wm = j.get("weight_map");
+    ql_assert(wm && wm->type == Json::OBJ, "%s: missing \"weight_map\" object", index.c_str());
+    STIndex ix;
+    for (auto& kv : wm->obj) {
+        ql_assert(kv.second.type == Json::STR, "%s: weight_map[\"%s\"] must be a file name", index.c_str(), kv.first.c_str());
+        const std::string& fn = kv.second.str;
+        ql_assert(!fn.empty() && fn.find('/') == std::string::npos && fn != "." && fn != "..",
+                  "%s: weight_map[\"%s\"] = \"%s\" is not a plain file name", index.c_str(), kv.first.c_str(), fn.c_str());
+        if (std::find(ix.shards.begin(), ix.shards.end(), fn) == ix.shards.end()) ix.shards.push_back(fn);
+        ix.weight_map.emplace_back(kv.first, fn);
+    }
+    return ix;
+}
+// Every tensor the index lists must be in the shard it names (st holds the shards, read from dir).
+inline void st_check_index(const SafeTensors& st, const STIndex& ix, const std::string& dir, const std::string& index) {
+    for (auto& kv : ix.weight_map) {
+        const STensor* t = st.find(kv.first);
+        ql_assert(t, "%s: index lists tensor \"%s\" in %s, but that file does not contain it", index.c_str(), kv.first.c_str(), kv.second.c_str());
+        ql_assert(t->file == dir + "/" + kv.second, "%s: tensor \"%s\" is listed in %s but found in %s", index.c_str(), kv.first.c_str(), kv.second.c_str(), t->file.c_str());
+    }
+}
 // A Hugging Face model directory: model.safetensors, or model.safetensors.index.json + shards.
 inline SafeTensors st_open_model(const std::string& dir) {
     std::string single = dir + "/model.safetensors", index = dir + "/model.safetensors.index.json";
@@ -792,24 +826,11 @@ inline SafeTensors st_open_model(const std::string& dir) {
         ql_assert(file_exists(single), "%s: no model.safetensors or model.safetensors.index.json (is this a Hugging Face checkpoint directory?)", dir.c_str());
         return st_open(single);
     }
-    Json j = json_load(index);
-    const Json* wm = j.get("weight_map");
-    ql_assert(wm && wm->type == Json::OBJ, "%s: missing \"weight_map\" object", index.c_str());
-    std::vector<std::string> shards;
-    for (auto& kv : wm->obj) {
-        ql_assert(kv.second.type == Json::STR, "%s: weight_map[\"%s\"] must be a file name", index.c_str(), kv.first.c_str());
-        const std::string& fn = kv.second.str;
-        ql_assert(!fn.empty() && fn.find('/') == std::string::npos && fn != "." && fn != "..",
-                  "%s: weight_map[\"%s\"] = \"%s\" is not a plain file name", index.c_str(), kv.first.c_str(), fn.c_str());
-        if (std::find(shards.begin(), shards.end(), fn) == shards.end()) shards.push_back(fn);
-    }
+    std::vector<uint8_t> text = read_file(index);
+    STIndex ix = st_parse_index(text.data(), text.size(), index);
     SafeTensors st;
-    for (auto& fn : shards) st_add_file(st, dir + "/" + fn);
-    for (auto& kv : wm->obj) {
-        const STensor* t = st.find(kv.first);
-        ql_assert(t, "%s: index lists tensor \"%s\" in %s, but that file does not contain it", index.c_str(), kv.first.c_str(), kv.second.str.c_str());
-        ql_assert(t->file == dir + "/" + kv.second.str, "%s: tensor \"%s\" is listed in %s but found in %s", index.c_str(), kv.first.c_str(), kv.second.str.c_str(), t->file.c_str());
-    }
+    for (auto& fn : ix.shards) st_add_file(st, dir + "/" + fn);
+    st_check_index(st, ix, dir, index);
     return st;
 }
 
