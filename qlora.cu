@@ -1,8 +1,9 @@
 // qlora.cu: the GPU trainer. LoRA adapters (bf16 compute, fp32 masters and AdamW state) on a Llama
 // whose seven decoder linears per layer are NF4 (bitsandbytes' bytes, double quant), on one GPU.
-//   make && ./qlora --model DIR|random:NAME [--synthetic-data] --batch 4 --seq 2048 --steps 20
+//   make && ./qlora --model DIR|random:NAME --train FILE|--synthetic-data --batch 4 --seq 2048 --steps 20
 // forward() and backward() mirror reference.h; every op is one launcher call from kernels/.
 #include "qlora.h"                    // defines: Config, LoraConfig, NF4 host side, safetensors, JSON
+#include "dataloader.h"               // defines: TokenFile, Loader, Batch
 #include "kernels/common.cuh"         // defines: bf16, cudaCheck, kernel_assert
 #include "kernels/matmul.cuh"         // defines: MatmulCtx, matmul
 #include "kernels/nf4.cuh"            // defines: quantize_4bit_gpu, quantize_absmax_gpu, dequantize_4bit_nested_gpu
@@ -16,13 +17,16 @@
 #include "kernels/lora.cuh"           // defines: lora_dropout_forward, lora_dropout_backward_add, cast_f32_to_bf16
 #include <chrono>                     // defines: steady_clock (tokens/s)
 #include <array>                      // defines: std::array
+#include <signal.h>                   // defines: sigaction (SIGINT/SIGTERM: save and exit)
 
 // ---------------------------------------------------------------------------------------------
 // options
 
 struct Options {
     std::string model = "random:tiny";   // DIR (Hugging Face checkpoint) or random:NAME
-    bool synthetic = true;               // random tokens (the only data source so far)
+    std::string train, val;              // token files (dev/data/prepare.py); no --train: synthetic data
+    int eval_every = 0, eval_batches = 8, save_every = 0, max_bad_steps = 5;
+    std::string resume;                  // directory with state.safetensors (an earlier --out)
     int batch = 4, seq = 512, steps = 20, grad_accum = 1, warmup = 0;
     float lr = 2e-4f, weight_decay = 0.0f, clip = 1.0f, min_lr_frac = 0.1f;
     int rank = 16; float alpha = 32.0f, dropout = 0.0f; bool rslora = false; std::string targets = "q,k,v,o,gate,up,down";
@@ -35,12 +39,14 @@ struct Options {
 
 static void usage() {
     printf("usage: qlora --model DIR|random:{tiny,llama3-1b,llama3-3b,llama3-8b} [options]\n"
-           "  --synthetic-data        random tokens (default)\n"
+           "  --train FILE            token file (dev/data/prepare.py); without it: --synthetic-data, random tokens\n"
+           "  --val FILE --eval-every N --eval-batches K   validation loss every N steps over K batches\n"
            "  --batch N --seq T       sequences per micro-batch and their length (4, 512)\n"
            "  --steps N --grad-accum K --lr X --warmup N --weight-decay X --clip X\n"
            "  --rank R --alpha A --dropout P --rslora --targets q,k,v,o,gate,up,down\n"
            "  --recompute             recompute each layer's activations in backward (less memory)\n"
-           "  --seed S --out DIR (PEFT adapter) --log FILE --peak-tflops X (for MFU)\n");
+           "  --seed S --out DIR (PEFT adapter + resume state) --save-every N --resume DIR\n"
+           "  --log FILE --peak-tflops X (for MFU) --max-bad-steps K (stop after K non-finite steps in a row)\n");
 }
 
 static Options parse_args(int argc, char** argv) {
@@ -55,7 +61,14 @@ static Options parse_args(int argc, char** argv) {
         };
         if (a == "--help" || a == "-h") { usage(); exit(0); }
         else if (a == "--model") o.model = next();
-        else if (a == "--synthetic-data") o.synthetic = true;
+        else if (a == "--synthetic-data") o.train.clear();
+        else if (a == "--train") o.train = next();
+        else if (a == "--val") o.val = next();
+        else if (a == "--eval-every") o.eval_every = (int)num(0, 1e9);
+        else if (a == "--eval-batches") o.eval_batches = (int)num(1, 1e6);
+        else if (a == "--save-every") o.save_every = (int)num(0, 1e9);
+        else if (a == "--max-bad-steps") o.max_bad_steps = (int)num(1, 1e6);
+        else if (a == "--resume") o.resume = next();
         else if (a == "--batch") o.batch = (int)num(1, 4096);
         else if (a == "--seq") o.seq = (int)num(1, 1 << 20);
         else if (a == "--steps") o.steps = (int)num(0, 1e9);
@@ -159,7 +172,9 @@ struct Acts {
     bf16* xdrop;                          // (N, max in) dropped-out LoRA input (dropout > 0 only)
     bf16 *dres, *dn, *datt, *dq, *dk, *dv, *dgate, *dup;  // gradients
     float* attn_scratch; void* ce_scratch; size_t ce_bytes; void* norm_scratch;
-    int *ids, *targets, *flags;           // (N), (N), (2): bad token, bad target
+    int *ids, *targets, *pos, *doc_start; // (N) each: tokens, targets (-1 ignored), positions, row-relative segment starts
+    int* flags;                           // (2): bad token, bad target
+    bool packed = false;                  // this batch has segments (pos, doc_start used)
     float *losses, *loss_sum, *norm;      // (N), (1), (1)
 };
 
@@ -207,7 +222,7 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     S.want(&a.attn_scratch, attention_backward_scratch_bytes(o.batch, o.seq, c.n_heads, c.head_dim) / sizeof(float));
     a.ce_bytes = ce_scratch_bytes(ce_default_rows((int)V), (int)V); S.want((char**)&a.ce_scratch, a.ce_bytes);
     S.want((char**)&a.norm_scratch, grad_norm_scratch_bytes());
-    S.want(&a.ids, N); S.want(&a.targets, N); S.want(&a.flags, 2); S.want(&a.losses, N); S.want(&a.loss_sum, 1); S.want(&a.norm, 1);
+    S.want(&a.ids, N); S.want(&a.targets, N); S.want(&a.pos, N); S.want(&a.doc_start, N); S.want(&a.flags, 2); S.want(&a.losses, N); S.want(&a.loss_sum, 1); S.want(&a.norm, 1);
     G.want(&a.dres, N * H); G.want(&a.dn, N * H); G.want(&a.datt, N * q); G.want(&a.dq, N * q); G.want(&a.dk, N * kv); G.want(&a.dv, N * kv);
     G.want(&a.dgate, N * I); G.want(&a.dup, N * I);
     size_t total = 0; for (auto& x : ar) total += x.bytes;
@@ -343,8 +358,8 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
     linear_forward(t, y.q, y.n1, l, P_Q, drop_seed);                 // q = q_proj(n1)
     linear_forward(t, y.k, y.n1, l, P_K, drop_seed);                 // k = k_proj(n1)
     linear_forward(t, y.v, y.n1, l, P_V, drop_seed);                 // v = v_proj(n1)
-    rope_forward(y.q, y.k, t.m.inv_freq, nullptr, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
-    attention_forward(y.att, y.lse, y.q, y.k, y.v, nullptr, a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+    rope_forward(y.q, y.k, t.m.inv_freq, a.packed ? a.pos : nullptr, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+    attention_forward(y.att, y.lse, y.q, y.k, y.v, a.packed ? a.doc_start : nullptr, a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
     linear_forward(t, a.delta, y.att, l, P_O, drop_seed);            // o_proj(att)
     // h_mid = h + o_proj(att); n2 = post_attention_layernorm(h_mid)
     rmsnorm_residual_forward(y.h_mid, y.n2, y.rstd2, a.h[l], a.delta, t.m.mlp_norm[l], N, c.dim, c.norm_eps, t.s);
@@ -382,9 +397,9 @@ static void backward(Trainer& t, uint64_t drop_seed) {
         rmsnorm_backward(a.dres, a.dn, y.h_mid, t.m.mlp_norm[l], y.rstd2, N, c.dim, true, t.s);     // d h_mid
         // attention: h_mid = h + o_proj(attn(rope(q), rope(k), v))
         linear_backward(t, a.datt, false, a.dres, y.att, l, P_O, drop_seed);
-        attention_backward(a.dq, a.dk, a.dv, a.attn_scratch, a.datt, y.q, y.k, y.v, y.att, y.lse, nullptr,
+        attention_backward(a.dq, a.dk, a.dv, a.attn_scratch, a.datt, y.q, y.k, y.v, y.att, y.lse, a.packed ? a.doc_start : nullptr,
                            a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
-        rope_backward(a.dq, a.dk, t.m.inv_freq, nullptr, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+        rope_backward(a.dq, a.dk, t.m.inv_freq, a.packed ? a.pos : nullptr, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
         linear_backward(t, a.dn, false, a.dq, y.n1, l, P_Q, drop_seed);
         linear_backward(t, a.dn, true, a.dk, y.n1, l, P_K, drop_seed);
         linear_backward(t, a.dn, true, a.dv, y.n1, l, P_V, drop_seed);
@@ -468,39 +483,58 @@ static float lr_at(const Options& o, int step) {
     return o.lr * (o.min_lr_frac + (1 - o.min_lr_frac) * 0.5f * (1 + cosf((float)M_PI * p)));
 }
 
+// ---------------------------------------------------------------------------------------------
+// data, evaluation, the resume state, and the training loop
+
 // synthetic data: random tokens, labels = ids (hf_qlora.py's recipe), shifted within each row
-static void synthetic_batch(std::vector<int>& ids, std::vector<int>& tg, const Options& o, int V, uint64_t micro) {
+static void synthetic_batch(Batch& b, const Options& o, int V, uint64_t micro) {
     int N = o.batch * o.seq;
-    ids.resize(N); tg.resize(N);
-    for (int i = 0; i < N; i++) ids[i] = (int)(rng_u32(o.seed, 77, micro * (uint64_t)N + i) % (uint32_t)V);
-    for (int i = 0; i < N; i++) tg[i] = (i % o.seq == o.seq - 1) ? -1 : ids[i + 1];
+    b.B = o.batch; b.T = o.seq; b.ids.resize(N); b.targets.resize(N); b.pos.clear(); b.doc_start.clear();
+    for (int i = 0; i < N; i++) b.ids[i] = (int)(rng_u32(o.seed, 77, micro * (uint64_t)N + i) % (uint32_t)V);
+    for (int i = 0; i < N; i++) b.targets[i] = (i % o.seq == o.seq - 1) ? -1 : b.ids[i + 1];
 }
 
-// one optimizer step over grad_accum micro-batches; returns the loss (mean over unmasked targets)
-static float train_step(Trainer& t, int step, float lr, float* norm_out) {
+static void upload(Trainer& t, const Batch& b) {
+    Acts& a = t.a;
+    cudaCheck(cudaMemcpyAsync(a.ids, b.ids.data(), a.N * 4, cudaMemcpyHostToDevice, t.s));
+    cudaCheck(cudaMemcpyAsync(a.targets, b.targets.data(), a.N * 4, cudaMemcpyHostToDevice, t.s));
+    a.packed = !b.pos.empty();
+    if (a.packed) {
+        cudaCheck(cudaMemcpyAsync(a.pos, b.pos.data(), a.N * 4, cudaMemcpyHostToDevice, t.s));
+        cudaCheck(cudaMemcpyAsync(a.doc_start, b.doc_start.data(), a.N * 4, cudaMemcpyHostToDevice, t.s));
+    }
+    cudaCheck(cudaMemsetAsync(a.flags, 0, 8, t.s));
+}
+// the loss sum of the last forward, after checking the ids the kernels flagged
+static float read_loss_sum(Trainer& t, const char* what, int step) {
+    float ls; int flags[2];
+    cudaCheck(cudaMemcpyAsync(&ls, t.a.loss_sum, 4, cudaMemcpyDeviceToHost, t.s));
+    cudaCheck(cudaMemcpyAsync(flags, t.a.flags, 8, cudaMemcpyDeviceToHost, t.s));
+    cudaCheck(cudaStreamSynchronize(t.s));
+    ql_assert(!flags[0] && !flags[1], "%s at step %d: a token or target id is outside the model's vocabulary (%d)", what, step, t.m.cfg.vocab_size);
+    return ls;
+}
+
+struct Data { TokenFile train, val; Loader loader; bool file = false; };
+
+// one optimizer step over grad_accum micro-batches; returns the loss (mean over unmasked targets);
+// *ok = false if the gradients were not finite (the update is skipped)
+static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out, bool* ok) {
     const Options& o = t.o; Model& m = t.m; Acts& a = t.a;
-    std::vector<std::vector<int>> ids(o.grad_accum), tg(o.grad_accum);
-    long denom = 0;
+    std::vector<Batch> bs(o.grad_accum);
+    long denom = 0;   // unmasked targets of the whole step: every micro-batch's loss is divided by it
     for (int k = 0; k < o.grad_accum; k++) {
-        synthetic_batch(ids[k], tg[k], o, m.cfg.vocab_size, (uint64_t)step * o.grad_accum + k);
-        for (int x : tg[k]) denom += x >= 0;
+        if (d.file) d.loader.next(bs[k], o.batch, o.seq); else synthetic_batch(bs[k], o, m.cfg.vocab_size, (uint64_t)step * o.grad_accum + k);
+        denom += bs[k].count_targets();
     }
     cudaCheck(cudaMemsetAsync(m.grad, 0, m.n_lora * 4, t.s));
     float loss = 0;
     for (int k = 0; k < o.grad_accum; k++) {
-        cudaCheck(cudaMemcpyAsync(a.ids, ids[k].data(), a.N * 4, cudaMemcpyHostToDevice, t.s));
-        cudaCheck(cudaMemcpyAsync(a.targets, tg[k].data(), a.N * 4, cudaMemcpyHostToDevice, t.s));
-        cudaCheck(cudaMemsetAsync(a.flags, 0, 8, t.s));
+        upload(t, bs[k]);
         uint64_t drop_seed = mix64(o.seed ^ ((uint64_t)step * o.grad_accum + k));
         forward(t, denom ? 1.0f / (float)denom : 0.0f, true, drop_seed);
         backward(t, drop_seed);
-        float ls; int flags[2];
-        cudaCheck(cudaMemcpyAsync(&ls, a.loss_sum, 4, cudaMemcpyDeviceToHost, t.s));
-        cudaCheck(cudaMemcpyAsync(flags, a.flags, 8, cudaMemcpyDeviceToHost, t.s));
-        cudaCheck(cudaStreamSynchronize(t.s));
-        ql_assert(!flags[0], "step %d: a token id is outside the vocabulary (%d)", step, m.cfg.vocab_size);
-        ql_assert(!flags[1], "step %d: a target id is outside the vocabulary (%d)", step, m.cfg.vocab_size);
-        loss += denom ? ls / (float)denom : 0.0f;
+        loss += denom ? read_loss_sum(t, "training", step) / (float)denom : 0.0f;
     }
     AdamWConfig ac; ac.lr = lr; ac.weight_decay = o.weight_decay;
     int nonfinite = 0;
@@ -510,8 +544,74 @@ static float train_step(Trainer& t, int step, float lr, float* norm_out) {
     cudaCheck(cudaMemcpyAsync(norm_out, a.norm, 4, cudaMemcpyDeviceToHost, t.s));
     cudaCheck(cudaMemcpyAsync(&nonfinite, a.flags, 4, cudaMemcpyDeviceToHost, t.s));
     cudaCheck(cudaStreamSynchronize(t.s));
-    if (nonfinite) fprintf(stderr, "qlora: warning: step %d: gradient norm is not finite; update skipped\n", step);
+    *ok = !nonfinite && std::isfinite(loss);
     return loss;
+}
+
+// validation loss: the first eval_batches batches of --val (always the same ones), forward only
+static float evaluate(Trainer& t, Data& d) {
+    Loader l; l.init(&d.val, 0, false);
+    double sum = 0; long n = 0; Batch b;
+    for (int i = 0; i < t.o.eval_batches; i++) {
+        l.next(b, t.o.batch, t.o.seq);
+        upload(t, b);
+        forward(t, 1.0f, false, 0);
+        sum += read_loss_sum(t, "evaluation", i); n += b.count_targets();
+    }
+    return n ? (float)(sum / n) : 0.0f;
+}
+
+// The resume state (state.safetensors beside the adapter): fp32 master LoRA weights and AdamW
+// moments, bit for bit, plus the step, the loader position and the options that must not change.
+static std::string run_signature(const Trainer& t) {
+    const Options& o = t.o; char b[512];
+    snprintf(b, sizeof b, "model=%s rank=%d alpha=%.9g rslora=%d targets=%u batch=%d seq=%d accum=%d seed=%llu train=%s",
+             o.model.c_str(), t.m.lc.rank, t.m.lc.alpha, (int)t.m.lc.rslora, t.m.lc.targets, o.batch, o.seq, o.grad_accum,
+             (unsigned long long)o.seed, o.train.c_str());
+    return b;
+}
+static void save_state(Trainer& t, const Data& d, int step, const std::string& dir) {
+    size_t n = t.m.n_lora;
+    std::vector<float> p(n), m(n), v(n);
+    cudaCheck(cudaMemcpy(p.data(), t.m.lora, n * 4, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(m.data(), t.m.m, n * 4, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(v.data(), t.m.v, n * 4, cudaMemcpyDeviceToHost));
+    std::map<std::string, std::string> meta = {{"step", std::to_string(step)}, {"signature", run_signature(t)},
+        {"epoch", std::to_string(d.loader.st.epoch)}, {"cursor", std::to_string(d.loader.st.cursor)}, {"offset", std::to_string(d.loader.st.offset)}};
+    ql_assert(system(("mkdir -p '" + dir + "'").c_str()) == 0, "cannot create %s", dir.c_str());
+    save_adapter(t, dir);
+    st_write(dir + "/state.safetensors", {{"lora", DT_F32, {(int64_t)n}, p.data()}, {"adam_m", DT_F32, {(int64_t)n}, m.data()},
+                                           {"adam_v", DT_F32, {(int64_t)n}, v.data()}}, meta);
+}
+static int load_state(Trainer& t, Data& d, const std::string& dir) {
+    std::string path = dir + "/state.safetensors";
+    SafeTensors st = st_open(path);
+    int64_t n = (int64_t)t.m.n_lora;
+    auto meta = [&](const char* k) { auto it = st.metadata.find(k); ql_assert(it != st.metadata.end(), "%s: missing \"%s\" (not a qlora resume state?)", path.c_str(), k); return it->second; };
+    ql_assert(meta("signature") == run_signature(t), "%s was saved by a different run:\n  saved:   %s\n  this run: %s\nresume with the same options",
+              path.c_str(), meta("signature").c_str(), run_signature(t).c_str());
+    std::vector<float> p = st_f32(st.get("lora", {n}, DT_F32)), m = st_f32(st.get("adam_m", {n}, DT_F32)), v = st_f32(st.get("adam_v", {n}, DT_F32));
+    set_lora(t, p.data());
+    cudaCheck(cudaMemcpy(t.m.m, m.data(), n * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(t.m.v, v.data(), n * 4, cudaMemcpyHostToDevice));
+    if (d.file) d.loader.init(&d.train, t.o.seed, true, {strtoull(meta("epoch").c_str(), nullptr, 10),
+                              strtoull(meta("cursor").c_str(), nullptr, 10), strtoull(meta("offset").c_str(), nullptr, 10)});
+    return atoi(meta("step").c_str());
+}
+
+// SIGINT/SIGTERM: the first finishes the current step, saves and exits 0; a second exits at once
+// (every file is written to a temporary name and renamed, so nothing is left half-written).
+static volatile sig_atomic_t g_stop = 0;
+static void on_signal(int) { if (g_stop) _exit(130); g_stop = 1; }
+
+static void data_init(Trainer& t, Data& d) {
+    d.file = !t.o.train.empty();
+    if (d.file) { token_file_open(d.train, t.o.train, t.m.cfg.vocab_size); d.loader.init(&d.train, t.o.seed, true); }
+    if (!t.o.val.empty()) token_file_open(d.val, t.o.val, t.m.cfg.vocab_size);
+    printf("data: %s", d.file ? t.o.train.c_str() : "synthetic (random tokens)");
+    if (d.file) printf(" (%llu tokens, %llu documents)", (unsigned long long)d.train.n_tokens, (unsigned long long)d.train.n_docs);
+    if (!t.o.val.empty()) printf(", validation %s (%llu tokens)", t.o.val.c_str(), (unsigned long long)d.val.n_tokens);
+    printf("\n");
 }
 
 #ifndef QLORA_TESTING
@@ -519,33 +619,50 @@ int main(int argc, char** argv) {
     Options o = parse_args(argc, argv);
     Trainer t;
     trainer_init(t, o);
-    FILE* logf = o.log.empty() ? nullptr : fopen(o.log.c_str(), "w");
+    Data d; data_init(t, d);
+    int start = o.resume.empty() ? 0 : load_state(t, d, o.resume);
+    if (start) printf("resumed from %s at step %d\n", o.resume.c_str(), start);
+    FILE* logf = o.log.empty() ? nullptr : fopen(o.log.c_str(), start ? "a" : "w");
     ql_assert(o.log.empty() || logf, "cannot open log file %s", o.log.c_str());
+    struct sigaction sa = {}; sa.sa_handler = on_signal; sigaction(SIGINT, &sa, nullptr); sigaction(SIGTERM, &sa, nullptr);
     double fpt = flops_per_token(t.m.cfg, o.seq), tok_per_step = (double)o.batch * o.seq * o.grad_accum;
     size_t free_b, total_b, peak = 0;
     std::vector<double> times;
-    for (int step = 0; step < o.steps; step++) {
+    int bad = 0, step = start;
+    auto log = [&](const char* line) { printf("%s\n", line); fflush(stdout); if (logf) { fprintf(logf, "%s\n", line); fflush(logf); } };
+    for (; step < o.steps && !g_stop; step++) {
         auto t0 = std::chrono::steady_clock::now();
-        float lr = lr_at(o, step), norm = 0;
-        float loss = train_step(t, step, lr, &norm);
+        float lr = lr_at(o, step), norm = 0; bool ok;
+        float loss = train_step(t, d, step, lr, &norm, &ok);
         double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        if (step > 0) times.push_back(dt);
+        if (step > start) times.push_back(dt);
         cudaCheck(cudaMemGetInfo(&free_b, &total_b));
         peak = std::max(peak, total_b - free_b);
         double tps = tok_per_step / dt, mfu = 100.0 * tps * fpt / (o.peak_tflops * 1e12);
-        char line[256];
-        snprintf(line, sizeof line, "step %5d/%d | loss %.4f | lr %.3e | norm %.4f | %.0f tok/s | MFU %.1f%% | GPU mem %.2f GiB",
-                 step + 1, o.steps, loss, lr, norm, tps, mfu, (total_b - free_b) / 1073741824.0);
-        printf("%s\n", line); fflush(stdout);
-        if (logf) { fprintf(logf, "%s\n", line); fflush(logf); }
+        char line[320];
+        snprintf(line, sizeof line, "step %5d/%d | loss %.4f | lr %.3e | norm %.4f | %.0f tok/s | MFU %.1f%% | GPU mem %.2f GiB%s",
+                 step + 1, o.steps, loss, lr, norm, tps, mfu, (total_b - free_b) / 1073741824.0, ok ? "" : " | SKIPPED: non-finite loss or gradient");
+        log(line);
+        bad = ok ? 0 : bad + 1;
+        if (bad >= o.max_bad_steps) {
+            fprintf(stderr, "qlora: error: %d steps in a row with non-finite loss or gradients (last: step %d); stopping. "
+                    "The last good state is in %s\n", bad, step + 1, o.out.empty() ? "(no --out given)" : o.out.c_str());
+            return 1;
+        }
+        if (o.eval_every && !o.val.empty() && (step + 1) % o.eval_every == 0) {
+            snprintf(line, sizeof line, "eval  %5d | val loss %.4f", step + 1, evaluate(t, d)); log(line);
+        }
+        if (!o.out.empty() && o.save_every && (step + 1) % o.save_every == 0 && ok) save_state(t, d, step + 1, o.out);
     }
+    if (g_stop) printf("interrupted: saving at step %d\n", step);
     if (!times.empty()) {
         std::sort(times.begin(), times.end());
         double med = times[times.size() / 2], tps = tok_per_step / med;
         printf("median step %.4f s | %.0f tok/s | MFU %.1f%% of %.0f TFLOP/s | peak GPU memory (driver) %.2f GiB\n", med, tps,
                100.0 * tps * fpt / (o.peak_tflops * 1e12), o.peak_tflops, peak / 1073741824.0);
     }
-    if (!o.out.empty()) { save_adapter(t, o.out); printf("adapter saved to %s (PEFT format)\n", o.out.c_str()); }
+    if (!o.val.empty() && !g_stop) printf("final val loss %.4f\n", evaluate(t, d));
+    if (!o.out.empty()) { save_state(t, d, step, o.out); printf("adapter and resume state saved to %s (PEFT format)\n", o.out.c_str()); }
     if (logf) fclose(logf);
     return 0;
 }
