@@ -32,7 +32,10 @@
 // always says what to do or which file/tensor is wrong. The fuzzers (test/fuzz/) switch it to
 // throwing QlError, silently, so one process can try millions of hostile inputs.
 struct QlError {};
-struct QlErrorMode { bool throw_instead = false, quiet = false; };
+struct QlErrorMode {
+    bool throw_instead = false, quiet = false;
+    long long fail_writes_after = -1;   // test hook: file writes fail after this many bytes, as on a full disk
+};
 inline QlErrorMode& ql_error_mode() { static QlErrorMode m; return m; }
 [[noreturn]] inline void ql_die() { if (ql_error_mode().throw_instead) throw QlError(); exit(1); }
 #define ql_fail(...) do { if (!ql_error_mode().quiet) { fprintf(stderr, "qlora: error: "); fprintf(stderr, __VA_ARGS__); \
@@ -861,7 +864,11 @@ inline std::vector<int32_t> st_i32(const STensor& t) {
 // packed back to back in name order. Atomic: written to PATH.tmp, fsynced, renamed over PATH, so a
 // crash or a full disk leaves the previous file intact.
 struct STOut { std::string name; int dtype; std::vector<int64_t> shape; const void* data; };
-inline bool write_all(FILE* f, const void* p, size_t n) { return n == 0 || fwrite(p, 1, n, f) == n; }
+inline bool write_all(FILE* f, const void* p, size_t n) {
+    long long& budget = ql_error_mode().fail_writes_after;
+    if (budget >= 0) { size_t k = n < (size_t)budget ? n : (size_t)budget; budget -= (long long)k; if (k < n) { if (k) fwrite(p, 1, k, f); return false; } }
+    return n == 0 || fwrite(p, 1, n, f) == n;
+}
 inline void atomic_write(const std::string& path, const std::vector<std::pair<const void*, size_t>>& parts) {
     std::string tmp = path + ".tmp";
     FILE* f = fopen(tmp.c_str(), "wb");

@@ -175,10 +175,29 @@ static void test_safetensors() {
     expect_error("no checkpoint in dir", [] { st_open_model(TMP); }, {"no model.safetensors"});
 }
 
+// A save that fails part-way (full disk, simulated by the write hook) must leave the previous file
+// intact and loadable, say what failed, and leave no temporary file behind.
+static void test_failed_save() {
+    std::string p = TMP + "/state.safetensors";
+    std::vector<float> v1(1000, 1.0f), v2(1000, 2.0f);
+    st_write(p, {{"lora", DT_F32, {1000}, v1.data()}}, {{"step", "100"}});
+    for (long long after : {0LL, 10LL, 3000LL}) {
+        expect_error(("save fails after " + std::to_string(after) + " bytes").c_str(), [&] {
+            ql_error_mode().fail_writes_after = after;
+            st_write(p, {{"lora", DT_F32, {1000}, v2.data()}}, {{"step", "200"}});
+        }, {"disk full?", "previous", p});
+        SafeTensors st = st_open(p);
+        std::vector<float> back = st_f32(st.get("lora", {1000}, DT_F32));
+        check(back == v1 && st.metadata["step"] == "100" && !file_exists(p + ".tmp"),
+              "after the failed save: the previous file is intact and loads (step %s), no .tmp left", st.metadata["step"].c_str());
+    }
+}
+
 int main() {
     ql_assert(system(("rm -rf " + TMP + " && mkdir -p " + TMP).c_str()) == 0, "cannot create %s", TMP.c_str());
     test_json();
     test_configs();
     test_safetensors();
+    test_failed_save();
     return test_summary();
 }
