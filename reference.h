@@ -515,16 +515,17 @@ inline float ref_clip_grad_norm(float* g, size_t n, float max_norm) {
 //   exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
 //   denom = (exp_avg_sq.sqrt() / sqrt(1 - b2^t)).add_(eps)
 //   param.addcdiv_(exp_avg, denom, value=-lr / (1 - b1^t))
-inline void ref_adamw(float* p, const float* g, float* m, float* v, size_t n, int t, float lr, float b1, float b2,
-                      float eps, float wd) {
-    float decay = (float)(1.0 - (double)lr * wd), w1 = (float)(1.0 - (double)b1), w2 = (float)(1.0 - (double)b2);
-    float bc2_sqrt = (float)std::sqrt(1.0 - std::pow((double)b2, t));
-    float step = (float)(-(double)lr / (1.0 - std::pow((double)b1, t)));
+// Hyper-parameters in double, as Python holds them: torch forms 1 - 0.9 in double, then fp32.
+inline void ref_adamw(float* p, const float* g, float* m, float* v, size_t n, int t, double lr, double b1, double b2,
+                      double eps, double wd) {
+    float decay = (float)(1.0 - lr * wd), w1 = (float)(1.0 - b1), w2 = (float)(1.0 - b2), b2f = (float)b2, epsf = (float)eps;
+    float bc2_sqrt = (float)std::sqrt(1.0 - std::pow(b2, t));
+    float step = (float)(-lr / (1.0 - std::pow(b1, t)));
     for (size_t i = 0; i < n; i++) {
         p[i] *= decay;
         m[i] = w1 < 0.5f ? m[i] + w1 * (g[i] - m[i]) : g[i] - (g[i] - m[i]) * (1.0f - w1);
-        v[i] = v[i] * b2 + w2 * g[i] * g[i];
-        float denom = std::sqrt(v[i]) / bc2_sqrt + eps;
+        v[i] = v[i] * b2f + w2 * g[i] * g[i];
+        float denom = std::sqrt(v[i]) / bc2_sqrt + epsf;
         p[i] += step * (m[i] / denom);
     }
 }

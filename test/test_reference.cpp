@@ -79,8 +79,8 @@ static void variant(const std::string& dir) {
         std::fill(g.begin(), g.end(), 0.0f);
         ref_backward(m, lc, w.data(), a, bt, g.data());
         norms[step] = ref_clip_grad_norm(g.data(), np, (float)meta_num(ds, "clip"));
-        ref_adamw(w.data(), g.data(), mom.data(), vel.data(), np, (int)step + 1, (float)meta_num(ds, "lr"), (float)meta_num(ds, "beta1"),
-                  (float)meta_num(ds, "beta2"), (float)meta_num(ds, "eps"), (float)meta_num(ds, "weight_decay"));
+        ref_adamw(w.data(), g.data(), mom.data(), vel.data(), np, (int)step + 1, meta_num(ds, "lr"), meta_num(ds, "beta1"),
+                  meta_num(ds, "beta2"), meta_num(ds, "eps"), meta_num(ds, "weight_decay"));
     }
     printf("  losses ours  "); for (float x : losses) printf(" %.5f", x); printf("\n");
     printf("  losses torch "); for (float x : losses_ref) printf(" %.5f", x); printf("\n");
