@@ -13,7 +13,7 @@ NVLIBS    ?= -lcublasLt -lcublas
 , := ,
 
 CPU_TESTS := $(patsubst test/%.cpp,build/%,$(wildcard test/test_*.cpp))
-SAN_TESTS := build/test_formats_san build/test_nf4_san build/test_reference_san build/test_dataloader_san
+SAN_TESTS := build/test_formats_san build/test_nf4_san build/test_reference_san build/test_dataloader_san build/test_fuzz_regress_san
 GPU_TESTS := $(if $(NVCC),$(patsubst test/%.cu,build/%,$(wildcard test/test_*.cu)))
 GPU_BINS  := $(if $(NVCC),$(if $(wildcard qlora.cu),qlora))
 HEADERS   := qlora.h reference.h dataloader.h $(wildcard kernels/*.cuh) test/test.h
@@ -40,8 +40,28 @@ build:
 test: all
 	@bash test/run.sh $(CPU_TESTS) $(SAN_TESTS) $(GPU_TESTS)
 
+# Coverage-guided fuzzing of every reader (test/fuzz/targets.h): clang++ with libFuzzer, ASan and
+# UBSan, FUZZ_SECONDS per target; the corpus grows in build/fuzz/<target>/ from the committed seeds,
+# a crasher lands in build/fuzz/<target>-crash-*. Not part of `make test`: test_fuzz_regress replays
+# the seeds and every fixed crasher (test/fuzz/regress/<target>/) there.
+FUZZ_CXX     ?= clang++
+FUZZ_FLAGS   ?= -std=c++17 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= $(patsubst test/fuzz/fuzz_%.cpp,%,$(wildcard test/fuzz/fuzz_*.cpp))
+build/test_fuzz_regress build/test_fuzz_regress_san: test/fuzz/targets.h
+build/fuzz_%: test/fuzz/fuzz_%.cpp test/fuzz/targets.h $(HEADERS) | build
+	$(FUZZ_CXX) $(FUZZ_FLAGS) -o $@ $<
+fuzz: $(patsubst %,build/fuzz_%,$(FUZZ_TARGETS))
+	@for t in $(FUZZ_TARGETS); do mkdir -p build/fuzz/$$t; \
+	  echo "=== fuzz_$$t: $(FUZZ_SECONDS) s, seeds test/fuzz/corpus/$$t, corpus build/fuzz/$$t, log build/fuzz/$$t.log"; \
+	  build/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -dict=test/fuzz/fuzz.dict \
+	    -artifact_prefix=build/fuzz/$$t- -print_final_stats=1 build/fuzz/$$t test/fuzz/corpus/$$t \
+	    $$(ls -d test/fuzz/regress/$$t 2>/dev/null) >build/fuzz/$$t.log 2>&1; rc=$$?; \
+	  grep -E '^(Done [0-9]+ runs|stat::new_units_added|stat::peak_rss_mb)' build/fuzz/$$t.log; \
+	  [ $$rc -eq 0 ] || { tail -n 30 build/fuzz/$$t.log; echo "!!! fuzz_$$t found a bug: see build/fuzz/$$t-*"; exit 1; }; done
+
 clean:
 	rm -rf build qlora
 
-.PHONY: all detect test clean
+.PHONY: all detect test clean fuzz
 .SECONDARY:

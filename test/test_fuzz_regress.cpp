@@ -1,0 +1,85 @@
+// test_fuzz_regress.cpp: replays every seed (test/fuzz/corpus/<target>/) and every input that once
+// broke a reader (test/fuzz/regress/<target>/, found by `make fuzz`) through the same fuzz_<target>()
+// the fuzzers run (test/fuzz/targets.h). Each must return cleanly (a rejected input is a QlError,
+// caught) within REPLAY_BUDGET_S: a crash or sanitizer report ends this binary, another exception or
+// a slow input is a FAIL. Each input runs twice: quiet, as the fuzzers run, and once more with its
+// error message formatted (stderr to /dev/null), so the message arguments are exercised too.
+// Arguments "TARGET:DIR" replay more inputs (a grown corpus in build/fuzz/), one line per directory.
+#include "fuzz/targets.h"   // defines: fuzz_json, fuzz_config, fuzz_safetensors, fuzz_index, fuzz_tokens
+#include "test.h"           // defines: check, test_summary
+#include <dirent.h>         // defines: opendir
+#include <fcntl.h>          // defines: open
+#include <chrono>           // defines: steady_clock
+
+static const double REPLAY_BUDGET_S = 5.0;   // per input, both runs, under ASan+UBSan; the fuzzers allow 10
+struct Target { const char* name; int (*fn)(const uint8_t*, size_t); };
+static const Target TARGETS[] = {{"json", fuzz_json}, {"config", fuzz_config}, {"safetensors", fuzz_safetensors},
+                                 {"index", fuzz_index}, {"tokens", fuzz_tokens}};
+
+static std::vector<std::string> files_in(const std::string& dir) {
+    std::vector<std::string> out;
+    DIR* d = opendir(dir.c_str());
+    if (!d) return out;
+    while (dirent* e = readdir(d)) if (e->d_name[0] != '.') out.push_back(dir + "/" + e->d_name);
+    closedir(d);
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
+// One input through one target, quiet then with messages. Returns "" if clean, else what went wrong.
+static std::string replay(const Target& t, const std::string& path, double& secs) {
+    std::vector<uint8_t> file = read_file(path);
+    std::vector<uint8_t> buf(std::max<size_t>(file.size(), 1));   // exactly sized (ASan sees overreads), never null
+    if (!file.empty()) memcpy(buf.data(), file.data(), file.size());
+    auto t0 = std::chrono::steady_clock::now();
+    std::string what;
+    for (int messages = 0; messages < 2 && what.empty(); messages++) {
+        g_fuzz_messages = messages;
+        int saved = -1;
+        if (messages) { fflush(stderr); saved = dup(2); int nul = open("/dev/null", O_WRONLY); dup2(nul, 2); close(nul); }
+        try { t.fn(buf.data(), file.size()); }
+        catch (const QlError&) {}   // clean too, though the targets catch their own
+        catch (const std::exception& e) { what = std::string("threw ") + e.what(); }
+        catch (...) { what = "threw a non-QlError exception"; }
+        if (messages) { fflush(stderr); dup2(saved, 2); close(saved); }
+    }
+    g_fuzz_messages = false;
+    secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (what.empty() && secs > REPLAY_BUDGET_S) what = "too slow";
+    return what;
+}
+
+static const Target& target_named(const std::string& n) {
+    for (auto& t : TARGETS) if (n == t.name) return t;
+    ql_fail("unknown fuzz target \"%s\" (json, config, safetensors, index, tokens)", n.c_str());
+}
+
+int main(int argc, char** argv) {
+    if (argc > 1) {   // TARGET:DIR ... : one summary line per directory
+        for (int a = 1; a < argc; a++) {
+            std::string arg = argv[a]; size_t c = arg.find(':');
+            ql_assert(c != std::string::npos, "usage: %s [TARGET:DIR ...]", argv[0]);
+            const Target& t = target_named(arg.substr(0, c));
+            std::vector<std::string> fs = files_in(arg.substr(c + 1));
+            int bad = 0; double slowest = 0;
+            for (auto& f : fs) {
+                double s = 0; std::string w = replay(t, f, s);
+                slowest = std::max(slowest, s);
+                if (!w.empty()) { bad++; printf("         %s: %s (%.2f s)\n", f.c_str(), w.c_str(), s); }
+            }
+            check(bad == 0 && !fs.empty(), "fuzz_%-12s %-40s %zu inputs, %d bad, slowest %.3f s", t.name, arg.substr(c + 1).c_str(), fs.size(), bad, slowest);
+        }
+        return test_summary();
+    }
+    for (auto& t : TARGETS) {
+        std::vector<std::string> seeds = files_in(std::string("test/fuzz/corpus/") + t.name);
+        check(!seeds.empty(), "fuzz_%-12s has seeds in test/fuzz/corpus/%s (%zu)", t.name, t.name, seeds.size());
+        std::vector<std::string> all = seeds, reg = files_in(std::string("test/fuzz/regress/") + t.name);
+        all.insert(all.end(), reg.begin(), reg.end());
+        for (auto& f : all) {
+            double s = 0; std::string w = replay(t, f, s);
+            check(w.empty(), "fuzz_%-12s %-58s %s (%.1f ms)", t.name, f.c_str() + strlen("test/fuzz/"), w.empty() ? "clean" : w.c_str(), 1e3 * s);
+        }
+    }
+    return test_summary();
+}
