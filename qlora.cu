@@ -175,6 +175,7 @@ struct Acts {
     int *ids, *targets, *pos, *doc_start; // (N) each: tokens, targets (-1 ignored), positions, row-relative segment starts
     int* flags;                           // (2): bad token, bad target
     bool packed = false;                  // this batch has segments (pos, doc_start used)
+    bool training = false;                // LoRA dropout only while training, never in evaluation
     float *losses, *loss_sum, *norm;      // (N), (1), (1)
 };
 
@@ -321,7 +322,7 @@ static void linear_forward(Trainer& t, bf16* y, const bf16* x, int l, int p, uin
     matmul(t.mm, y, MM_BF16, x, t.a.wdq[p], N, out, in, false, true);
     if (!lc.has(p)) return;
     const bf16* xd = x;
-    if (lc.dropout > 0) { lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s); xd = t.a.xdrop; }
+    if (lc.dropout > 0 && t.a.training) { lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s); xd = t.a.xdrop; }
     matmul(t.mm, t.a.u, MM_BF16, xd, lA(t.m, l, p), N, lc.rank, in, false, true);                       // u = xd·Aᵀ
     matmul(t.mm, y, MM_BF16, t.a.u, lB(t.m, l, p), N, out, lc.rank, false, true, lc.scale(), 1.0f);      // y += s·u·Bᵀ
 }
@@ -372,6 +373,7 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
 // Forward to the loss (and dh of the loss when grad): returns nothing, loss lands in a.loss_sum.
 static void forward(Trainer& t, float dloss, bool grad, uint64_t drop_seed) {
     const Config& c = t.m.cfg; Acts& a = t.a;
+    a.training = grad;
     embedding_forward(a.h[0], &a.flags[0], a.ids, t.m.embed, a.N, c.dim, c.vocab_size, t.s);   // h0 = embed_tokens(ids)
     for (int l = 0; l < c.n_layers; l++) layer_forward(t, l, true, drop_seed);
     // h[L] = h_mid + mlp_out of the last layer; hf = norm(h[L]); logits = hf·lm_headᵀ, CE, dh
