@@ -170,8 +170,8 @@ struct Acts {
     bf16* act;                            // (N, I) swiglu output
     bf16 *u, *t;                          // (N, r) LoRA x·Aᵀ, and dy·B in backward
     bf16* xdrop;                          // (N, max in) dropped-out LoRA input (dropout > 0 only)
-    bf16 *dres, *dn, *datt, *dq, *dk, *dv, *dgate, *dup;  // gradients
-    float* attn_scratch; void* ce_scratch; size_t ce_bytes; void* norm_scratch;
+    bf16 *dres, *dn, *datt, *dq, *dk, *dv, *dact;         // gradients; d gate and d up overwrite gate and up in place
+    float* attn_scratch; void* ce_scratch; size_t ce_bytes; int ce_rows; void* norm_scratch;
     int *ids, *targets, *pos, *doc_start; // (N) each: tokens, targets (-1 ignored), positions, row-relative segment starts
     int* flags;                           // (2): bad token, bad target
     bool packed = false;                  // this batch has segments (pos, doc_start used)
@@ -221,11 +221,13 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     S.want(&a.delta, N * H); S.want(&a.act, N * I); S.want(&a.u, N * r); S.want(&a.t, N * r);
     a.xdrop = nullptr; if (o.dropout > 0) S.want(&a.xdrop, N * (I > q ? I : q > H ? q : H));
     S.want(&a.attn_scratch, attention_backward_scratch_bytes(o.batch, o.seq, c.n_heads, c.head_dim) / sizeof(float));
-    a.ce_bytes = ce_scratch_bytes(ce_default_rows((int)V), (int)V); S.want((char**)&a.ce_scratch, a.ce_bytes);
+    // lm_head + CE in chunks of ce_rows rows; with --recompute, half-size chunks (memory over a little speed)
+    a.ce_rows = ce_default_rows((int)V) / (o.recompute ? 2 : 1) / 8 * 8; if (a.ce_rows < 8) a.ce_rows = 8;
+    a.ce_bytes = ce_scratch_bytes(a.ce_rows, (int)V); S.want((char**)&a.ce_scratch, a.ce_bytes);
     S.want((char**)&a.norm_scratch, grad_norm_scratch_bytes());
     S.want(&a.ids, N); S.want(&a.targets, N); S.want(&a.pos, N); S.want(&a.doc_start, N); S.want(&a.flags, 2); S.want(&a.losses, N); S.want(&a.loss_sum, 1); S.want(&a.norm, 1);
     G.want(&a.dres, N * H); G.want(&a.dn, N * H); G.want(&a.datt, N * q); G.want(&a.dq, N * q); G.want(&a.dk, N * kv); G.want(&a.dv, N * kv);
-    G.want(&a.dgate, N * I); G.want(&a.dup, N * I);
+    G.want(&a.dact, N * I);
     size_t total = 0; for (auto& x : ar) total += x.bytes;
     size_t free_b = 0, total_b = 0; cudaCheck(cudaMemGetInfo(&free_b, &total_b));
     printf("memory plan (batch %d x seq %d, recompute %s):\n", o.batch, o.seq, o.recompute ? "on" : "off");
@@ -366,6 +368,7 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
     rmsnorm_residual_forward(y.h_mid, y.n2, y.rstd2, a.h[l], a.delta, t.m.mlp_norm[l], N, c.dim, c.norm_eps, t.s);
     linear_forward(t, y.gate, y.n2, l, P_GATE, drop_seed);           // gate_proj(n2)
     linear_forward(t, y.up, y.n2, l, P_UP, drop_seed);               // up_proj(n2)
+    if (!fresh) return;   // a recompute stops here: backward forms act itself and needs no down_proj output
     swiglu_forward(a.act, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);   // silu(gate) * up
     linear_forward(t, a.delta, a.act, l, P_DOWN, drop_seed);         // down_proj(...), added to h_mid by the next op
 }
@@ -379,7 +382,7 @@ static void forward(Trainer& t, float dloss, bool grad, uint64_t drop_seed) {
     // h[L] = h_mid + mlp_out of the last layer; hf = norm(h[L]); logits = hf·lm_headᵀ, CE, dh
     rmsnorm_residual_forward(a.h[c.n_layers], a.hf, a.rstdf, acts(t, c.n_layers - 1).h_mid, a.delta, t.m.final_norm, a.N, c.dim, c.norm_eps, t.s);
     fused_classifier(a.loss_sum, a.losses, grad ? a.dres : nullptr, &a.flags[1], a.hf, t.m.lm_head, a.targets, dloss,
-                     a.N, c.dim, c.vocab_size, a.ce_scratch, a.ce_bytes, 0, t.mm);
+                     a.N, c.dim, c.vocab_size, a.ce_scratch, a.ce_bytes, a.ce_rows, t.mm);
 }
 
 static void backward(Trainer& t, uint64_t drop_seed) {
@@ -392,10 +395,10 @@ static void backward(Trainer& t, uint64_t drop_seed) {
         Acts::Layer& y = acts(t, l);
         // MLP: h[l+1] = h_mid + down(silu(gate(n2)) * up(n2))
         swiglu_forward(a.act, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);                       // recompute act
-        linear_backward(t, a.dgate, false, a.dres, a.act, l, P_DOWN, drop_seed);                   // d act (in dgate)
-        swiglu_backward(a.dgate, a.dup, a.dgate, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);
-        linear_backward(t, a.dn, false, a.dgate, y.n2, l, P_GATE, drop_seed);
-        linear_backward(t, a.dn, true, a.dup, y.n2, l, P_UP, drop_seed);
+        linear_backward(t, a.dact, false, a.dres, a.act, l, P_DOWN, drop_seed);                    // d act
+        swiglu_backward(y.gate, y.up, a.dact, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);      // d gate, d up, in place
+        linear_backward(t, a.dn, false, y.gate, y.n2, l, P_GATE, drop_seed);
+        linear_backward(t, a.dn, true, y.up, y.n2, l, P_UP, drop_seed);
         rmsnorm_backward(a.dres, a.dn, y.h_mid, t.m.mlp_norm[l], y.rstd2, N, c.dim, true, t.s);     // d h_mid
         // attention: h_mid = h + o_proj(attn(rope(q), rope(k), v))
         linear_backward(t, a.datt, false, a.dres, y.att, l, P_O, drop_seed);

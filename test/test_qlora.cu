@@ -6,6 +6,7 @@
 //   - per layer, the residual stream entering each layer against the CPU reference (fp32) on the
 //     same checkpoint and adapter: relative L2 error <= 1e-2 (bf16 operands land between 1e-3 and
 //     1e-2, ../.library/device/METHOD.md), and the max abs error printed;
+//   - --recompute: bit-identical loss and gradients;
 //   - 8 AdamW steps (clipping, weight decay) on the same batch: losses within the same rule;
 //   - determinism: the same steps twice give the same losses, bit for bit (here and on a 4-layer
 //     random model at seq 512, where attention has several key tiles per row);
@@ -118,6 +119,12 @@ static void variant(const std::string& dir) {
                 check_bf16("grad " + std::to_string(l) + "." + PROJ_NAME[p] + (isA ? ".A" : ".B"), sl(g), sl(d.grad32), sl(d.grad16));
             }
         }
+    {   // --recompute: the same gradients, bit for bit (the layer is re-run with the same ops)
+        Options orc = o; orc.recompute = true;
+        Trainer tr; trainer_init(tr, orc); set_lora(tr, d.lora.data());
+        std::vector<float> grc; float lrc = step_grads(tr, d, grc);
+        check(grc == g && lrc == loss, "--recompute gives bit-identical loss and gradients");
+    }
     std::vector<float> l32 = st_f32(*d32.find("losses")), l16 = st_f32(*d16.find("losses"));
     std::vector<float> ours = run_steps(t, d, d32, (int)l32.size());
     printf("  losses gpu  "); for (float x : ours) printf(" %.5f", x); printf("\n");
