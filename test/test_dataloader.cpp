@@ -10,16 +10,16 @@
 #include "../reference.h"   // defines: RefModel, ref_forward
 #include "test.h"           // defines: check, expect_error, test_summary
 
-static const std::string DIR = "build/tmp_dataloader";
+static const std::string TMP_DIR = "build/tmp_dataloader";
 
 int main() {
-    ql_assert(system(("rm -rf " + DIR + " && mkdir -p " + DIR).c_str()) == 0, "mkdir %s", DIR.c_str());
+    ql_assert(system(("rm -rf " + TMP_DIR + " && mkdir -p " + TMP_DIR).c_str()) == 0, "mkdir %s", TMP_DIR.c_str());
     // 5 documents of lengths 3, 0, 7, 2, 5 (one empty); mask: the first token of each document is context
     std::vector<uint64_t> starts = {0, 3, 3, 10, 12};
     std::vector<uint32_t> tok; std::vector<uint8_t> mask;
     for (uint32_t i = 0; i < 17; i++) tok.push_back(10 + i);
     for (uint64_t i = 0; i < 17; i++) mask.push_back(std::find(starts.begin(), starts.end(), i) == starts.end());
-    std::string path = DIR + "/a.tok";
+    std::string path = TMP_DIR + "/a.tok";
     token_file_write(path, tok, &mask, starts, 64);
     TokenFile f; token_file_open(f, path, 64);
     check(f.n_tokens == 17 && f.n_docs == 5 && f.vocab == 64 && f.mask, "token file round trip: 17 tokens, 5 documents, mask");
@@ -61,8 +61,8 @@ int main() {
         for (int i = 0; i < proj_out(c, p) * lc.rank; i++) lora[s.b + i] = 0.05f * (rng_uniform(4, p, i) - 0.5f); }
     std::vector<uint64_t> st2 = {0, 7};
     std::vector<uint32_t> t2(tok.begin() + 3, tok.begin() + 10); t2.insert(t2.end(), tok.begin() + 12, tok.end());
-    token_file_write(DIR + "/b.tok", t2, nullptr, st2, 64);
-    TokenFile fb; token_file_open(fb, DIR + "/b.tok", 64);
+    token_file_write(TMP_DIR + "/b.tok", t2, nullptr, st2, 64);
+    TokenFile fb; token_file_open(fb, TMP_DIR + "/b.tok", 64);
     Loader lp; lp.init(&fb, 0, false); Batch packed; lp.next(packed, 1, 12);
     auto run_ref = [&](const Batch& x) {
         RefActs<float> a; ref_acts_alloc(a, c, lc, x.B, x.T);
@@ -84,7 +84,7 @@ int main() {
     std::vector<uint8_t> good = read_file(path);
     auto bad = [&](const char* name, std::function<void(std::vector<uint8_t>&)> edit, std::vector<std::string> want) {
         std::vector<uint8_t> b2 = good; edit(b2);
-        std::string p2 = DIR + "/bad" + std::to_string(g_pass + g_fail) + ".tok";
+        std::string p2 = TMP_DIR + "/bad" + std::to_string(g_pass + g_fail) + ".tok";
         FILE* fp = fopen(p2.c_str(), "wb"); ql_assert(fp && fwrite(b2.data(), 1, b2.size(), fp) == b2.size() && fclose(fp) == 0, "write");
         want.push_back(p2);
         expect_error(name, [p2] { TokenFile t; token_file_open(t, p2, 64); }, want);
