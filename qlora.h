@@ -16,6 +16,7 @@
 #include <string>     // defines: std::string
 #include <vector>     // defines: std::vector
 #include <map>        // defines: std::map (safetensors name index)
+#include <set>        // defines: std::set (duplicate JSON keys, distinct shards)
 #include <memory>     // defines: std::unique_ptr
 #include <algorithm>  // defines: std::sort, std::find
 
@@ -446,9 +447,10 @@ struct JsonParser {
         if (c == '{') {
             v.type = Json::OBJ; i++; ws();
             if (i < n && s[i] == '}') { i++; return true; }
+            std::set<std::string> keys;   // not a scan of v.obj: a hostile header has millions of keys
             while (true) {
                 ws(); std::string k; if (!string(k)) return false;
-                for (auto& kv : v.obj) if (kv.first == k) return fail(("duplicate key \"" + k.substr(0, 64) + "\"").c_str());
+                if (!keys.insert(k).second) return fail(("duplicate key \"" + k.substr(0, 64) + "\"").c_str());
                 ws(); if (i >= n || s[i] != ':') return fail("expected ':'");
                 i++;
                 v.obj.emplace_back(std::move(k), Json());
@@ -585,6 +587,10 @@ inline Config config_from_json(const Json& j, const std::string& path) {
         ql_assert(d == floor(d) && d >= lo && d <= hi, "%s: \"%s\" = %g is not an integer in [%d, %d]", p, k, d, lo, hi);
         return (int)d;
     };
+    auto f32 = [&](double v, const char* k) -> float {   // checked first: a double beyond FLT_MAX has no float
+        ql_assert(fabs(v) <= 3.4028234663852886e38, "%s: \"%s\" = %g is out of fp32 range", p, k, v);
+        return (float)v;
+    };
     auto flag = [&](const char* k, bool def) -> bool {
         const Json* v = j.get(k);
         if (!v || v->type == Json::NUL) return def;
@@ -616,21 +622,21 @@ inline Config config_from_json(const Json& j, const std::string& path) {
     ql_assert(c.head_dim % 2 == 0, "%s: head_dim %d must be even (RoPE rotates halves)", p, c.head_dim);
     c.vocab_size = integer("vocab_size", 32000, true, 1, 1 << 24);
     c.max_seq_len = integer("max_position_embeddings", 2048, false, 1, 1 << 24);
-    c.norm_eps = (float)num("rms_norm_eps", 1e-6, false);
+    c.norm_eps = f32(num("rms_norm_eps", 1e-6, false), "rms_norm_eps");
     ql_assert(c.norm_eps > 0 && c.norm_eps < 1, "%s: rms_norm_eps %g out of range", p, c.norm_eps);
     c.tied = flag("tie_word_embeddings", false);
     std::string dt = str(&j, "dtype"); if (dt.empty()) dt = str(&j, "torch_dtype");
     c.dtype = dt.empty() ? DT_BF16 : dtype_from_torch_name(dt);
     ql_assert(c.dtype != DT_NONE, "%s: dtype \"%s\" is not supported (bfloat16, float16, float32)", p, dt.c_str());
     const Json* sw = j.get("sliding_window");
-    if (sw && sw->type == Json::NUM) c.sliding_window = (int)sw->num;
+    if (sw && sw->type == Json::NUM) c.sliding_window = integer("sliding_window", 0, false, 0, INT32_MAX);
     // RoPE: v5 rope_parameters, else rope_theta + rope_scaling ("type" is an alias of "rope_type")
     const Json* rp = j.get("rope_parameters");
     const Json* rs = (rp && rp->type == Json::OBJ) ? rp : j.get("rope_scaling");
     if (rs && rs->type != Json::NUL) ql_assert(rs->type == Json::OBJ, "%s: rope_scaling must be an object or null", p);
     if (rs && rs->type != Json::OBJ) rs = nullptr;
     const Json* th = (rp && rp->type == Json::OBJ && rp->get("rope_theta")) ? rp->get("rope_theta") : j.get("rope_theta");
-    if (th && th->type != Json::NUL) { ql_assert(th->type == Json::NUM && th->num > 1, "%s: bad rope_theta", p); c.rope_theta = (float)th->num; }
+    if (th && th->type != Json::NUL) { ql_assert(th->type == Json::NUM && th->num > 1, "%s: bad rope_theta", p); c.rope_theta = f32(th->num, "rope_theta"); }
     std::string rt = str(rs, "rope_type"); if (rt.empty()) rt = str(rs, "type");
     auto rnum = [&](const char* k, double def) -> double {
         const Json* v = rs ? rs->get(k) : nullptr;
@@ -639,14 +645,17 @@ inline Config config_from_json(const Json& j, const std::string& path) {
         return v->num;
     };
     if (rt.empty() || rt == "default") c.rope_type = ROPE_DEFAULT;
-    else if (rt == "linear") { c.rope_type = ROPE_LINEAR; c.rope_factor = (float)rnum("factor", 1.0); }
+    else if (rt == "linear") { c.rope_type = ROPE_LINEAR; c.rope_factor = f32(rnum("factor", 1.0), "factor"); }
     else if (rt == "llama3") {
         c.rope_type = ROPE_LLAMA3;
         ql_assert(rs->get("factor") && rs->get("low_freq_factor") && rs->get("high_freq_factor") && rs->get("original_max_position_embeddings"),
                   "%s: llama3 rope scaling needs factor, low_freq_factor, high_freq_factor, original_max_position_embeddings", p);
-        c.rope_factor = (float)rnum("factor", 8); c.rope_low_freq = (float)rnum("low_freq_factor", 1);
-        c.rope_high_freq = (float)rnum("high_freq_factor", 4); c.rope_orig_max = (int)rnum("original_max_position_embeddings", 8192);
-        ql_assert(c.rope_high_freq > c.rope_low_freq && c.rope_orig_max > 0, "%s: inconsistent llama3 rope scaling", p);
+        c.rope_factor = f32(rnum("factor", 8), "factor"); c.rope_low_freq = f32(rnum("low_freq_factor", 1), "low_freq_factor");
+        c.rope_high_freq = f32(rnum("high_freq_factor", 4), "high_freq_factor");
+        double om = rnum("original_max_position_embeddings", 8192);   // range-checked before the cast to int
+        ql_assert(om == floor(om) && om >= 1 && om <= (1 << 24), "%s: original_max_position_embeddings = %g is not an integer in [1, %d]", p, om, 1 << 24);
+        c.rope_orig_max = (int)om;
+        ql_assert(c.rope_high_freq > c.rope_low_freq, "%s: inconsistent llama3 rope scaling", p);
     } else ql_fail("%s: rope type \"%s\" is not supported (default, linear, llama3)", p, rt.c_str());
     ql_assert(c.rope_factor > 0, "%s: rope factor must be positive", p);
     return c;
@@ -804,12 +813,13 @@ inline STIndex st_parse_index(const uint8_t* data, size_t size, const std::strin
     const Json* wm = j.get("weight_map");
     ql_assert(wm && wm->type == Json::OBJ, "%s: missing \"weight_map\" object", index.c_str());
     STIndex ix;
+    std::set<std::string> seen;
     for (auto& kv : wm->obj) {
         ql_assert(kv.second.type == Json::STR, "%s: weight_map[\"%s\"] must be a file name", index.c_str(), kv.first.c_str());
         const std::string& fn = kv.second.str;
         ql_assert(!fn.empty() && fn.find('/') == std::string::npos && fn != "." && fn != "..",
                   "%s: weight_map[\"%s\"] = \"%s\" is not a plain file name", index.c_str(), kv.first.c_str(), fn.c_str());
-        if (std::find(ix.shards.begin(), ix.shards.end(), fn) == ix.shards.end()) ix.shards.push_back(fn);
+        if (seen.insert(fn).second) ix.shards.push_back(fn);
         ix.weight_map.emplace_back(kv.first, fn);
     }
     return ix;

@@ -54,6 +54,32 @@ static const Target& target_named(const std::string& n) {
     ql_fail("unknown fuzz target \"%s\" (json, config, safetensors, index, tokens)", n.c_str());
 }
 
+// Hostile inputs too large to commit, made here: each must be rejected or accepted in time, not in
+// time quadratic in its size (REPLAY_BUDGET_S, like the files).
+static void generated(const char* name, const Target& t, const std::string& bytes) {
+    std::string path = "build/fuzz_regress_generated";
+    FILE* f = fopen(path.c_str(), "wb");
+    ql_assert(f && fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size() && fclose(f) == 0, "cannot write %s", path.c_str());
+    double s = 0; std::string w = replay(t, path, s);
+    remove(path.c_str());
+    check(w.empty(), "fuzz_%-12s %-58s %s (%.1f ms, %zu bytes)", t.name, name, w.empty() ? "clean" : w.c_str(), 1e3 * s, bytes.size());
+}
+static void generated_inputs() {
+    const int N = 100000;
+    std::string h = "{", wm;   // N one-byte U8 tensors; an index naming N distinct shards
+    for (int i = 0; i < N; i++) {
+        std::string k = "t" + std::to_string(i);
+        h += (i ? ",\"" : "\"") + k + "\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[" + std::to_string(i) + "," + std::to_string(i + 1) + "]}";
+        wm += (i ? ",\"" : "\"") + k + "\":\"shard-" + std::to_string(i) + ".safetensors\"";
+    }
+    h += "}";
+    std::string st(8, '\0');
+    for (int k = 0; k < 8; k++) st[k] = (char)(h.size() >> (8 * k));
+    st += h + std::string(N, '\1');
+    generated("(generated) 100k tensors in one header", target_named("safetensors"), st);
+    generated("(generated) index with 100k distinct shards", target_named("index"), "{\"weight_map\":{" + wm + "}}");
+}
+
 int main(int argc, char** argv) {
     if (argc > 1) {   // TARGET:DIR ... : one summary line per directory
         for (int a = 1; a < argc; a++) {
@@ -81,5 +107,6 @@ int main(int argc, char** argv) {
             check(w.empty(), "fuzz_%-12s %-58s %s (%.1f ms)", t.name, f.c_str() + strlen("test/fuzz/"), w.empty() ? "clean" : w.c_str(), 1e3 * s);
         }
     }
+    generated_inputs();
     return test_summary();
 }
