@@ -8,7 +8,9 @@
 // the A operand of the next mma without touching shared memory. The backward recomputes P from
 // the saved log-sum-exp; one CTA owns a 128-row key/value tile of one kv head and loops over the
 // query heads of its GQA group and over query tiles, so dK and dV are summed in registers (no
-// atomics, no GQA reduction pass); dQ is summed in an fp32 scratch with 16-byte atomics.
+// atomics, no GQA reduction pass); dQ is summed in an fp32 scratch by the key tiles in a fixed
+// order, handed on through a semaphore per query tile (FlashAttention-3's deterministic mode), so
+// the backward is bitwise deterministic: no float atomics, every output a fixed chain of operations.
 // Tensor cores through mma.sync m16n8k16 (bf16 in, fp32 accumulate) fed by ldmatrix.
 //
 // Numerics: scores and softmax in fp32, P rounded to bf16 before P V, dS rounded to bf16 before
@@ -21,13 +23,16 @@
 // doc_start[i] <= j <= i. Key tiles left of a query tile's first document are skipped, and
 // query tiles right of a key tile's last document are skipped, so a packed row costs about the
 // FLOPs of its documents (plus the diagonal tiles), not those of the whole causal triangle.
+// doc_start must be non-decreasing along a row: the tile skipping and the backward's dQ order rely
+// on it (the backward traps after some seconds rather than hang if it is not).
 //
 // Sizes: hd in {64, 128} (templated), any T >= 1 (tails are zero-filled and masked), nh % nkv == 0.
 // Offsets are int64 (T up to 131072 and beyond). Pointers must be 16-byte aligned.
 //
-// Scratch: attention_backward_scratch_bytes(B, T, nh, hd) = 4 (B T nh hd + B nh T) bytes (dq_accum, D);
-// the backward zeroes it itself. H100, llama3-8b shapes (B=4, T=2048, nh=32, nkv=8, hd=128):
-// forward 0.56 ms (244 TFLOP/s causal), backward 1.93 ms (178 TFLOP/s, all three launches).
+// Scratch: attention_backward_scratch_bytes(B, T, nh, hd) = 4 (B T nh hd + B nh T + B nh ceil(T/16)) bytes
+// (dq_accum, D, dQ semaphores); the backward initialises what it needs itself. H100, llama3-8b shapes
+// (B=4, T=2048, nh=32, nkv=8, hd=128): forward 0.56 ms (244 TFLOP/s causal), backward 2.13 ms (161 TFLOP/s,
+// both launches; kernel1's float atomics took 1.93 ms but gave different dq bits from run to run).
 // Version history, timings and profiles: dev/cuda/attention_forward.cu, dev/cuda/attention_backward.cu.
 #pragma once
 #include <cuda_runtime.h>  // defines: cudaStream_t, cudaFuncSetAttribute
@@ -51,9 +56,11 @@ struct AttnFwdParams {
 };
 
 struct AttnBwdParams {
-    float* dq_accum;       // (B, T, nh, hd) fp32 scratch, zeroed by the preprocess kernel, unscaled
+    bf16* dq;              // (B, T, nh, hd)
     bf16* dk;              // (B, T, nkv, hd)
     bf16* dv;              // (B, T, nkv, hd)
+    float* dq_accum;       // (B, T, nh, hd) fp32 scratch: sum of dS K over the key tiles done so far, unscaled
+    int* dq_sem;           // (B, nh, ceil(T/16)) scratch: per query tile, how many key tiles have added to dq_accum
     const float* D;        // (B, nh, T) rowsum(dout * out)
     const bf16* dout;      // (B, T, nh, hd)
     const bf16* q;         // (B, T, nh, hd)
@@ -280,14 +287,15 @@ __global__ void __launch_bounds__(BR / 16 * 32, MINB) attention_forward_kernel1(
 // ---------------------------------------------------------------------------------------------
 // backward
 
-// D = rowsum(dout * out) per (b, h, i), and dq_accum <- 0 (same row layout as dout, fp32).
+// D = rowsum(dout * out) per (b, h, i), and the dQ semaphores <- 0.
 template <int HD>
-__global__ void attention_backward_preprocess_kernel1(float* D, float* dq_accum, const bf16* out, const bf16* dout,
-                                                      int B, int T, int nh) {
+__global__ void attention_backward_preprocess_kernel2(float* D, int* dq_sem, const bf16* out, const bf16* dout,
+                                                      int B, int T, int nh, int64_t n_sem) {
     constexpr int TPR = HD / 8;  // lanes per row, 8 elements (16 bytes) each
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const int64_t row = idx / TPR, rows = (int64_t)B * T * nh;  // row = (b * T + i) * nh + h
     const int c = (int)(idx % TPR);
+    if (idx < n_sem) dq_sem[idx] = 0;  // n_sem < rows * TPR: the grid covers them
     float sum = 0.f;
     if (row < rows) {
         const int64_t off = row * HD + c * 8;
@@ -300,9 +308,6 @@ __global__ void attention_backward_preprocess_kernel1(float* D, float* dq_accum,
             const float2 a = __bfloat1622float2(o2[e]), d = __bfloat1622float2(d2[e]);
             sum += a.x * d.x + a.y * d.y;
         }
-        float4* z = reinterpret_cast<float4*>(dq_accum + off);
-        z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-        z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
 #pragma unroll
     for (int off = TPR / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
@@ -313,16 +318,14 @@ __global__ void attention_backward_preprocess_kernel1(float* D, float* dq_accum,
     }
 }
 
-// dq = bf16(scale * dq_accum)
-__global__ void attention_backward_dq_kernel1(bf16* dq, const float* dq_accum, float scale, int64_t n8) {
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n8) return;
-    const float4 a = reinterpret_cast<const float4*>(dq_accum)[2 * idx];
-    const float4 c = reinterpret_cast<const float4*>(dq_accum)[2 * idx + 1];
-    uint4 r;
-    r.x = attn_pack_bf16(a.x * scale, a.y * scale); r.y = attn_pack_bf16(a.z * scale, a.w * scale);
-    r.z = attn_pack_bf16(c.x * scale, c.y * scale); r.w = attn_pack_bf16(c.z * scale, c.w * scale);
-    reinterpret_cast<uint4*>(dq)[idx] = r;
+// gpu-scope handoff between CTAs (the PTX memory model's acquire and release patterns, as CUTLASS's
+// GenericBarrier uses them): poll with relaxed loads, then a fence acquires; a fence, then a relaxed add releases.
+__device__ __forceinline__ int attn_ld_relaxed(const int* p) {
+    int v; asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory"); return v;
+}
+__device__ __forceinline__ void attn_fence_acq_rel() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+__device__ __forceinline__ void attn_red_add1(int* p) {
+    asm volatile("red.relaxed.gpu.global.add.s32 [%0], 1;\n" :: "l"(p) : "memory");
 }
 
 template <int HD, int BC, int BR>
@@ -331,18 +334,38 @@ struct AttnBwdTile {
     static constexpr int LD = HD + 8, LDS = BR + 8;  // +16 bytes per row: conflict-free ldmatrix
     // K, V (BC rows); Q, dO (2 stages of BR rows); dS^T (BC x BR); lse, D, doc_start (2 stages of BR)
     static constexpr size_t SMEM = (size_t)(2 * BC * LD + 4 * BR * LD + BC * LDS) * sizeof(bf16) + 2 * 3 * BR * 4;
+    static constexpr size_t SMEM_DQ = (size_t)BR * HD * sizeof(float);  // kernel2's dq_accum prefetch, after the above
+    static_assert(SMEM % 16 == 0, "the dq_accum prefetch is float4-aligned");
 };
+constexpr int ATTN_SEM_ROWS = 16;  // the scratch holds one dQ semaphore per 16 query rows: enough for any BR >= 16
 
 // One CTA: BC keys of one kv head (BC/16 warps, 16 key rows each, dK and dV in registers); loops over
 // the nh/nkv query heads of the group and the query tiles that can see these keys. Per query tile:
 //   S^T = K Q^T, P^T = exp(S^T * scale - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D),
-//   dK += dS^T Q, and (dS^T through smem) dQ_accum += dS K with fp32 atomics.
-template <int HD, int BC, int BR, int MINB>
-__global__ void __launch_bounds__(BC / 16 * 32, MINB) attention_backward_kernel1(const AttnBwdParams p) {
+//   dK += dS^T Q, and (dS^T through smem) dQ += dS K, added in a fixed order (below).
+//
+// Ordered dQ (as FlashAttention-3's deterministic mode): the key tiles kt_first..kt_last that see query
+// tile qt of head hq add their dS K to dq_accum one after another, in ascending kt. A semaphore per
+// (b, hq, qt) counts the tiles done; tile kt waits until it reads kt - kt_first. The first tile stores
+// (no zeroing pass), the middle ones load, add and store, the last one adds, scales and writes bf16 dq
+// (no convert pass) and sets the semaphore back to 0. So every dq element is the same chain of fp32 adds
+// on every run. Progress: a CTA waits only on CTAs of its (b, kv head) with smaller blockIdx.y, which the
+// hardware dispatches no later than it (blocks go out in order of linear index, which CUTLASS's serial
+// split-K and FA3 rely on too), so the one it waits on is resident or done and never waits on it.
+// Speed: every CTA walks its query tiles from the last one down (heads innermost), the same order as its
+// predecessor, so tile kt trails tile kt - 1 by one item in a wavefront instead of idling until the heavier
+// tile finishes. The semaphore is polled early, and thread 0's one fence per item (mid-item, when it has
+// little in flight) both acquires this item's turn and releases the previous item's dQ. DQ_PF fetches
+// dq_accum into smem (cp.async) under the dS K matmul instead of loading it after (into registers, the
+// prefetch spills at hd 128). Cost against kernel1's atomics, measured: ~1.25 us per item, most likely the
+// dq_accum latency the dS K matmul does not cover; 19% of the main kernel at llama3-8b, 33% at hd 64.
+template <int HD, int BC, int BR, int MINB, bool DQ_PF>
+__global__ void __launch_bounds__(BC / 16 * 32, MINB) attention_backward_kernel2(const AttnBwdParams p) {
     using C = AttnBwdTile<HD, BC, BR>;
     constexpr int LD = C::LD, LDS = C::LDS, NT = C::THREADS, WARPS = C::WARPS, CH = HD / 8;
     constexpr int QW = BR / 16, DW = WARPS / QW, DCW = HD / DW;  // dQ: QW x DW warps of 16 rows x DCW cols
     static_assert(WARPS % QW == 0 && DCW % 16 == 0, "backward tile shape");
+    static_assert(BR % ATTN_SEM_ROWS == 0, "one semaphore per query tile");
     extern __shared__ __align__(16) unsigned char attn_smem[];
     bf16* sK = reinterpret_cast<bf16*>(attn_smem);  // (BC, LD)
     bf16* sV = sK + BC * LD;                         // (BC, LD)
@@ -352,13 +375,15 @@ __global__ void __launch_bounds__(BC / 16 * 32, MINB) attention_backward_kernel1
     float* sL = reinterpret_cast<float*>(sdS + BC * LDS);  // (2, BR) lse
     float* sD = sL + 2 * BR;                                // (2, BR) D
     int* sDs = reinterpret_cast<int*>(sD + 2 * BR);         // (2, BR) doc_start
+    float4* sAcc = reinterpret_cast<float4*>(attn_smem + C::SMEM);  // (WARPS, DCW/8, 32) lane-private dq_accum slots
 
     const int T = p.T, nh = p.nh, nkv = p.nkv, G = nh / nkv;
     const int b = blockIdx.x / nkv, kvh = blockIdx.x % nkv;
-    const int k0 = blockIdx.y * BC, k_last = min(k0 + BC, T) - 1;  // tile 0 (most query tiles) first
+    const int kt = blockIdx.y, k0 = kt * BC, k_last = min(k0 + BC, T) - 1;  // tile 0 (most query tiles) first
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
     const int64_t qstride = (int64_t)nh * HD, kstride = (int64_t)nkv * HD;
+    const int n_sem = (T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS;  // semaphores per (b, hq)
 
     {
         const bf16* gK = p.k + (int64_t)b * T * kstride + (int64_t)kvh * HD;
@@ -384,10 +409,11 @@ __global__ void __launch_bounds__(BC / 16 * 32, MINB) attention_backward_kernel1
         }
         i_max = lo;
     }
-    const int qt_lo = k0 / BR, nq = i_max / BR - qt_lo + 1, n_iter = G * nq;
+    // items: query tiles qt_hi down to qt_lo, and within each the G query heads of the group
+    const int qt_lo = k0 / BR, qt_hi = i_max / BR, n_iter = G * (qt_hi - qt_lo + 1);
 
     auto load_q = [&](int st, int it) {
-        const int hq = kvh * G + it / nq, q0 = (qt_lo + it % nq) * BR;
+        const int hq = kvh * G + it % G, q0 = (qt_hi - it / G) * BR;
         const int64_t base = (int64_t)b * T * qstride + (int64_t)hq * HD;
         for (int c = tid; c < BR * CH; c += NT) {
             const int r = c / CH, cc = c % CH, i = q0 + r;
@@ -419,17 +445,24 @@ __global__ void __launch_bounds__(BC / 16 * 32, MINB) attention_backward_kernel1
     const int qr0 = (warp % QW) * 16, dc0 = (warp / QW) * DCW;
     const uint32_t dsA = attn_smem_u32(sdS + ATTN_B_ROW(lane) * LDS + qr0 + ATTN_B_COL(lane));
     const uint32_t kT = attn_smem_u32(sK + ATTN_T_ROW(lane) * LD + dc0 + ATTN_T_COL(lane));
+    int* sem_done = nullptr;  // the previous item's semaphore (if a later key tile waits on it), released mid-item
 
     for (int it = 0; it < n_iter; it++) {
-        const int st = it & 1, hq = kvh * G + it / nq, q0 = (qt_lo + it % nq) * BR;
+        const int st = it & 1, hq = kvh * G + it % G, qt = qt_hi - it / G, q0 = qt * BR;
         attn_cp_async_wait_all();
-        __syncthreads();  // stage st landed; every warp is done with stage st^1 and with sdS
+        __syncthreads();  // stage st landed; every warp is done with stage st^1, with sdS and with the last dQ stores
         if (it + 1 < n_iter) { load_q(st ^ 1, it + 1); attn_cp_async_commit(); }
         const bf16* cQ = sQ + st * BR * LD;
         const bf16* cdO = sdO + st * BR * LD;
         const float* cL = sL + st * BR;
         const float* cD = sD + st * BR;
         const int* cDs = sDs + st * BR;
+        // this tile's place among the key tiles that add to dQ of (b, hq, qt): kt_first sees the first
+        // row's first key (doc_start is non-decreasing), kt_last holds the last row's diagonal
+        const int kt_first = cDs[0] / BC, kt_last = (min(q0 + BR, T) - 1) / BC;
+        int* sem = p.dq_sem + ((int64_t)b * nh + hq) * n_sem + qt;
+        int seen = 0;
+        if (tid == 0 && kt > kt_first) seen = attn_ld_relaxed(sem);  // early poll: latency hidden by the matmuls
 
         // S^T = K Q^T and dP^T = V dO^T: (16 keys x BR queries) per warp
         float s[BR / 8][4], dp[BR / 8][4];
@@ -510,8 +543,35 @@ __global__ void __launch_bounds__(BC / 16 * 32, MINB) attention_backward_kernel1
                 attn_mma(dk[2 * d], da[kc], bb);
                 attn_mma(dk[2 * d + 1], da[kc], bb + 2);
             }
-        __syncthreads();  // all of dS^T is in smem
-        // dQ_accum[q0 + qr0 .. +16, dc0 .. +DCW] += dS K (contraction over the BC keys)
+        // our turn for dQ: key tile kt - 1 has added (a bound turns a hang, e.g. from a decreasing
+        // doc_start, into an error after some seconds; a legal wait is about one item)
+        if (tid == 0) {
+            for (int polls = 0; kt > kt_first && seen < kt - kt_first; polls++) {
+                if (polls == (1 << 24)) {
+                    printf("attention_backward: dQ semaphore never came (is doc_start non-decreasing?)\n");
+                    __trap();
+                }
+                __nanosleep(32);
+                seen = attn_ld_relaxed(sem);
+            }
+            // acquires the earlier tiles' dq_accum stores (for the CTA, after the barrier), and releases the
+            // previous item's stores (every thread issued them before this item's first barrier)
+            if (kt > kt_first || sem_done) attn_fence_acq_rel();
+            if (sem_done) attn_red_add1(sem_done);
+        }
+        __syncthreads();  // all of dS^T is in smem, and it is our turn
+        // this lane's share of the dQ tile: one float4 per n8 block, even lanes row g, odd lanes row g+8
+        const bool first = kt == kt_first, last = kt == kt_last, odd = t4 & 1;
+        const int i = q0 + qr0 + g + (odd ? 8 : 0);
+        const int64_t qoff = ((int64_t)b * T + min(i, T - 1)) * qstride + (int64_t)hq * HD + dc0 + 2 * (t4 & 2);
+        // the earlier tiles' sum, from L2 (.cg: this SM's L1 may hold a stale copy)
+        float4* acc = sAcc + warp * (DCW / 8) * 32 + lane;  // this lane's slots, 32 float4 apart
+        if (DQ_PF && !first) {
+#pragma unroll
+            for (int n = 0; n < DCW / 8; n++) attn_cp_async16(attn_smem_u32(acc + n * 32), p.dq_accum + qoff + n * 8, i < T);
+            attn_cp_async_commit();
+        }
+        // dS K for rows q0 + qr0 .. +16, cols dc0 .. +DCW (contraction over the BC keys)
         float dq[DCW / 8][4];
 #pragma unroll
         for (int n = 0; n < DCW / 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
@@ -527,18 +587,33 @@ __global__ void __launch_bounds__(BC / 16 * 32, MINB) attention_backward_kernel1
                 attn_mma(dq[2 * d + 1], a, bb + 2);
             }
         }
-        // one 16-byte atomic per lane per n8 block: even lanes take row g, odd lanes row g+8
-        const bool odd = t4 & 1;
-        const int i = q0 + qr0 + g + (odd ? 8 : 0);
-        float* dst = p.dq_accum + ((int64_t)b * T + i) * qstride + (int64_t)hq * HD + dc0 + 2 * (t4 & 2);
+        if (DQ_PF && !first) attn_cp_async_wait_all();  // (also waits for the next Q tile, issued long ago)
 #pragma unroll
         for (int n = 0; n < DCW / 8; n++) {
             const float x0 = __shfl_xor_sync(0xffffffffu, odd ? dq[n][0] : dq[n][2], 1);
             const float x1 = __shfl_xor_sync(0xffffffffu, odd ? dq[n][1] : dq[n][3], 1);
-            const float4 v4 = odd ? make_float4(x0, x1, dq[n][2], dq[n][3]) : make_float4(dq[n][0], dq[n][1], x0, x1);
-            if (i < T) atomicAdd(reinterpret_cast<float4*>(dst + n * 8), v4);
+            float4 v4 = odd ? make_float4(x0, x1, dq[n][2], dq[n][3]) : make_float4(dq[n][0], dq[n][1], x0, x1);
+            if (i >= T) continue;
+            if (!first) {
+                const float4 a = DQ_PF ? acc[n * 32] : __ldcg(reinterpret_cast<const float4*>(p.dq_accum + qoff + n * 8));
+                v4 = make_float4(a.x + v4.x, a.y + v4.y, a.z + v4.z, a.w + v4.w);  // earlier tiles + this one
+            }
+            if (last) {
+                const float sc = p.scale;
+                *reinterpret_cast<uint2*>(p.dq + qoff + n * 8) =
+                    make_uint2(attn_pack_bf16(v4.x * sc, v4.y * sc), attn_pack_bf16(v4.z * sc, v4.w * sc));
+            } else {
+                __stcg(reinterpret_cast<float4*>(p.dq_accum + qoff + n * 8), v4);
+            }
+        }
+        if (!last) sem_done = sem;
+        else {
+            sem_done = nullptr;
+            if (tid == 0 && !first) *sem = 0;  // nobody else touches it now: leave it zeroed for the next launch
         }
     }
+    __syncthreads();  // the last item's dQ stores are issued
+    if (tid == 0 && sem_done) { attn_fence_acq_rel(); attn_red_add1(sem_done); }
 
     // epilogue: dK (times the softmax scale) and dV, rows k0 + kr0 + g (+8)
 #pragma unroll
@@ -586,47 +661,51 @@ inline void attention_forward(bf16* out, float* lse, const bf16* q, const bf16* 
     else attention_forward_launch<128, 128, 64, 2, false>(p, stream);
 }
 
-// Scratch for attention_backward, in bytes: dq_accum (B, T, nh, hd) fp32, then D (B, nh, T) fp32.
+// Scratch for attention_backward, in bytes: dq_accum (B, T, nh, hd) fp32, D (B, nh, T) fp32, then the
+// dQ semaphores (B, nh, ceil(T / 16)) int. The backward initialises what it needs itself.
 inline size_t attention_backward_scratch_bytes(int B, int T, int nh, int hd) {
-    return ((size_t)B * T * nh * hd + (size_t)B * nh * T) * sizeof(float);
+    const size_t n_sem = (size_t)B * nh * ((T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS);
+    return ((size_t)B * T * nh * hd + (size_t)B * nh * T) * sizeof(float) + n_sem * sizeof(int);
 }
 
-template <int HD, int BC, int BR, int MINB>
+template <int HD, int BC, int BR, int MINB, bool DQ_PF>
 void attention_backward_launch(const AttnBwdParams& p, cudaStream_t stream) {
     using C = AttnBwdTile<HD, BC, BR>;
-    auto kernel = attention_backward_kernel1<HD, BC, BR, MINB>;
-    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM));
+    auto kernel = attention_backward_kernel2<HD, BC, BR, MINB, DQ_PF>;
+    const size_t smem = C::SMEM + (DQ_PF ? C::SMEM_DQ : 0);
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    // blockIdx.y is the key tile: the dQ order needs tile kt - 1's CTA dispatched before tile kt's
     dim3 grid(p.B * p.nkv, (p.T + BC - 1) / BC);
-    kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
+    kernel<<<grid, C::THREADS, smem, stream>>>(p);
     cudaCheck(cudaGetLastError());
 }
 
-// The three backward launches around the main kernel: preprocess (D, zero dq_accum) and dq convert.
-template <int HD, int BC, int BR, int MINB>
+// The two backward launches: preprocess (D, zero the dQ semaphores), then the main kernel.
+template <int HD, int BC, int BR, int MINB, bool DQ_PF>
 void attention_backward_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q, const bf16* k,
                            const bf16* v, const bf16* out, const float* lse, const int* doc_start,
                            int B, int T, int nh, int nkv, cudaStream_t stream) {
-    float* dq_accum = scratch;                      // (B, T, nh, HD)
-    float* D = scratch + (size_t)B * T * nh * HD;   // (B, nh, T); 16-byte aligned since HD % 4 == 0
-    const int64_t rows = (int64_t)B * T * nh;
+    float* dq_accum = scratch;                                         // (B, T, nh, HD)
+    float* D = dq_accum + (size_t)B * T * nh * HD;                     // (B, nh, T)
+    int* dq_sem = reinterpret_cast<int*>(D + (size_t)B * nh * T);      // (B, nh, ceil(T/16))
+    const int64_t rows = (int64_t)B * T * nh, n_sem = (int64_t)B * nh * ((T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS);
     const int block = 256;
-    attention_backward_preprocess_kernel1<HD><<<(unsigned)((rows * (HD / 8) + block - 1) / block), block, 0, stream>>>(
-        D, dq_accum, out, dout, B, T, nh);
+    attention_backward_preprocess_kernel2<HD><<<(unsigned)((rows * (HD / 8) + block - 1) / block), block, 0, stream>>>(
+        D, dq_sem, out, dout, B, T, nh, n_sem);
     cudaCheck(cudaGetLastError());
     const float scale = 1.0f / sqrtf((float)HD);
-    AttnBwdParams p{dq_accum, dk, dv, D, dout, q, k, v, lse, doc_start, B, T, nh, nkv, scale, scale * 1.4426950408889634f};
-    attention_backward_launch<HD, BC, BR, MINB>(p, stream);
-    const int64_t n8 = rows * HD / 8;
-    attention_backward_dq_kernel1<<<(unsigned)((n8 + block - 1) / block), block, 0, stream>>>(dq, dq_accum, scale, n8);
-    cudaCheck(cudaGetLastError());
+    AttnBwdParams p{dq, dk, dv, dq_accum, dq_sem, D, dout, q, k, v, lse, doc_start, B, T, nh, nkv, scale, scale * 1.4426950408889634f};
+    attention_backward_launch<HD, BC, BR, MINB, DQ_PF>(p, stream);
 }
 
 // dq, dk, dv from dout, the forward's inputs, out and lse. scratch: attention_backward_scratch_bytes().
+// Bitwise deterministic: the same inputs give the same dq, dk, dv bits on every run.
 inline void attention_backward(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q,
                                const bf16* k, const bf16* v, const bf16* out, const float* lse, const int* doc_start,
                                int B, int T, int nh, int nkv, int hd, cudaStream_t stream) {
     const void* ptrs[] = {dq, dk, dv, scratch, dout, q, k, v, out};
     attention_check_args(ptrs, 9, B, T, nh, nkv, hd);
-    if (hd == 64) attention_backward_hd<64, 128, 64, 1>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
-    else attention_backward_hd<128, 128, 64, 1>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
+    // dev/cuda/attention_backward.cu variants 2a (hd 128) and 2c (hd 64)
+    if (hd == 64) attention_backward_hd<64, 128, 64, 1, true>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
+    else attention_backward_hd<128, 128, 64, 1, true>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
 }

@@ -1,21 +1,33 @@
 // dev/cuda/attention_backward.cu: playground for the causal GQA flash-attention backward (bf16, H100).
 //
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -Xptxas -v dev/cuda/attention_backward.cu -o attention_backward
-//   ./attention_backward           check every variant against an fp64 CPU reference, then time them
-//   ./attention_backward 1a        one variant
+//   ./attention_backward             check every variant against an fp64 CPU reference, then time them
+//   ./attention_backward 1a,2a       only these variants
+//   ./attention_backward 2a once     one launch of the first matching shape (for ncu)
 //
 // FLOPs: 2.5x the forward's (5 matmuls instead of 2), i.e. 10 * hd * nh * (allowed (i, j) pairs).
-// "total" times the three launches (preprocess: D and zeroing of dq_accum; main; dq convert),
-// "main" the main kernel alone.
+// "total" times all launches of a backward, "main" the main kernel alone. "repeat" runs the whole
+// backward twice on the same inputs (outputs and scratch poisoned differently) and compares the bits.
 //
 // Versions (the number stays with the kernel when it moves to kernels/attention.cuh):
 //   kernel1: one CTA per (kv head, 128-key tile), 16 keys per warp, loops over the GQA group's
-//            query heads and 64-row query tiles; dK/dV in registers, dQ by 16-byte fp32 atomics.
-//            Letters are tile/occupancy variants (see VARIANTS).
+//            query heads and 64-row query tiles; dK/dV in registers, dQ by 16-byte fp32 atomics into
+//            a zeroed fp32 scratch, then a convert pass. Three launches. Not deterministic: the atomics
+//            of different key tiles land in a different order on every run, so dq's bits vary once a row
+//            has more than one key tile (T > 128). Kept here; replaced by kernel2.
+//   kernel2: kernel1 with the dQ adds ordered (kernels/attention.cuh says how): per query tile a
+//            semaphore hands dq_accum from key tile to key tile in ascending order; the first stores, the
+//            last writes bf16 dq. No zeroing pass, no convert pass: two launches. Query tiles are walked
+//            from the last one down so each key tile trails its predecessor by about one item.
+//            DQ_PF (2a, 2c) prefetches dq_accum into smem with cp.async under the dS K matmul; 2b, 2d
+//            load it after the matmul (a register prefetch spilled 76 bytes at hd 128).
+//   Letters are tile/occupancy variants (see VARIANTS).
 //
 // Two numbers, llama3-8b (B=4 T=2048 nh=32 nkv=8 hd=128): 344 GFLOP -> 0.45 ms at ~760 TFLOP/s.
-// Bytes: q, k, v, out, dout read (176 MB), dq, dk, dv written (96 MB), dq_accum zeroed, read back and
-// hit by ~1.1 GB of float4 atomics (L2, not DRAM) -> ~0.2 ms of DRAM traffic. Compute-bound on paper.
+// Bytes: q, k, v, out, dout read (176 MB), dq, dk, dv written (96 MB); kernel1 also zeroes dq_accum, reads
+// it back and hits it with ~1.1 GB of float4 atomics (L2, not DRAM) -> ~0.2 ms of DRAM traffic; kernel2
+// writes and re-reads dq_accum in L2 (the same ~1.1 GB) but skips the zeroing and the convert pass.
+// Compute-bound on paper.
 //
 // Measured on one H100 80GB HBM3 (2026-11-23, two runs agreed within 1%), ms and TFLOP/s, total (three
 // launches) / main kernel:
@@ -34,26 +46,359 @@
 // ptxas spills 32 bytes, which ncu flags as local loads); dk/dv epilogue stores use half of each sector.
 // Next: wgmma with dK/dV accumulators split over a warpgroup (FA3 layout), dQ through smem and a TMA
 // reduce-add (cp.reduce.async.bulk) instead of per-lane atomics.
+//
+// kernel2 (ptxas: 255 registers and 8 bytes spilled at hd 128, 248 and none at hd 64). Prediction: a
+// wave model of the schedule (1 CTA/SM, blocks dispatched in order, tile kt waiting for kt - 1 per item)
+// puts the ordering at under 1% of the main kernel when query tiles are walked top down (15% when walked
+// bottom up: each tile then idles until its heavier predecessor is done); the RMW of dq_accum costs about
+// what the atomics did; dropping the zeroing and the convert pass saves most of their 0.2 ms.
+// Measured on one H100 80GB HBM3 (2026-11-23, one run), ms and TFLOP/s, total (two launches; kernel1's
+// three) / main kernel; "repeat": elements of dq whose bits differed between two runs on the same inputs:
+//   shape (B, T)             1a (atomics)                 2a (ordered, smem prefetch)  2b (ordered, load after)
+//   llama3-8b (4, 2048)      1.93 178 / 1.72 199  dq 177  2.13 161 / 2.05 167  dq 0    2.66 129 / 2.58 133  dq 0
+//   hd128 (1, 16384)         24.9 221 / 24.7 223  dq 3303 30.5 180 / 30.4 181  dq 0    37.6 146 / 37.5 147  dq 0
+//   hd128 (1, 16384) docs 2k 3.77 182 / 3.44 200  dq 337  4.32 159 / 4.21 164  dq 0    5.20 132 / 5.09 135  dq 0
+//                            1c (atomics)                 2c (ordered, smem prefetch)  2d (ordered, load after)
+//   llama3-1b (4, 2048)      1.06 162 / 0.97 178  dq 75   1.32 131 / 1.29 134  dq 0    1.52 113 / 1.48 116  dq 0
+// (At the T=777 B=1 correctness shape, 14 CTAs, kernel1 also came out identical twice: few CTAs rarely race.)
+// The prediction missed: the main kernel is 19% slower at llama3-8b (23% at T=16384, 33% at hd 64), not
+// ~0%. Per item (one key tile x one query tile x one head; 264 per SM at llama3-8b, 4003 at T=16384) the
+// cost is a fixed ~1.25 us at llama3-8b, 1.4 us at T=16384, 1.2 us at hd 64, so it hurts more where items
+// are short. 2b - 2a = 2.0 us per item, which reads as a dq_accum round trip to L2 under this load when
+// nothing covers it; 2a covers it only with the dS K matmul (a fifth of an item's matmuls, ~1.3 us of a
+// 6.5 us item). So the rest of the gap is most likely that uncovered latency (plus thread 0's fence), not
+// waiting on the predecessor; not yet profiled (ncu would show it as long-scoreboard stalls at the wait).
+// Next: start the load a whole phase earlier. Keep item n's dS K (fp32) in smem, and at item n+1's top
+// acquire, cp.async dq_accum for item n, then add and store after n+1's S/dP matmuls (~2.6 us of cover;
+// hd128 smem 188 -> 220 KiB); the handoff then trails by half an item, which the wave model says is free.
+// Or items of 128 query rows, to halve their count. A separate dQ kernel (one CTA per query tile,
+// recomputing S and dP) would cost 2 more matmuls per item, 7 instead of 5: on paper worse than this.
 #include <cuda_runtime.h>                  // defines: cudaEvent_t
 #include <stdio.h>                         // defines: printf
-#include <string.h>                        // defines: strcmp
+#include <string.h>                        // defines: strcmp, strstr
 #include <math.h>                          // defines: exp, sqrt
 #include <vector>                          // defines: std::vector
 #include <algorithm>                       // defines: std::sort
 #include "../../qlora.h"                   // defines: f32_to_bf16, bf16_to_f32, rng_uniform
-#include "../../kernels/attention.cuh"     // defines: attention_backward_hd, attention_backward_launch, attention_forward
+#include "../../kernels/attention.cuh"     // defines: attention_backward_hd (kernel2), AttnBwdParams, AttnBwdTile, attention_forward
+
+// ---------------------------------------------------------------------------------------------
+// kernel1 (graduated, then replaced by kernel2 for determinism)
+
+// D = rowsum(dout * out) per (b, h, i), and dq_accum <- 0 (same row layout as dout, fp32).
+template <int HD>
+__global__ void attention_backward_preprocess_kernel1(float* D, float* dq_accum, const bf16* out, const bf16* dout,
+                                                      int B, int T, int nh) {
+    constexpr int TPR = HD / 8;  // lanes per row, 8 elements (16 bytes) each
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t row = idx / TPR, rows = (int64_t)B * T * nh;  // row = (b * T + i) * nh + h
+    const int c = (int)(idx % TPR);
+    float sum = 0.f;
+    if (row < rows) {
+        const int64_t off = row * HD + c * 8;
+        const uint4 ov = *reinterpret_cast<const uint4*>(out + off);
+        const uint4 dv = *reinterpret_cast<const uint4*>(dout + off);
+        const __nv_bfloat162* o2 = reinterpret_cast<const __nv_bfloat162*>(&ov);
+        const __nv_bfloat162* d2 = reinterpret_cast<const __nv_bfloat162*>(&dv);
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float2 a = __bfloat1622float2(o2[e]), d = __bfloat1622float2(d2[e]);
+            sum += a.x * d.x + a.y * d.y;
+        }
+        float4* z = reinterpret_cast<float4*>(dq_accum + off);
+        z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+        z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int off = TPR / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (row < rows && c == 0) {
+        const int64_t bt = row / nh;
+        const int h = (int)(row % nh), bi = (int)(bt / T), i = (int)(bt % T);
+        D[((int64_t)bi * nh + h) * T + i] = sum;
+    }
+}
+
+// dq = bf16(scale * dq_accum)
+__global__ void attention_backward_dq_kernel1(bf16* dq, const float* dq_accum, float scale, int64_t n8) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n8) return;
+    const float4 a = reinterpret_cast<const float4*>(dq_accum)[2 * idx];
+    const float4 c = reinterpret_cast<const float4*>(dq_accum)[2 * idx + 1];
+    uint4 r;
+    r.x = attn_pack_bf16(a.x * scale, a.y * scale); r.y = attn_pack_bf16(a.z * scale, a.w * scale);
+    r.z = attn_pack_bf16(c.x * scale, c.y * scale); r.w = attn_pack_bf16(c.z * scale, c.w * scale);
+    reinterpret_cast<uint4*>(dq)[idx] = r;
+}
+
+
+// One CTA: BC keys of one kv head (BC/16 warps, 16 key rows each, dK and dV in registers); loops over
+// the nh/nkv query heads of the group and the query tiles that can see these keys. Per query tile:
+//   S^T = K Q^T, P^T = exp(S^T * scale - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D),
+//   dK += dS^T Q, and (dS^T through smem) dQ_accum += dS K with fp32 atomics (run-to-run order varies).
+template <int HD, int BC, int BR, int MINB>
+__global__ void __launch_bounds__(BC / 16 * 32, MINB) attention_backward_kernel1(const AttnBwdParams p) {
+    using C = AttnBwdTile<HD, BC, BR>;
+    constexpr int LD = C::LD, LDS = C::LDS, NT = C::THREADS, WARPS = C::WARPS, CH = HD / 8;
+    constexpr int QW = BR / 16, DW = WARPS / QW, DCW = HD / DW;  // dQ: QW x DW warps of 16 rows x DCW cols
+    static_assert(WARPS % QW == 0 && DCW % 16 == 0, "backward tile shape");
+    extern __shared__ __align__(16) unsigned char attn_smem[];
+    bf16* sK = reinterpret_cast<bf16*>(attn_smem);  // (BC, LD)
+    bf16* sV = sK + BC * LD;                         // (BC, LD)
+    bf16* sQ = sV + BC * LD;                         // (2, BR, LD)
+    bf16* sdO = sQ + 2 * BR * LD;                    // (2, BR, LD)
+    bf16* sdS = sdO + 2 * BR * LD;                   // (BC, LDS) dS^T, bf16
+    float* sL = reinterpret_cast<float*>(sdS + BC * LDS);  // (2, BR) lse
+    float* sD = sL + 2 * BR;                                // (2, BR) D
+    int* sDs = reinterpret_cast<int*>(sD + 2 * BR);         // (2, BR) doc_start
+
+    const int T = p.T, nh = p.nh, nkv = p.nkv, G = nh / nkv;
+    const int b = blockIdx.x / nkv, kvh = blockIdx.x % nkv;
+    const int k0 = blockIdx.y * BC, k_last = min(k0 + BC, T) - 1;  // tile 0 (most query tiles) first
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
+    const int64_t qstride = (int64_t)nh * HD, kstride = (int64_t)nkv * HD;
+
+    {
+        const bf16* gK = p.k + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+        const bf16* gV = p.v + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+        for (int c = tid; c < BC * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, j = k0 + r;
+            const int64_t off = (j < T ? j : 0) * kstride + cc * 8;
+            attn_cp_async16(attn_smem_u32(sK + r * LD + cc * 8), gK + off, j < T);
+            attn_cp_async16(attn_smem_u32(sV + r * LD + cc * 8), gV + off, j < T);
+        }
+        attn_cp_async_commit();
+    }
+    // last query that can see any of these keys: the largest i with doc_start[i] <= k_last
+    // (doc_start is non-decreasing, so that set is a prefix); a block-wide 256-ary search.
+    int i_max = T - 1;
+    if (ds) {
+        int lo = k_last, hi = T - 1;  // ds[lo] <= lo = k_last; the answer is in [lo, hi]
+        while (lo < hi) {
+            const int step = (hi - lo + NT - 1) / NT, pos = lo + (tid + 1) * step;
+            const int n_ok = __syncthreads_count(pos <= hi && ds[pos] <= k_last);  // a prefix of the probes
+            lo += n_ok * step;
+            hi = min(hi, lo + step - 1);
+        }
+        i_max = lo;
+    }
+    const int qt_lo = k0 / BR, nq = i_max / BR - qt_lo + 1, n_iter = G * nq;
+
+    auto load_q = [&](int st, int it) {
+        const int hq = kvh * G + it / nq, q0 = (qt_lo + it % nq) * BR;
+        const int64_t base = (int64_t)b * T * qstride + (int64_t)hq * HD;
+        for (int c = tid; c < BR * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, i = q0 + r;
+            const int64_t off = base + (i < T ? i : 0) * qstride + cc * 8;
+            attn_cp_async16(attn_smem_u32(sQ + (st * BR + r) * LD + cc * 8), p.q + off, i < T);
+            attn_cp_async16(attn_smem_u32(sdO + (st * BR + r) * LD + cc * 8), p.dout + off, i < T);
+        }
+        for (int c = tid; c < 3 * BR; c += NT) {  // lse, D, doc_start of the tile's rows
+            const int which = c / BR, r = c % BR, i = q0 + r;
+            const int64_t li = ((int64_t)b * nh + hq) * T + (i < T ? i : 0);
+            if (which == 0) attn_cp_async4(attn_smem_u32(sL + st * BR + r), p.lse + li, i < T);
+            else if (which == 1) attn_cp_async4(attn_smem_u32(sD + st * BR + r), p.D + li, i < T);
+            else if (ds) attn_cp_async4(attn_smem_u32(sDs + st * BR + r), ds + (i < T ? i : 0), i < T);
+            else sDs[st * BR + r] = 0;
+        }
+    };
+    load_q(0, 0);
+    attn_cp_async_commit();
+
+    float dk[HD / 8][4], dv[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[n][e] = dv[n][e] = 0.f;
+    const int kr0 = warp * 16;
+    const float sl2 = p.scale_log2;
+    const uint32_t kA = attn_smem_u32(sK + (kr0 + ATTN_A_ROW(lane)) * LD + ATTN_A_COL(lane));
+    const uint32_t vA = attn_smem_u32(sV + (kr0 + ATTN_A_ROW(lane)) * LD + ATTN_A_COL(lane));
+    const int qr0 = (warp % QW) * 16, dc0 = (warp / QW) * DCW;
+    const uint32_t dsA = attn_smem_u32(sdS + ATTN_B_ROW(lane) * LDS + qr0 + ATTN_B_COL(lane));
+    const uint32_t kT = attn_smem_u32(sK + ATTN_T_ROW(lane) * LD + dc0 + ATTN_T_COL(lane));
+
+    for (int it = 0; it < n_iter; it++) {
+        const int st = it & 1, hq = kvh * G + it / nq, q0 = (qt_lo + it % nq) * BR;
+        attn_cp_async_wait_all();
+        __syncthreads();  // stage st landed; every warp is done with stage st^1 and with sdS
+        if (it + 1 < n_iter) { load_q(st ^ 1, it + 1); attn_cp_async_commit(); }
+        const bf16* cQ = sQ + st * BR * LD;
+        const bf16* cdO = sdO + st * BR * LD;
+        const float* cL = sL + st * BR;
+        const float* cD = sD + st * BR;
+        const int* cDs = sDs + st * BR;
+
+        // S^T = K Q^T and dP^T = V dO^T: (16 keys x BR queries) per warp
+        float s[BR / 8][4], dp[BR / 8][4];
+#pragma unroll
+        for (int n = 0; n < BR / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] = dp[n][e] = 0.f;
+        const uint32_t qB = attn_smem_u32(cQ + ATTN_B_ROW(lane) * LD + ATTN_B_COL(lane));
+        const uint32_t oB = attn_smem_u32(cdO + ATTN_B_ROW(lane) * LD + ATTN_B_COL(lane));
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            uint32_t a[4], av[4];
+            attn_ldsm_x4(a, kA + kk * 32);
+            attn_ldsm_x4(av, vA + kk * 32);
+#pragma unroll
+            for (int np = 0; np < BR / 16; np++) {
+                uint32_t bb[4];
+                attn_ldsm_x4(bb, qB + (np * 16 * LD + kk * 16) * 2);
+                attn_mma(s[2 * np], a, bb);
+                attn_mma(s[2 * np + 1], a, bb + 2);
+                attn_ldsm_x4(bb, oB + (np * 16 * LD + kk * 16) * 2);
+                attn_mma(dp[2 * np], av, bb);
+                attn_mma(dp[2 * np + 1], av, bb + 2);
+            }
+        }
+        // P^T = exp2(S^T * scale * log2e - lse * log2e), masked to 0; dS^T = P^T (dP^T - D)
+        const bool need_mask = k0 + BC - 1 > q0 || q0 + BR > T || (ds && k0 < cDs[BR - 1]);
+#pragma unroll
+        for (int n = 0; n < BR / 8; n++) {
+            const float2 l2 = *reinterpret_cast<const float2*>(cL + n * 8 + 2 * t4);
+            const float2 d2 = *reinterpret_cast<const float2*>(cD + n * 8 + 2 * t4);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float pt = attn_exp2(fmaf(s[n][e], sl2, -(e & 1 ? l2.y : l2.x) * 1.44269504089f));
+                if (need_mask) {
+                    const int qc = n * 8 + 2 * t4 + (e & 1), i = q0 + qc, j = k0 + kr0 + g + (e >> 1) * 8;
+                    if (j > i || i >= T || j < cDs[qc]) pt = 0.f;
+                }
+                s[n][e] = pt;
+                dp[n][e] = pt * (dp[n][e] - (e & 1 ? d2.y : d2.x));
+            }
+        }
+        uint32_t pa[BR / 16][4], da[BR / 16][4];  // bf16 A fragments of P^T and dS^T (16 keys x 16 queries)
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++) {
+            pa[kc][0] = attn_pack_bf16(s[2 * kc][0], s[2 * kc][1]);
+            pa[kc][1] = attn_pack_bf16(s[2 * kc][2], s[2 * kc][3]);
+            pa[kc][2] = attn_pack_bf16(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+            pa[kc][3] = attn_pack_bf16(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+            da[kc][0] = attn_pack_bf16(dp[2 * kc][0], dp[2 * kc][1]);
+            da[kc][1] = attn_pack_bf16(dp[2 * kc][2], dp[2 * kc][3]);
+            da[kc][2] = attn_pack_bf16(dp[2 * kc + 1][0], dp[2 * kc + 1][1]);
+            da[kc][3] = attn_pack_bf16(dp[2 * kc + 1][2], dp[2 * kc + 1][3]);
+            // dS^T rows kr0+g, kr0+g+8; cols 16kc + 2t4 (+8)
+            uint32_t* row_g = reinterpret_cast<uint32_t*>(sdS + (kr0 + g) * LDS + kc * 16 + 2 * t4);
+            uint32_t* row_g8 = reinterpret_cast<uint32_t*>(sdS + (kr0 + g + 8) * LDS + kc * 16 + 2 * t4);
+            row_g[0] = da[kc][0]; row_g8[0] = da[kc][1]; row_g[4] = da[kc][2]; row_g8[4] = da[kc][3];
+        }
+        // dV += P^T dO
+        const uint32_t oT = attn_smem_u32(cdO + ATTN_T_ROW(lane) * LD + ATTN_T_COL(lane));
+        const uint32_t qT = attn_smem_u32(cQ + ATTN_T_ROW(lane) * LD + ATTN_T_COL(lane));
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++)
+#pragma unroll
+            for (int d = 0; d < HD / 16; d++) {
+                uint32_t bb[4];
+                attn_ldsm_x4_t(bb, oT + (kc * 16 * LD + d * 16) * 2);
+                attn_mma(dv[2 * d], pa[kc], bb);
+                attn_mma(dv[2 * d + 1], pa[kc], bb + 2);
+            }
+        // dK += dS^T Q
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++)
+#pragma unroll
+            for (int d = 0; d < HD / 16; d++) {
+                uint32_t bb[4];
+                attn_ldsm_x4_t(bb, qT + (kc * 16 * LD + d * 16) * 2);
+                attn_mma(dk[2 * d], da[kc], bb);
+                attn_mma(dk[2 * d + 1], da[kc], bb + 2);
+            }
+        __syncthreads();  // all of dS^T is in smem
+        // dQ_accum[q0 + qr0 .. +16, dc0 .. +DCW] += dS K (contraction over the BC keys)
+        float dq[DCW / 8][4];
+#pragma unroll
+        for (int n = 0; n < DCW / 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+#pragma unroll
+        for (int kc = 0; kc < BC / 16; kc++) {
+            uint32_t a[4];
+            attn_ldsm_x4_t(a, dsA + kc * 16 * LDS * 2);
+#pragma unroll
+            for (int d = 0; d < DCW / 16; d++) {
+                uint32_t bb[4];
+                attn_ldsm_x4_t(bb, kT + (kc * 16 * LD + d * 16) * 2);
+                attn_mma(dq[2 * d], a, bb);
+                attn_mma(dq[2 * d + 1], a, bb + 2);
+            }
+        }
+        // one 16-byte atomic per lane per n8 block: even lanes take row g, odd lanes row g+8
+        const bool odd = t4 & 1;
+        const int i = q0 + qr0 + g + (odd ? 8 : 0);
+        float* dst = p.dq_accum + ((int64_t)b * T + i) * qstride + (int64_t)hq * HD + dc0 + 2 * (t4 & 2);
+#pragma unroll
+        for (int n = 0; n < DCW / 8; n++) {
+            const float x0 = __shfl_xor_sync(0xffffffffu, odd ? dq[n][0] : dq[n][2], 1);
+            const float x1 = __shfl_xor_sync(0xffffffffu, odd ? dq[n][1] : dq[n][3], 1);
+            const float4 v4 = odd ? make_float4(x0, x1, dq[n][2], dq[n][3]) : make_float4(dq[n][0], dq[n][1], x0, x1);
+            if (i < T) atomicAdd(reinterpret_cast<float4*>(dst + n * 8), v4);
+        }
+    }
+
+    // epilogue: dK (times the softmax scale) and dV, rows k0 + kr0 + g (+8)
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int j = k0 + kr0 + g + 8 * r;
+        if (j >= T) continue;
+        const int64_t off = ((int64_t)b * T + j) * kstride + (int64_t)kvh * HD + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            *reinterpret_cast<uint32_t*>(p.dk + off + n * 8) = attn_pack_bf16(dk[n][2 * r] * p.scale, dk[n][2 * r + 1] * p.scale);
+            *reinterpret_cast<uint32_t*>(p.dv + off + n * 8) = attn_pack_bf16(dv[n][2 * r], dv[n][2 * r + 1]);
+        }
+    }
+}
+
+template <int HD, int BC, int BR, int MINB>
+void attention_backward1_launch(const AttnBwdParams& p, cudaStream_t stream) {
+    using C = AttnBwdTile<HD, BC, BR>;
+    auto kernel = attention_backward_kernel1<HD, BC, BR, MINB>;
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM));
+    dim3 grid(p.B * p.nkv, (p.T + BC - 1) / BC);
+    kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
+    cudaCheck(cudaGetLastError());
+}
+
+// The three backward launches around the main kernel: preprocess (D, zero dq_accum) and dq convert.
+template <int HD, int BC, int BR, int MINB>
+void attention_backward1_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q, const bf16* k,
+                           const bf16* v, const bf16* out, const float* lse, const int* doc_start,
+                           int B, int T, int nh, int nkv, cudaStream_t stream) {
+    float* dq_accum = scratch;                      // (B, T, nh, HD)
+    float* D = scratch + (size_t)B * T * nh * HD;   // (B, nh, T); 16-byte aligned since HD % 4 == 0
+    const int64_t rows = (int64_t)B * T * nh;
+    const int block = 256;
+    attention_backward_preprocess_kernel1<HD><<<(unsigned)((rows * (HD / 8) + block - 1) / block), block, 0, stream>>>(
+        D, dq_accum, out, dout, B, T, nh);
+    cudaCheck(cudaGetLastError());
+    const float scale = 1.0f / sqrtf((float)HD);
+    AttnBwdParams p{nullptr, dk, dv, dq_accum, nullptr, D, dout, q, k, v, lse, doc_start, B, T, nh, nkv, scale, scale * 1.4426950408889634f};
+    attention_backward1_launch<HD, BC, BR, MINB>(p, stream);
+    const int64_t n8 = rows * HD / 8;
+    attention_backward_dq_kernel1<<<(unsigned)((n8 + block - 1) / block), block, 0, stream>>>(dq, dq_accum, scale, n8);
+    cudaCheck(cudaGetLastError());
+}
+
+// ---------------------------------------------------------------------------------------------
 
 typedef void (*BwdAll)(bf16*, bf16*, bf16*, float*, const bf16*, const bf16*, const bf16*, const bf16*, const bf16*,
                        const float*, const int*, int, int, int, int, cudaStream_t);
 typedef void (*BwdMain)(const AttnBwdParams&, cudaStream_t);
 struct Variant { const char* name; int hd; BwdAll all; BwdMain main; const char* what; };
 static const Variant VARIANTS[] = {
-    {"1a", 128, attention_backward_hd<128, 128, 64, 1>, attention_backward_launch<128, 128, 64, 1>, "hd128 Bc128 Br64, 8 warps, 1 CTA/SM (production)"},
-    {"1b", 128, attention_backward_hd<128, 64, 64, 2>, attention_backward_launch<128, 64, 64, 2>, "hd128 Bc64 Br64, 4 warps, 2 CTA/SM"},
-    {"1e", 128, attention_backward_hd<128, 128, 32, 1>, attention_backward_launch<128, 128, 32, 1>, "hd128 Bc128 Br32, 8 warps, 1 CTA/SM"},
-    {"1c", 64, attention_backward_hd<64, 128, 64, 1>, attention_backward_launch<64, 128, 64, 1>, "hd64 Bc128 Br64, 8 warps, 1 CTA/SM (production)"},
-    {"1d", 64, attention_backward_hd<64, 64, 64, 2>, attention_backward_launch<64, 64, 64, 2>, "hd64 Bc64 Br64, 4 warps, 2 CTA/SM"},
-    {"1f", 64, attention_backward_hd<64, 128, 32, 1>, attention_backward_launch<64, 128, 32, 1>, "hd64 Bc128 Br32, 8 warps, 1 CTA/SM"},
+    {"1a", 128, attention_backward1_hd<128, 128, 64, 1>, attention_backward1_launch<128, 128, 64, 1>, "hd128 Bc128 Br64, 8 warps, 1 CTA/SM, atomics"},
+    {"1b", 128, attention_backward1_hd<128, 64, 64, 2>, attention_backward1_launch<128, 64, 64, 2>, "hd128 Bc64 Br64, 4 warps, 2 CTA/SM, atomics"},
+    {"1e", 128, attention_backward1_hd<128, 128, 32, 1>, attention_backward1_launch<128, 128, 32, 1>, "hd128 Bc128 Br32, 8 warps, 1 CTA/SM, atomics"},
+    {"2a", 128, attention_backward_hd<128, 128, 64, 1, true>, attention_backward_launch<128, 128, 64, 1, true>, "hd128 Bc128 Br64, ordered dQ, smem prefetch (production)"},
+    {"2b", 128, attention_backward_hd<128, 128, 64, 1, false>, attention_backward_launch<128, 128, 64, 1, false>, "hd128 Bc128 Br64, ordered dQ, load after matmul"},
+    {"1c", 64, attention_backward1_hd<64, 128, 64, 1>, attention_backward1_launch<64, 128, 64, 1>, "hd64 Bc128 Br64, 8 warps, 1 CTA/SM, atomics"},
+    {"1d", 64, attention_backward1_hd<64, 64, 64, 2>, attention_backward1_launch<64, 64, 64, 2>, "hd64 Bc64 Br64, 4 warps, 2 CTA/SM, atomics"},
+    {"1f", 64, attention_backward1_hd<64, 128, 32, 1>, attention_backward1_launch<64, 128, 32, 1>, "hd64 Bc128 Br32, 8 warps, 1 CTA/SM, atomics"},
+    {"2c", 64, attention_backward_hd<64, 128, 64, 1, true>, attention_backward_launch<64, 128, 64, 1, true>, "hd64 Bc128 Br64, ordered dQ, smem prefetch (production)"},
+    {"2d", 64, attention_backward_hd<64, 128, 64, 1, false>, attention_backward_launch<64, 128, 64, 1, false>, "hd64 Bc128 Br64, ordered dQ, load after matmul"},
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -173,10 +518,12 @@ static bool check_variant(const Variant& V, Problem& P, const std::vector<double
     return ok;
 }
 
+// both launches alone: the same scratch layout (kernel1 uses a prefix); kernel2 leaves its semaphores zeroed
 static float time_ms(const Variant& V, Problem& P, bool main_only, int reps) {
     const float scale = 1.0f / sqrtf((float)P.hd);
-    AttnBwdParams p{P.d_scratch, P.d_dk, P.d_dv, P.d_scratch + P.nq, P.d_do, P.d_q, P.d_k, P.d_v, P.d_lse, P.d_doc,
-                    P.B, P.T, P.nh, P.nkv, scale, scale * 1.4426950408889634f};
+    float* D = P.d_scratch + P.nq;
+    AttnBwdParams p{P.d_dq, P.d_dk, P.d_dv, P.d_scratch, reinterpret_cast<int*>(D + P.nl), D, P.d_do, P.d_q, P.d_k, P.d_v,
+                    P.d_lse, P.d_doc, P.B, P.T, P.nh, P.nkv, scale, scale * 1.4426950408889634f};
     cudaEvent_t e0, e1;
     cudaCheck(cudaEventCreate(&e0)); cudaCheck(cudaEventCreate(&e1));
     std::vector<float> ms;
@@ -191,6 +538,34 @@ static float time_ms(const Variant& V, Problem& P, bool main_only, int reps) {
     cudaCheck(cudaEventDestroy(e0)); cudaCheck(cudaEventDestroy(e1));
     std::sort(ms.begin(), ms.end());
     return ms[ms.size() / 2];
+}
+
+// run the whole backward twice on the same inputs, outputs and scratch poisoned with different bytes in
+// between; returns how many of dq, dk, dv's elements differ in their bits (unwritten ones differ too)
+static size_t repeat_diff(const Variant& V, Problem& P, size_t diff[3]) {
+    bf16* src[3] = {P.d_dq, P.d_dk, P.d_dv};
+    const size_t n[3] = {P.nq, P.nk, P.nk}, scratch = attention_backward_scratch_bytes(P.B, P.T, P.nh, P.hd);
+    std::vector<uint16_t> first[3];
+    for (int r = 0; r < 2; r++) {
+        for (int t = 0; t < 3; t++) cudaCheck(cudaMemset(src[t], r ? 0x7f : 0xff, n[t] * 2));
+        cudaCheck(cudaMemset(P.d_scratch, r ? 0x55 : 0xff, scratch));
+        run_all(V, P);
+        cudaCheck(cudaDeviceSynchronize());
+        for (int t = 0; t < 3; t++) {
+            std::vector<uint16_t> got(n[t]);
+            cudaCheck(cudaMemcpy(got.data(), src[t], n[t] * 2, cudaMemcpyDeviceToHost));
+            if (r == 0) first[t] = got;
+            else { diff[t] = 0; for (size_t i = 0; i < n[t]; i++) diff[t] += got[i] != first[t][i]; }
+        }
+    }
+    return diff[0] + diff[1] + diff[2];
+}
+
+static bool selected(const char* only, const char* name) {  // only: null or a comma-separated list
+    if (!only) return true;
+    for (const char* s = only; (s = strstr(s, name)) != nullptr; s++)
+        if ((s == only || s[-1] == ',') && (s[strlen(name)] == ',' || s[strlen(name)] == 0)) return true;
+    return false;
 }
 
 int main(int argc, char** argv) {
@@ -219,7 +594,13 @@ int main(int argc, char** argv) {
             attention_backward_cpu(ref[0].data(), ref[1].data(), ref[2].data(), f[3].data(), f[0].data(), f[1].data(), f[2].data(),
                                    o.data(), lse.data(), doc_len ? P.doc.data() : nullptr, P.B, P.T, P.nh, P.nkv, hd);
             for (const Variant& V : VARIANTS)
-                if (V.hd == hd && (!only || !strcmp(only, V.name))) all_ok &= check_variant(V, P, ref);
+                if (V.hd == hd && selected(only, V.name)) {
+                    all_ok &= check_variant(V, P, ref);
+                    size_t diff[3];
+                    const bool same = repeat_diff(V, P, diff) == 0;
+                    if (V.name[0] != '1') all_ok &= same;  // kernel1 is not deterministic
+                    printf("      repeat: %s (dq %zu, dk %zu, dv %zu elements differ)\n", same ? "bitwise identical" : "DIFFERS", diff[0], diff[1], diff[2]);
+                }
             free_problem(P);
         }
 
@@ -230,17 +611,22 @@ int main(int argc, char** argv) {
         {"8b long", 1, 16384, 32, 8, 128, 0},
         {"8b long packed 2k", 1, 16384, 32, 8, 128, 2048},
     };
-    printf("\n%-18s %-4s %9s %9s %9s %9s   %s\n", "shape", "var", "total ms", "TFLOP/s", "main ms", "TFLOP/s", "variant");
+    printf("\n%-18s %-4s %9s %9s %9s %9s  %-22s %s\n", "shape", "var", "total ms", "TFLOP/s", "main ms", "TFLOP/s", "repeat (dq dk dv diff)", "variant");
     for (const Shape& S : shapes) {
         Problem P{S.B, S.T, S.nh, S.nkv, S.hd, S.doc_len};
         make_problem(P, 7);
         const double flops = 10.0 * S.hd * S.nh * P.pairs;
         for (const Variant& V : VARIANTS) {
-            if (V.hd != S.hd || (only && strcmp(only, V.name))) continue;
+            if (V.hd != S.hd || !selected(only, V.name)) continue;
             if (once) { run_all(V, P); cudaCheck(cudaDeviceSynchronize()); free_problem(P); return 0; }
             const float all = time_ms(V, P, false, 5), main_ms = time_ms(V, P, true, 5);
-            printf("%-18s %-4s %9.4f %9.1f %9.4f %9.1f   %s\n", S.name, V.name, all, flops / (all * 1e-3) / 1e12, main_ms,
-                   flops / (main_ms * 1e-3) / 1e12, V.what);
+            size_t diff[3];
+            const bool same = repeat_diff(V, P, diff) == 0;
+            if (V.name[0] != '1') all_ok &= same;  // kernel1 is not deterministic, and says so
+            char rep[64];
+            snprintf(rep, sizeof rep, "%s %zu %zu %zu", same ? "same" : "DIFF", diff[0], diff[1], diff[2]);
+            printf("%-18s %-4s %9.4f %9.1f %9.4f %9.1f  %-22s %s\n", S.name, V.name, all, flops / (all * 1e-3) / 1e12, main_ms,
+                   flops / (main_ms * 1e-3) / 1e12, rep, V.what);
         }
         free_problem(P);
     }
