@@ -35,15 +35,24 @@ struct Options {
     std::string out;                     // adapter output directory ("" = do not save)
     std::string log;                     // log file ("" = none)
     double peak_tflops = 700.0;          // measured bf16 GEMM peak for MFU (../shared/bench/gemm_peak.py)
+    std::string adapter;                 // PEFT adapter to start from / to merge: its r, alpha, rslora, targets replace --rank etc.
+    int quant_type = QT_NF4, blocksize = 64; bool double_quant = true;   // qlora quantize
+    bool requant = false, onto_original = false;                         // qlora merge
 };
 
 static void usage() {
     printf("usage: qlora --model DIR|random:{tiny,llama3-1b,llama3-3b,llama3-8b} [options]\n"
+           "       qlora quantize --model SRC --out DST [--quant-type nf4|fp4] [--blocksize 64] [--no-double-quant]\n"
+           "                      a bitsandbytes 4-bit checkpoint, as transformers saves one (CPU only)\n"
+           "       qlora merge --model SRC --adapter DIR --out DST [--requant] [--onto-original]\n"
+           "                      base + adapter as a bf16 checkpoint (--requant: bitsandbytes 4-bit); the base is the\n"
+           "                      NF4 one the adapter was trained against, or the stored weights with --onto-original\n"
            "  --train FILE            token file (dev/data/prepare.py); without it: --synthetic-data, random tokens\n"
            "  --val FILE --eval-every N --eval-batches K   validation loss every N steps over K batches\n"
            "  --batch N --seq T       sequences per micro-batch and their length (4, 512)\n"
            "  --steps N --grad-accum K --lr X --warmup N --weight-decay X --clip X\n"
            "  --rank R --alpha A --dropout P --rslora --targets q,k,v,o,gate,up,down\n"
+           "  --adapter DIR           start from a PEFT LoRA adapter (its r, alpha, rslora, targets; fresh AdamW state)\n"
            "  --recompute             recompute each layer's activations in backward (less memory)\n"
            "  --seed S --out DIR (PEFT adapter + resume state) --save-every N --resume DIR\n"
            "  --log FILE --peak-tflops X (for MFU) --max-bad-steps K (stop after K non-finite steps in a row)\n");
@@ -87,6 +96,12 @@ static Options parse_args(int argc, char** argv) {
         else if (a == "--out") o.out = next();
         else if (a == "--log") o.log = next();
         else if (a == "--peak-tflops") o.peak_tflops = num(1, 1e6);
+        else if (a == "--adapter") o.adapter = next();
+        else if (a == "--quant-type") { std::string v = next(); ql_assert(v == "nf4" || v == "fp4", "--quant-type %s: nf4 or fp4", v.c_str()); o.quant_type = v == "nf4" ? QT_NF4 : QT_FP4; }
+        else if (a == "--blocksize") o.blocksize = (int)num(32, 4096);
+        else if (a == "--no-double-quant") o.double_quant = false;
+        else if (a == "--requant") o.requant = true;
+        else if (a == "--onto-original") o.onto_original = true;
         else ql_fail("unknown option %s (see --help)", a.c_str());
     }
     return o;
@@ -219,7 +234,7 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     A.want(&a.hf, N * H); A.want(&a.rstdf, N);
     for (int p = 0; p < N_PROJ; p++) S.want(&a.wdq[p], (size_t)proj_out(c, p) * proj_in(c, p));
     S.want(&a.delta, N * H); S.want(&a.act, N * I); S.want(&a.u, N * r); S.want(&a.t, N * r);
-    a.xdrop = nullptr; if (o.dropout > 0) S.want(&a.xdrop, N * (I > q ? I : q > H ? q : H));
+    a.xdrop = nullptr; if (o.dropout > 0) S.want(&a.xdrop, N * std::max({I, q, H}));
     S.want(&a.attn_scratch, attention_backward_scratch_bytes(o.batch, o.seq, c.n_heads, c.head_dim) / sizeof(float));
     // lm_head + CE in chunks of ce_rows rows; with --recompute, half-size chunks (memory over a little speed)
     a.ce_rows = ce_default_rows((int)V) / (o.recompute ? 2 : 1) / 8 * 8; if (a.ce_rows < 8) a.ce_rows = 8;
@@ -240,12 +255,14 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// loading: weights arrive as bf16 (converted on the host if the file is F16/F32), one tensor at a
-// time through a staging buffer; decoder linears are quantized to NF4 on the GPU as they arrive,
-// so the bf16 model never sits on the GPU whole.
+// loading: one tensor at a time through a staging buffer. Decoder linears go up in the file's own
+// dtype and are quantized to NF4 on the GPU from exactly those values (as bitsandbytes quantizes a
+// model loaded in its own dtype, and as the CPU reference does), so the model never sits on the GPU
+// whole; embeddings and norms are kept in bf16.
 
-static void quantize_into(QWeight& q, const bf16* w, int64_t n, float* absmax_tmp, cudaStream_t s) {
-    quantize_4bit_gpu(q.packed, absmax_tmp, w, n, QT_NF4, QBS, s);
+template <class T>
+static void quantize_into(QWeight& q, const T* w, int64_t n, float* absmax_tmp, cudaStream_t s) {
+    quantize_4bit_gpu<T>(q.packed, absmax_tmp, w, n, QT_NF4, QBS, s);
     quantize_absmax_gpu(q.absmax_q, q.absmax2, q.offset, absmax_tmp, n / QBS, nullptr, s);
 }
 
@@ -253,20 +270,23 @@ static void load_model(Trainer& t) {
     Model& m = t.m; const Config& c = m.cfg;
     size_t biggest = (size_t)c.vocab_size * c.dim;
     for (int p = 0; p < N_PROJ; p++) biggest = std::max(biggest, (size_t)proj_out(c, p) * proj_in(c, p));
-    bf16* stage; float* absmax_tmp;
-    cudaCheck(cudaMalloc(&stage, biggest * sizeof(bf16)));
+    void* stage; float* absmax_tmp;   // stage: one tensor in its file dtype (up to fp32)
+    cudaCheck(cudaMalloc(&stage, biggest * sizeof(float)));
     cudaCheck(cudaMalloc(&absmax_tmp, biggest / QBS * sizeof(float)));
     bool random = t.o.model.rfind("random:", 0) == 0;
     auto linear = [&](int l, int p, const STensor* ts) {
         int64_t n = (int64_t)proj_out(c, p) * proj_in(c, p);
-        if (ts) { std::vector<uint16_t> h((size_t)n); std::vector<float> f = st_f32(*ts);
-                  for (int64_t i = 0; i < n; i++) h[i] = f32_to_bf16(f[i]);
-                  cudaCheck(cudaMemcpy(stage, h.data(), n * 2, cudaMemcpyHostToDevice)); }
-        else fill_normal(stage, n, 0.02f, t.o.seed, 1000 + (uint64_t)l * N_PROJ + p, t.s);
-        quantize_into(m.w[l][p], stage, n, absmax_tmp, t.s);
+        if (!ts) { fill_normal((bf16*)stage, n, 0.02f, t.o.seed, 1000 + (uint64_t)l * N_PROJ + p, t.s);
+                   quantize_into(m.w[l][p], (const bf16*)stage, n, absmax_tmp, t.s); }
+        else {   // checkpoint_view has checked shape and dtype (BF16, F16 or F32)
+            cudaCheck(cudaMemcpy(stage, ts->data, ts->nbytes, cudaMemcpyHostToDevice));
+            if (ts->dtype == DT_BF16) quantize_into(m.w[l][p], (const bf16*)stage, n, absmax_tmp, t.s);
+            else if (ts->dtype == DT_F16) quantize_into(m.w[l][p], (const __half*)stage, n, absmax_tmp, t.s);
+            else quantize_into(m.w[l][p], (const float*)stage, n, absmax_tmp, t.s);
+        }
         cudaCheck(cudaStreamSynchronize(t.s));
     };
-    auto dense = [&](bf16* dst, const STensor* ts, size_t n, float fill, uint64_t stream) {
+    auto dense = [&](bf16* dst, const STensor* ts, size_t n, float fill, uint64_t stream) {   // -> bf16
         if (ts) { std::vector<float> f = st_f32(*ts); std::vector<uint16_t> h(n); for (size_t i = 0; i < n; i++) h[i] = f32_to_bf16(f[i]);
                   cudaCheck(cudaMemcpy(dst, h.data(), n * 2, cudaMemcpyHostToDevice)); }
         else if (fill != 0.0f) fill_normal(dst, (int64_t)n, fill, t.o.seed, stream, t.s);
@@ -416,30 +436,9 @@ static void backward(Trainer& t, uint64_t drop_seed) {
 // adapters out, in PEFT's own files (formats.md §4.3, §4.4): F32 A (r, in) and B (out, r)
 
 static void save_adapter(Trainer& t, const std::string& dir) {
-    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc;
-    ql_assert(system(("mkdir -p '" + dir + "'").c_str()) == 0, "cannot create %s", dir.c_str());
     std::vector<float> host(t.m.n_lora);
     cudaCheck(cudaMemcpy(host.data(), t.m.lora, host.size() * 4, cudaMemcpyDeviceToHost));
-    std::vector<STOut> ts; std::vector<std::string> targets;
-    for (int p = 0; p < N_PROJ; p++) if (lc.has(p)) targets.push_back(json_quote(PROJ_NAME[p]));
-    for (int l = 0; l < c.n_layers; l++)
-        for (int p = 0; p < N_PROJ; p++) {
-            if (!lc.has(p)) continue;
-            LoraSlot s = lora_slot(c, lc, l, p);
-            std::string k = "base_model.model." + hf_linear_name(l, p); k.resize(k.size() - 7);   // drop ".weight"
-            ts.push_back({k + ".lora_A.weight", DT_F32, {lc.rank, proj_in(c, p)}, host.data() + s.a});
-            ts.push_back({k + ".lora_B.weight", DT_F32, {proj_out(c, p), lc.rank}, host.data() + s.b});
-        }
-    st_write(dir + "/adapter_model.safetensors", ts);
-    char alpha[32]; snprintf(alpha, sizeof alpha, "%.9g", lc.alpha);
-    char drop[32]; snprintf(drop, sizeof drop, "%.9g", lc.dropout);
-    std::string tm; for (size_t i = 0; i < targets.size(); i++) tm += (i ? ", " : "") + targets[i];
-    std::string j = "{\n  \"alpha_pattern\": {},\n  \"base_model_name_or_path\": " + json_quote(t.o.model) + ",\n  \"bias\": \"none\",\n"
-                    "  \"fan_in_fan_out\": false,\n  \"inference_mode\": true,\n  \"init_lora_weights\": true,\n  \"lora_alpha\": " + alpha + ",\n"
-                    "  \"lora_dropout\": " + drop + ",\n  \"modules_to_save\": null,\n  \"peft_type\": \"LORA\",\n  \"r\": " + std::to_string(lc.rank) + ",\n"
-                    "  \"rank_pattern\": {},\n  \"revision\": null,\n  \"target_modules\": [" + tm + "],\n  \"task_type\": \"CAUSAL_LM\",\n"
-                    "  \"use_dora\": false,\n  \"use_rslora\": " + (lc.rslora ? "true" : "false") + "\n}\n";
-    atomic_write(dir + "/adapter_config.json", {{j.data(), j.size()}});
+    peft_adapter_write(dir, t.m.cfg, t.m.lc, host.data(), t.o.model);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -462,14 +461,21 @@ static void trainer_init(Trainer& t, const Options& o) {
     ql_assert(c.dim % 8 == 0 && c.hidden_dim % 8 == 0 && c.vocab_size % 8 == 0, "hidden_size, intermediate_size and vocab_size must be multiples of 8");
     t.m.cfg = c;
     t.m.lc.rank = o.rank; t.m.lc.alpha = o.alpha; t.m.lc.dropout = o.dropout; t.m.lc.rslora = o.rslora; t.m.lc.targets = parse_targets(o.targets);
-    printf("model %s: H %d I %d L %d heads %d/%d hd %d V %d%s | LoRA r %d alpha %g on %s | %.1f M trainable\n", o.model.c_str(), c.dim,
-           c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.tied ? " tied" : "", o.rank, o.alpha,
-           o.targets.c_str(), lora_num_params(c, t.m.lc) / 1e6);
+    std::vector<float> adapter;   // --adapter: its LoRA configuration replaces the options, its weights the init
+    if (!o.adapter.empty()) {
+        peft_adapter_read(o.adapter, c, t.m.lc, adapter);
+        t.m.lc.dropout = o.dropout;
+        t.o.rank = t.m.lc.rank; t.o.alpha = t.m.lc.alpha; t.o.rslora = t.m.lc.rslora; t.o.targets.clear();
+        for (int p = 0; p < N_PROJ; p++) if (t.m.lc.has(p)) t.o.targets += (t.o.targets.empty() ? "" : ",") + std::string(PROJ_NAME[p]);
+    }
+    printf("model %s: H %d I %d L %d heads %d/%d hd %d V %d%s | LoRA r %d alpha %g on %s%s | %.1f M trainable\n", o.model.c_str(), c.dim,
+           c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.tied ? " tied" : "", t.o.rank, t.o.alpha,
+           t.o.targets.c_str(), o.adapter.empty() ? "" : (" from " + o.adapter).c_str(), lora_num_params(c, t.m.lc) / 1e6);
     std::vector<Arena> arenas;
     plan_memory(t, arenas);
     load_model(t);
     std::vector<float> init(t.m.n_lora);
-    lora_init(init.data(), c, t.m.lc, o.seed);
+    if (!o.adapter.empty()) init = adapter; else lora_init(init.data(), c, t.m.lc, o.seed);
     set_lora(t, init.data());
 }
 
@@ -620,7 +626,29 @@ static void data_init(Trainer& t, Data& d) {
 }
 
 #ifndef QLORA_TESTING
+// qlora quantize / qlora merge: checkpoint files only, on the CPU (qlora.h §13, §14); no GPU needed
+static int file_mode(const std::string& mode, const Options& o, const std::string& argv0) {
+    ql_assert(o.model.rfind("random:", 0) != 0 && !o.out.empty(), "qlora %s needs --model DIR and --out DIR (see --help)", mode.c_str());
+    std::string here = argv0.find('/') == std::string::npos ? "." : argv0.substr(0, argv0.rfind('/'));
+    if (!rcp_table_load("data/rcp_delta.bin")) rcp_table_load(here + "/data/rcp_delta.bin");   // rcp.approx, bit-exact FP4 / fp32 input
+    if (mode == "quantize") {
+        bnb_write_checkpoint(o.model, o.out, o.quant_type, o.blocksize, o.double_quant);
+        printf("%s: bitsandbytes 4-bit checkpoint (%s, blocksize %d%s) of %s\n", o.out.c_str(), quant_type_name(o.quant_type), o.blocksize,
+               o.double_quant ? ", double quant" : "", o.model.c_str());
+        return 0;
+    }
+    ql_assert(!o.adapter.empty(), "qlora merge needs --adapter DIR (a PEFT LoRA adapter)");
+    Config c = load_config(o.model + "/config.json");
+    LoraConfig lc; std::vector<float> lora;
+    peft_adapter_read(o.adapter, c, lc, lora);
+    merge_write_checkpoint(o.model, c, lc, lora.data(), o.out, o.requant, o.onto_original);
+    printf("%s: %s + %s (r %d, scale %g)%s\n", o.out.c_str(), o.model.c_str(), o.adapter.c_str(), lc.rank, lc.scale(),
+           o.requant ? ", re-quantized to bitsandbytes 4-bit" : ", bf16");
+    return 0;
+}
+
 int main(int argc, char** argv) {
+    if (argc > 1 && (!strcmp(argv[1], "quantize") || !strcmp(argv[1], "merge"))) return file_mode(argv[1], parse_args(argc - 1, argv + 1), argv[0]);
     Options o = parse_args(argc, argv);
     Trainer t;
     trainer_init(t, o);
