@@ -689,15 +689,14 @@ struct MappedFile {   // read-only mmap of a whole file
 inline MappedFile::MappedFile(const std::string& p) : path(p) {
     int fd = open(p.c_str(), O_RDONLY);
     ql_assert(fd >= 0, "cannot open %s", p.c_str());
-    struct stat sb;
-    ql_assert(fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode), "%s: not a regular file", p.c_str());
-    size = (size_t)sb.st_size;
-    if (size > 0) {
-        void* m = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-        ql_assert(m != MAP_FAILED, "cannot map %s", p.c_str());
-        data = (const uint8_t*)m;
-    }
+    struct stat sb;   // fd closed before any error: in throw mode (ql_error_mode) a failure must not leak it
+    bool regular = fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode);
+    size = regular ? (size_t)sb.st_size : 0;
+    void* m = size > 0 ? mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0) : nullptr;
     close(fd);
+    ql_assert(regular, "%s: not a regular file", p.c_str());
+    ql_assert(m != MAP_FAILED, "cannot map %s", p.c_str());
+    data = (const uint8_t*)m;
 }
 inline MappedFile::~MappedFile() { if (data) munmap((void*)data, size); }
 

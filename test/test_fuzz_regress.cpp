@@ -80,6 +80,19 @@ static void generated_inputs() {
     generated("(generated) index with 100k distinct shards", target_named("index"), "{\"weight_map\":{" + wm + "}}");
 }
 
+// Throw mode is for one process trying many hostile inputs: a rejected file must not leak its fd.
+static int open_fds() { return (int)files_in("/proc/self/fd").size(); }
+static void no_fd_leak() {
+    fuzz_mode();
+    int before = open_fds(), thrown = 0;
+    for (int i = 0; i < 100; i++) {
+        try { st_open("test/fuzz"); } catch (const QlError&) { thrown++; }             // a directory: not a regular file
+        try { st_open("test/fuzz/fuzz.dict"); } catch (const QlError&) { thrown++; }   // not a safetensors file
+    }
+    int after = open_fds();
+    check(thrown == 200 && after == before, "throw mode: 200 rejected files leave the fds as they were (%d open before, %d after)", before, after);
+}
+
 int main(int argc, char** argv) {
     if (argc > 1) {   // TARGET:DIR ... : one summary line per directory
         for (int a = 1; a < argc; a++) {
@@ -108,5 +121,6 @@ int main(int argc, char** argv) {
         }
     }
     generated_inputs();
+    no_fd_leak();
     return test_summary();
 }
