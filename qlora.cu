@@ -673,7 +673,7 @@ int main(int argc, char** argv) {
         peak = std::max(peak, total_b - free_b);
         double tps = tok_per_step / dt, mfu = 100.0 * tps * fpt / (o.peak_tflops * 1e12);
         char line[320];
-        snprintf(line, sizeof line, "step %5d/%d | loss %.4f | lr %.3e | norm %.4f | %.0f tok/s | MFU %.1f%% | GPU mem %.2f GiB%s",
+        snprintf(line, sizeof line, "step %5d/%d | loss %.9g | lr %.3e | norm %.4f | %.0f tok/s | MFU %.1f%% | GPU mem %.2f GiB%s",
                  step + 1, o.steps, loss, lr, norm, tps, mfu, (total_b - free_b) / 1073741824.0, ok ? "" : " | SKIPPED: non-finite loss or gradient");
         log(line);
         bad = ok ? 0 : bad + 1;
