@@ -26,6 +26,7 @@ struct Options {
     std::string model = "random:tiny";   // DIR (Hugging Face checkpoint) or random:NAME
     std::string train, val;              // token files (dev/data/prepare.py); no --train: synthetic data
     int eval_every = 0, eval_batches = 8, save_every = 0, max_bad_steps = 5;
+    int inject_nan = -1, inject_nan_steps = 1;   // test hook: NaN gradients from this step, for this many steps
     std::string resume;                  // directory with state.safetensors (an earlier --out)
     int batch = 4, seq = 512, steps = 20, grad_accum = 1, warmup = 0;
     float lr = 2e-4f, weight_decay = 0.0f, clip = 1.0f, min_lr_frac = 0.1f;
@@ -55,7 +56,8 @@ static void usage() {
            "  --adapter DIR           start from a PEFT LoRA adapter (its r, alpha, rslora, targets; fresh AdamW state)\n"
            "  --recompute             recompute each layer's activations in backward (less memory)\n"
            "  --seed S --out DIR (PEFT adapter + resume state) --save-every N --resume DIR\n"
-           "  --log FILE --peak-tflops X (for MFU) --max-bad-steps K (stop after K non-finite steps in a row)\n");
+           "  --log FILE --peak-tflops X (for MFU) --max-bad-steps K (stop after K non-finite steps in a row)\n"
+           "  --inject-nan STEP K     (testing) make the gradients NaN at steps STEP..STEP+K-1\n");
 }
 
 static Options parse_args(int argc, char** argv) {
@@ -78,6 +80,7 @@ static Options parse_args(int argc, char** argv) {
         else if (a == "--save-every") o.save_every = (int)num(0, 1e9);
         else if (a == "--max-bad-steps") o.max_bad_steps = (int)num(1, 1e6);
         else if (a == "--resume") o.resume = next();
+        else if (a == "--inject-nan") { o.inject_nan = (int)num(0, 1e9); o.inject_nan_steps = (int)num(1, 1e9); }
         else if (a == "--batch") o.batch = (int)num(1, 4096);
         else if (a == "--seq") o.seq = (int)num(1, 1 << 20);
         else if (a == "--steps") o.steps = (int)num(0, 1e9);
@@ -528,6 +531,27 @@ static float read_loss_sum(Trainer& t, const char* what, int step) {
 
 struct Data { TokenFile train, val; Loader loader; bool file = false; };
 
+// Name what went non-finite: the loss, or the first LoRA gradient tensor holding a NaN/inf.
+static void warn_nonfinite(Trainer& t, int step, float loss) {
+    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc;
+    std::vector<float> g(t.m.n_lora);
+    cudaCheck(cudaMemcpy(g.data(), t.m.grad, g.size() * 4, cudaMemcpyDeviceToHost));
+    size_t bad = 0, first = g.size();
+    for (size_t i = 0; i < g.size(); i++) if (!std::isfinite(g[i])) { bad++; if (first == g.size()) first = i; }
+    std::string where = "no gradient (the loss itself)";
+    for (int l = 0; l < c.n_layers && bad; l++)
+        for (int p = 0; p < N_PROJ; p++) {
+            if (!lc.has(p)) continue;
+            LoraSlot s = lora_slot(c, lc, l, p);
+            size_t end = s.b + (size_t)proj_out(c, p) * lc.rank;
+            if (first >= s.a && first < end) {
+                std::string k = hf_linear_name(l, p); k.resize(k.size() - 7);
+                where = k + (first < s.b ? ".lora_A" : ".lora_B") + " (" + std::to_string(bad) + " non-finite values in all)";
+            }
+        }
+    fprintf(stderr, "qlora: warning: step %d: loss %g, non-finite gradient in %s; update skipped\n", step + 1, loss, where.c_str());
+}
+
 // one optimizer step over grad_accum micro-batches; returns the loss (mean over unmasked targets);
 // *ok = false if the gradients were not finite (the update is skipped)
 static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out, bool* ok) {
@@ -547,6 +571,8 @@ static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out
         backward(t, drop_seed);
         loss += denom ? read_loss_sum(t, "training", step) / (float)denom : 0.0f;
     }
+    if (step >= o.inject_nan && step < o.inject_nan + o.inject_nan_steps && o.inject_nan >= 0)
+        cudaCheck(cudaMemsetAsync(m.grad, 0xff, 4, t.s));                 // one NaN (0xffffffff) gradient
     AdamWConfig ac; ac.lr = lr; ac.weight_decay = o.weight_decay;
     int nonfinite = 0;
     cudaCheck(cudaMemsetAsync(a.flags, 0, 4, t.s));
@@ -556,6 +582,7 @@ static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out
     cudaCheck(cudaMemcpyAsync(&nonfinite, a.flags, 4, cudaMemcpyDeviceToHost, t.s));
     cudaCheck(cudaStreamSynchronize(t.s));
     *ok = !nonfinite && std::isfinite(loss);
+    if (!*ok) warn_nonfinite(t, step, loss);
     return loss;
 }
 
