@@ -13,7 +13,7 @@ NVLIBS    ?= -lcublasLt -lcublas
 , := ,
 
 CPU_TESTS := $(patsubst test/%.cpp,build/%,$(wildcard test/test_*.cpp))
-SAN_TESTS := build/test_formats_san build/test_nf4_san build/test_reference_san build/test_dataloader_san build/test_fuzz_regress_san
+SAN_TESTS := build/test_formats_san build/test_nf4_san build/test_reference_san build/test_dataloader_san build/test_fuzz_regress_san build/test_ecosystem_san
 GPU_TESTS := $(if $(NVCC),$(patsubst test/%.cu,build/%,$(wildcard test/test_*.cu)))
 GPU_BINS  := $(if $(NVCC),$(if $(wildcard qlora.cu),qlora))
 HEADERS   := qlora.h reference.h dataloader.h $(wildcard kernels/*.cuh) test/test.h

@@ -7,6 +7,12 @@
 //   6. config.json -> Config (Llama family), RoPE inverse frequencies
 //   7. safetensors reader (single file and sharded) and writer
 //   8. LoRA configuration and parameter layout, PEFT init
+//   9. checkpoint_view: every tensor the model needs, shape-checked against the config
+//  10. text as Python writes it (float repr), config.json edited in place
+//  11. PEFT LoRA adapters in and out
+//  12. bitsandbytes 4-bit checkpoints in (pre-quantized models)
+//  13. Hugging Face checkpoints out: sharded safetensors, bitsandbytes' 4-bit layout (qlora quantize)
+//  14. merging an adapter into its base (qlora merge)
 #pragma once
 #include <stdint.h>   // defines: fixed-width ints
 #include <stdio.h>    // defines: FILE, fprintf
@@ -989,4 +995,873 @@ inline CheckpointView checkpoint_view(const Config& c, const SafeTensors& st) {
         for (int p = 0; p < N_PROJ; p++) v.w[l].push_back(&st.get(hf_linear_name(l, p), {proj_out(c, p), proj_in(c, p)}));
     }
     return v;
+}
+
+
+// =============================================================================================
+// Ecosystem files (sections 10-14): Python-exact number text, PEFT adapters in and out,
+// bitsandbytes 4-bit checkpoints in and out, merging an adapter into a checkpoint.
+#include <charconv>    // defines: std::to_chars (shortest round-trip digits)
+// GCC 12 with -fsanitize flags std::regex's std::function members as maybe-uninitialized, a false
+// positive reported at lines of these headers: silenced for them only
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <functional>  // defines: std::function (checkpoint pieces made on demand)
+#include <regex>       // defines: std::regex (PEFT's string target_modules is a regex)
+#pragma GCC diagnostic pop
+#include <dirent.h>    // defines: opendir (copying tokenizer files)
+#include <limits.h>    // defines: PATH_MAX
+#include <errno.h>     // defines: errno, EEXIST
+
+// ---------------------------------------------------------------------------------------------
+// 10. text as Python writes it: float repr, and config.json edited in place
+//
+// bitsandbytes' quant_state blob is json.dumps of a dict whose nested_offset is a Python float, so
+// writing it byte for byte means writing repr(float): the shortest digits that round-trip (the
+// closest such string to the value), laid out in fixed notation when the decimal exponent e (value
+// = d.ddd * 10^e) satisfies -4 <= e < 16, else as d.ddde-05 / d.ddde+16 (two exponent digits at
+// least); an integral value in fixed notation keeps ".0". std::to_chars gives the same digits.
+
+template <typename T> inline std::string py_repr_digits(T v) {
+    if (v != v) return "nan";
+    if (v == (T)INFINITY || v == -(T)INFINITY) return v > 0 ? "inf" : "-inf";
+    if (v == 0) return signbit(v) ? "-0.0" : "0.0";
+    char buf[64];
+    auto r = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific);   // [-]d[.ddd]e(+|-)XX
+    std::string s(buf, r.ptr), sign;
+    if (s[0] == '-') { sign = "-"; s.erase(0, 1); }
+    size_t e = s.find('e');
+    int exp10 = atoi(s.c_str() + e + 1);
+    std::string digits;
+    for (size_t i = 0; i < e; i++) if (s[i] != '.') digits += s[i];
+    int point = exp10 + 1, nd = (int)digits.size();                // digits before the decimal point
+    if (exp10 < -4 || exp10 >= 16) {
+        char eb[16]; snprintf(eb, sizeof eb, "e%c%02d", exp10 < 0 ? '-' : '+', abs(exp10));
+        return sign + digits.substr(0, 1) + (nd > 1 ? "." + digits.substr(1) : "") + eb;
+    }
+    if (point <= 0) return sign + "0." + std::string((size_t)-point, '0') + digits;
+    if (point >= nd) return sign + digits + std::string((size_t)(point - nd), '0') + ".0";
+    return sign + digits.substr(0, (size_t)point) + "." + digits.substr((size_t)point);
+}
+// repr(float(x)) of a double, e.g. 0.061586856842041016, 1e-05, 123456.0
+inline std::string py_float_repr(double v) { return py_repr_digits(v); }
+// the shortest text that reads back as this fp32 value (0.05f -> "0.05"), in repr's layout:
+// what a Python config holding the same number as a float literal writes
+inline std::string py_float_repr_f32(float v) { return py_repr_digits(v); }
+// json.dumps of a Python float: repr, except NaN and the infinities
+inline std::string py_json_float(double v) {
+    if (v != v) return "NaN";
+    if (std::isinf(v)) return v > 0 ? "Infinity" : "-Infinity";
+    return py_float_repr(v);
+}
+
+// A top-level member of a JSON object, by byte spans in its text, so that config.json can be
+// edited without reformatting it: every other value keeps its spelling (-1 stays an integer, 1e-05
+// stays as written), which a parse-and-reprint through Json would not guarantee.
+struct JsonMember { std::string key; size_t begin, key_end, value_begin, value_end; };
+inline std::vector<JsonMember> json_members(const std::string& text, const std::string& what) {
+    Json whole; std::string err;
+    ql_assert(json_parse(text.data(), text.size(), whole, err), "%s: invalid JSON: %s", what.c_str(), err.c_str());
+    ql_assert(whole.type == Json::OBJ, "%s: expected a JSON object", what.c_str());
+    JsonParser p{text.data(), text.size(), 0, {}};
+    std::vector<JsonMember> ms;
+    p.ws(); p.i++;                                                    // '{'
+    while (true) {
+        p.ws();
+        if (text[p.i] == '}') break;
+        JsonMember m; m.begin = p.i;
+        p.string(m.key); m.key_end = p.i;
+        p.ws(); p.i++;                                                // ':'
+        p.ws(); m.value_begin = p.i;
+        Json v; p.value(v, 1); m.value_end = p.i;
+        ms.push_back(m);
+        p.ws();
+        if (text[p.i] == ',') p.i++;
+    }
+    return ms;
+}
+// The whitespace that precedes the first member ("\n  " for json.dumps(indent=2)), "" if compact.
+inline std::string json_member_indent(const std::string& text, const std::vector<JsonMember>& ms) {
+    if (ms.empty()) return text.find('\n') == std::string::npos ? "" : "\n  ";
+    size_t b = ms[0].begin; while (b > 0 && strchr(" \t\r\n", text[b - 1])) b--;
+    return text.substr(b, ms[0].begin - b);
+}
+// Set top-level `key` to the JSON text `value`: replaced in place if present, else inserted where
+// json.dumps(sort_keys=True) would put it when the keys are sorted (at the end otherwise), with
+// the file's own separators.
+inline std::string json_text_set(std::string text, const std::string& key, const std::string& value, const std::string& what) {
+    std::vector<JsonMember> ms = json_members(text, what);
+    for (auto& m : ms) if (m.key == key) return text.replace(m.value_begin, m.value_end - m.value_begin, value);
+    std::string lead = json_member_indent(text, ms);
+    if (ms.empty()) {
+        size_t b = text.find('{');
+        return text.replace(b, text.find('}', b) - b + 1, "{" + lead + json_quote(key) + ": " + value + (lead.empty() ? "}" : "\n}"));
+    }
+    std::string member = json_quote(key) + text.substr(ms[0].key_end, ms[0].value_begin - ms[0].key_end) + value;
+    bool sorted = true;
+    for (size_t i = 1; i < ms.size(); i++) sorted = sorted && ms[i - 1].key < ms[i].key;
+    if (sorted) for (auto& m : ms) if (m.key > key) return text.insert(m.begin, member + "," + lead);
+    return text.insert(ms.back().value_end, "," + lead + member);
+}
+inline std::string json_text_remove(std::string text, const std::string& key, const std::string& what) {
+    std::vector<JsonMember> ms = json_members(text, what);
+    for (size_t j = 0; j < ms.size(); j++) {
+        if (ms[j].key != key) continue;
+        if (j + 1 < ms.size()) return text.erase(ms[j].begin, ms[j + 1].begin - ms[j].begin);
+        if (j > 0) return text.erase(ms[j - 1].value_end, ms[j].value_end - ms[j - 1].value_end);
+        return text.erase(ms[j].begin, ms[j].value_end - ms[j].begin);
+    }
+    return text;
+}
+// {"k": v, ...} from (key, JSON text) pairs, sorted by key; multi-line as json.dumps(indent=2) would
+// write it at depth 1 when `lead` is a newline + indent (the file's own), else on one line.
+inline std::string json_object_text(std::vector<std::pair<std::string, std::string>> kv, const std::string& lead) {
+    std::sort(kv.begin(), kv.end());
+    std::string inner = lead.empty() ? "" : lead + lead.substr(1), s = "{";
+    for (size_t i = 0; i < kv.size(); i++) s += (i ? "," : "") + (lead.empty() ? std::string(i ? " " : "") : inner) + json_quote(kv[i].first) + ": " + kv[i].second;
+    return s + (lead.empty() ? "}" : lead + "}");
+}
+inline std::string text_of_file(const std::string& path) { std::vector<uint8_t> b = read_file(path); return std::string(b.begin(), b.end()); }
+inline void write_text_file(const std::string& path, const std::string& s) { atomic_write(path, {{s.data(), s.size()}}); }
+
+// mkdir -p
+inline void make_dirs(const std::string& path) {
+    for (size_t i = 1; i <= path.size(); i++) {
+        if (i < path.size() && path[i] != '/') continue;
+        std::string p = path.substr(0, i);
+        ql_assert(mkdir(p.c_str(), 0755) == 0 || errno == EEXIST, "cannot create directory %s", p.c_str());
+    }
+    struct stat sb;
+    ql_assert(stat(path.c_str(), &sb) == 0 && S_ISDIR(sb.st_mode), "%s exists and is not a directory", path.c_str());
+}
+inline std::string real_path(const std::string& p) { char b[PATH_MAX]; return realpath(p.c_str(), b) ? std::string(b) : p; }
+inline std::string base_name(const std::string& p) { size_t k = p.rfind('/'); return k == std::string::npos ? p : p.substr(k + 1); }
+
+// ---------------------------------------------------------------------------------------------
+// 11. PEFT LoRA adapters (formats.md §4.3, §4.4): adapter_model.safetensors with F32 A (r, in) and
+// B (out, r) under base_model.model.<module>.lora_{A,B}.weight, and adapter_config.json written as
+// PEFT writes it (json.dumps(indent=2, sort_keys=True)) with the minimal field set of §4.3.
+
+inline std::string peft_module_name(int l, int p) {   // base_model.model.model.layers.{l}.self_attn.q_proj
+    return "base_model.model.model.layers." + std::to_string(l) + "." + PROJ_MODULE[p] + "." + PROJ_NAME[p];
+}
+inline void peft_adapter_write(const std::string& dir, const Config& c, const LoraConfig& lc, const float* lora,
+                               const std::string& base_model_name) {
+    make_dirs(dir);
+    std::vector<STOut> ts;
+    std::string tm;
+    for (int p = 0; p < N_PROJ; p++) if (lc.has(p)) tm += std::string(tm.empty() ? "" : ",") + "\n    " + json_quote(PROJ_NAME[p]);
+    for (int l = 0; l < c.n_layers; l++)
+        for (int p = 0; p < N_PROJ; p++) {
+            if (!lc.has(p)) continue;
+            LoraSlot s = lora_slot(c, lc, l, p);
+            ts.push_back({peft_module_name(l, p) + ".lora_A.weight", DT_F32, {lc.rank, proj_in(c, p)}, lora + s.a});
+            ts.push_back({peft_module_name(l, p) + ".lora_B.weight", DT_F32, {proj_out(c, p), lc.rank}, lora + s.b});
+        }
+    st_write(dir + "/adapter_model.safetensors", ts);
+    // lora_alpha is an int in PEFT's dataclass: integral values are written as integers
+    std::string alpha = lc.alpha == floorf(lc.alpha) && fabsf(lc.alpha) < 1e9f ? std::to_string((long long)lc.alpha) : py_float_repr_f32(lc.alpha);
+    std::string j = "{\n  \"alpha_pattern\": {},\n  \"base_model_name_or_path\": " + json_quote(base_model_name) + ",\n  \"bias\": \"none\",\n"
+                    "  \"fan_in_fan_out\": false,\n  \"inference_mode\": true,\n  \"init_lora_weights\": true,\n  \"lora_alpha\": " + alpha + ",\n"
+                    "  \"lora_dropout\": " + py_float_repr_f32(lc.dropout) + ",\n  \"modules_to_save\": null,\n  \"peft_type\": \"LORA\",\n"
+                    "  \"r\": " + std::to_string(lc.rank) + ",\n  \"rank_pattern\": {},\n  \"revision\": null,\n  \"target_modules\": [" + tm + "\n  ],\n"
+                    "  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": false,\n  \"use_rslora\": " + (lc.rslora ? "true" : "false") + "\n}\n";
+    write_text_file(dir + "/adapter_config.json", j);
+}
+
+// Does PEFT's target rule select `module` (relative to the CausalLM, e.g. model.layers.0.mlp.up_proj)?
+// A string is a regex that must match the whole name; a list entry matches the name or a suffix
+// after a dot (tuners_utils.check_target_module_exists).
+struct PeftTargetRule { bool is_regex = false; std::regex re; std::vector<std::string> names; };
+inline bool peft_rule_matches(const PeftTargetRule& r, const std::string& module) {
+    if (r.is_regex) return std::regex_match(module, r.re);
+    for (auto& n : r.names)
+        if (module == n || (module.size() > n.size() && module.compare(module.size() - n.size(), n.size(), n) == 0 &&
+                            module[module.size() - n.size() - 1] == '.')) return true;
+    return false;
+}
+
+// Reads a PEFT LoRA adapter for this model. Everything that would make PEFT compute something other
+// than y = W·x + s·B·A·x on the seven decoder linears (the same projections in every layer) is
+// refused with the field or tensor named. lora_out: the lora_slot layout, fp32.
+inline void peft_adapter_read(const std::string& dir, const Config& c, LoraConfig& lc_out, std::vector<float>& lora_out) {
+    std::string cp = dir + "/adapter_config.json", wp = dir + "/adapter_model.safetensors";
+    const char* cpc = cp.c_str();
+    ql_assert(file_exists(cp), "%s: no adapter_config.json (is this a PEFT adapter directory?)", dir.c_str());
+    if (!file_exists(wp))
+        ql_fail("%s: no adapter_model.safetensors%s", dir.c_str(), file_exists(dir + "/adapter_model.bin") ?
+                " (only adapter_model.bin, a pickle, which qlora does not read: load it with PEFT and save_pretrained it, "
+                "safe_serialization=True writes safetensors)" : "");
+    Json j = json_load(cp);
+    ql_assert(j.type == Json::OBJ, "%s: expected a JSON object", cpc);
+    auto unset = [](const Json* v) { return !v || v->type == Json::NUL || (v->type == Json::BOOL && !v->b) ||
+                                            (v->type == Json::OBJ && v->obj.empty()) || (v->type == Json::ARR && v->arr.empty()); };
+    const Json* pt = j.get("peft_type");
+    ql_assert(pt && pt->type == Json::STR, "%s: missing \"peft_type\"", cpc);
+    ql_assert(pt->str == "LORA", "%s: peft_type \"%s\": qlora reads LoRA adapters only", cpc, pt->str.c_str());
+    // fields that change what the adapter computes; anything else (init options, inference_mode,
+    // revision, newer bookkeeping fields) does not matter here
+    static const struct { const char* field; const char* why; } REFUSE[] = {
+        {"use_dora", "DoRA (weight-decomposed LoRA) is not implemented"},
+        {"modules_to_save", "fully trained extra modules (modules_to_save) are not supported"},
+        {"lora_bias", "LoRA biases (lora_bias) are not supported"},
+        {"fan_in_fan_out", "fan_in_fan_out (Conv1D-style weights) does not apply to Llama"},
+        {"rank_pattern", "per-module ranks (rank_pattern) are not supported: one r for every module"},
+        {"alpha_pattern", "per-module alphas (alpha_pattern) are not supported: one lora_alpha for every module"},
+        {"layers_to_transform", "LoRA on a subset of layers (layers_to_transform) is not supported"},
+        {"layer_replication", "layer_replication is not supported"},
+        {"trainable_token_indices", "trainable tokens are not supported"},
+        {"target_parameters", "LoRA on parameters (target_parameters) is not supported"},
+        {"use_qalora", "QALoRA is not supported"},
+        {"alora_invocation_tokens", "activated LoRA (alora_invocation_tokens) is not supported"},
+        {"use_bdlora", "BD-LoRA is not supported"},
+        {"arrow_config", "Arrow routing is not supported"},
+        {"monteclora_config", "MonteCLoRA is not supported"},
+        {"velora_config", "VeLoRA is not supported"},
+        {"kasa_config", "KaSA is not supported"},
+    };
+    for (auto& r : REFUSE) ql_assert(unset(j.get(r.field)), "%s: \"%s\" is set: %s", cpc, r.field, r.why);
+    const Json* bias = j.get("bias");
+    ql_assert(!bias || bias->type == Json::NUL || (bias->type == Json::STR && bias->str == "none"),
+              "%s: \"bias\" must be \"none\": trained biases are not supported", cpc);
+    auto number = [&](const char* k, double def, double lo, double hi, bool integer) {
+        const Json* v = j.get(k);
+        if (!v || v->type == Json::NUL) return def;
+        ql_assert(v->type == Json::NUM && v->num >= lo && v->num <= hi && (!integer || v->num == floor(v->num)),
+                  "%s: \"%s\" must be %s in [%g, %g]", cpc, k, integer ? "an integer" : "a number", lo, hi);
+        return v->num;
+    };
+    LoraConfig lc;
+    lc.rank = (int)number("r", 8, 1, 4096, true);                 // PEFT's defaults where a field is absent
+    lc.alpha = (float)number("lora_alpha", 8, 0, 1e6, false);
+    lc.dropout = (float)number("lora_dropout", 0, 0, 0.99, false);
+    const Json* rs = j.get("use_rslora");
+    ql_assert(!rs || rs->type == Json::NUL || rs->type == Json::BOOL, "%s: \"use_rslora\" must be true or false", cpc);
+    lc.rslora = rs && rs->type == Json::BOOL && rs->b;
+    auto rule = [&](const char* k, PeftTargetRule& r) {
+        const Json* v = j.get(k);
+        if (!v || v->type == Json::NUL) return false;
+        if (v->type == Json::STR) {
+            if (!strcmp(k, "target_modules") && v->str == "all-linear") { r.names.assign(PROJ_NAME, PROJ_NAME + N_PROJ); return true; }
+            try { r.re = std::regex(v->str); } catch (const std::regex_error&) { ql_fail("%s: \"%s\": \"%s\" is not a regular expression qlora can read", cpc, k, v->str.c_str()); }
+            r.is_regex = true; return true;
+        }
+        ql_assert(v->type == Json::ARR, "%s: \"%s\" must be a list of module names or a string", cpc, k);
+        for (auto& e : v->arr) { ql_assert(e.type == Json::STR, "%s: \"%s\" entries must be strings", cpc, k); r.names.push_back(e.str); }
+        return true;
+    };
+    PeftTargetRule target, exclude;
+    if (!rule("target_modules", target)) target.names = {"q_proj", "v_proj"};   // PEFT's default for llama/mistral
+    bool has_exclude = rule("exclude_modules", exclude);
+    // which of the model's modules are selected; all of them must be decoder linears, and a projection
+    // is either adapted in every layer or in none (one flat layout for all layers)
+    std::vector<std::string> others = {"lm_head", "model.embed_tokens", "model.norm", "model", "model.layers"};
+    for (int l = 0; l < c.n_layers; l++)
+        for (const char* m : {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm", ""})
+            others.push_back("model.layers." + std::to_string(l) + (*m ? "." : "") + m);
+    for (auto& m : others)
+        ql_assert(!peft_rule_matches(target, m) || (has_exclude && peft_rule_matches(exclude, m)),
+                  "%s: target_modules selects \"%s\": qlora puts LoRA on the decoder linears only (q/k/v/o/gate/up/down_proj)", cpc, m.c_str());
+    lc.targets = 0;
+    for (int p = 0; p < N_PROJ; p++) {
+        int in_layers = 0;
+        for (int l = 0; l < c.n_layers; l++) {
+            std::string m = "model.layers." + std::to_string(l) + "." + PROJ_MODULE[p] + "." + PROJ_NAME[p];
+            in_layers += peft_rule_matches(target, m) && !(has_exclude && peft_rule_matches(exclude, m));
+        }
+        ql_assert(in_layers == 0 || in_layers == c.n_layers, "%s: target_modules selects %s in %d of %d layers; qlora puts LoRA "
+                  "on the same projections in every layer", cpc, PROJ_NAME[p], in_layers, c.n_layers);
+        if (in_layers) lc.targets |= 1u << p;
+    }
+    ql_assert(lc.targets, "%s: target_modules selects none of this model's decoder linears", cpc);
+    if (!target.is_regex)
+        for (auto& n : target.names) {
+            bool any = false;
+            PeftTargetRule one; one.names = {n};
+            for (int l = 0; l < c.n_layers && !any; l++)
+                for (int p = 0; p < N_PROJ && !any; p++)
+                    any = peft_rule_matches(one, "model.layers." + std::to_string(l) + "." + PROJ_MODULE[p] + "." + PROJ_NAME[p]);
+            if (!any) fprintf(stderr, "qlora: note: %s: target_modules entry \"%s\" matches no module of this model (PEFT skips it too)\n", cpc, n.c_str());
+        }
+
+    // tensors: base_model.model.model.layers.{l}.{self_attn|mlp}.{proj}.lora_{A|B}[.{adapter name}].weight
+    SafeTensors st = st_open(wp);
+    const char* wpc = wp.c_str();
+    lora_out.assign(lora_num_params(c, lc), 0.0f);
+    std::vector<uint8_t> seen((size_t)c.n_layers * N_PROJ * 2, 0);
+    std::string adapter_name = "?";
+    for (auto& kv : st.tensors) {
+        const std::string& name = kv.first; const STensor& t = kv.second;
+        std::vector<std::string> tok; size_t a = 0, b;
+        while ((b = name.find('.', a)) != std::string::npos) { tok.push_back(name.substr(a, b - a)); a = b + 1; }
+        tok.push_back(name.substr(a));
+        int p = -1, l = -1, isB = -1;
+        bool shaped = (tok.size() == 9 || tok.size() == 10) && tok[0] == "base_model" && tok[1] == "model" && tok[2] == "model" &&
+                      tok[3] == "layers" && !tok[4].empty() && tok[4].size() < 7 && tok[4].find_first_not_of("0123456789") == std::string::npos &&
+                      (tok[7] == "lora_A" || tok[7] == "lora_B") && tok.back() == "weight";
+        if (shaped) {
+            for (int q = 0; q < N_PROJ; q++) if (tok[5] == PROJ_MODULE[q] && tok[6] == PROJ_NAME[q]) p = q;
+            l = atoi(tok[4].c_str()); isB = tok[7] == "lora_B";
+        }
+        if (p < 0) {
+            const char* hint = name.find("lora_magnitude_vector") != std::string::npos ? " (a DoRA magnitude: DoRA is not supported)"
+                             : name.find("lora_embedding") != std::string::npos ? " (LoRA on an embedding is not supported)"
+                             : name.find("lm_head") != std::string::npos || name.find("embed_tokens") != std::string::npos ? " (modules_to_save is not supported)"
+                             : name.rfind("base_model.model.", 0) != 0 ? " (PEFT keys start with base_model.model.)" : "";
+            ql_fail("%s: tensor \"%s\" is not the LoRA A or B of a decoder linear "
+                    "(base_model.model.model.layers.N.{self_attn,mlp}.*_proj.lora_{A,B}.weight)%s", wpc, name.c_str(), hint);
+        }
+        ql_assert(l < c.n_layers, "%s: tensor \"%s\" is for layer %d, but the model has %d layers (an adapter for another base model?)", wpc, name.c_str(), l, c.n_layers);
+        ql_assert(lc.has(p), "%s: tensor \"%s\" is for %s, which target_modules in adapter_config.json does not select", wpc, name.c_str(), PROJ_NAME[p]);
+        std::vector<int64_t> want = isB ? std::vector<int64_t>{proj_out(c, p), lc.rank} : std::vector<int64_t>{lc.rank, proj_in(c, p)};
+        ql_assert(t.shape == want, "%s: tensor \"%s\" has shape %s, expected [%lld, %lld] (r = %d from adapter_config.json; %s of the base model)",
+                  wpc, name.c_str(), t.shape_str().c_str(), (long long)want[0], (long long)want[1], lc.rank, isB ? "out_features" : "in_features");
+        ql_assert(t.dtype == DT_F32 || t.dtype == DT_BF16 || t.dtype == DT_F16, "%s: tensor \"%s\" has dtype %s; LoRA weights must be F32, BF16 or F16",
+                  wpc, name.c_str(), t.dtype_str.c_str());
+        uint8_t& s = seen[((size_t)l * N_PROJ + p) * 2 + isB];
+        ql_assert(!s, "%s: tensor \"%s\" appears twice (with and without an adapter name?)", wpc, name.c_str());
+        s = 1;
+        std::string an = tok.size() == 10 ? tok[8] : "";
+        if (adapter_name == "?") adapter_name = an;
+        ql_assert(an == adapter_name, "%s: tensor \"%s\" names adapter \"%s\", others \"%s\": one adapter per file", wpc, name.c_str(), an.c_str(), adapter_name.c_str());
+        LoraSlot sl = lora_slot(c, lc, l, p);
+        st_to_f32(lora_out.data() + (isB ? sl.b : sl.a), t);
+    }
+    for (int l = 0; l < c.n_layers; l++)
+        for (int p = 0; p < N_PROJ; p++)
+            for (int isB = 0; isB < 2 && lc.has(p); isB++)
+                ql_assert(seen[((size_t)l * N_PROJ + p) * 2 + isB], "%s: missing tensor \"%s.lora_%c.weight\" (target_modules selects %s in every layer)",
+                          wpc, peft_module_name(l, p).c_str(), isB ? 'B' : 'A', PROJ_NAME[p]);
+    lc_out = lc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. bitsandbytes 4-bit checkpoints in (nf4.md §4): what transformers' save_pretrained writes for a
+// model loaded with BitsAndBytesConfig(load_in_4bit=True). Per decoder linear `W = <name>.weight`:
+//   W                                   U8  ((n+1)/2, 1)  packed codes, even element in the high nibble
+//   W.absmax                            U8 (nb) 8-bit codes when nested, else F32 (nb)
+//   W.quant_map                         F32 (16)          the NF4 or FP4 table
+//   W.nested_absmax                     F32 (ceil(nb/256)) nested only
+//   W.nested_quant_map                  F32 (256)         the dynamic 8-bit map, nested only
+//   W.quant_state.bitsandbytes__{nf4|fp4}  U8 (len)       json.dumps of {quant_type, blocksize, dtype,
+//                                                          shape, [nested_blocksize, nested_dtype, nested_offset]}
+// Embeddings, norms and lm_head stay unquantized in the model dtype.
+
+// Is config.json's model stored pre-quantized by bitsandbytes in 4 bits? quantization_config absent
+// or null: false. Any other quantization (GPTQ, AWQ, 8-bit, ...) is refused by name.
+inline bool config_is_bnb4(const std::string& config_path, int* quant_type = nullptr, bool* nested = nullptr) {
+    Json j = json_load(config_path);
+    const char* p = config_path.c_str();
+    const Json* q = j.get("quantization_config");
+    if (!q || q->type == Json::NUL) return false;
+    ql_assert(q->type == Json::OBJ, "%s: quantization_config must be an object", p);
+    auto str = [&](const char* k, const char* def) -> std::string {
+        const Json* v = q->get(k);
+        if (!v || v->type == Json::NUL) return def;
+        ql_assert(v->type == Json::STR, "%s: quantization_config.%s must be a string", p, k);
+        return v->str;
+    };
+    auto flag = [&](const char* k) { const Json* v = q->get(k); return v && v->type == Json::BOOL && v->b; };
+    std::string method = str("quant_method", q->get("load_in_4bit") || q->get("load_in_8bit") ? "bitsandbytes" : "");
+    ql_assert(method == "bitsandbytes", "%s: quantization_config.quant_method \"%s\" is not supported: qlora reads bitsandbytes 4-bit "
+              "checkpoints, or unquantized bf16/fp16/fp32 ones", p, method.c_str());
+    ql_assert(!flag("load_in_8bit") && !flag("_load_in_8bit"), "%s: a bitsandbytes 8-bit checkpoint (load_in_8bit); qlora reads 4-bit ones "
+              "(or start from the unquantized model)", p);
+    ql_assert(flag("load_in_4bit") || flag("_load_in_4bit"), "%s: quantization_config has neither load_in_4bit nor load_in_8bit set", p);
+    std::string qt = str("bnb_4bit_quant_type", "fp4");              // BitsAndBytesConfig's defaults
+    ql_assert(qt == "nf4" || qt == "fp4", "%s: quantization_config.bnb_4bit_quant_type \"%s\" (nf4 or fp4)", p, qt.c_str());
+    std::string storage = str("bnb_4bit_quant_storage", "uint8");
+    ql_assert(storage == "uint8", "%s: quantization_config.bnb_4bit_quant_storage \"%s\" is not supported (uint8 only)", p, storage.c_str());
+    if (quant_type) *quant_type = qt == "nf4" ? QT_NF4 : QT_FP4;
+    if (nested) *nested = flag("bnb_4bit_use_double_quant");
+    return true;
+}
+
+// One pre-quantized decoder linear, validated; the pointers go into the mapped files, nothing copied.
+struct BnbLinear {
+    const STensor* weight = nullptr;            // U8 ((n+1)/2, 1); when dense, the float (out, in) weight
+    const STensor* absmax = nullptr;            // U8 (nb) nested, else F32 (nb)
+    const STensor* quant_map = nullptr;         // F32 (16)
+    const STensor* nested_absmax = nullptr;     // F32 (ceil(nb/256)), nested only
+    const STensor* nested_quant_map = nullptr;  // F32 (256), nested only
+    const STensor* quant_state = nullptr;       // U8 (len) JSON
+    int qt = QT_NF4, bs = 64, dtype = DT_BF16;  // dtype: quant_state's "dtype", what bitsandbytes dequantizes to
+    bool nested = true;
+    float offset = 0.0f;                        // nested_offset
+    int64_t out = 0, in = 0;
+    bool dense = false;   // stored unquantized (e.g. in llm_int8_skip_modules); bnb_linear_load quantizes it
+};
+
+// The quant_map a checkpoint stores: get_4bit_type(qt) in code order. For FP4 Python lists code 8 as
+// the integer -0, i.e. +0.0, where the CUDA decode gives -0.0 (nf4.md §1.2).
+inline float bnb_quant_map_value(int qt, int code) { return qt == QT_FP4 && code == 8 ? 0.0f : code4_value(qt, code); }
+
+inline BnbLinear bnb_linear_view(const SafeTensors& st, const std::string& wn, int64_t out, int64_t in) {
+    BnbLinear b; b.out = out; b.in = in;
+    const int64_t n = out * in;
+    const STensor* w = st.find(wn);
+    ql_assert(w, "checkpoint is missing tensor \"%s\"%s", wn.c_str(), st.files.empty() ? "" : (" (looked in " + st.files[0]->path + (st.files.size() > 1 ? " and its shards)" : ")")).c_str());
+    const char* f = w->file.c_str(); const char* wc = wn.c_str();
+    std::string pre = wn + ".";
+    std::vector<const STensor*> sub;
+    for (auto it = st.tensors.lower_bound(pre); it != st.tensors.end() && it->first.compare(0, pre.size(), pre) == 0; ++it) sub.push_back(&it->second);
+    b.weight = w;
+    if (sub.empty() && (w->dtype == DT_BF16 || w->dtype == DT_F16 || w->dtype == DT_F32)) {   // kept unquantized
+        ql_assert(w->shape == (std::vector<int64_t>{out, in}), "%s: tensor \"%s\" has shape %s, the config implies [%lld, %lld]",
+                  f, wc, w->shape_str().c_str(), (long long)out, (long long)in);
+        b.dense = true; b.dtype = w->dtype;
+        return b;
+    }
+    ql_assert(w->dtype == DT_U8, "%s: tensor \"%s\" is %s; a bitsandbytes 4-bit weight is U8 (bnb_4bit_quant_storage other than uint8 is not supported)",
+              f, wc, w->dtype_str.c_str());
+    ql_assert(w->shape == (std::vector<int64_t>{(n + 1) / 2, 1}), "%s: tensor \"%s\" has shape %s; 4-bit codes of a [%lld, %lld] weight are U8 [%lld, 1]",
+              f, wc, w->shape_str().c_str(), (long long)out, (long long)in, (long long)((n + 1) / 2));
+    const std::string qs_pre = pre + "quant_state.bitsandbytes__";
+    for (const STensor* t : sub) {
+        std::string k = t->name.substr(pre.size());
+        if (k == "absmax") b.absmax = t;
+        else if (k == "quant_map") b.quant_map = t;
+        else if (k == "nested_absmax") b.nested_absmax = t;
+        else if (k == "nested_quant_map") b.nested_quant_map = t;
+        else if (t->name.compare(0, qs_pre.size(), qs_pre) == 0) {
+            std::string qt = t->name.substr(qs_pre.size());
+            ql_assert(qt == "nf4" || qt == "fp4", "%s: tensor \"%s\": unknown 4-bit type \"%s\" (nf4, fp4)", t->file.c_str(), t->name.c_str(), qt.c_str());
+            ql_assert(!b.quant_state, "%s: \"%s\" has two quant_state tensors (%s and %s)", f, wc, b.quant_state->name.c_str(), t->name.c_str());
+            b.quant_state = t; b.qt = qt == "nf4" ? QT_NF4 : QT_FP4;
+        } else ql_fail("%s: unexpected tensor \"%s\" beside the 4-bit weight \"%s\"", t->file.c_str(), t->name.c_str(), wc);
+    }
+    ql_assert(b.quant_state, "%s: 4-bit weight \"%s\" has no \"%squant_state.bitsandbytes__nf4\" (or __fp4) tensor", f, wc, pre.c_str());
+    const STensor& qs = *b.quant_state; const char* qn = qs.name.c_str(); const char* qf = qs.file.c_str();
+    ql_assert(qs.dtype == DT_U8 && qs.shape.size() == 1, "%s: tensor \"%s\" must be a 1-D U8 tensor (JSON bytes)", qf, qn);
+    Json j; std::string err;
+    ql_assert(json_parse((const char*)qs.data, qs.nbytes, j, err) && j.type == Json::OBJ, "%s: tensor \"%s\" is not a JSON object: %s", qf, qn, err.c_str());
+    static const char* const KEYS[] = {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset"};
+    for (auto& kv : j.obj) {
+        bool known = false; for (const char* k : KEYS) known = known || kv.first == k;
+        ql_assert(known, "%s: tensor \"%s\": unknown quant_state key \"%s\"", qf, qn, kv.first.c_str());
+    }
+    const Json *jt = j.get("quant_type"), *jb = j.get("blocksize"), *jd = j.get("dtype"), *js = j.get("shape");
+    ql_assert(jt && jt->type == Json::STR && jt->str == quant_type_name(b.qt), "%s: tensor \"%s\": quant_type must be \"%s\" (the key's suffix)", qf, qn, quant_type_name(b.qt));
+    ql_assert(jb && jb->is_uint && valid_blocksize_4bit((int)std::min<uint64_t>(jb->u, 1 << 20)), "%s: tensor \"%s\": blocksize must be 32, 64, ..., 4096", qf, qn);
+    b.bs = (int)jb->u;
+    ql_assert(jd && jd->type == Json::STR && dtype_from_torch_name(jd->str) != DT_NONE, "%s: tensor \"%s\": dtype must be \"bfloat16\", \"float16\" or \"float32\"", qf, qn);
+    b.dtype = dtype_from_torch_name(jd->str);
+    ql_assert(js && js->type == Json::ARR && js->arr.size() == 2 && js->arr[0].is_uint && js->arr[1].is_uint &&
+              (int64_t)js->arr[0].u == out && (int64_t)js->arr[1].u == in,
+              "%s: tensor \"%s\": shape must be [%lld, %lld] (out_features, in_features from the config)", qf, qn, (long long)out, (long long)in);
+    const Json *nbs = j.get("nested_blocksize"), *ndt = j.get("nested_dtype"), *nof = j.get("nested_offset");
+    b.nested = nbs || ndt || nof;
+    ql_assert(!b.nested || (nbs && ndt && nof), "%s: tensor \"%s\": nested_blocksize, nested_dtype and nested_offset come together", qf, qn);
+    ql_assert(b.nested == (b.nested_absmax || b.nested_quant_map), "%s: \"%s\": quant_state %s nested_* keys but the checkpoint %s nested_absmax/nested_quant_map tensors",
+              f, wc, b.nested ? "has" : "lacks", b.nested ? "lacks" : "has");
+    const int64_t nblk = (n + b.bs - 1) / b.bs;
+    ql_assert(b.absmax, "%s: 4-bit weight \"%s\" has no \"%sabsmax\"", f, wc, pre.c_str());
+    ql_assert(b.quant_map, "%s: 4-bit weight \"%s\" has no \"%squant_map\"", f, wc, pre.c_str());
+    ql_assert(b.absmax->dtype == (b.nested ? DT_U8 : DT_F32) && b.absmax->shape == std::vector<int64_t>{nblk},
+              "%s: tensor \"%s\" is %s %s; expected %s [%lld] (%lld blocks of %d)", b.absmax->file.c_str(), b.absmax->name.c_str(), b.absmax->dtype_str.c_str(),
+              b.absmax->shape_str().c_str(), b.nested ? "U8" : "F32", (long long)nblk, (long long)nblk, b.bs);
+    ql_assert(b.quant_map->dtype == DT_F32 && b.quant_map->shape == std::vector<int64_t>{16}, "%s: tensor \"%s\" must be F32 [16]", b.quant_map->file.c_str(), b.quant_map->name.c_str());
+    for (int i = 0; i < 16; i++) {
+        float v; memcpy(&v, b.quant_map->data + 4 * i, 4);
+        bool ok = f32_bits(v) == f32_bits(bnb_quant_map_value(b.qt, i)) || (b.qt == QT_FP4 && i == 8 && v == 0.0f);
+        ql_assert(ok, "%s: tensor \"%s\": entry %d is %.9g, bitsandbytes' %s table has %.9g (a custom code table is not supported)",
+                  b.quant_map->file.c_str(), b.quant_map->name.c_str(), i, v, quant_type_name(b.qt), bnb_quant_map_value(b.qt, i));
+    }
+    if (b.nested) {
+        ql_assert(nbs->is_uint && nbs->u == (uint64_t)DQ_BLOCK, "%s: tensor \"%s\": nested_blocksize must be 256", qf, qn);
+        ql_assert(ndt->type == Json::STR && ndt->str == "float32", "%s: tensor \"%s\": nested_dtype must be \"float32\"", qf, qn);
+        ql_assert(nof->type == Json::NUM && std::isfinite(nof->num), "%s: tensor \"%s\": nested_offset must be a finite number", qf, qn);
+        b.offset = (float)nof->num;
+        const int64_t n2 = (nblk + DQ_BLOCK - 1) / DQ_BLOCK;
+        ql_assert(b.nested_absmax && b.nested_absmax->dtype == DT_F32 && b.nested_absmax->shape == std::vector<int64_t>{n2},
+                  "%s: \"%snested_absmax\" must be F32 [%lld]", f, pre.c_str(), (long long)n2);
+        ql_assert(b.nested_quant_map && b.nested_quant_map->dtype == DT_F32 && b.nested_quant_map->shape == std::vector<int64_t>{256},
+                  "%s: \"%snested_quant_map\" must be F32 [256]", f, pre.c_str());
+        for (int i = 0; i < 256; i++) {
+            uint32_t u; memcpy(&u, b.nested_quant_map->data + 4 * i, 4);
+            ql_assert(u == DYN8_BITS[i], "%s: tensor \"%s\": entry %d differs from bitsandbytes' create_dynamic_map() (a custom map is not supported)",
+                      b.nested_quant_map->file.c_str(), b.nested_quant_map->name.c_str(), i);
+        }
+    }
+    return b;
+}
+
+// The weight as a Quant4: the checkpoint's bytes, not requantized; absmax rebuilt as bitsandbytes
+// does (nf4.md §3.3). A dense (unquantized) linear is quantized here with the view's qt/bs/nested.
+inline void bnb_linear_load(const BnbLinear& b, Quant4& q) {
+    const int64_t n = b.out * b.in;
+    if (b.dense) { std::vector<float> x = st_f32(*b.weight); q = quantize_weight(x.data(), n, b.qt, b.bs, b.nested); return; }
+    q = Quant4(); q.qt = b.qt; q.bs = b.bs; q.nested = b.nested; q.n = n;
+    q.packed.assign(b.weight->data, b.weight->data + b.weight->nbytes);
+    const int64_t nb = q.n_blocks();
+    q.absmax.resize((size_t)nb);
+    if (!b.nested) { memcpy(q.absmax.data(), b.absmax->data, (size_t)nb * 4); return; }
+    q.absmax_q.assign(b.absmax->data, b.absmax->data + nb);
+    q.absmax2 = st_f32(*b.nested_absmax);
+    q.offset = b.offset;
+    dequantize_absmax(q.absmax.data(), q.absmax_q.data(), q.absmax2.data(), q.offset, nb);
+}
+// One linear in one call: validate everything about `weight_name` and return its bytes.
+// dtype_out (optional): quant_state's dtype, the dtype bitsandbytes dequantizes to.
+inline void bnb_read_linear(const SafeTensors& st, const std::string& weight_name, int64_t out, int64_t in, Quant4& q, int* dtype_out = nullptr) {
+    BnbLinear b = bnb_linear_view(st, weight_name, out, in);
+    bnb_linear_load(b, q);
+    if (dtype_out) *dtype_out = b.dtype;
+}
+
+// checkpoint_view for a pre-quantized checkpoint: every tensor the model needs, validated up front.
+// All quantized linears must share one (quant type, blocksize, nested) (the trainer has one format);
+// dense ones (skipped modules) take those settings when bnb_linear_load quantizes them.
+struct BnbCheckpointView {
+    const STensor* embed = nullptr;       // (V, H)
+    const STensor* lm_head = nullptr;     // (V, H); == embed when tied
+    const STensor* final_norm = nullptr;  // (H)
+    std::vector<const STensor*> attn_norm, mlp_norm;   // (L) x (H)
+    std::vector<std::vector<BnbLinear>> w;             // (L) x (N_PROJ)
+    int qt = QT_NF4, bs = 64; bool nested = true;
+    int n_dense = 0;                                   // linears stored unquantized
+};
+inline BnbCheckpointView bnb_checkpoint_validate(const Config& c, const SafeTensors& st) {
+    BnbCheckpointView v;
+    int64_t V = c.vocab_size, H = c.dim;
+    const STensor* lm = st.find("lm_head.weight");
+    ql_assert(c.tied || !lm || lm->dtype != DT_U8 || !st.find("lm_head.weight.absmax"),
+              "%s: lm_head is 4-bit quantized in this checkpoint; qlora needs it unquantized (transformers leaves it so by default)", lm ? lm->file.c_str() : "");
+    v.embed = &st.get("model.embed_tokens.weight", {V, H});
+    v.lm_head = c.tied ? v.embed : &st.get("lm_head.weight", {V, H});
+    v.final_norm = &st.get("model.norm.weight", {H});
+    const BnbLinear* first = nullptr;
+    for (int l = 0; l < c.n_layers; l++) {
+        v.attn_norm.push_back(&st.get(hf_layer_name(l, "input_layernorm"), {H}));
+        v.mlp_norm.push_back(&st.get(hf_layer_name(l, "post_attention_layernorm"), {H}));
+        v.w.emplace_back();
+        for (int p = 0; p < N_PROJ; p++) v.w[l].push_back(bnb_linear_view(st, hf_linear_name(l, p), proj_out(c, p), proj_in(c, p)));
+    }
+    for (auto& row : v.w)
+        for (auto& b : row) {
+            if (b.dense) { v.n_dense++; continue; }
+            if (!first) { first = &b; v.qt = b.qt; v.bs = b.bs; v.nested = b.nested; continue; }
+            ql_assert(b.qt == v.qt && b.bs == v.bs && b.nested == v.nested, "%s: \"%s\" is %s blocksize %d%s but \"%s\" is %s blocksize %d%s: "
+                      "qlora needs one 4-bit format for every linear", b.weight->file.c_str(), b.weight->name.c_str(), quant_type_name(b.qt), b.bs,
+                      b.nested ? " nested" : "", first->weight->name.c_str(), quant_type_name(v.qt), v.bs, v.nested ? " nested" : "");
+        }
+    ql_assert(first, "%s: the config says bitsandbytes 4-bit, but no decoder linear is stored quantized", st.files.empty() ? "" : st.files[0]->path.c_str());
+    for (auto& row : v.w) for (auto& b : row) if (b.dense) { b.qt = v.qt; b.bs = v.bs; b.nested = v.nested; }
+    return v;
+}
+// The same weight in another 4-bit format (e.g. the trainer's NF4, blocksize 64, nested): dequantized
+// to dtype (what bitsandbytes would compute with) and quantized again. Lossy unless the formats match.
+inline Quant4 quant4_convert(const Quant4& q, int dtype, int qt, int bs, bool nested) {
+    if (q.qt == qt && q.bs == bs && q.nested == nested) return q;
+    std::vector<float> x((size_t)q.n);
+    dequantize_weight(x.data(), q);
+    if (dtype == DT_BF16) for (float& v : x) v = bf16_round(v);
+    if (dtype == DT_F16) for (float& v : x) v = f16_to_f32(f32_to_f16(v));
+    return quantize_weight(x.data(), q.n, qt, bs, nested);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13. Hugging Face checkpoints out: safetensors files with the tensors in the order safetensors'
+// own writer uses (descending dtype size, then name: every tensor stays aligned to its element
+// size), sharded with model.safetensors.index.json when there are several files, config.json and
+// the tokenizer files beside them. Tensors are made one shard at a time, so a merge of an 8B model
+// holds at most one shard in memory.
+
+struct OutTensor {
+    std::string name; int dtype = DT_NONE; std::vector<int64_t> shape;
+    std::vector<uint8_t> own;             // the bytes, or
+    const uint8_t* borrowed = nullptr;    // bytes in a mapped input file (tensors copied unchanged)
+    size_t nbytes() const { size_t n = (size_t)dtype_bytes(dtype); for (int64_t d : shape) n *= (size_t)d; return n; }
+    const uint8_t* bytes() const { return borrowed ? borrowed : own.data(); }
+};
+inline OutTensor out_tensor(const std::string& name, int dtype, std::vector<int64_t> shape, const void* data) {
+    OutTensor t; t.name = name; t.dtype = dtype; t.shape = std::move(shape);
+    t.own.assign((const uint8_t*)data, (const uint8_t*)data + t.nbytes());
+    return t;
+}
+inline OutTensor out_borrow(const STensor& s) { OutTensor t; t.name = s.name; t.dtype = s.dtype; t.shape = s.shape; t.borrowed = s.data; return t; }
+inline OutTensor out_bf16(const std::string& name, std::vector<int64_t> shape, const float* x) {
+    OutTensor t; t.name = name; t.dtype = DT_BF16; t.shape = std::move(shape);
+    t.own.resize(t.nbytes());
+    for (size_t i = 0; i < t.own.size() / 2; i++) { uint16_t h = f32_to_bf16(x[i]); memcpy(&t.own[2 * i], &h, 2); }
+    return t;
+}
+
+inline void st_write_hf(const std::string& path, std::vector<OutTensor>& ts) {
+    std::sort(ts.begin(), ts.end(), [](const OutTensor& a, const OutTensor& b) {
+        int x = dtype_bytes(a.dtype), y = dtype_bytes(b.dtype); return x != y ? x > y : a.name < b.name; });
+    std::string h = "{\"__metadata__\":{\"format\":\"pt\"}";
+    uint64_t off = 0;
+    for (auto& t : ts) {
+        ql_assert(t.dtype != DT_NONE && (t.borrowed || t.own.size() == t.nbytes()), "internal: tensor %s has %zu bytes for shape %s",
+                  t.name.c_str(), t.own.size(), t.shape.size() ? std::to_string(t.shape[0]).c_str() : "[]");
+        h += "," + json_quote(t.name) + ":{\"dtype\":\"" + dtype_name(t.dtype) + "\",\"shape\":[";
+        for (size_t i = 0; i < t.shape.size(); i++) h += (i ? "," : "") + std::to_string(t.shape[i]);
+        h += "],\"data_offsets\":[" + std::to_string(off) + "," + std::to_string(off + t.nbytes()) + "]}";
+        off += t.nbytes();
+    }
+    h += "}";
+    while (h.size() % 8) h += ' ';
+    uint8_t len[8]; for (int k = 0; k < 8; k++) len[k] = (uint8_t)((uint64_t)h.size() >> (8 * k));
+    std::vector<std::pair<const void*, size_t>> parts = {{len, 8}, {h.data(), h.size()}};
+    for (auto& t : ts) parts.push_back({t.bytes(), t.nbytes()});
+    atomic_write(path, parts);
+}
+
+// A group of output tensors made together (a quantized linear makes up to six) in one shard file.
+struct CkptPiece {
+    std::string shard;                                   // file name inside the output directory
+    std::function<void(std::vector<OutTensor>&)> make;   // appends its tensors
+    size_t est_bytes = 0;                                // for ckpt_assign_shards
+};
+inline std::string shard_name(int i, int n) { char b[64]; snprintf(b, sizeof b, "model-%05d-of-%05d.safetensors", i, n); return b; }
+// huggingface_hub's split_state_dict_into_shards: pieces in order, a new shard when the next piece
+// would take the current one past max_bytes; one shard is plain model.safetensors.
+inline void ckpt_assign_shards(std::vector<CkptPiece>& pieces, uint64_t max_bytes) {
+    std::vector<int> id(pieces.size()); int cur = 0; uint64_t size = 0;
+    for (size_t i = 0; i < pieces.size(); i++) {
+        if (size > 0 && size + pieces[i].est_bytes > max_bytes) { cur++; size = 0; }
+        id[i] = cur; size += pieces[i].est_bytes;
+    }
+    for (size_t i = 0; i < pieces.size(); i++) pieces[i].shard = cur == 0 ? "model.safetensors" : shard_name(id[i] + 1, cur + 1);
+}
+// Writes the shards in order of first appearance, then the index (json.dumps(indent=2,
+// sort_keys=True) as transformers writes it) when there is more than one file or the one file is not
+// model.safetensors. Removes what would shadow the new files: a stale index, or a stale single file
+// (transformers prefers model.safetensors to an index).
+inline void ckpt_write(const std::string& dst, const std::vector<CkptPiece>& pieces) {
+    std::vector<std::string> shards;
+    for (auto& p : pieces) if (std::find(shards.begin(), shards.end(), p.shard) == shards.end()) shards.push_back(p.shard);
+    std::map<std::string, std::string> weight_map;
+    uint64_t total = 0;
+    for (auto& sh : shards) {
+        std::vector<OutTensor> ts;
+        for (auto& p : pieces) if (p.shard == sh) p.make(ts);
+        for (auto& t : ts) {
+            ql_assert(!weight_map.count(t.name), "internal: tensor %s made twice", t.name.c_str());
+            weight_map[t.name] = sh; total += t.nbytes();
+        }
+        st_write_hf(dst + "/" + sh, ts);
+        printf("wrote %s/%s (%zu tensors)\n", dst.c_str(), sh.c_str(), ts.size()); fflush(stdout);
+    }
+    std::string index = dst + "/model.safetensors.index.json";
+    if (shards.size() == 1 && shards[0] == "model.safetensors") { remove(index.c_str()); return; }
+    remove((dst + "/model.safetensors").c_str());
+    std::string s = "{\n  \"metadata\": {\n    \"total_size\": " + std::to_string(total) + "\n  },\n  \"weight_map\": {";
+    bool first = true;
+    for (auto& kv : weight_map) { s += std::string(first ? "" : ",") + "\n    " + json_quote(kv.first) + ": " + json_quote(kv.second); first = false; }
+    write_text_file(index, s + "\n  }\n}\n");
+}
+
+// Tokenizer, generation config, chat template, README...: every plain file of src except weights,
+// weight indexes and config.json (which the caller writes).
+inline void copy_side_files(const std::string& src, const std::string& dst) {
+    DIR* d = opendir(src.c_str());
+    ql_assert(d, "cannot list %s", src.c_str());
+    std::vector<std::string> names;
+    while (dirent* e = readdir(d)) names.push_back(e->d_name);
+    closedir(d);
+    static const char* const SKIP[] = {".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".tmp"};
+    for (auto& n : names) {
+        bool skip = n.empty() || n[0] == '.' || n == "config.json";
+        for (const char* s : SKIP) skip = skip || (n.size() >= strlen(s) && n.compare(n.size() - strlen(s), strlen(s), s) == 0);
+        struct stat sb;
+        if (skip || stat((src + "/" + n).c_str(), &sb) != 0 || !S_ISREG(sb.st_mode)) continue;
+        std::vector<uint8_t> b = read_file(src + "/" + n);
+        atomic_write(dst + "/" + n, {{b.data(), b.size()}});
+    }
+}
+inline void ckpt_prepare_out(const std::string& src, const std::string& dst) {
+    make_dirs(dst);
+    ql_assert(real_path(src) != real_path(dst), "the output directory %s is the input checkpoint; choose another --out", dst.c_str());
+}
+// embed_tokens, then layer by layer, then the rest, lm_head last: the order of a state dict, which
+// decides what lands in which shard
+inline bool hf_tensor_order(const std::string& a, const std::string& b) {
+    auto group = [](const std::string& s) { return s.rfind("model.embed_tokens.", 0) == 0 ? 0 : s.rfind("model.layers.", 0) == 0 ? 1 : s.rfind("lm_head.", 0) == 0 ? 3 : 2; };
+    int ga = group(a), gb = group(b);
+    if (ga != gb) return ga < gb;
+    if (ga == 1) { long la = atol(a.c_str() + 13), lb = atol(b.c_str() + 13); if (la != lb) return la < lb; }
+    return a < b;
+}
+
+inline const char* torch_dtype_name(int dt) { return dt == DT_BF16 ? "bfloat16" : dt == DT_F16 ? "float16" : "float32"; }
+// The quant_state blob, byte for byte as json.dumps writes QuantState.as_dict(packed=True) (nf4.md §4.2):
+// {"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [128, 256], "nested_blocksize": 256,
+//  "nested_dtype": "float32", "nested_offset": 0.061586856842041016}
+inline std::string bnb_quant_state_json(const Quant4& q, int dtype, int64_t out, int64_t in) {
+    std::string s = std::string("{\"quant_type\": \"") + quant_type_name(q.qt) + "\", \"blocksize\": " + std::to_string(q.bs) +
+                    ", \"dtype\": \"" + torch_dtype_name(dtype) + "\", \"shape\": [" + std::to_string(out) + ", " + std::to_string(in) + "]";
+    if (q.nested) s += ", \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": " + py_json_float((double)q.offset);
+    return s + "}";
+}
+// The tensors Linear4bit._save_to_state_dict writes for one weight (nf4.md §4.1); dtype: the dtype
+// the weight had before quantization (bitsandbytes dequantizes back to it).
+inline void bnb_linear_tensors(std::vector<OutTensor>& ts, const std::string& wn, const Quant4& q, int dtype, int64_t out, int64_t in) {
+    ql_assert(q.n == out * in, "internal: %s quantized with %lld elements, shape [%lld, %lld]", wn.c_str(), (long long)q.n, (long long)out, (long long)in);
+    int64_t nb = q.n_blocks();
+    float qmap[16]; for (int i = 0; i < 16; i++) qmap[i] = bnb_quant_map_value(q.qt, i);
+    std::string js = bnb_quant_state_json(q, dtype, out, in);
+    ts.push_back(out_tensor(wn, DT_U8, {(q.n + 1) / 2, 1}, q.packed.data()));
+    if (q.nested) ts.push_back(out_tensor(wn + ".absmax", DT_U8, {nb}, q.absmax_q.data()));
+    else ts.push_back(out_tensor(wn + ".absmax", DT_F32, {nb}, q.absmax.data()));
+    ts.push_back(out_tensor(wn + ".quant_map", DT_F32, {16}, qmap));
+    if (q.nested) {
+        ts.push_back(out_tensor(wn + ".nested_absmax", DT_F32, {(int64_t)q.absmax2.size()}, q.absmax2.data()));
+        ts.push_back(out_tensor(wn + ".nested_quant_map", DT_F32, {256}, DYN8_BITS));
+    }
+    ts.push_back(out_tensor(wn + ".quant_state.bitsandbytes__" + quant_type_name(q.qt), DT_U8, {(int64_t)js.size()}, js.data()));
+}
+// config.json's quantization_config as BitsAndBytesConfig.to_dict() writes it (nf4.md §4.3), compute
+// dtype bf16 (the QLoRA recipe). lead: the file's member indent (json_member_indent).
+inline std::string bnb_quantization_config_text(int qt, bool nested, const std::string& lead) {
+    return json_object_text({{"_load_in_4bit", "true"}, {"_load_in_8bit", "false"}, {"bnb_4bit_compute_dtype", "\"bfloat16\""},
+                             {"bnb_4bit_quant_storage", "\"uint8\""}, {"bnb_4bit_quant_type", std::string("\"") + quant_type_name(qt) + "\""},
+                             {"bnb_4bit_use_double_quant", nested ? "true" : "false"}, {"llm_int8_enable_fp32_cpu_offload", "false"},
+                             {"llm_int8_has_fp16_weight", "false"}, {"llm_int8_skip_modules", "null"}, {"llm_int8_threshold", "6.0"},
+                             {"load_in_4bit", "true"}, {"load_in_8bit", "false"}, {"quant_method", "\"bitsandbytes\""}}, lead);
+}
+inline std::string config_with_bnb4(std::string cfg, const std::string& what, int qt, bool nested) {
+    return json_text_set(cfg, "quantization_config", bnb_quantization_config_text(qt, nested, json_member_indent(cfg, json_members(cfg, what))), what);
+}
+
+// `qlora quantize`: a bf16/fp16/fp32 checkpoint -> the bitsandbytes 4-bit checkpoint transformers
+// saves after loading it with BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt,
+// bnb_4bit_use_double_quant=nested): decoder linears quantized from their stored dtype (which the
+// quant_state records), everything else copied byte for byte, the tied lm_head dropped, the source's
+// sharding kept. The one difference from bitsandbytes: the double-quant offset is the correctly
+// rounded mean, where torch.mean may be 1-2 ulp off (test_nf4.cpp).
+inline void bnb_write_checkpoint(const std::string& src, const std::string& dst, int qt = QT_NF4, int bs = 64, bool nested = true) {
+    ql_assert(valid_blocksize_4bit(bs), "blocksize %d: bitsandbytes 4-bit takes 32, 64, 128, ..., 4096", bs);
+    std::string cfg_path = src + "/config.json";
+    ql_assert(!config_is_bnb4(cfg_path), "%s is already a bitsandbytes 4-bit checkpoint", src.c_str());
+    Config c = load_config(cfg_path);
+    SafeTensors st = st_open_model(src);
+    checkpoint_view(c, st);                              // every tensor the model needs, shape-checked
+    ckpt_prepare_out(src, dst);
+    std::map<std::string, int> linear;
+    for (int l = 0; l < c.n_layers; l++) for (int p = 0; p < N_PROJ; p++) linear[hf_linear_name(l, p)] = p;
+    std::vector<CkptPiece> pieces;
+    for (auto& kv : st.tensors) {
+        const STensor* t = &kv.second;
+        if (c.tied && kv.first == "lm_head.weight") continue;     // transformers does not save the tied copy
+        CkptPiece pc; pc.shard = base_name(t->file);
+        auto it = linear.find(kv.first);
+        if (it == linear.end()) pc.make = [t](std::vector<OutTensor>& ts) { ts.push_back(out_borrow(*t)); };
+        else {
+            int64_t out = proj_out(c, it->second), in = proj_in(c, it->second);
+            pc.make = [t, out, in, qt, bs, nested](std::vector<OutTensor>& ts) {
+                std::vector<float> x = st_f32(*t);
+                bnb_linear_tensors(ts, t->name, quantize_weight(x.data(), out * in, qt, bs, nested), t->dtype, out, in);
+            };
+        }
+        pieces.push_back(pc);
+    }
+    ckpt_write(dst, pieces);
+    write_text_file(dst + "/config.json", config_with_bnb4(text_of_file(cfg_path), cfg_path, qt, nested));
+    copy_side_files(src, dst);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 14. merging an adapter into its base: W' = W + (B·A)·s (formats.md §5.2), written as a bf16
+// checkpoint, or re-quantized to bitsandbytes 4-bit.
+//
+// W is what the trainer computed with: for a pre-quantized checkpoint its 4-bit weights
+// dequantized to quant_state's dtype; otherwise the stored weight rounded to bf16 (as the trainer
+// loads it), NF4 blocksize 64 with double quant, dequantized to bf16. onto_original: W is the stored
+// weight itself (the adapter was trained against its NF4 version; formats.md §6 item 1).
+// W' = bf16(W + fl32(s·(B·A))): one rounding of the fp32 sum (PEFT's float merge rounds ΔW to the
+// weight dtype first, then the sum). Re-quantized output = quantizing the bf16 output, i.e. what
+// loading the merged bf16 checkpoint with BitsAndBytesConfig gives.
+
+inline std::vector<float> trainer_base_weight(const STensor& t, const BnbLinear* b, int64_t n, bool onto_original) {
+    std::vector<float> w((size_t)n);
+    if (b) {
+        Quant4 q; bnb_linear_load(*b, q);
+        dequantize_weight(w.data(), q);
+        int dt = b->dense ? DT_BF16 : b->dtype;
+        for (float& v : w) v = dt == DT_BF16 ? bf16_round(v) : dt == DT_F16 ? f16_to_f32(f32_to_f16(v)) : v;
+        return w;
+    }
+    st_to_f32(w.data(), t);
+    if (onto_original) return w;
+    for (float& v : w) v = bf16_round(v);
+    dequantize_weight(w.data(), quantize_weight(w.data(), n));
+    for (float& v : w) v = bf16_round(v);
+    return w;
+}
+// w (out, in) += (B·A)·s for projection p of layer l; the product in fp32, row by row
+inline void lora_merge_into(float* w, const Config& c, const LoraConfig& lc, const float* lora, int l, int p) {
+    if (!lc.has(p)) return;
+    LoraSlot sl = lora_slot(c, lc, l, p);
+    const int in = proj_in(c, p), out = proj_out(c, p), r = lc.rank;
+    const float s = lc.scale(), *A = lora + sl.a, *B = lora + sl.b;   // A (r, in), B (out, r)
+    std::vector<float> row((size_t)in);
+    for (int o = 0; o < out; o++) {
+        std::fill(row.begin(), row.end(), 0.0f);
+        for (int k = 0; k < r; k++) { float bk = B[(size_t)o * r + k]; const float* a = A + (size_t)k * in; for (int i = 0; i < in; i++) row[i] += bk * a[i]; }
+        for (int i = 0; i < in; i++) w[(size_t)o * in + i] += row[i] * s;
+    }
+}
+
+inline void merge_write_checkpoint(const std::string& src, const Config& c, const LoraConfig& lc, const float* lora, const std::string& dst,
+                                   bool requant, bool onto_original = false, uint64_t max_shard_bytes = 5000000000ull) {
+    std::string cfg_path = src + "/config.json";
+    int qt = QT_NF4, bs = 64; bool nested = true;
+    bool pre = config_is_bnb4(cfg_path);
+    ql_assert(!(pre && onto_original), "%s is stored in 4 bits: there is no original base to merge onto", src.c_str());
+    SafeTensors st = st_open_model(src);
+    BnbCheckpointView bv;
+    if (pre) { bv = bnb_checkpoint_validate(c, st); qt = bv.qt; bs = bv.bs; nested = bv.nested; }
+    else checkpoint_view(c, st);
+    ckpt_prepare_out(src, dst);
+    std::map<std::string, int> linear;
+    for (int l = 0; l < c.n_layers; l++) for (int p = 0; p < N_PROJ; p++) linear[hf_linear_name(l, p)] = l * N_PROJ + p;
+    std::vector<std::string> names;
+    for (auto& kv : st.tensors) {
+        const std::string& name = kv.first;
+        size_t k = name.find(".weight.");
+        if ((c.tied && name == "lm_head.weight") || (k != std::string::npos && linear.count(name.substr(0, k + 7)))) continue;  // bnb sub-tensors
+        names.push_back(name);
+    }
+    std::sort(names.begin(), names.end(), hf_tensor_order);
+    std::vector<CkptPiece> pieces;
+    for (auto& name : names) {
+        const STensor* t = st.find(name);
+        CkptPiece pc;
+        auto it = linear.find(name);
+        if (it == linear.end()) {
+            bool fl = t->dtype == DT_BF16 || t->dtype == DT_F16 || t->dtype == DT_F32;
+            pc.est_bytes = fl ? (size_t)t->numel() * 2 : t->nbytes;
+            pc.make = [t, fl](std::vector<OutTensor>& ts) {
+                if (!fl) { ts.push_back(out_borrow(*t)); return; }
+                std::vector<float> x = st_f32(*t); ts.push_back(out_bf16(t->name, t->shape, x.data()));
+            };
+        } else {
+            int l = it->second / N_PROJ, p = it->second % N_PROJ;
+            int64_t out = proj_out(c, p), in = proj_in(c, p), n = out * in;
+            const BnbLinear* b = pre ? &bv.w[l][p] : nullptr;
+            pc.est_bytes = requant ? (size_t)(n / 2 + n / bs * (nested ? 1 : 4) + 1500) : (size_t)n * 2;
+            pc.make = [=, &c, &lc](std::vector<OutTensor>& ts) {
+                std::vector<float> w = trainer_base_weight(*t, b, n, onto_original);
+                lora_merge_into(w.data(), c, lc, lora, l, p);
+                for (float& v : w) v = bf16_round(v);
+                if (requant) bnb_linear_tensors(ts, name, quantize_weight(w.data(), n, qt, bs, nested), DT_BF16, out, in);
+                else ts.push_back(out_bf16(name, {out, in}, w.data()));
+            };
+        }
+        pieces.push_back(pc);
+    }
+    ckpt_assign_shards(pieces, max_shard_bytes);
+    ckpt_write(dst, pieces);
+    // config.json: dtype bfloat16; quantization_config only when re-quantized
+    std::string cfg = text_of_file(cfg_path);
+    std::vector<std::string> keys; for (auto& m : json_members(cfg, cfg_path)) keys.push_back(m.key);
+    bool has_dtype = false;
+    for (const char* k : {"dtype", "torch_dtype"})
+        if (std::find(keys.begin(), keys.end(), k) != keys.end()) { cfg = json_text_set(cfg, k, "\"bfloat16\"", cfg_path); has_dtype = true; }
+    if (!has_dtype) cfg = json_text_set(cfg, "torch_dtype", "\"bfloat16\"", cfg_path);
+    cfg = requant ? config_with_bnb4(cfg, cfg_path, qt, nested) : json_text_remove(cfg, "quantization_config", cfg_path);
+    write_text_file(dst + "/config.json", cfg);
+    copy_side_files(src, dst);
 }
