@@ -1012,6 +1012,8 @@ inline CheckpointView checkpoint_view(const Config& c, const SafeTensors& st) {
 #include <dirent.h>    // defines: opendir (copying tokenizer files)
 #include <limits.h>    // defines: PATH_MAX
 #include <errno.h>     // defines: errno, EEXIST
+#include <thread>      // defines: std::thread (checkpoint pieces quantized/merged in parallel)
+#include <atomic>      // defines: std::atomic (the next piece to make)
 
 // ---------------------------------------------------------------------------------------------
 // 10. text as Python writes it: float repr, and config.json edited in place
@@ -1564,8 +1566,8 @@ inline Quant4 quant4_convert(const Quant4& q, int dtype, int qt, int bs, bool ne
 // 13. Hugging Face checkpoints out: safetensors files with the tensors in the order safetensors'
 // own writer uses (descending dtype size, then name: every tensor stays aligned to its element
 // size), sharded with model.safetensors.index.json when there are several files, config.json and
-// the tokenizer files beside them. Tensors are made one shard at a time, so a merge of an 8B model
-// holds at most one shard in memory.
+// the tokenizer files beside them. Tensors are made one shard at a time (the pieces of a shard on
+// all cores), so a merge of an 8B model holds at most one shard in memory.
 
 struct OutTensor {
     std::string name; int dtype = DT_NONE; std::vector<int64_t> shape;
@@ -1635,8 +1637,18 @@ inline void ckpt_write(const std::string& dst, const std::vector<CkptPiece>& pie
     std::map<std::string, std::string> weight_map;
     uint64_t total = 0;
     for (auto& sh : shards) {
+        std::vector<const CkptPiece*> mine;
+        for (auto& p : pieces) if (p.shard == sh) mine.push_back(&p);
+        std::vector<std::vector<OutTensor>> made(mine.size());
+        std::atomic<size_t> next{0};
+        auto worker = [&] { for (size_t i; (i = next++) < mine.size();) mine[i]->make(made[i]); };
+        unsigned nt = std::max(1u, std::min((unsigned)mine.size(), std::thread::hardware_concurrency()));
+        std::vector<std::thread> pool;
+        for (unsigned k = 1; k < nt; k++) pool.emplace_back(worker);
+        worker();
+        for (auto& th : pool) th.join();
         std::vector<OutTensor> ts;
-        for (auto& p : pieces) if (p.shard == sh) p.make(ts);
+        for (auto& m : made) for (auto& t : m) ts.push_back(std::move(t));
         for (auto& t : ts) {
             ql_assert(!weight_map.count(t.name), "internal: tensor %s made twice", t.name.c_str());
             weight_map[t.name] = sh; total += t.nbytes();
@@ -1767,8 +1779,9 @@ inline void bnb_write_checkpoint(const std::string& src, const std::string& dst,
 // checkpoint, or re-quantized to bitsandbytes 4-bit.
 //
 // W is what the trainer computed with: for a pre-quantized checkpoint its 4-bit weights
-// dequantized to quant_state's dtype; otherwise the stored weight rounded to bf16 (as the trainer
-// loads it), NF4 blocksize 64 with double quant, dequantized to bf16. onto_original: W is the stored
+// dequantized to quant_state's dtype; otherwise the stored weight (bf16, fp16 or fp32, quantized from
+// that dtype as the trainer does) as NF4 blocksize 64 with double quant, dequantized to bf16 (the
+// trainer's compute copy). onto_original: W is the stored
 // weight itself (the adapter was trained against its NF4 version; formats.md §6 item 1).
 // W' = bf16(W + fl32(s·(B·A))): one rounding of the fp32 sum (PEFT's float merge rounds ΔW to the
 // weight dtype first, then the sum). Re-quantized output = quantizing the bf16 output, i.e. what
@@ -1785,7 +1798,6 @@ inline std::vector<float> trainer_base_weight(const STensor& t, const BnbLinear*
     }
     st_to_f32(w.data(), t);
     if (onto_original) return w;
-    for (float& v : w) v = bf16_round(v);
     dequantize_weight(w.data(), quantize_weight(w.data(), n));
     for (float& v : w) v = bf16_round(v);
     return w;
