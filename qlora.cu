@@ -303,6 +303,29 @@ static void load_model(Trainer& t) {
             dense(m.attn_norm[l], nullptr, H, 0, 0); dense(m.mlp_norm[l], nullptr, H, 0, 0);
             for (int p = 0; p < N_PROJ; p++) linear(l, p, nullptr);
         }
+    } else if (config_is_bnb4(t.o.model + "/config.json")) {
+        // a checkpoint saved by transformers with bitsandbytes 4-bit: its bytes go up as they are
+        SafeTensors st = st_open_model(t.o.model);
+        BnbCheckpointView v = bnb_checkpoint_validate(c, st);
+        bool same = v.qt == QT_NF4 && v.bs == QBS && v.nested;
+        printf("pre-quantized checkpoint: %s blocksize %d%s%s\n", quant_type_name(v.qt), v.bs, v.nested ? ", double quant" : "",
+               same ? "" : " -> converted to NF4 blocksize 64 double quant (lossy: the trainer has one format)");
+        dense(m.embed, v.embed, V * H, 0, 0); if (!c.tied) dense(m.lm_head, v.lm_head, V * H, 0, 0);
+        dense(m.final_norm, v.final_norm, H, 0, 0);
+        for (int l = 0; l < c.n_layers; l++) {
+            dense(m.attn_norm[l], v.attn_norm[l], H, 0, 0); dense(m.mlp_norm[l], v.mlp_norm[l], H, 0, 0);
+            for (int p = 0; p < N_PROJ; p++) {
+                Quant4 q; bnb_linear_load(v.w[l][p], q);
+                if (!same) q = quant4_convert(q, v.w[l][p].dtype, QT_NF4, QBS, true);
+                QWeight& w = m.w[l][p];
+                cudaCheck(cudaMemcpy(w.packed, q.packed.data(), q.packed.size(), cudaMemcpyHostToDevice));
+                cudaCheck(cudaMemcpy(w.absmax_q, q.absmax_q.data(), q.absmax_q.size(), cudaMemcpyHostToDevice));
+                cudaCheck(cudaMemcpy(w.absmax2, q.absmax2.data(), q.absmax2.size() * 4, cudaMemcpyHostToDevice));
+                cudaCheck(cudaMemcpy(w.offset, &q.offset, 4, cudaMemcpyHostToDevice));
+            }
+            printf("\rloading %s: layer %d/%d", t.o.model.c_str(), l + 1, c.n_layers); fflush(stdout);
+        }
+        printf("\n");
     } else {
         SafeTensors st = st_open_model(t.o.model);
         CheckpointView v = checkpoint_view(c, st);

@@ -56,10 +56,24 @@ inline void ref_model_alloc(RefModel& m, const Config& c) {
 
 // Load a Hugging Face checkpoint the way the trainer does: embeddings and norms as stored (exact in
 // fp32), every decoder linear quantized to NF4 (blocksize 64, double quant, as bitsandbytes does)
-// and dequantized back to fp32: the frozen weights the model really computes with.
+// and dequantized back to fp32: the frozen weights the model really computes with. A checkpoint
+// saved with bitsandbytes 4-bit is dequantized from its own bytes.
 inline void ref_model_load(RefModel& m, const std::string& dir) {
     Config c = load_config(dir + "/config.json");
     SafeTensors st = st_open_model(dir);
+    if (config_is_bnb4(dir + "/config.json")) {   // saved with bitsandbytes 4-bit: dequantize its own bytes
+        BnbCheckpointView v = bnb_checkpoint_validate(c, st);
+        ref_model_alloc(m, c);
+        st_to_f32(m.embed, *v.embed);
+        if (!c.tied) st_to_f32(m.lm_head, *v.lm_head);
+        st_to_f32(m.final_norm, *v.final_norm);
+        for (int l = 0; l < c.n_layers; l++) {
+            st_to_f32(m.layers[l].attn_norm, *v.attn_norm[l]);
+            st_to_f32(m.layers[l].mlp_norm, *v.mlp_norm[l]);
+            for (int p = 0; p < N_PROJ; p++) { Quant4 q; bnb_linear_load(v.w[l][p], q); dequantize_weight(m.layers[l].w[p], q); }
+        }
+        return;
+    }
     CheckpointView v = checkpoint_view(c, st);
     ref_model_alloc(m, c);
     st_to_f32(m.embed, *v.embed);

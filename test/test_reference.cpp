@@ -95,9 +95,19 @@ static void variant(const std::string& dir) {
            dl, max_abs(logits_ref), dg, max_abs(gref), fabs(st_f32(*d16.find("loss"))[0] - loss));
 }
 
+// A checkpoint saved in bitsandbytes' 4-bit layout loads with exactly the frozen weights that
+// quantizing its bf16 source gives (no requantization on the way in).
+static void prequantized(const std::string& src) {
+    std::string dst = "build/tmp_reference_bnb";
+    bnb_write_checkpoint(src, dst);
+    RefModel a, b; ref_model_load(a, src); ref_model_load(b, dst);
+    check(a.mem == b.mem, "%s saved as bitsandbytes 4-bit loads with identical frozen weights (%zu values)", src.c_str(), a.mem.size());
+}
+
 int main() {
     rcp_table_load("data/rcp_delta.bin");
     variant("test/ref/tied");
     variant("test/ref/untied");
+    prequantized("test/ref/untied");
     return test_summary();
 }
