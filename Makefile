@@ -52,13 +52,15 @@ build/test_fuzz_regress build/test_fuzz_regress_san: test/fuzz/targets.h
 build/fuzz_%: test/fuzz/fuzz_%.cpp test/fuzz/targets.h $(HEADERS) | build
 	$(FUZZ_CXX) $(FUZZ_FLAGS) -o $@ $<
 fuzz: $(patsubst %,build/fuzz_%,$(FUZZ_TARGETS))
-	@for t in $(FUZZ_TARGETS); do mkdir -p build/fuzz/$$t; \
+	@bad=; for t in $(FUZZ_TARGETS); do mkdir -p build/fuzz/$$t; \
 	  echo "=== fuzz_$$t: $(FUZZ_SECONDS) s, seeds test/fuzz/corpus/$$t, corpus build/fuzz/$$t, log build/fuzz/$$t.log"; \
 	  build/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -dict=test/fuzz/fuzz.dict \
 	    -artifact_prefix=build/fuzz/$$t- -print_final_stats=1 build/fuzz/$$t test/fuzz/corpus/$$t \
 	    $$(ls -d test/fuzz/regress/$$t 2>/dev/null) >build/fuzz/$$t.log 2>&1; rc=$$?; \
 	  grep -E '^(Done [0-9]+ runs|stat::new_units_added|stat::peak_rss_mb)' build/fuzz/$$t.log; \
-	  [ $$rc -eq 0 ] || { tail -n 30 build/fuzz/$$t.log; echo "!!! fuzz_$$t found a bug: see build/fuzz/$$t-*"; exit 1; }; done
+	  [ $$rc -eq 0 ] || { grep -E -A3 '^(==[0-9]+==ERROR|.*runtime error|fuzz: invariant)' build/fuzz/$$t.log | head -n 12; \
+	                      echo "!!! fuzz_$$t found a bug: the input is build/fuzz/$$t-*"; bad="$$bad $$t"; }; done; \
+	[ -z "$$bad" ] || { echo "!!! bugs found by:$$bad"; exit 1; }
 
 clean:
 	rm -rf build qlora

@@ -5,7 +5,7 @@
 // a slow input is a FAIL. Each input runs twice: quiet, as the fuzzers run, and once more with its
 // error message formatted (stderr to /dev/null), so the message arguments are exercised too.
 // Arguments "TARGET:DIR" replay more inputs (a grown corpus in build/fuzz/), one line per directory.
-#include "fuzz/targets.h"   // defines: fuzz_json, fuzz_config, fuzz_safetensors, fuzz_index, fuzz_tokens
+#include "fuzz/targets.h"   // defines: fuzz_json, fuzz_config, fuzz_safetensors, fuzz_index, fuzz_tokens, fuzz_bnb, fuzz_peft
 #include "test.h"           // defines: check, test_summary
 #include <dirent.h>         // defines: opendir
 #include <fcntl.h>          // defines: open
@@ -14,7 +14,7 @@
 static const double REPLAY_BUDGET_S = 5.0;   // per input, both runs, under ASan+UBSan; the fuzzers allow 10
 struct Target { const char* name; int (*fn)(const uint8_t*, size_t); };
 static const Target TARGETS[] = {{"json", fuzz_json}, {"config", fuzz_config}, {"safetensors", fuzz_safetensors},
-                                 {"index", fuzz_index}, {"tokens", fuzz_tokens}};
+                                 {"index", fuzz_index}, {"tokens", fuzz_tokens}, {"bnb", fuzz_bnb}, {"peft", fuzz_peft}};
 
 static std::vector<std::string> files_in(const std::string& dir) {
     std::vector<std::string> out;
@@ -51,7 +51,7 @@ static std::string replay(const Target& t, const std::string& path, double& secs
 
 static const Target& target_named(const std::string& n) {
     for (auto& t : TARGETS) if (n == t.name) return t;
-    ql_fail("unknown fuzz target \"%s\" (json, config, safetensors, index, tokens)", n.c_str());
+    ql_fail("unknown fuzz target \"%s\" (json, config, safetensors, index, tokens, bnb, peft)", n.c_str());
 }
 
 // Hostile inputs too large to commit, made here: each must be rejected or accepted in time, not in
@@ -65,7 +65,7 @@ static void generated(const char* name, const Target& t, const std::string& byte
     check(w.empty(), "fuzz_%-12s %-58s %s (%.1f ms, %zu bytes)", t.name, name, w.empty() ? "clean" : w.c_str(), 1e3 * s, bytes.size());
 }
 static void generated_inputs() {
-    const int N = 100000;
+    const int N = 50000;
     std::string h = "{", wm;   // N one-byte U8 tensors; an index naming N distinct shards
     for (int i = 0; i < N; i++) {
         std::string k = "t" + std::to_string(i);
@@ -76,8 +76,8 @@ static void generated_inputs() {
     std::string st(8, '\0');
     for (int k = 0; k < 8; k++) st[k] = (char)(h.size() >> (8 * k));
     st += h + std::string(N, '\1');
-    generated("(generated) 100k tensors in one header", target_named("safetensors"), st);
-    generated("(generated) index with 100k distinct shards", target_named("index"), "{\"weight_map\":{" + wm + "}}");
+    generated("(generated) 50k tensors in one header", target_named("safetensors"), st);
+    generated("(generated) index with 50k distinct shards", target_named("index"), "{\"weight_map\":{" + wm + "}}");
 }
 
 // Throw mode is for one process trying many hostile inputs: a rejected file must not leak its fd.

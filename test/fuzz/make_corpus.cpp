@@ -46,7 +46,7 @@ static std::string written(const std::vector<STOut>& ts, std::map<std::string, s
 }
 
 int main() {
-    ql_assert(system(("mkdir -p build " + OUT + "/json " + OUT + "/config " + OUT + "/safetensors " + OUT + "/index " + OUT + "/tokens").c_str()) == 0, "mkdir");
+    ql_assert(system(("mkdir -p build " + OUT + "/json " + OUT + "/config " + OUT + "/safetensors " + OUT + "/index " + OUT + "/tokens " + OUT + "/bnb " + OUT + "/peft").c_str()) == 0, "mkdir");
     const char* models[] = {"tied", "untied"};
     const char* files[] = {"model", "quant", "debug_fp32", "debug_bf16"};
 
@@ -102,6 +102,42 @@ int main() {
     token_file_write("build/make_corpus.tmp", toks, &mask, {0, 13}, 12);
     put("tokens", "masked", slurp("build/make_corpus.tmp"));
     remove("build/make_corpus.tmp");
+    // bnb: the tiny checkpoint quantized by qlora's own bitsandbytes writer (NF4 nested, FP4 plain)
+    const std::string src = "build/make_corpus_src", dst = "build/make_corpus_bnb";
+    ql_assert(system(("rm -rf " + src + " " + dst + " && mkdir -p " + src).c_str()) == 0, "mkdir");
+    auto tiny_config = [](bool tied) {
+        Config c = fuzz_config_tiny(tied);
+        return "{\"model_type\":\"llama\",\"hidden_size\":" + std::to_string(c.dim) + ",\"intermediate_size\":" + std::to_string(c.hidden_dim) +
+               ",\"num_hidden_layers\":" + std::to_string(c.n_layers) + ",\"num_attention_heads\":" + std::to_string(c.n_heads) +
+               ",\"num_key_value_heads\":" + std::to_string(c.n_kv_heads) + ",\"head_dim\":" + std::to_string(c.head_dim) +
+               ",\"vocab_size\":" + std::to_string(c.vocab_size) + ",\"tie_word_embeddings\":" + (tied ? "true" : "false") + "}";
+    };
+    struct { const char* name; bool tied; int qt, bs; bool nested; } bnbs[] = {{"tiny_nf4_nested", true, QT_NF4, 64, true}, {"tiny_fp4_untied", false, QT_FP4, 32, false}};
+    for (auto& b : bnbs) {
+        write_text_file(src + "/config.json", tiny_config(b.tied));
+        st_write(src + "/model.safetensors", tiny_tensors(b.tied, -1));
+        bnb_write_checkpoint(src, dst, b.qt, b.bs, b.nested);
+        put("bnb", b.name, slurp(dst + "/model.safetensors"));
+    }
+    put("bnb", "tiny_unquantized", written(tiny_tensors(true, -1)));
+
+    // peft: adapters for the tiny model from qlora's own PEFT writer; a regex target_modules
+    struct { const char* name; int rank; unsigned targets; bool rslora; } pefts[] = {{"all_linear_r2", 2, (1u << N_PROJ) - 1, false}, {"qv_r1_rslora", 1, 0b101, true}};
+    for (auto& a : pefts) {
+        Config c = fuzz_config_tiny(true);
+        LoraConfig lc; lc.rank = a.rank; lc.targets = a.targets; lc.rslora = a.rslora;
+        std::vector<float> lora(lora_num_params(c, lc));
+        lora_init(lora.data(), c, lc, 7);
+        ql_assert(system(("rm -rf " + dst).c_str()) == 0, "rm");
+        peft_adapter_write(dst, c, lc, lora.data(), "tiny");
+        std::string cfg = slurp(dst + "/adapter_config.json"), w = slurp(dst + "/adapter_model.safetensors");
+        put("peft", a.name, cfg + FUZZ_SHARD_SEP + w);
+        if (a.rank == 1) {
+            size_t b = cfg.find("\"target_modules\": ["), e = cfg.find("]", b);
+            put("peft", "qv_regex", cfg.substr(0, b) + "\"target_modules\": \"model\\\\.layers\\\\.\\\\d+\\\\.self_attn\\\\.(q|v)_proj\"" + cfg.substr(e + 1) + FUZZ_SHARD_SEP + w);
+        }
+    }
+    ql_assert(system(("rm -rf " + src + " " + dst).c_str()) == 0, "rm");
     printf("seed corpora written to %s/\n", OUT.c_str());
     return 0;
 }

@@ -4,6 +4,9 @@
 // else (a crash, a sanitizer report, another exception, a broken invariant, a hang) is a bug.
 // Beyond "no crash", the targets check what a reader promises: JSON strings survive json_quote, an
 // accepted config is within the ranges the trainer assumes, accepted tensors lie inside the buffer.
+// Inputs: test/fuzz/corpus/<target>/ seeds (make_corpus.cpp), regress/<target>/ inputs that broke a
+// reader and were fixed (replayed by make test), open/<target>/ inputs that still break one (not
+// replayed; move them to regress/ with the fix).
 #pragma once
 #include "../../qlora.h"       // defines: json_parse, config_from_json, st_parse, st_parse_index, checkpoint_view
 #include "../../dataloader.h"  // defines: token_file_parse, Loader
@@ -151,6 +154,59 @@ inline int fuzz_tokens(const uint8_t* data, size_t size) {
             ld.next(b, 2, 8);
             for (size_t i = 0; i < b.ids.size(); i++) FUZZ_CHECK(b.ids[i] >= 0 && (uint32_t)b.ids[i] < f.vocab && b.targets[i] < (int)f.vocab);
         }
+    } catch (const QlError&) {}
+    return 0;
+}
+
+// ---- bitsandbytes 4-bit checkpoint (qlora.h §12): the validation a pre-quantized load does, then
+// every linear's bytes loaded and dequantized, as the trainer and `qlora merge` use them.
+inline int fuzz_bnb(const uint8_t* data, size_t size) {
+    fuzz_mode();
+    try {
+        SafeTensors st;
+        st_parse(st, data, size, "fuzz/model.safetensors");
+        Config c = fuzz_config_tiny(!st.find("lm_head.weight"));
+        BnbCheckpointView v = bnb_checkpoint_validate(c, st);
+        for (auto& row : v.w)
+            for (auto& b : row) {
+                Quant4 q; bnb_linear_load(b, q);
+                FUZZ_CHECK(q.n == b.out * b.in && (int64_t)q.packed.size() == (q.n + 1) / 2);
+                std::vector<float> x((size_t)q.n);
+                dequantize_weight(x.data(), q);
+            }
+    } catch (const QlError&) {}
+    return 0;
+}
+
+// ---- PEFT adapter (qlora.h §11): adapter_config.json, then FUZZ_SHARD_SEP, then
+// adapter_model.safetensors. peft_adapter_read takes a directory, so both go to a scratch one.
+inline std::string fuzz_scratch_dir() {
+    static std::string d;
+    if (d.empty()) {
+        d = std::string(access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp") + "/qlora_fuzz_peft." + std::to_string(getpid());
+        make_dirs(d);
+        atexit([] { for (const char* f : {"/adapter_config.json", "/adapter_model.safetensors", ""}) remove((d + f).c_str()); });
+    }
+    return d;
+}
+inline int fuzz_peft(const uint8_t* data, size_t size) {
+    fuzz_mode();
+    const size_t sl = sizeof FUZZ_SHARD_SEP - 1;
+    const uint8_t* s = size ? (const uint8_t*)memmem(data, size, FUZZ_SHARD_SEP, sl) : nullptr;
+    size_t nc = s ? (size_t)(s - data) : size;
+    std::string d = fuzz_scratch_dir();
+    auto put = [](const std::string& p, const uint8_t* b, size_t n) {
+        FILE* f = fopen(p.c_str(), "wb"); if (!f) abort();
+        if (n && fwrite(b, 1, n, f) != n) abort();
+        fclose(f);
+    };
+    put(d + "/adapter_config.json", data, nc);
+    if (s) put(d + "/adapter_model.safetensors", s + sl, size - nc - sl); else remove((d + "/adapter_model.safetensors").c_str());
+    try {
+        LoraConfig lc; std::vector<float> lora;
+        Config c = fuzz_config_tiny(true);
+        peft_adapter_read(d, c, lc, lora);
+        FUZZ_CHECK(lc.rank >= 1 && lc.targets && lora.size() == lora_num_params(c, lc));
     } catch (const QlError&) {}
     return 0;
 }
