@@ -10,7 +10,8 @@
 #pragma once
 #include "../../qlora.h"       // defines: json_parse, config_from_json, st_parse, st_parse_index, checkpoint_view
 #include "../../dataloader.h"  // defines: token_file_parse, Loader
-#include <limits.h>            // defines: INT_MAX
+#include <dirent.h>            // defines: opendir (stale scratch directories)
+#include <signal.h>            // defines: kill (is a scratch directory's process alive)
 
 // The replay test sets this to format every error message once (stderr goes to /dev/null there);
 // the fuzzers leave it off: quiet, and the message arguments are not evaluated.
@@ -179,11 +180,23 @@ inline int fuzz_bnb(const uint8_t* data, size_t size) {
 }
 
 // ---- PEFT adapter (qlora.h §11): adapter_config.json, then FUZZ_SHARD_SEP, then
-// adapter_model.safetensors. peft_adapter_read takes a directory, so both go to a scratch one.
+// adapter_model.safetensors. peft_adapter_read takes a directory, so both go to a scratch one,
+// one per process; those of processes that died (a crash skips atexit) are removed first.
 inline std::string fuzz_scratch_dir() {
     static std::string d;
     if (d.empty()) {
-        d = std::string(access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp") + "/qlora_fuzz_peft." + std::to_string(getpid());
+        std::string root = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp", stem = "qlora_fuzz_peft.";
+        if (DIR* r = opendir(root.c_str())) {
+            while (dirent* e = readdir(r)) {
+                if (strncmp(e->d_name, stem.c_str(), stem.size())) continue;
+                long pid = atol(e->d_name + stem.size());
+                if (pid <= 0 || kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue;
+                std::string old = root + "/" + e->d_name;
+                for (const char* f : {"/adapter_config.json", "/adapter_model.safetensors", ""}) remove((old + f).c_str());
+            }
+            closedir(r);
+        }
+        d = root + "/" + stem + std::to_string(getpid());
         make_dirs(d);
         atexit([] { for (const char* f : {"/adapter_config.json", "/adapter_model.safetensors", ""}) remove((d + f).c_str()); });
     }
