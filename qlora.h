@@ -1174,6 +1174,23 @@ inline void peft_adapter_write(const std::string& dir, const Config& c, const Lo
 // Does PEFT's target rule select `module` (relative to the CausalLM, e.g. model.layers.0.mlp.up_proj)?
 // A string is a regex that must match the whole name; a list entry matches the name or a suffix
 // after a dot (tuners_utils.check_target_module_exists).
+// std::regex backtracks, so a hostile pattern can take exponential time (`(.*)*(.*)*y`) or hit
+// undefined behaviour in libstdc++ (a back-reference like \18446744073709551616). PEFT's patterns
+// are short alternations such as `.*\.(q_proj|v_proj)`: accept that shape only, where the
+// backtracking is bounded by (name length)^(quantifiers) = 40^4 steps per module name.
+inline bool regex_is_tame(const std::string& re) {
+    if (re.size() > 256) return false;
+    int quantifiers = 0;
+    for (size_t i = 0; i < re.size(); i++) {
+        char c = re[i];
+        if (c == '\\') { if (i + 1 < re.size() && re[i + 1] >= '0' && re[i + 1] <= '9') return false; i++; continue; }
+        if (c == '*' || c == '+' || c == '?' || c == '{') {
+            quantifiers++;
+            if (i > 0 && re[i - 1] == ')') return false;   // a quantified group
+        }
+    }
+    return quantifiers <= 4;
+}
 struct PeftTargetRule { bool is_regex = false; std::regex re; std::vector<std::string> names; };
 inline bool peft_rule_matches(const PeftTargetRule& r, const std::string& module) {
     if (r.is_regex) return std::regex_match(module, r.re);
@@ -1245,6 +1262,8 @@ inline void peft_adapter_read(const std::string& dir, const Config& c, LoraConfi
         if (!v || v->type == Json::NUL) return false;
         if (v->type == Json::STR) {
             if (!strcmp(k, "target_modules") && v->str == "all-linear") { r.names.assign(PROJ_NAME, PROJ_NAME + N_PROJ); return true; }
+            ql_assert(regex_is_tame(v->str), "%s: \"%s\": the regular expression \"%.80s\" is too complex for qlora (it accepts up to 256 "
+                      "characters, 4 quantifiers, no quantified groups, no back-references); list the module names instead", cpc, k, v->str.c_str());
             try { r.re = std::regex(v->str); } catch (const std::regex_error&) { ql_fail("%s: \"%s\": \"%s\" is not a regular expression qlora can read", cpc, k, v->str.c_str()); }
             r.is_regex = true; return true;
         }
@@ -1473,7 +1492,7 @@ inline BnbLinear bnb_linear_view(const SafeTensors& st, const std::string& wn, i
         ql_assert(nbs->is_uint && nbs->u == (uint64_t)DQ_BLOCK, "%s: tensor \"%s\": nested_blocksize must be 256", qf, qn);
         ql_assert(ndt->type == Json::STR && ndt->str == "float32", "%s: tensor \"%s\": nested_dtype must be \"float32\"", qf, qn);
         ql_assert(nof->type == Json::NUM && std::isfinite(nof->num), "%s: tensor \"%s\": nested_offset must be a finite number", qf, qn);
-        b.offset = (float)nof->num;
+        ql_assert(fabs(nof->num) <= 3.4028234663852886e38, "%s: nested_offset %g is outside the fp32 range", b.quant_state->file.c_str(), nof->num); b.offset = (float)nof->num;
         const int64_t n2 = (nblk + DQ_BLOCK - 1) / DQ_BLOCK;
         ql_assert(b.nested_absmax && b.nested_absmax->dtype == DT_F32 && b.nested_absmax->shape == std::vector<int64_t>{n2},
                   "%s: \"%snested_absmax\" must be F32 [%lld]", f, pre.c_str(), (long long)n2);
