@@ -1492,7 +1492,8 @@ inline BnbLinear bnb_linear_view(const SafeTensors& st, const std::string& wn, i
         ql_assert(nbs->is_uint && nbs->u == (uint64_t)DQ_BLOCK, "%s: tensor \"%s\": nested_blocksize must be 256", qf, qn);
         ql_assert(ndt->type == Json::STR && ndt->str == "float32", "%s: tensor \"%s\": nested_dtype must be \"float32\"", qf, qn);
         ql_assert(nof->type == Json::NUM && std::isfinite(nof->num), "%s: tensor \"%s\": nested_offset must be a finite number", qf, qn);
-        ql_assert(fabs(nof->num) <= 3.4028234663852886e38, "%s: nested_offset %g is outside the fp32 range", b.quant_state->file.c_str(), nof->num); b.offset = (float)nof->num;
+        ql_assert(fabs(nof->num) <= 3.4028234663852886e38, "%s: tensor \"%s\": nested_offset %g is outside the fp32 range", qf, qn, nof->num);
+        b.offset = (float)nof->num;
         const int64_t n2 = (nblk + DQ_BLOCK - 1) / DQ_BLOCK;
         ql_assert(b.nested_absmax && b.nested_absmax->dtype == DT_F32 && b.nested_absmax->shape == std::vector<int64_t>{n2},
                   "%s: \"%snested_absmax\" must be F32 [%lld]", f, pre.c_str(), (long long)n2);
