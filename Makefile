@@ -18,7 +18,7 @@ GPU_TESTS := $(if $(NVCC),$(patsubst test/%.cu,build/%,$(wildcard test/test_*.cu
 GPU_BINS  := $(if $(NVCC),$(if $(wildcard qlora.cu),qlora))
 HEADERS   := qlora.h reference.h dataloader.h $(wildcard kernels/*.cuh) test/test.h
 
-all: detect $(CPU_TESTS) $(SAN_TESTS) $(GPU_TESTS) $(GPU_BINS)
+all: detect $(CPU_TESTS) $(SAN_TESTS) $(GPU_TESTS) $(GPU_BINS) qlora_cpu
 
 detect:
 	@echo "qlora build: g++ ✓ ($(CXX)) | nvcc $(if $(NVCC),✓ ($(NVCC)),✗ (GPU trainer and GPU tests not built)) | \
@@ -35,10 +35,26 @@ qlora: qlora.cu $(HEADERS)
 build:
 	@mkdir -p build
 
+# make train: fine-tune the shipped base model (data/base) on the shipped task (data/task), both
+# made by dev/data/ (its README). With a GPU ./qlora runs it; without, ./qlora_cpu, the CPU reference
+# trainer (the same training in fp32 loops), which also prints task accuracy and sample generations.
+TRAIN_ARGS ?= --model data/base --train data/task/reverse.train.tok --val data/task/reverse.val.tok \
+              --batch 8 --seq 64 --steps 800 --warmup 20 --lr 3e-3 --rank 16 --alpha 32 --out build/adapter
+PY_TESTS   := test/test_prepare.py
+qlora_cpu: qlora_cpu.cpp qlora.h reference.h dataloader.h
+	$(CXX) $(CXXFLAGS) -pthread -o $@ $<
+build/test_train_cpu: qlora_cpu.cpp
+train: detect qlora_cpu $(if $(GPU_ARCH),$(GPU_BINS))
+	@if [ -n "$(GPU_ARCH)" ] && [ -x ./qlora ]; then \
+	  echo "make train: GPU sm_$(GPU_ARCH): ./qlora (validation loss; task accuracy and samples: the CPU path, for now)"; \
+	  ./qlora $(TRAIN_ARGS) --eval-every 100; \
+	else echo "make train: no GPU: the CPU reference trainer ./qlora_cpu (the same training in fp32 loops, slower)"; \
+	  ./qlora_cpu $(TRAIN_ARGS) --log-every 50; fi
+
 # CPU tests (also under AddressSanitizer + UndefinedBehaviorSanitizer), then GPU tests (they skip
 # themselves without a GPU). test/run.sh prints one "N passed, N failed" line for all of them.
 test: all
-	@bash test/run.sh $(CPU_TESTS) $(SAN_TESTS) $(GPU_TESTS) $(if $(NVCC),test/test_resilience.sh)
+	@bash test/run.sh $(CPU_TESTS) $(SAN_TESTS) $(GPU_TESTS) $(if $(NVCC),test/test_resilience.sh) $(PY_TESTS)
 
 # Coverage-guided fuzzing of every reader (test/fuzz/targets.h): clang++ with libFuzzer, ASan and
 # UBSan, FUZZ_SECONDS per target; the corpus grows in build/fuzz/<target>/ from the committed seeds,
@@ -63,7 +79,7 @@ fuzz: $(patsubst %,build/fuzz_%,$(FUZZ_TARGETS))
 	[ -z "$$bad" ] || { echo "!!! bugs found by:$$bad"; exit 1; }
 
 clean:
-	rm -rf build qlora
+	rm -rf build qlora qlora_cpu
 
-.PHONY: all detect test clean fuzz
+.PHONY: all detect test clean fuzz train
 .SECONDARY:

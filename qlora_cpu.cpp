@@ -1,0 +1,402 @@
+// qlora_cpu.cpp: the CPU trainer. The training ./qlora does (LoRA on a Llama whose decoder linears
+// are NF4, packed token files, AdamW, clipping, the same LR schedule), computed by reference.h in
+// fp32 plain loops: slow, but it runs anywhere, and it is the spec. Before and after training it
+// prints the validation loss, the task accuracy (greedy decoding of every validation prompt, exact
+// match with its answer) and a few generations decoded to text; the adapter is saved in PEFT format.
+//   make && ./qlora_cpu --model data/base --train data/task/reverse.train.tok --val data/task/reverse.val.tok
+#include "reference.h"   // defines: RefModel, ref_model_load, RefBatch, RefActs, ref_forward, ref_backward, ref_clip_grad_norm, ref_adamw
+#include "dataloader.h"  // defines: TokenFile, token_file_open, Loader, Batch
+#include <chrono>        // defines: steady_clock (tokens/s)
+#include <thread>        // defines: std::thread (micro-batches and prompts spread over the cores)
+
+// ---------------------------------------------------------------------------------------------
+// options: the flags of ./qlora that mean something here, with the same names
+
+struct Options {
+    std::string model = "data/base", train, val, vocab, out;   // vocab: default MODEL/vocab.bin
+    int batch = 8, seq = 64, steps = 800, warmup = 20, log_every = 1, eval_every = 0, samples = 3, eval_examples = 0;
+    float lr = 3e-3f, weight_decay = 0.0f, clip = 1.0f, min_lr_frac = 0.1f;
+    int rank = 16; float alpha = 32.0f, dropout = 0.0f; bool rslora = false; std::string targets = "q,k,v,o,gate,up,down";
+    uint64_t seed = 1234;
+    int threads = 0;                 // 0: every core
+};
+
+static void usage() {
+    printf("usage: qlora_cpu --model DIR --train FILE --val FILE [options]   (the CPU reference trainer)\n"
+           "  --train FILE --val FILE token files (dev/data/prepare.py); --vocab FILE (default MODEL/vocab.bin)\n"
+           "  --batch N --seq T       sequences per step and their length (8, 64)\n"
+           "  --steps N --lr X --warmup N --weight-decay X --clip X   (800, 3e-3, 20, 0, 1)\n"
+           "  --rank R --alpha A --dropout P --rslora --targets q,k,v,o,gate,up,down   (16, 32, 0)\n"
+           "  --eval-every N          validation loss every N steps (0: before and after only)\n"
+           "  --eval-examples K       accuracy on the first K validation examples (0: all)\n"
+           "  --samples K             generations to print before and after (3)\n"
+           "  --log-every N --threads N (0: all cores) --seed S --out DIR (PEFT adapter)\n");
+}
+
+static unsigned parse_targets(const std::string& s) {
+    unsigned t = 0; size_t a = 0;
+    while (a <= s.size()) {
+        size_t b = s.find(',', a); if (b == std::string::npos) b = s.size();
+        std::string name = s.substr(a, b - a); int p = -1;
+        for (int k = 0; k < N_PROJ; k++) if (name == PROJ_NAME[k] || name + "_proj" == PROJ_NAME[k]) p = k;
+        ql_assert(p >= 0, "--targets: unknown projection \"%s\" (q,k,v,o,gate,up,down)", name.c_str());
+        t |= 1u << p; a = b + 1;
+    }
+    return t;
+}
+
+static Options parse_args(int argc, char** argv) {
+    Options o;
+    for (int i = 1; i < argc; i++) {
+        std::string a = argv[i];
+        auto next = [&]() -> std::string { ql_assert(i + 1 < argc, "%s needs a value (see --help)", a.c_str()); return argv[++i]; };
+        auto num = [&](double lo, double hi) -> double {
+            std::string v = next(); char* end; double d = strtod(v.c_str(), &end);
+            ql_assert(!v.empty() && *end == 0 && d >= lo && d <= hi, "%s %s: expected a number in [%g, %g]", a.c_str(), v.c_str(), lo, hi);
+            return d;
+        };
+        if (a == "--help" || a == "-h") { usage(); exit(0); }
+        else if (a == "--model") o.model = next();
+        else if (a == "--train") o.train = next();
+        else if (a == "--val") o.val = next();
+        else if (a == "--vocab") o.vocab = next();
+        else if (a == "--out") o.out = next();
+        else if (a == "--batch") o.batch = (int)num(1, 4096);
+        else if (a == "--seq") o.seq = (int)num(2, 1 << 16);
+        else if (a == "--steps") o.steps = (int)num(0, 1e9);
+        else if (a == "--warmup") o.warmup = (int)num(0, 1e9);
+        else if (a == "--log-every") o.log_every = (int)num(1, 1e9);
+        else if (a == "--eval-every") o.eval_every = (int)num(0, 1e9);
+        else if (a == "--eval-examples") o.eval_examples = (int)num(0, 1e9);
+        else if (a == "--samples") o.samples = (int)num(0, 1e6);
+        else if (a == "--lr") o.lr = (float)num(0, 10);
+        else if (a == "--weight-decay") o.weight_decay = (float)num(0, 10);
+        else if (a == "--clip") o.clip = (float)num(0, 1e9);
+        else if (a == "--rank") o.rank = (int)num(1, 4096);
+        else if (a == "--alpha") o.alpha = (float)num(0, 1e6);
+        else if (a == "--dropout") o.dropout = (float)num(0, 0.99);
+        else if (a == "--rslora") o.rslora = true;
+        else if (a == "--targets") o.targets = next();
+        else if (a == "--seed") o.seed = (uint64_t)num(0, 1e18);
+        else if (a == "--threads") o.threads = (int)num(0, 1024);
+        else ql_fail("unknown option %s (see --help)", a.c_str());
+    }
+    ql_assert(!o.train.empty() || o.steps == 0, "--train FILE is needed (make one with dev/data/prepare.py)");
+    if (o.vocab.empty()) o.vocab = o.model + "/vocab.bin";
+    if (o.threads == 0) o.threads = (int)std::max(1u, std::thread::hardware_concurrency());
+    o.threads = std::min(o.threads, o.batch);
+    return o;
+}
+
+// ---------------------------------------------------------------------------------------------
+// the vocabulary table dev/data/prepare.py exports (its docstring has the format): id -> bytes
+
+static const char VOCAB_MAGIC[8] = {'Q', 'L', 'V', 'O', 'C', 'A', 'B', 0};
+static const uint32_t VOCAB_VERSION = 1, VOCAB_HEADER = 32, VOCAB_NONE = 0xffffffffu;
+
+struct Vocab {
+    std::vector<std::string> str;     // (n) the bytes each token decodes to
+    std::vector<uint8_t> special;     // (n) 1: a control token (<|end|>), left out of decoded text
+    uint32_t bos = VOCAB_NONE, eos = VOCAB_NONE;
+    std::string decode(const std::vector<int>& ids, bool show_special = false) const {
+        std::string s;
+        for (int id : ids) {
+            if (id < 0 || (size_t)id >= str.size()) { s += "<?" + std::to_string(id) + ">"; continue; }
+            if (!special[id] || show_special) s += str[id];
+        }
+        return s;
+    }
+};
+
+static void vocab_parse(Vocab& v, const uint8_t* d, size_t size, const std::string& name) {
+    const char* p = name.c_str();
+    ql_assert(size >= VOCAB_HEADER && !memcmp(d, VOCAB_MAGIC, 8), "%s: not a qlora vocabulary table (no QLVOCAB header); "
+              "make one with dev/data/prepare.py", p);
+    ql_assert(rd_u32(d + 8) == VOCAB_VERSION, "%s: vocabulary table version %u, this qlora reads version %u (re-run dev/data/prepare.py)",
+              p, rd_u32(d + 8), VOCAB_VERSION);
+    ql_assert(rd_u32(d + 12) == VOCAB_HEADER, "%s: header size %u, expected %u", p, rd_u32(d + 12), VOCAB_HEADER);
+    uint64_t n = rd_u32(d + 16);
+    v.bos = rd_u32(d + 20); v.eos = rd_u32(d + 24);
+    ql_assert(rd_u32(d + 28) == 0, "%s: reserved header field is not 0", p);
+    ql_assert(n > 0 && n < (1u << 26), "%s: implausible vocabulary size %llu", p, (unsigned long long)n);
+    ql_assert((v.bos == VOCAB_NONE || v.bos < n) && (v.eos == VOCAB_NONE || v.eos < n), "%s: bos %u or eos %u is not a token id (< %llu)",
+              p, v.bos, v.eos, (unsigned long long)n);
+    uint64_t strings_at = VOCAB_HEADER + 4 * (n + 1) + n;
+    ql_assert(size >= strings_at, "%s: %zu bytes, too short for %llu tokens (truncated?)", p, size, (unsigned long long)n);
+    const uint8_t *off = d + VOCAB_HEADER, *flags = off + 4 * (n + 1);
+    ql_assert(rd_u32(off) == 0 && strings_at + rd_u32(off + 4 * n) == size, "%s: %zu bytes, but the offsets imply %llu (truncated or corrupt?)",
+              p, size, (unsigned long long)(strings_at + rd_u32(off + 4 * n)));
+    v.str.resize(n); v.special.resize(n);
+    for (uint64_t i = 0; i < n; i++) {
+        uint32_t b = rd_u32(off + 4 * i), e = rd_u32(off + 4 * (i + 1));
+        ql_assert(b <= e, "%s: token %llu ends before it starts", p, (unsigned long long)i);
+        ql_assert(flags[i] <= 1, "%s: token %llu has unknown flags 0x%x", p, (unsigned long long)i, flags[i]);
+        v.str[i].assign((const char*)d + strings_at + b, e - b);
+        v.special[i] = flags[i];
+    }
+}
+static void vocab_load(Vocab& v, const std::string& path) {
+    std::vector<uint8_t> b = read_file(path);
+    vocab_parse(v, b.data(), b.size(), path);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the trainer: the frozen model, the LoRA parameters with their AdamW state, per-thread scratch
+
+struct CpuTrainer {
+    Options o;
+    RefModel m;                                 // frozen: NF4 dequantized to fp32
+    LoraConfig lc;
+    std::vector<float> lora, adam_m, adam_v;    // (n_lora) fp32 master parameters and AdamW moments
+    std::vector<float> grad;                    // (n_lora) the step's gradient, summed over threads
+    std::vector<std::vector<float>> grads;      // (threads) x (n_lora) each thread's share of it
+    std::vector<RefActs<float>> acts;           // (threads) activations of each thread's rows
+};
+
+// Runs f(w) for w = 0..n-1, each on its own thread (w = 0 on this one), and waits for all.
+template <class F> static void parallel(int n, F f) {
+    std::vector<std::thread> ts;
+    for (int w = 1; w < n; w++) ts.emplace_back(f, w);
+    f(0);
+    for (auto& t : ts) t.join();
+}
+
+static void trainer_init(CpuTrainer& t, const Options& o) {
+    t.o = o;
+    rcp_table_load("data/rcp_delta.bin");   // bitsandbytes' 1/absmax, where the repository is the working directory
+    ref_model_load(t.m, o.model);           // decoder linears NF4-quantized as bitsandbytes does, then dequantized
+    const Config& c = t.m.cfg;
+    ql_assert(o.seq <= c.max_seq_len, "--seq %d is longer than the model allows (max_position_embeddings %d)", o.seq, c.max_seq_len);
+    t.lc.rank = o.rank; t.lc.alpha = o.alpha; t.lc.dropout = o.dropout; t.lc.rslora = o.rslora; t.lc.targets = parse_targets(o.targets);
+    size_t n = lora_num_params(c, t.lc);
+    t.lora.resize(n); lora_init(t.lora.data(), c, t.lc, o.seed);   // B = 0: the adapter starts as the identity
+    t.adam_m.assign(n, 0); t.adam_v.assign(n, 0); t.grad.assign(n, 0);
+    t.grads.assign(o.threads, std::vector<float>(n));
+    t.acts.resize(o.threads);
+    printf("model %s: H %d I %d L %d heads %d/%d hd %d V %d%s | NF4 frozen linears | LoRA r %d alpha %g on %s | %.3f M trainable\n",
+           o.model.c_str(), c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.tied ? " tied" : "",
+           o.rank, o.alpha, o.targets.c_str(), n / 1e6);
+}
+
+// Rows [r0, r1) of a packed batch as a RefBatch.
+static RefBatch rows_of(const Batch& b, int r0, int r1, float denom, uint64_t dropout_seed) {
+    RefBatch rb;
+    size_t at = (size_t)r0 * b.T;
+    rb.inputs = b.ids.data() + at; rb.targets = b.targets.data() + at; rb.pos = b.pos.data() + at; rb.doc_start = b.doc_start.data() + at;
+    rb.B = r1 - r0; rb.T = b.T; rb.denom = denom; rb.dropout_seed = dropout_seed;
+    return rb;
+}
+
+// Σ -log p(target) over the batch's targets (forward only), its rows spread over the threads.
+static double loss_sum(CpuTrainer& t, const Batch& b) {
+    int nt = std::min(t.o.threads, b.B);
+    std::vector<double> part(nt);
+    parallel(nt, [&](int w) {
+        int r0 = w * b.B / nt, r1 = (w + 1) * b.B / nt;
+        ref_acts_alloc(t.acts[w], t.m.cfg, t.lc, r1 - r0, b.T);
+        part[w] = ref_forward(t.m, t.lc, t.lora.data(), t.acts[w], rows_of(b, r0, r1, 1.0f, 0));   // denom 1: the sum
+    });
+    double s = 0; for (double x : part) s += x;
+    return s;
+}
+
+// One optimizer step on one packed batch: each thread takes a slice of the rows (gradient
+// accumulation in parallel: every slice's loss is divided by the whole batch's target count),
+// the slices' gradients are summed in a fixed order, clipped, and AdamW updates the parameters.
+static float train_step(CpuTrainer& t, const Batch& b, int step, float lr, float* norm) {
+    const Options& o = t.o; int nt = o.threads;
+    float denom = (float)b.count_targets();
+    uint64_t drop_seed = mix64(o.seed ^ (uint64_t)step);   // --dropout > 0: masks are per slice, so they depend on --threads
+    std::vector<float> part(nt);
+    parallel(nt, [&](int w) {
+        int r0 = w * b.B / nt, r1 = (w + 1) * b.B / nt;
+        RefBatch rb = rows_of(b, r0, r1, denom, drop_seed);
+        ref_acts_alloc(t.acts[w], t.m.cfg, t.lc, rb.B, rb.T);
+        std::fill(t.grads[w].begin(), t.grads[w].end(), 0.0f);
+        part[w] = ref_forward(t.m, t.lc, t.lora.data(), t.acts[w], rb);
+        ref_backward(t.m, t.lc, t.lora.data(), t.acts[w], rb, t.grads[w].data());
+    });
+    size_t n = t.grad.size();
+    std::fill(t.grad.begin(), t.grad.end(), 0.0f);
+    for (int w = 0; w < nt; w++) for (size_t i = 0; i < n; i++) t.grad[i] += t.grads[w][i];
+    *norm = ref_clip_grad_norm(t.grad.data(), n, o.clip);
+    ref_adamw(t.lora.data(), t.grad.data(), t.adam_m.data(), t.adam_v.data(), n, step + 1, lr, 0.9, 0.999, 1e-8, o.weight_decay);
+    float loss = 0; for (float x : part) loss += x;
+    return loss;
+}
+
+// linear warmup, then cosine from lr down to min_lr_frac·lr (qlora.cu's lr_at)
+static float lr_at(const Options& o, int step) {
+    if (step < o.warmup) return o.lr * (step + 1) / o.warmup;
+    float p = o.steps > o.warmup ? (float)(step - o.warmup) / (float)(o.steps - o.warmup) : 1.0f;
+    return o.lr * (o.min_lr_frac + (1 - o.min_lr_frac) * 0.5f * (1 + cosf((float)M_PI * p)));
+}
+
+// Validation batches: whole documents packed into rows of T, never split across rows (the
+// training loader splits them), so each document's loss is its loss alone, whatever B and T; the
+// rest of a row is padding without targets. A document longer than T goes on in the next row as a
+// new segment. Every target of the file is counted once.
+static std::vector<Batch> eval_batches(const TokenFile& f, int B, int T) {
+    std::vector<Batch> out;
+    Batch* b = nullptr; int r = B - 1, t = T;   // row, next free column: the first document opens a batch
+    for (uint64_t d = 0; d < f.n_docs; d++)
+        for (uint64_t s = f.doc(d), e = f.doc(d + 1); s < e;) {
+            int len = (int)std::min<uint64_t>(e - s, (uint64_t)T);
+            if (t + len > T) { t = 0; r++; }
+            if (r == B) {
+                out.emplace_back(); b = &out.back(); b->B = B; b->T = T; r = 0;
+                b->ids.assign((size_t)B * T, 0); b->targets.assign((size_t)B * T, -1);
+                b->pos.assign((size_t)B * T, 0); b->doc_start.resize((size_t)B * T);
+                for (int i = 0; i < B * T; i++) b->doc_start[i] = i % T;   // padding: each token its own segment
+            }
+            for (int i = 0; i < len; i++) {
+                size_t at = (size_t)r * T + t + i;
+                b->ids[at] = (int)f.token(s + i); b->pos[at] = i; b->doc_start[at] = t;
+                if (s + i + 1 < e && f.target(s + i + 1)) b->targets[at] = (int)f.token(s + i + 1);
+            }
+            t += len; s += len;
+        }
+    return out;
+}
+static float evaluate_loss(CpuTrainer& t, const TokenFile& f) {
+    double sum = 0; long count = 0;
+    for (const Batch& b : eval_batches(f, t.o.batch, t.o.seq)) { sum += loss_sum(t, b); count += b.count_targets(); }
+    return count ? (float)(sum / count) : 0.0f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// generation and task accuracy
+
+// An instruction example of a token file: the document up to its first trained token (the prompt,
+// chat template included), then the trained tokens that follow it (the answer, end of turn included).
+struct Example { std::vector<int> prompt, answer; };
+static std::vector<Example> examples_of(const TokenFile& f) {
+    std::vector<Example> ex;
+    if (!f.mask) return ex;   // plain text: no prompts to answer
+    for (uint64_t d = 0; d < f.n_docs; d++) {
+        uint64_t b = f.doc(d), e = f.doc(d + 1), a = b + 1;
+        while (a < e && !f.target(a)) a++;
+        if (a >= e) continue;
+        Example x;
+        for (uint64_t i = b; i < a; i++) x.prompt.push_back((int)f.token(i));
+        for (uint64_t i = a; i < e && f.target(i); i++) x.answer.push_back((int)f.token(i));
+        ex.push_back(x);
+    }
+    return ex;
+}
+
+// The most likely next token after ids: one full forward over the whole sequence (no KV cache on
+// the CPU: simple, and cheap at these lengths); ties go to the lower id.
+static int greedy_next(const RefModel& m, const LoraConfig& lc, const float* lora, RefActs<float>& a, const std::vector<int>& ids) {
+    int T = (int)ids.size(), V = m.cfg.vocab_size;
+    std::vector<int> no_targets(T, -1);
+    RefBatch b; b.inputs = ids.data(); b.targets = no_targets.data(); b.B = 1; b.T = T;
+    ref_acts_alloc(a, m.cfg, lc, 1, T);
+    ref_forward(m, lc, lora, a, b);
+    const float* z = &a.logits[(size_t)(T - 1) * V];
+    return (int)(std::max_element(z, z + V) - z);
+}
+
+// Greedy continuation of prompt: stops after the end-of-turn token `eos` or max_new tokens, or at
+// max_seq_len. want (optional): stop at the first token that differs from it (enough for exact match).
+static std::vector<int> generate(const RefModel& m, const LoraConfig& lc, const float* lora, RefActs<float>& a, const std::vector<int>& prompt,
+                                 int max_new, int eos, const std::vector<int>* want = nullptr) {
+    std::vector<int> ids = prompt, out;
+    while ((int)out.size() < max_new && (int)ids.size() < m.cfg.max_seq_len) {
+        int next = greedy_next(m, lc, lora, a, ids);
+        out.push_back(next); ids.push_back(next);
+        if (next == eos) break;
+        if (want && (out.size() > want->size() || next != (*want)[out.size() - 1])) break;
+    }
+    return out;
+}
+
+// Exact-match accuracy: the greedy answer equals the reference answer token for token (end of turn
+// included, so stopping in time counts too). Prompts are spread over the threads.
+static int accuracy(CpuTrainer& t, const std::vector<Example>& ex) {
+    int nt = std::min<int>(t.o.threads, std::max<size_t>(ex.size(), 1));
+    std::vector<int> right(nt, 0);
+    parallel(nt, [&](int w) {
+        for (size_t i = w; i < ex.size(); i += nt) {
+            const Example& x = ex[i];
+            right[w] += generate(t.m, t.lc, t.lora.data(), t.acts[w], x.prompt, (int)x.answer.size(), -1, &x.answer) == x.answer;
+        }
+    });
+    int s = 0; for (int r : right) s += r;
+    return s;
+}
+
+static void print_samples(CpuTrainer& t, const std::vector<Example>& ex, const Vocab* vocab) {
+    for (int i = 0; i < t.o.samples && i < (int)ex.size(); i++) {
+        const Example& x = ex[i];
+        int eos = vocab && vocab->eos != VOCAB_NONE ? (int)vocab->eos : -1;
+        std::vector<int> got = generate(t.m, t.lc, t.lora.data(), t.acts[0], x.prompt, (int)x.answer.size() + 8, eos);
+        auto text = [&](const std::vector<int>& ids) {
+            if (vocab) return "\"" + vocab->decode(ids) + "\"";
+            std::string s = "ids"; for (int id : ids) s += " " + std::to_string(id); return s;
+        };
+        printf("  %s -> %s  (expected %s) %s\n", text(x.prompt).c_str(), text(got).c_str(), text(x.answer).c_str(), got == x.answer ? "right" : "wrong");
+    }
+}
+
+struct Report { float val_loss; int right, total; };
+static Report report(CpuTrainer& t, const char* when, const TokenFile& val, const std::vector<Example>& ex, const Vocab* vocab) {
+    auto t0 = std::chrono::steady_clock::now();
+    Report r = {evaluate_loss(t, val), accuracy(t, ex), (int)ex.size()};
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (ex.empty()) printf("%s: val loss %.4f | accuracy: the validation file has no prompts (no loss mask) (%.1f s)\n", when, r.val_loss, dt);
+    else printf("%s: val loss %.4f | accuracy %d/%d = %.1f%% (greedy, exact match) (%.1f s)\n", when, r.val_loss, r.right, r.total,
+                100.0 * r.right / r.total, dt);
+    print_samples(t, ex, vocab);
+    fflush(stdout);
+    return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#ifndef QLORA_TESTING
+int main(int argc, char** argv) {
+    Options o = parse_args(argc, argv);
+    printf("qlora_cpu: the CPU reference trainer (reference.h, fp32 loops, %d threads): ./qlora's training, slower\n", o.threads);
+    CpuTrainer t;
+    trainer_init(t, o);
+    TokenFile train, val;
+    if (!o.train.empty()) token_file_open(train, o.train, t.m.cfg.vocab_size);
+    if (!o.val.empty()) token_file_open(val, o.val, t.m.cfg.vocab_size);
+    Vocab vocab; bool have_vocab = file_exists(o.vocab);
+    if (have_vocab) vocab_load(vocab, o.vocab);
+    else printf("note: no vocabulary table %s (dev/data/prepare.py writes it): samples shown as token ids\n", o.vocab.c_str());
+    std::vector<Example> ex = o.val.empty() ? std::vector<Example>() : examples_of(val);
+    if (o.eval_examples && (int)ex.size() > o.eval_examples) ex.resize(o.eval_examples);
+    if (!o.train.empty()) printf("data: %s (%llu tokens, %llu examples)", o.train.c_str(), (unsigned long long)train.n_tokens, (unsigned long long)train.n_docs);
+    if (!o.val.empty()) printf(", validation %s (%llu tokens, %zu prompts)", o.val.c_str(), (unsigned long long)val.n_tokens, ex.size());
+    printf("\n");
+
+    auto t_start = std::chrono::steady_clock::now();
+    if (!o.val.empty()) report(t, "before", val, ex, have_vocab ? &vocab : nullptr);
+    Loader loader;
+    if (o.steps) loader.init(&train, o.seed, true);
+    Batch b; double tokens = 0, seconds = 0;
+    for (int step = 0; step < o.steps; step++) {
+        auto t0 = std::chrono::steady_clock::now();
+        loader.next(b, o.batch, o.seq);
+        float lr = lr_at(o, step), norm = 0;
+        float loss = train_step(t, b, step, lr, &norm);
+        double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        tokens += (double)o.batch * o.seq; seconds += dt;
+        if ((step + 1) % o.log_every == 0 || step == 0 || step + 1 == o.steps)
+            printf("step %5d/%d | loss %.4f | lr %.3e | norm %.4f | %.0f tok/s\n", step + 1, o.steps, loss, lr, norm, o.batch * o.seq / dt);
+        if (o.eval_every && !o.val.empty() && (step + 1) % o.eval_every == 0 && step + 1 < o.steps)
+            printf("eval  %5d | val loss %.4f\n", step + 1, evaluate_loss(t, val));
+        fflush(stdout);
+    }
+    if (o.steps) printf("trained %d steps in %.1f s (%.0f tok/s)\n", o.steps, seconds, tokens / seconds);
+    if (!o.val.empty()) report(t, "after", val, ex, have_vocab ? &vocab : nullptr);
+    if (!o.out.empty()) {
+        peft_adapter_write(o.out, t.m.cfg, t.lc, t.lora.data(), o.model);
+        printf("adapter saved to %s (PEFT format)\n", o.out.c_str());
+    }
+    printf("total %.1f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count());
+    return 0;
+}
+#endif
