@@ -13,7 +13,7 @@ NVLIBS    ?= -lcublasLt -lcublas
 , := ,
 
 CPU_TESTS := $(patsubst test/%.cpp,build/%,$(wildcard test/test_*.cpp))
-SAN_TESTS := build/test_formats_san build/test_nf4_san build/test_reference_san build/test_dataloader_san build/test_fuzz_regress_san build/test_ecosystem_san
+SAN_TESTS := build/test_formats_san build/test_nf4_san build/test_reference_san build/test_dataloader_san build/test_fuzz_regress_san build/test_ecosystem_san build/test_train_cpu_san
 GPU_TESTS := $(if $(NVCC),$(patsubst test/%.cu,build/%,$(wildcard test/test_*.cu)))
 GPU_BINS  := $(if $(NVCC),$(if $(wildcard qlora.cu),qlora))
 HEADERS   := qlora.h reference.h dataloader.h $(wildcard kernels/*.cuh) test/test.h
@@ -43,7 +43,7 @@ TRAIN_ARGS ?= --model data/base --train data/task/reverse.train.tok --val data/t
 PY_TESTS   := test/test_prepare.py
 qlora_cpu: qlora_cpu.cpp qlora.h reference.h dataloader.h
 	$(CXX) $(CXXFLAGS) -pthread -o $@ $<
-build/test_train_cpu: qlora_cpu.cpp
+build/test_train_cpu build/test_train_cpu_san: qlora_cpu.cpp
 train: detect qlora_cpu $(if $(GPU_ARCH),$(GPU_BINS))
 	@if [ -n "$(GPU_ARCH)" ] && [ -x ./qlora ]; then \
 	  echo "make train: GPU sm_$(GPU_ARCH): ./qlora (validation loss; task accuracy and samples: the CPU path, for now)"; \

@@ -8,12 +8,15 @@ conversations of the instruction tasks of make_task.py *other than* the fine-tun
 "reverse: abc" the way it answers the tasks it knows (mostly by copying): accuracy about 0 on the
 task, which a short LoRA run then fixes.
 
-    python dev/data/train_base.py --out data/base           # about 10 minutes on 2 CPU cores
+    python dev/data/train_base.py --out data/base           # about 15-25 minutes on 2 CPU cores
 
 writes data/base/: config.json + model.safetensors (bf16, save_pretrained), tokenizer.json (a
 `tokenizers` WordLevel model over single characters), tokenizer_config.json with the chat template.
-Needs torch, transformers, tokenizers (CPU is fine). Seeded: the same run gives the same weights on
-the same torch build.
+Needs torch, transformers, tokenizers (CPU is fine). Seeded (the same torch build and thread count
+should give the same weights; not checked bit for bit across machines). At its end it prints what
+the model does with each task; for the shipped model (torch 2.15 CPU, transformers 5.23, 3000 steps):
+    base model, task reverse : 0/50 right (the fine-tuning task); 'reverse: ccl' -> 'ccelo', 'reverse: xzvj' -> 'x'
+    base model, task repeat  : 49/50 right; ...   upper: 47/50, length: 50/50, first: 50/50
 """
 import argparse, json, os, random, sys, time
 
@@ -87,7 +90,7 @@ def document(rng):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/base")
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
