@@ -5,7 +5,8 @@
 //   - validation loss counts every target of the file once, whole documents, whatever the batch shape;
 //   - a step spread over 2 threads equals the same step on 1;
 //   - the shipped data: the token files and vocabulary that dev/data/prepare.py made decode to the
-//     task's text, and a short run on them lowers the validation loss (no Python needed).
+//     task's text, a short run on them lowers the validation loss, and its PEFT adapter reads back
+//     bit for bit (no Python needed).
 #define QLORA_TESTING
 #include "../qlora_cpu.cpp"  // defines: Vocab, vocab_parse, CpuTrainer, train_step, evaluate_loss, generate, accuracy
 #include "test.h"            // defines: check, check_close, expect_error, test_summary
@@ -179,6 +180,12 @@ static void test_shipped() {
     Report after = report(t, "after", vh, ex4, &v);
     check(after.val_loss < before.val_loss - 0.1f && before.total == 4, "8 steps on the shipped task: val loss %.4f -> %.4f",
           before.val_loss, after.val_loss);
+    peft_adapter_write(TMP_DIR + "/adapter", t.m.cfg, t.lc, t.lora.data(), base);
+    LoraConfig lc2; std::vector<float> back;
+    peft_adapter_read(TMP_DIR + "/adapter", t.m.cfg, lc2, back);
+    check(lc2.rank == t.lc.rank && lc2.alpha == t.lc.alpha && lc2.targets == t.lc.targets && back.size() == t.lora.size(),
+          "the adapter reads back: rank %d, alpha %g, the same targets", lc2.rank, lc2.alpha);
+    check_bytes("the adapter reads back: LoRA parameters", back.data(), t.lora.data(), 4 * t.lora.size());
 }
 
 static void test_options() {
