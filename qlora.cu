@@ -110,17 +110,6 @@ static Options parse_args(int argc, char** argv) {
     return o;
 }
 
-static unsigned parse_targets(const std::string& s) {
-    unsigned t = 0; size_t a = 0;
-    while (a <= s.size()) {
-        size_t b = s.find(',', a); if (b == std::string::npos) b = s.size();
-        std::string name = s.substr(a, b - a); int p = -1;
-        for (int k = 0; k < N_PROJ; k++) if (name == PROJ_NAME[k] || name + "_proj" == PROJ_NAME[k]) p = k;
-        ql_assert(p >= 0, "--targets: unknown projection \"%s\" (q,k,v,o,gate,up,down)", name.c_str());
-        t |= 1u << p; a = b + 1;
-    }
-    return t;
-}
 
 // Llama-3.x shapes for benchmarks without a checkpoint (the real dimensions; random weights)
 static Config random_config(const std::string& name) {
@@ -486,7 +475,7 @@ static void trainer_init(Trainer& t, const Options& o) {
                   PROJ_NAME[p], proj_out(c, p), proj_in(c, p), QBS);
     ql_assert(c.dim % 8 == 0 && c.hidden_dim % 8 == 0 && c.vocab_size % 8 == 0, "hidden_size, intermediate_size and vocab_size must be multiples of 8");
     t.m.cfg = c;
-    t.m.lc.rank = o.rank; t.m.lc.alpha = o.alpha; t.m.lc.dropout = o.dropout; t.m.lc.rslora = o.rslora; t.m.lc.targets = parse_targets(o.targets);
+    t.m.lc.rank = o.rank; t.m.lc.alpha = o.alpha; t.m.lc.dropout = o.dropout; t.m.lc.rslora = o.rslora; t.m.lc.targets = lora_targets_parse(o.targets);
     std::vector<float> adapter;   // --adapter: its LoRA configuration replaces the options, its weights the init
     if (!o.adapter.empty()) {
         peft_adapter_read(o.adapter, c, t.m.lc, adapter);
@@ -514,11 +503,7 @@ static double flops_per_token(const Config& c, int seq) {
     return 4 * (lin + (double)c.vocab_size * c.dim) + 3 * attn;
 }
 
-static float lr_at(const Options& o, int step) {
-    if (step < o.warmup) return o.lr * (step + 1) / o.warmup;
-    float p = o.steps > o.warmup ? (float)(step - o.warmup) / (float)(o.steps - o.warmup) : 1.0f;
-    return o.lr * (o.min_lr_frac + (1 - o.min_lr_frac) * 0.5f * (1 + cosf((float)M_PI * p)));
-}
+static float lr_at(const Options& o, int step) { return lr_schedule(step, o.steps, o.warmup, o.lr, o.min_lr_frac); }
 
 // ---------------------------------------------------------------------------------------------
 // data, evaluation, the resume state, and the training loop

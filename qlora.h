@@ -936,6 +936,25 @@ struct LoraConfig {
     bool has(int p) const { return (targets >> p) & 1; }
 };
 
+// --targets "q,k,v,o,gate,up,down" (short or full names) -> LoraConfig::targets bits
+inline unsigned lora_targets_parse(const std::string& s) {
+    unsigned t = 0; size_t a = 0;
+    while (a <= s.size()) {
+        size_t b = s.find(',', a); if (b == std::string::npos) b = s.size();
+        std::string name = s.substr(a, b - a); int p = -1;
+        for (int k = 0; k < N_PROJ; k++) if (name == PROJ_NAME[k] || name + "_proj" == PROJ_NAME[k]) p = k;
+        ql_assert(p >= 0, "--targets: unknown projection \"%s\" (q,k,v,o,gate,up,down)", name.c_str());
+        t |= 1u << p; a = b + 1;
+    }
+    return t;
+}
+// learning rate at step (0-based): linear warmup over `warmup` steps, then cosine down to min_frac*lr
+inline float lr_schedule(int step, int steps, int warmup, float lr, float min_frac) {
+    if (step < warmup) return lr * (step + 1) / warmup;
+    float p = steps > warmup ? (float)(step - warmup) / (float)(steps - warmup) : 1.0f;
+    return lr * (min_frac + (1 - min_frac) * 0.5f * (1 + cosf((float)M_PI * p)));
+}
+
 // Flat layout: for each layer l, for each targeted projection p (in Proj order): A (r, in), then B (out, r).
 struct LoraSlot { size_t a, b; };  // element offsets of A and B
 inline LoraSlot lora_slot(const Config& c, const LoraConfig& lc, int l, int p) {

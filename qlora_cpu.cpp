@@ -33,17 +33,6 @@ static void usage() {
            "  --log-every N --threads N (0: all cores) --seed S --out DIR (PEFT adapter)\n");
 }
 
-static unsigned parse_targets(const std::string& s) {
-    unsigned t = 0; size_t a = 0;
-    while (a <= s.size()) {
-        size_t b = s.find(',', a); if (b == std::string::npos) b = s.size();
-        std::string name = s.substr(a, b - a); int p = -1;
-        for (int k = 0; k < N_PROJ; k++) if (name == PROJ_NAME[k] || name + "_proj" == PROJ_NAME[k]) p = k;
-        ql_assert(p >= 0, "--targets: unknown projection \"%s\" (q,k,v,o,gate,up,down)", name.c_str());
-        t |= 1u << p; a = b + 1;
-    }
-    return t;
-}
 
 static Options parse_args(int argc, char** argv) {
     Options o;
@@ -167,7 +156,7 @@ static void trainer_init(CpuTrainer& t, const Options& o) {
     ref_model_load(t.m, o.model);           // decoder linears NF4-quantized as bitsandbytes does, then dequantized
     const Config& c = t.m.cfg;
     ql_assert(o.seq <= c.max_seq_len, "--seq %d is longer than the model allows (max_position_embeddings %d)", o.seq, c.max_seq_len);
-    t.lc.rank = o.rank; t.lc.alpha = o.alpha; t.lc.dropout = o.dropout; t.lc.rslora = o.rslora; t.lc.targets = parse_targets(o.targets);
+    t.lc.rank = o.rank; t.lc.alpha = o.alpha; t.lc.dropout = o.dropout; t.lc.rslora = o.rslora; t.lc.targets = lora_targets_parse(o.targets);
     size_t n = lora_num_params(c, t.lc);
     t.lora.resize(n); lora_init(t.lora.data(), c, t.lc, o.seed);   // B = 0: the adapter starts as the identity
     t.adam_m.assign(n, 0); t.adam_v.assign(n, 0); t.grad.assign(n, 0);
@@ -225,12 +214,7 @@ static float train_step(CpuTrainer& t, const Batch& b, int step, float lr, float
     return loss;
 }
 
-// linear warmup, then cosine from lr down to min_lr_frac·lr (qlora.cu's lr_at)
-static float lr_at(const Options& o, int step) {
-    if (step < o.warmup) return o.lr * (step + 1) / o.warmup;
-    float p = o.steps > o.warmup ? (float)(step - o.warmup) / (float)(o.steps - o.warmup) : 1.0f;
-    return o.lr * (o.min_lr_frac + (1 - o.min_lr_frac) * 0.5f * (1 + cosf((float)M_PI * p)));
-}
+static float lr_at(const Options& o, int step) { return lr_schedule(step, o.steps, o.warmup, o.lr, o.min_lr_frac); }
 
 // Validation batches: whole documents packed into rows of T, never split across rows (the
 // training loader splits them), so each document's loss is its loss alone, whatever B and T; the

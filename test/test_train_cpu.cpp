@@ -191,13 +191,13 @@ static void test_shipped() {
 static void test_options() {
     const char* argv[] = {"qlora_cpu", "--model", "m", "--train", "a.tok", "--batch", "3", "--threads", "8", "--targets", "q,v", "--lr", "1e-3"};
     Options o = parse_args(13, (char**)argv);
-    check(o.vocab == "m/vocab.bin" && o.threads == 3 && o.batch == 3 && parse_targets(o.targets) == 5 && o.lr == 1e-3f,
+    check(o.vocab == "m/vocab.bin" && o.threads == 3 && o.batch == 3 && lora_targets_parse(o.targets) == 5 && o.lr == 1e-3f,
           "options: vocab defaults to MODEL/vocab.bin, threads capped at the batch, targets q,v");
     expect_error("option: unknown flag", [] { const char* a[] = {"x", "--bogus"}; parse_args(2, (char**)a); }, {"unknown option --bogus"});
     expect_error("option: bad number", [] { const char* a[] = {"x", "--lr", "fast"}; parse_args(3, (char**)a); }, {"--lr fast: expected a number"});
     expect_error("option: missing value", [] { const char* a[] = {"x", "--steps"}; parse_args(2, (char**)a); }, {"--steps needs a value"});
     expect_error("option: no --train", [] { const char* a[] = {"x", "--steps", "5"}; parse_args(3, (char**)a); }, {"--train FILE is needed", "prepare.py"});
-    expect_error("option: bad target", [] { parse_targets("q,x"); }, {"unknown projection \"x\""});
+    expect_error("option: bad target", [] { lora_targets_parse("q,x"); }, {"unknown projection \"x\""});
 }
 
 int main() {
