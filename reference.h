@@ -58,35 +58,36 @@ inline void ref_model_alloc(RefModel& m, const Config& c) {
 // fp32), every decoder linear quantized to NF4 (blocksize 64, double quant, as bitsandbytes does)
 // and dequantized back to fp32: the frozen weights the model really computes with. A checkpoint
 // saved with bitsandbytes 4-bit is dequantized from its own bytes.
-inline void ref_model_load(RefModel& m, const std::string& dir) {
-    Config c = load_config(dir + "/config.json");
-    SafeTensors st = st_open_model(dir);
-    if (config_is_bnb4(dir + "/config.json")) {   // saved with bitsandbytes 4-bit: dequantize its own bytes
-        BnbCheckpointView v = bnb_checkpoint_validate(c, st);
-        ref_model_alloc(m, c);
-        st_to_f32(m.embed, *v.embed);
-        if (!c.tied) st_to_f32(m.lm_head, *v.lm_head);
-        st_to_f32(m.final_norm, *v.final_norm);
-        for (int l = 0; l < c.n_layers; l++) {
-            st_to_f32(m.layers[l].attn_norm, *v.attn_norm[l]);
-            st_to_f32(m.layers[l].mlp_norm, *v.mlp_norm[l]);
-            for (int p = 0; p < N_PROJ; p++) { Quant4 q; bnb_linear_load(v.w[l][p], q); dequantize_weight(m.layers[l].w[p], q); }
-        }
-        return;
-    }
-    CheckpointView v = checkpoint_view(c, st);
-    ref_model_alloc(m, c);
+// The dense tensors (embeddings, norms) are the same either way; only the linears differ.
+template <class View>
+inline void ref_model_fill_dense(RefModel& m, const Config& c, const View& v) {
     st_to_f32(m.embed, *v.embed);
     if (!c.tied) st_to_f32(m.lm_head, *v.lm_head);
     st_to_f32(m.final_norm, *v.final_norm);
     for (int l = 0; l < c.n_layers; l++) {
         st_to_f32(m.layers[l].attn_norm, *v.attn_norm[l]);
         st_to_f32(m.layers[l].mlp_norm, *v.mlp_norm[l]);
+    }
+}
+inline void ref_model_load(RefModel& m, const std::string& dir) {
+    Config c = load_config(dir + "/config.json");
+    SafeTensors st = st_open_model(dir);   // every tensor is validated before anything is allocated
+    if (config_is_bnb4(dir + "/config.json")) {   // saved with bitsandbytes 4-bit: dequantize its own bytes
+        BnbCheckpointView v = bnb_checkpoint_validate(c, st);
+        ref_model_alloc(m, c);
+        ref_model_fill_dense(m, c, v);
+        for (int l = 0; l < c.n_layers; l++)
+            for (int p = 0; p < N_PROJ; p++) { Quant4 q; bnb_linear_load(v.w[l][p], q); dequantize_weight(m.layers[l].w[p], q); }
+        return;
+    }
+    CheckpointView v = checkpoint_view(c, st);
+    ref_model_alloc(m, c);
+    ref_model_fill_dense(m, c, v);
+    for (int l = 0; l < c.n_layers; l++)
         for (int p = 0; p < N_PROJ; p++) {
             std::vector<float> w = st_f32(*v.w[l][p]);
             dequantize_weight(m.layers[l].w[p], quantize_weight(w.data(), (int64_t)w.size()));
         }
-    }
 }
 
 // One micro-batch. Rows are r = b*T + t.
