@@ -62,14 +62,11 @@ static void usage() {
 
 static Options parse_args(int argc, char** argv) {
     Options o;
-    for (int i = 1; i < argc; i++) {
-        std::string a = argv[i];
-        auto next = [&]() -> std::string { ql_assert(i + 1 < argc, "%s needs a value (see --help)", a.c_str()); return argv[++i]; };
-        auto num = [&](double lo, double hi) -> double {
-            std::string v = next(); char* end; double d = strtod(v.c_str(), &end);
-            ql_assert(*end == 0 && d >= lo && d <= hi, "%s %s: expected a number in [%g, %g]", a.c_str(), v.c_str(), lo, hi);
-            return d;
-        };
+    Args args{argc, argv};
+    while (args.more()) {
+        std::string a = args.flag();
+        auto next = [&] { return args.value(); };
+        auto num = [&](double lo, double hi) { return args.number(lo, hi); };
         if (a == "--help" || a == "-h") { usage(); exit(0); }
         else if (a == "--model") o.model = next();
         else if (a == "--synthetic-data") o.train.clear();

@@ -936,6 +936,19 @@ struct LoraConfig {
     bool has(int p) const { return (targets >> p) & 1; }
 };
 
+// Command-line flags, read one by one: a.flag() is the current flag, a.value() / a.number(lo, hi)
+// consume its argument with a clear error when it is missing or out of range.
+struct Args {
+    int argc; char** argv; int i = 0;
+    bool more() { return ++i < argc; }
+    std::string flag() const { return argv[i]; }
+    std::string value() { ql_assert(i + 1 < argc, "%s needs a value (see --help)", argv[i]); return argv[++i]; }
+    double number(double lo, double hi) {
+        std::string f = flag(), v = value(); char* end; double d = strtod(v.c_str(), &end);
+        ql_assert(!v.empty() && *end == 0 && d >= lo && d <= hi, "%s %s: expected a number in [%g, %g]", f.c_str(), v.c_str(), lo, hi);
+        return d;
+    }
+};
 // --targets "q,k,v,o,gate,up,down" (short or full names) -> LoraConfig::targets bits
 inline unsigned lora_targets_parse(const std::string& s) {
     unsigned t = 0; size_t a = 0;
