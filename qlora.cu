@@ -31,7 +31,7 @@ struct Options {
     int batch = 4, seq = 512, steps = 20, grad_accum = 1, warmup = 0;
     float lr = 2e-4f, weight_decay = 0.0f, clip = 1.0f, min_lr_frac = 0.1f;
     int rank = 16; float alpha = 32.0f, dropout = 0.0f; bool rslora = false; std::string targets = "q,k,v,o,gate,up,down";
-    bool recompute = false;
+    bool recompute = false, profile = false;
     uint64_t seed = 1234;
     std::string out;                     // adapter output directory ("" = do not save)
     std::string log;                     // log file ("" = none)
@@ -57,6 +57,7 @@ static void usage() {
            "  --recompute             recompute each layer's activations in backward (less memory)\n"
            "  --seed S --out DIR (PEFT adapter + resume state) --save-every N --resume DIR\n"
            "  --log FILE --peak-tflops X (for MFU) --max-bad-steps K (stop after K non-finite steps in a row)\n"
+           "  --profile               GPU time per kind of op (CUDA events between ops), printed at the end\n"
            "  --inject-nan STEP K     (testing) make the gradients NaN at steps STEP..STEP+K-1\n");
 }
 
@@ -92,6 +93,7 @@ static Options parse_args(int argc, char** argv) {
         else if (a == "--rslora") o.rslora = true;
         else if (a == "--targets") o.targets = next();
         else if (a == "--recompute") o.recompute = true;
+        else if (a == "--profile") o.profile = true;
         else if (a == "--seed") o.seed = (uint64_t)num(0, 1e18);
         else if (a == "--out") o.out = next();
         else if (a == "--log") o.log = next();
@@ -172,7 +174,7 @@ struct Acts {
     bf16* wdq[N_PROJ];                    // dequantized weights of the current layer, (out, in) each
     bf16* delta;                          // (N, H) o_proj / down_proj output before the residual add
     bf16* act;                            // (N, I) swiglu output
-    bf16 *u, *t;                          // (N, r) LoRA x·Aᵀ, and dy·B in backward
+    bf16 *u, *t;                          // (N, 3r) LoRA x·Aᵀ of a group (q|k|v), and its dy·B in backward
     bf16* xdrop;                          // (N, max in) dropped-out LoRA input (dropout > 0 only)
     bf16 *dres, *dn, *datt, *dq, *dk, *dv, *dact;         // gradients; d gate and d up overwrite gate and up in place
     float* attn_scratch; void* ce_scratch; size_t ce_bytes; int ce_rows; void* norm_scratch;
@@ -183,7 +185,45 @@ struct Acts {
     float *losses, *loss_sum, *norm;      // (N), (1), (1)
 };
 
-struct Trainer { Model m; Acts a; MatmulCtx mm; cudaStream_t s; Options o; };
+// --profile: where the GPU time goes. mark(t, what) records an event on the stream; the time from
+// it to the next mark is charged to `what` (one stream: the intervals tile the step, idle gaps too).
+struct Profiler {
+    std::vector<cudaEvent_t> ev; std::vector<const char*> what; size_t n = 0;
+    std::map<std::string, double> ms; int steps = 0; bool warm = false;   // the first step (plans, caches) is not counted
+};
+
+struct Trainer { Model m; Acts a; MatmulCtx mm; cudaStream_t s; Options o; Profiler prof; };
+
+static void mark(Trainer& t, const char* what) {
+    if (!t.o.profile) return;
+    Profiler& p = t.prof;
+    if (p.n == p.ev.size()) { p.ev.emplace_back(); cudaCheck(cudaEventCreate(&p.ev.back())); p.what.push_back(nullptr); }
+    cudaCheck(cudaEventRecord(p.ev[p.n], t.s));
+    p.what[p.n++] = what;
+}
+// end of a step: close the last interval and add the intervals up
+static void profile_step(Trainer& t) {
+    if (!t.o.profile) return;
+    mark(t, nullptr);
+    Profiler& p = t.prof;
+    bool count = p.warm; p.warm = true;
+    cudaCheck(cudaEventSynchronize(p.ev[p.n - 1]));
+    for (size_t i = 0; count && i + 1 < p.n; i++) {
+        float ms; cudaCheck(cudaEventElapsedTime(&ms, p.ev[i], p.ev[i + 1])); p.ms[p.what[i]] += ms;
+    }
+    p.n = 0; p.steps += count;
+}
+static void profile_print(const Trainer& t) {
+    const Profiler& p = t.prof;
+    if (!t.o.profile || !p.steps) return;
+    std::vector<std::pair<double, std::string>> rows; double total = 0;
+    for (auto& kv : p.ms) { rows.push_back({kv.second / p.steps, kv.first}); total += kv.second / p.steps; }
+    std::sort(rows.rbegin(), rows.rend());
+    printf("GPU time per step by kind of op (mean of %d steps, CUDA events between ops):\n", p.steps);
+    for (auto& r : rows) printf("  %-28s %9.2f ms %5.1f%%\n", r.second.c_str(), r.first, 100 * r.first / total);
+    printf("  %-28s %9.2f ms\n", "total", total);
+}
+
 
 // LoRA pointers of (l, p) inside the flat layout of qlora.h
 static const bf16* lA(const Model& m, int l, int p) { return m.lora_bf16 + lora_slot(m.cfg, m.lc, l, p).a; }
@@ -222,7 +262,7 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     }
     A.want(&a.hf, N * H); A.want(&a.rstdf, N);
     for (int p = 0; p < N_PROJ; p++) S.want(&a.wdq[p], (size_t)proj_out(c, p) * proj_in(c, p));
-    S.want(&a.delta, N * H); S.want(&a.act, N * I); S.want(&a.u, N * r); S.want(&a.t, N * r);
+    S.want(&a.delta, N * H); S.want(&a.act, N * I); S.want(&a.u, N * r * 3); S.want(&a.t, N * r * 3);
     a.xdrop = nullptr; if (o.dropout > 0) S.want(&a.xdrop, N * std::max({I, q, H}));
     S.want(&a.attn_scratch, attention_backward_scratch_bytes(o.batch, o.seq, c.n_heads, c.head_dim) / sizeof(float));
     // lm_head + CE in chunks of ce_rows rows; with --recompute, half-size chunks (memory over a little speed)
@@ -344,40 +384,90 @@ static void set_lora(Trainer& t, const float* host) {
 
 static void dequant_layer(Trainer& t, int l) {
     const Config& c = t.m.cfg;
+    mark(t, "NF4 dequantize");
     for (int p = 0; p < N_PROJ; p++) {
         const QWeight& q = t.m.w[l][p];
         dequantize_4bit_nested_gpu(t.a.wdq[p], q.packed, q.absmax_q, q.absmax2, q.offset, (int64_t)proj_out(c, p) * proj_in(c, p), QT_NF4, QBS, t.s);
     }
 }
 
-// y (N, out) = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ        (PEFT Linear4bit.forward)
-static void linear_forward(Trainer& t, bf16* y, const bf16* x, int l, int p, uint64_t drop_seed) {
-    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc; int N = t.a.N, in = proj_in(c, p), out = proj_out(c, p);
-    matmul(t.mm, y, MM_BF16, x, t.a.wdq[p], N, out, in, false, true);
-    if (!lc.has(p)) return;
-    const bf16* xd = x;
-    if (lc.dropout > 0 && t.a.training) { lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s); xd = t.a.xdrop; }
-    matmul(t.mm, t.a.u, MM_BF16, xd, lA(t.m, l, p), N, lc.rank, in, false, true);                       // u = xd·Aᵀ
-    matmul(t.mm, y, MM_BF16, t.a.u, lB(t.m, l, p), N, out, lc.rank, false, true, lc.scale(), 1.0f);      // y += s·u·Bᵀ
+// The projections that read one input: q|k|v, o, gate|up, down. Their A's are adjacent in the
+// LoRA layout (qlora.h §8), so without dropout x·Aᵀ of a group is one GEMM with k·r columns.
+struct Group { int first, n; };
+static const Group G_QKV = {P_Q, 3}, G_O = {P_O, 1}, G_GATE_UP = {P_GATE, 2}, G_DOWN = {P_DOWN, 1};
+static int group_lora(const LoraConfig& lc, Group g, int* first) {   // LoRA'd projections in g, and the first of them
+    int k = 0; *first = -1;
+    for (int p = g.first; p < g.first + g.n; p++) if (lc.has(p)) { if (!k) *first = p; k++; }
+    return k;
 }
 
-// dx (N, in) (= or +=) dy·W + LoRA part; dA += s·(dy·B)ᵀ·xd, dB += s·dyᵀ·u (fp32 grads)
-static void linear_backward(Trainer& t, bf16* dx, bool acc, const bf16* dy, const bf16* x, int l, int p, uint64_t drop_seed) {
+// ys[i] (N, out) = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ for each projection of the group (PEFT's
+// Linear4bit.forward). Each y is first written as s·u·Bᵀ by the skinny GEMM, then the frozen GEMM
+// adds x·Wᵀ into it (beta = 1): bf16(bf16(x·Wᵀ) + bf16(s·u·Bᵀ)), PEFT's `result + lora_out` rounding,
+// and y is written once by a memory-bound kernel instead of re-read and re-written after the big one.
+static void linears_forward(Trainer& t, Group g, bf16* const* ys, const bf16* x, int l, uint64_t drop_seed) {
     const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc; const Model& m = t.m;
-    int N = t.a.N, in = proj_in(c, p), out = proj_out(c, p), r = lc.rank; float s = lc.scale();
-    matmul(t.mm, dx, MM_BF16, dy, t.a.wdq[p], N, in, out, false, false, 1.0f, acc ? 1.0f : 0.0f);     // dx = dy·W
-    if (!lc.has(p)) return;
-    LoraSlot sl = lora_slot(c, lc, l, p);
-    const bf16* xd = x;
-    if (lc.dropout > 0) { lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s); xd = t.a.xdrop; }
-    matmul(t.mm, t.a.u, MM_BF16, xd, lA(m, l, p), N, r, in, false, true);                              // u = xd·Aᵀ (recomputed)
-    matmul(t.mm, m.grad + sl.b, MM_F32, dy, t.a.u, out, r, N, true, false, s, 1.0f);                    // dB += s·dyᵀ·u
-    matmul(t.mm, t.a.t, MM_BF16, dy, lB(m, l, p), N, r, out, false, false);                              // t = dy·B
-    matmul(t.mm, m.grad + sl.a, MM_F32, t.a.t, xd, r, in, N, true, false, s, 1.0f);                      // dA += s·tᵀ·xd
-    if (lc.dropout > 0) {                                                                                 // dx += mask(s·t·A)
-        matmul(t.mm, t.a.xdrop, MM_BF16, t.a.t, lA(m, l, p), N, in, r, false, false, s, 0.0f);
-        lora_dropout_backward_add(dx, t.a.xdrop, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);
-    } else matmul(t.mm, dx, MM_BF16, t.a.t, lA(m, l, p), N, in, r, false, false, s, 1.0f);                // dx += s·t·A
+    int N = t.a.N, in = proj_in(c, g.first), r = lc.rank, first, k = group_lora(lc, g, &first);
+    bool drop = lc.dropout > 0 && t.a.training;
+    if (k && !drop) { mark(t, "LoRA GEMMs"); matmul(t.mm, t.a.u, MM_BF16, x, lA(m, l, first), N, k * r, in, false, true); }  // u = x·[A..]ᵀ (N, k·r)
+    for (int i = 0, j = 0; i < g.n; i++) {
+        int p = g.first + i, out = proj_out(c, p);
+        if (lc.has(p)) {
+            const bf16* u = t.a.u + j * r; int ldu = k * r;
+            if (drop) {   // each projection its own mask: its own x·Aᵀ
+                mark(t, "LoRA dropout");
+                lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);
+                mark(t, "LoRA GEMMs");
+                matmul(t.mm, t.a.u, MM_BF16, t.a.xdrop, lA(m, l, p), N, r, in, false, true); u = t.a.u; ldu = r;
+            }
+            mark(t, "LoRA GEMMs");
+            matmul(t.mm, ys[i], MM_BF16, u, lB(m, l, p), N, out, r, false, true, lc.scale(), 0.0f, ldu);         // y = s·u·Bᵀ
+            j++;
+        }
+        mark(t, "frozen GEMMs");
+        matmul(t.mm, ys[i], MM_BF16, x, t.a.wdq[p], N, out, in, false, true, 1.0f, lc.has(p) ? 1.0f : 0.0f);  // y += x·Wᵀ
+    }
+}
+
+// dx (N, in) = Σ dy_i·W_i + s·Σ mask(dy_i·B_i·A_i); LoRA grads (fp32, accumulated over micro-batches):
+// dB_i += s·dy_iᵀ·u_i, dA_i += s·(dy_i·B_i)ᵀ·x. Without dropout t = [dy_i·B_i] (N, k·r) makes the
+// group's dA one GEMM and its LoRA part of dx one GEMM (K = k·r), written first; the frozen
+// input-gradient GEMMs add into it (beta = 1).
+static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, const bf16* x, int l, uint64_t drop_seed) {
+    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc; const Model& m = t.m;
+    int N = t.a.N, in = proj_in(c, g.first), r = lc.rank, first, k = group_lora(lc, g, &first); float s = lc.scale();
+    bool drop = lc.dropout > 0, fused = k && !drop;
+    if (fused) {
+        mark(t, "LoRA GEMMs");
+        matmul(t.mm, t.a.u, MM_BF16, x, lA(m, l, first), N, k * r, in, false, true);                               // u = x·[A..]ᵀ (recomputed)
+        for (int p = g.first, j = 0; p < g.first + g.n; p++) {
+            if (!lc.has(p)) continue;
+            int out = proj_out(c, p); const bf16* dy = dys[p - g.first];
+            matmul(t.mm, m.grad + lora_slot(c, lc, l, p).b, MM_F32, dy, t.a.u + j * r, out, r, N, true, false, s, 1.0f, 0, k * r);  // dB += s·dyᵀ·u
+            matmul(t.mm, t.a.t + j * r, MM_BF16, dy, lB(m, l, p), N, r, out, false, false, 1.0f, 0.0f, 0, 0, k * r);               // t_j = dy·B
+            j++;
+        }
+        matmul(t.mm, m.grad + lora_slot(c, lc, l, first).a, MM_F32, t.a.t, x, k * r, in, N, true, false, s, 1.0f);  // dA.. += s·tᵀ·x
+        matmul(t.mm, dx, MM_BF16, t.a.t, lA(m, l, first), N, in, k * r, false, false, s, 0.0f);                      // dx = s·t·[A..]
+    }
+    mark(t, "frozen GEMMs");
+    for (int i = 0; i < g.n; i++)
+        matmul(t.mm, dx, MM_BF16, dys[i], t.a.wdq[g.first + i], N, in, proj_out(c, g.first + i), false, false, 1.0f, fused || i ? 1.0f : 0.0f);  // dx += dy·W
+    if (!drop) return;
+    for (int p = g.first; p < g.first + g.n; p++) {   // dropout: per projection, the mask regenerated from the counter
+        if (!lc.has(p)) continue;
+        int out = proj_out(c, p); const bf16* dy = dys[p - g.first]; LoraSlot sl = lora_slot(c, lc, l, p);
+        mark(t, "LoRA dropout");
+        lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);
+        mark(t, "LoRA GEMMs");
+        matmul(t.mm, t.a.u, MM_BF16, t.a.xdrop, lA(m, l, p), N, r, in, false, true);                 // u = xd·Aᵀ
+        matmul(t.mm, m.grad + sl.b, MM_F32, dy, t.a.u, out, r, N, true, false, s, 1.0f);               // dB += s·dyᵀ·u
+        matmul(t.mm, t.a.t, MM_BF16, dy, lB(m, l, p), N, r, out, false, false);                         // t = dy·B
+        matmul(t.mm, m.grad + sl.a, MM_F32, t.a.t, t.a.xdrop, r, in, N, true, false, s, 1.0f);          // dA += s·tᵀ·xd
+        matmul(t.mm, t.a.xdrop, MM_BF16, t.a.t, lA(m, l, p), N, in, r, false, false, s, 0.0f);          // s·t·A
+        mark(t, "LoRA dropout");
+        lora_dropout_backward_add(dx, t.a.xdrop, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);  // dx += mask(s·t·A)
+    }
 }
 
 static Acts::Layer& acts(Trainer& t, int l) { return t.a.l[t.o.recompute ? 0 : l]; }
@@ -386,33 +476,40 @@ static Acts::Layer& acts(Trainer& t, int l) { return t.a.l[t.o.recompute ? 0 : l
 // is formed here, fused with input_layernorm; in a recompute (backward) h[l] is already stored.
 static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
     const Config& c = t.m.cfg; Acts& a = t.a; Acts::Layer& y = acts(t, l); int N = a.N;
+    mark(t, "RMSNorm (+ residual)");
     if (l > 0 && fresh)   // h[l] = h_mid + down_proj(...) of layer l-1 (still in delta); n1 = input_layernorm(h[l])
         rmsnorm_residual_forward(a.h[l], y.n1, y.rstd1, acts(t, l - 1).h_mid, a.delta, t.m.attn_norm[l], N, c.dim, c.norm_eps, t.s);
     else rmsnorm_forward(y.n1, y.rstd1, a.h[l], t.m.attn_norm[l], N, c.dim, c.norm_eps, t.s);
     dequant_layer(t, l);
-    linear_forward(t, y.q, y.n1, l, P_Q, drop_seed);                 // q = q_proj(n1)
-    linear_forward(t, y.k, y.n1, l, P_K, drop_seed);                 // k = k_proj(n1)
-    linear_forward(t, y.v, y.n1, l, P_V, drop_seed);                 // v = v_proj(n1)
+    bf16* qkv[3] = {y.q, y.k, y.v};
+    linears_forward(t, G_QKV, qkv, y.n1, l, drop_seed);              // q, k, v = q_proj(n1), k_proj(n1), v_proj(n1)
+    mark(t, "RoPE");
     rope_forward(y.q, y.k, t.m.inv_freq, a.packed ? a.pos : nullptr, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+    mark(t, "attention forward");
     attention_forward(y.att, y.lse, y.q, y.k, y.v, a.packed ? a.doc_start : nullptr, a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
-    linear_forward(t, a.delta, y.att, l, P_O, drop_seed);            // o_proj(att)
+    linears_forward(t, G_O, &a.delta, y.att, l, drop_seed);          // o_proj(att)
     // h_mid = h + o_proj(att); n2 = post_attention_layernorm(h_mid)
+    mark(t, "RMSNorm (+ residual)");
     rmsnorm_residual_forward(y.h_mid, y.n2, y.rstd2, a.h[l], a.delta, t.m.mlp_norm[l], N, c.dim, c.norm_eps, t.s);
-    linear_forward(t, y.gate, y.n2, l, P_GATE, drop_seed);           // gate_proj(n2)
-    linear_forward(t, y.up, y.n2, l, P_UP, drop_seed);               // up_proj(n2)
+    bf16* gu[2] = {y.gate, y.up};
+    linears_forward(t, G_GATE_UP, gu, y.n2, l, drop_seed);           // gate_proj(n2), up_proj(n2)
     if (!fresh) return;   // a recompute stops here: backward forms act itself and needs no down_proj output
+    mark(t, "SwiGLU");
     swiglu_forward(a.act, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);   // silu(gate) * up
-    linear_forward(t, a.delta, a.act, l, P_DOWN, drop_seed);         // down_proj(...), added to h_mid by the next op
+    linears_forward(t, G_DOWN, &a.delta, a.act, l, drop_seed);       // down_proj(...), added to h_mid by the next op
 }
 
 // Forward to the loss (and dh of the loss when grad): returns nothing, loss lands in a.loss_sum.
 static void forward(Trainer& t, float dloss, bool grad, uint64_t drop_seed) {
     const Config& c = t.m.cfg; Acts& a = t.a;
     a.training = grad;
+    mark(t, "embedding");
     embedding_forward(a.h[0], &a.flags[0], a.ids, t.m.embed, a.N, c.dim, c.vocab_size, t.s);   // h0 = embed_tokens(ids)
     for (int l = 0; l < c.n_layers; l++) layer_forward(t, l, true, drop_seed);
     // h[L] = h_mid + mlp_out of the last layer; hf = norm(h[L]); logits = hf·lm_headᵀ, CE, dh
+    mark(t, "RMSNorm (+ residual)");
     rmsnorm_residual_forward(a.h[c.n_layers], a.hf, a.rstdf, acts(t, c.n_layers - 1).h_mid, a.delta, t.m.final_norm, a.N, c.dim, c.norm_eps, t.s);
+    mark(t, "lm_head + cross-entropy");
     fused_classifier(a.loss_sum, a.losses, grad ? a.dres : nullptr, &a.flags[1], a.hf, t.m.lm_head, a.targets, dloss,
                      a.N, c.dim, c.vocab_size, a.ce_scratch, a.ce_bytes, a.ce_rows, t.mm);
 }
@@ -420,26 +517,32 @@ static void forward(Trainer& t, float dloss, bool grad, uint64_t drop_seed) {
 static void backward(Trainer& t, uint64_t drop_seed) {
     const Config& c = t.m.cfg; Acts& a = t.a; int N = a.N;
     // d h[L] = final norm backward of dh (dres holds dL/dhf from the classifier)
+    mark(t, "RMSNorm backward");
     rmsnorm_backward(a.dn, a.dres, a.h[c.n_layers], t.m.final_norm, a.rstdf, N, c.dim, false, t.s);
     std::swap(a.dres, a.dn);
     for (int l = c.n_layers - 1; l >= 0; l--) {
         if (t.o.recompute) layer_forward(t, l, false, drop_seed); else dequant_layer(t, l);
         Acts::Layer& y = acts(t, l);
         // MLP: h[l+1] = h_mid + down(silu(gate(n2)) * up(n2))
+        mark(t, "SwiGLU");
         swiglu_forward(a.act, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);                       // recompute act
-        linear_backward(t, a.dact, false, a.dres, a.act, l, P_DOWN, drop_seed);                    // d act
+        linears_backward(t, G_DOWN, a.dact, &a.dres, a.act, l, drop_seed);                         // d act
+        mark(t, "SwiGLU");
         swiglu_backward(y.gate, y.up, a.dact, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);      // d gate, d up, in place
-        linear_backward(t, a.dn, false, y.gate, y.n2, l, P_GATE, drop_seed);
-        linear_backward(t, a.dn, true, y.up, y.n2, l, P_UP, drop_seed);
+        bf16* dgu[2] = {y.gate, y.up};
+        linears_backward(t, G_GATE_UP, a.dn, dgu, y.n2, l, drop_seed);                              // d n2
+        mark(t, "RMSNorm backward");
         rmsnorm_backward(a.dres, a.dn, y.h_mid, t.m.mlp_norm[l], y.rstd2, N, c.dim, true, t.s);     // d h_mid
         // attention: h_mid = h + o_proj(attn(rope(q), rope(k), v))
-        linear_backward(t, a.datt, false, a.dres, y.att, l, P_O, drop_seed);
+        linears_backward(t, G_O, a.datt, &a.dres, y.att, l, drop_seed);
+        mark(t, "attention backward");
         attention_backward(a.dq, a.dk, a.dv, a.attn_scratch, a.datt, y.q, y.k, y.v, y.att, y.lse, a.packed ? a.doc_start : nullptr,
                            a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+        mark(t, "RoPE");
         rope_backward(a.dq, a.dk, t.m.inv_freq, a.packed ? a.pos : nullptr, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
-        linear_backward(t, a.dn, false, a.dq, y.n1, l, P_Q, drop_seed);
-        linear_backward(t, a.dn, true, a.dk, y.n1, l, P_K, drop_seed);
-        linear_backward(t, a.dn, true, a.dv, y.n1, l, P_V, drop_seed);
+        bf16* dqkv[3] = {a.dq, a.dk, a.dv};
+        linears_backward(t, G_QKV, a.dn, dqkv, y.n1, l, drop_seed);                                // d n1
+        mark(t, "RMSNorm backward");
         rmsnorm_backward(a.dres, a.dn, a.h[l], t.m.attn_norm[l], y.rstd1, N, c.dim, true, t.s);     // d h[l]
     }
 }
@@ -548,10 +651,11 @@ static void warn_nonfinite(Trainer& t, int step, float loss) {
         for (int p = 0; p < N_PROJ; p++) {
             if (!lc.has(p)) continue;
             LoraSlot s = lora_slot(c, lc, l, p);
-            size_t end = s.b + (size_t)proj_out(c, p) * lc.rank;
-            if (first >= s.a && first < end) {
+            bool in_a = first >= s.a && first < s.a + (size_t)lc.rank * proj_in(c, p);
+            bool in_b = first >= s.b && first < s.b + (size_t)proj_out(c, p) * lc.rank;
+            if (in_a || in_b) {
                 std::string k = hf_linear_name(l, p); k.resize(k.size() - 7);
-                where = k + (first < s.b ? ".lora_A" : ".lora_B") + " (" + std::to_string(bad) + " non-finite values in all)";
+                where = k + (in_a ? ".lora_A" : ".lora_B") + " (" + std::to_string(bad) + " non-finite values in all)";
             }
         }
     fprintf(stderr, "qlora: warning: step %d: loss %g, non-finite gradient in %s; update skipped\n", step + 1, loss, where.c_str());
@@ -567,13 +671,17 @@ static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out
         if (d.file) d.loader.next(bs[k], o.batch, o.seq); else synthetic_batch(bs[k], o, m.cfg.vocab_size, (uint64_t)step * o.grad_accum + k);
         denom += bs[k].count_targets();
     }
+    t.prof.n = 0;   // marks of an evaluation since the last step are not this step's
+    mark(t, "upload, memset, host gaps");
     cudaCheck(cudaMemsetAsync(m.grad, 0, m.n_lora * 4, t.s));
     float loss = 0;
     for (int k = 0; k < o.grad_accum; k++) {
+        mark(t, "upload, memset, host gaps");
         upload(t, bs[k]);
         uint64_t drop_seed = mix64(o.seed ^ ((uint64_t)step * o.grad_accum + k));
         forward(t, denom ? 1.0f / (float)denom : 0.0f, true, drop_seed);
         backward(t, drop_seed);
+        mark(t, "upload, memset, host gaps");
         loss += denom ? read_loss_sum(t, "training", step) / (float)denom : 0.0f;
     }
     if (step >= o.inject_nan && step < o.inject_nan + o.inject_nan_steps && o.inject_nan >= 0)
@@ -581,10 +689,12 @@ static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out
     AdamWConfig ac; ac.lr = lr; ac.weight_decay = o.weight_decay;
     int nonfinite = 0;
     cudaCheck(cudaMemsetAsync(a.flags, 0, 4, t.s));
+    mark(t, "grad norm + AdamW");
     grad_norm(a.norm, a.flags, m.grad, m.n_lora, a.norm_scratch, t.s);
     adamw_update(m.lora, m.lora_bf16, m.m, m.v, m.grad, a.norm, o.clip, m.n_lora, ac, step + 1, t.s);
     cudaCheck(cudaMemcpyAsync(norm_out, a.norm, 4, cudaMemcpyDeviceToHost, t.s));
     cudaCheck(cudaMemcpyAsync(&nonfinite, a.flags, 4, cudaMemcpyDeviceToHost, t.s));
+    profile_step(t);
     cudaCheck(cudaStreamSynchronize(t.s));
     *ok = !nonfinite && std::isfinite(loss);
     if (!*ok) warn_nonfinite(t, step, loss);
@@ -608,7 +718,7 @@ static float evaluate(Trainer& t, Data& d) {
 // moments, bit for bit, plus the step, the loader position and the options that must not change.
 static std::string run_signature(const Trainer& t) {
     const Options& o = t.o; char b[512];
-    snprintf(b, sizeof b, "model=%s rank=%d alpha=%.9g rslora=%d targets=%u batch=%d seq=%d accum=%d seed=%llu train=%s",
+    snprintf(b, sizeof b, "state v2 (LoRA layout: per layer A's then B's) model=%s rank=%d alpha=%.9g rslora=%d targets=%u batch=%d seq=%d accum=%d seed=%llu train=%s",
              o.model.c_str(), t.m.lc.rank, t.m.lc.alpha, (int)t.m.lc.rslora, t.m.lc.targets, o.batch, o.seq, o.grad_accum,
              (unsigned long long)o.seed, o.train.c_str());
     return b;
@@ -728,6 +838,7 @@ int main(int argc, char** argv) {
     }
     if (!o.val.empty() && !g_stop) printf("final val loss %.4f\n", evaluate(t, d));
     if (!o.out.empty()) { save_state(t, d, step, o.out); printf("adapter and resume state saved to %s (PEFT format)\n", o.out.c_str()); }
+    profile_print(t);
     if (logf) fclose(logf);
     return 0;
 }

@@ -968,18 +968,21 @@ inline float lr_schedule(int step, int steps, int warmup, float lr, float min_fr
     return lr * (min_frac + (1 - min_frac) * 0.5f * (1 + cosf((float)M_PI * p)));
 }
 
-// Flat layout: for each layer l, for each targeted projection p (in Proj order): A (r, in), then B (out, r).
+// Flat layout: for each layer l, the A (r, in) of every targeted projection in Proj order, then
+// their B (out, r). The A's of projections that read the same input (q|k|v, gate|up) are adjacent,
+// so they form one (g*r, in) matrix: one GEMM computes x·Aᵀ for the whole group.
 struct LoraSlot { size_t a, b; };  // element offsets of A and B
 inline LoraSlot lora_slot(const Config& c, const LoraConfig& lc, int l, int p) {
-    size_t off = 0;
-    for (int ll = 0; ll <= l; ll++)
-        for (int pp = 0; pp < N_PROJ; pp++) {
-            if (!lc.has(pp)) continue;
-            size_t na = (size_t)lc.rank * proj_in(c, pp), nb = (size_t)proj_out(c, pp) * lc.rank;
-            if (ll == l && pp == p) return {off, off + na};
-            off += na + nb;
-        }
-    return {(size_t)-1, (size_t)-1};
+    if (!lc.has(p)) return {(size_t)-1, (size_t)-1};
+    size_t a = 0, b = 0, all_a = 0, per = 0;
+    for (int pp = 0; pp < N_PROJ; pp++) {
+        if (!lc.has(pp)) continue;
+        size_t na = (size_t)lc.rank * proj_in(c, pp), nb = (size_t)proj_out(c, pp) * lc.rank;
+        if (pp < p) { a += na; b += nb; }
+        all_a += na; per += na + nb;
+    }
+    size_t base = per * (size_t)l;
+    return {base + a, base + all_a + b};
 }
 inline size_t lora_num_params(const Config& c, const LoraConfig& lc) {
     size_t per = 0;

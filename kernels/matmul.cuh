@@ -13,7 +13,8 @@
 //   frozen forward   y  = x·Wᵀ          matmul(y, x, W, N, out, in, false, true)
 //   input grad       dx = dy·W          matmul(dx, dy, W, N, in, out, false, false)
 //   LoRA down        u  = x·Aᵀ          A (r, in): trans_b
-//   LoRA up          y += s·u·Bᵀ        B (out, r): trans_b, alpha = s, beta = 1
+//   LoRA up          y  = s·u·Bᵀ        B (out, r): trans_b, alpha = s; then the frozen GEMM adds
+//                                       x·Wᵀ into it with beta = 1 (u: a column slice, lda = g·r)
 //   grad B           dB += s·dyᵀ·u      (out, r) fp32: trans_a, beta = 1
 //   grad A           dA += s·(dy·B)ᵀ·x  (r, in) fp32: t = dy·B first, then trans_a, beta = 1
 //
@@ -43,7 +44,7 @@ struct MatmulCtx {
     void* workspace = nullptr;                // (32 MiB) split-K partials
     size_t workspace_bytes = 0;
     cudaStream_t stream = 0;
-    std::map<std::tuple<int, int, int, int, int, int, int, int>, MatmulPlan> plans;
+    std::map<std::tuple<int, int, int, int, int, int, int, int, int, int, int>, MatmulPlan> plans;
 };
 static const size_t MATMUL_WORKSPACE_BYTES = 32u << 20;
 
@@ -74,8 +75,8 @@ inline uint32_t matmul_alignment(const void* p, int ld, int esize) {
 }
 
 inline MatmulPlan& matmul_plan(MatmulCtx& ctx, int M, int N, int K, bool trans_a, bool trans_b, int out, bool accumulate,
-                               uint32_t align) {
-    auto key = std::make_tuple(M, N, K, (int)trans_a, (int)trans_b, out, (int)accumulate, (int)align);
+                               uint32_t align, int lda, int ldb, int ldc) {
+    auto key = std::make_tuple(M, N, K, (int)trans_a, (int)trans_b, out, (int)accumulate, (int)align, lda, ldb, ldc);
     auto it = ctx.plans.find(key);
     if (it != ctx.plans.end()) return it->second;
     MatmulPlan p;
@@ -86,9 +87,9 @@ inline MatmulPlan& matmul_plan(MatmulCtx& ctx, int M, int N, int K, bool trans_a
     cublasCheck(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb)));
     // column-major shapes of the stored matrices: our B is (N, K) [or (K, N) when trans_b], our A is
     // (K, M) [or (M, K) when trans_a], C is (N, M)
-    cublasCheck(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, trans_b ? K : N, trans_b ? N : K, trans_b ? K : N));
-    cublasCheck(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, trans_a ? M : K, trans_a ? K : M, trans_a ? M : K));
-    cublasCheck(cublasLtMatrixLayoutCreate(&p.c, ct, N, M, N));
+    cublasCheck(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, trans_b ? K : N, trans_b ? N : K, ldb));
+    cublasCheck(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, trans_a ? M : K, trans_a ? K : M, lda));
+    cublasCheck(cublasLtMatrixLayoutCreate(&p.c, ct, N, M, ldc));
     cublasLtMatmulPreference_t pref;
     cublasCheck(cublasLtMatmulPreferenceCreate(&pref));
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ctx.workspace_bytes, sizeof(size_t)));
@@ -108,15 +109,20 @@ inline MatmulPlan& matmul_plan(MatmulCtx& ctx, int M, int N, int K, bool trans_a
 }
 
 // C (M, N) [bf16 or fp32, by out] = alpha * op(A) · op(B) + beta * C; A, B bf16. See the top of the file.
+// lda, ldb, ldc: row pitches in elements of the stored matrices, 0 = packed (a column slice of a
+// wider matrix, e.g. one projection's u inside the (N, 3r) u of q|k|v, passes the wide pitch).
 inline void matmul(MatmulCtx& ctx, void* C, int out, const bf16* A, const bf16* B, int M, int N, int K,
-                   bool trans_a, bool trans_b, float alpha = 1.0f, float beta = 0.0f) {
+                   bool trans_a, bool trans_b, float alpha = 1.0f, float beta = 0.0f, int lda = 0, int ldb = 0, int ldc = 0) {
     kernel_assert(M > 0 && N > 0 && K > 0, "matmul: empty shape M=%d N=%d K=%d", M, N, K);
     kernel_assert(out == MM_BF16 || out == MM_F32, "matmul: unknown output type %d", out);
-    uint32_t align = matmul_alignment(A, trans_a ? M : K, 2);
-    uint32_t ab = matmul_alignment(B, trans_b ? K : N, 2), ac = matmul_alignment(C, N, out == MM_F32 ? 4 : 2);
+    int pa = trans_a ? M : K, pb = trans_b ? K : N;   // packed pitches
+    lda = lda ? lda : pa; ldb = ldb ? ldb : pb; ldc = ldc ? ldc : N;
+    kernel_assert(lda >= pa && ldb >= pb && ldc >= N, "matmul: pitch smaller than a row (lda %d ldb %d ldc %d)", lda, ldb, ldc);
+    uint32_t align = matmul_alignment(A, lda, 2);
+    uint32_t ab = matmul_alignment(B, ldb, 2), ac = matmul_alignment(C, ldc, out == MM_F32 ? 4 : 2);
     align = align < ab ? align : ab; align = align < ac ? align : ac;
     kernel_assert(align >= 2, "matmul: operands must be at least element-aligned");
-    MatmulPlan& p = matmul_plan(ctx, M, N, K, trans_a, trans_b, out, beta != 0.0f, align);
+    MatmulPlan& p = matmul_plan(ctx, M, N, K, trans_a, trans_b, out, beta != 0.0f, align, lda, ldb, ldc);
     cublasCheck(cublasLtMatmul(ctx.handle, p.op, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c, &p.algo,
                                ctx.workspace, ctx.workspace_bytes, ctx.stream));
 }

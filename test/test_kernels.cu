@@ -348,6 +348,31 @@ static void test_matmul(MatmulCtx& ctx) {
     matmul(ctx, C2.p, MM_BF16, A.b(), B.b(), 256, 768, 1024, false, true);
     dsync();
     check_bytes("matmul deterministic (same call twice)", C1.down().data(), C2.down().data(), 2 * C1.n);
+    // pitched operands, as the LoRA group GEMMs use them (one projection's u or t inside the (N, 3r)
+    // matrix of q|k|v): the middle column block of C (M, 3N) = middle block of A (M, 3K) · middle block
+    // of B (K, 3N) equals the packed product of copies of those blocks, and nothing outside is written
+    {
+        int M = 40, N = 16, K = 32;
+        std::vector<uint16_t> aw = rand_bf16((size_t)M * 3 * K, 1.0f, 610), bw = rand_bf16((size_t)K * 3 * N, 1.0f, 611);
+        std::vector<uint16_t> ap((size_t)M * K), bp((size_t)K * N), cw = rand_bf16((size_t)M * 3 * N, 1.0f, 612);
+        for (int i = 0; i < M; i++) for (int k = 0; k < K; k++) ap[(size_t)i * K + k] = aw[(size_t)i * 3 * K + K + k];
+        for (int k = 0; k < K; k++) for (int j = 0; j < N; j++) bp[(size_t)k * N + j] = bw[(size_t)k * 3 * N + N + j];
+        DB16 Aw(aw), Bw(bw), Cw(cw), Ap(ap), Bp(bp), Cp((size_t)M * N);
+        matmul(ctx, Cw.p + N, MM_BF16, Aw.b() + K, Bw.b() + N, M, N, K, false, false, 1.0f, 0.0f, 3 * K, 3 * N, 3 * N);
+        matmul(ctx, Cp.p, MM_BF16, Ap.b(), Bp.b(), M, N, K, false, false);
+        dsync();
+        std::vector<uint16_t> gw = Cw.down(), gp = Cp.down();
+        std::vector<float> got((size_t)M * N), ref((size_t)M * N);
+        size_t outside = 0;
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < 3 * N; j++) {
+                size_t o = (size_t)i * 3 * N + j;
+                if (j >= N && j < 2 * N) { got[(size_t)i * N + j - N] = bf16_to_f32(gw[o]); ref[(size_t)i * N + j - N] = bf16_to_f32(gp[(size_t)i * N + j - N]); }
+                else outside += gw[o] != cw[o];
+            }
+        check_close("matmul pitched (lda, ldb, ldc) == packed copies (1 bf16 ulp)", got.data(), ref.data(), got.size(), 0.0, 1.0 / 128);
+        check(outside == 0, "matmul pitched: %zu values outside the C slice changed (0 expected)", outside);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
