@@ -20,6 +20,9 @@ Parts (each one also runs alone, and does not need the others to have run):
                     JSON blobs; transformers loads qlora's output and gives the same logits
     merge       (f) ./qlora merge output (bf16, and --requant) loaded by transformers: logits vs the
                     CPU reference's on the merged weights, and vs transformers' own 4-bit load
+    gpu-train   (g) ./qlora (GPU) trains on the checkpoint; PEFT loads its adapter (4-bit and bf16 base)
+                    and the CPU reference reproduces PEFT's logits; transformers' 4-bit save of the
+                    checkpoint trains with the same losses, bit for bit
 
 Every check prints one PASS/FAIL line with its max difference and budget; the last line counts them
 and the exit status is 1 if anything failed. Outputs go under --work (default build/ecosystem_py).
@@ -224,15 +227,55 @@ def part_peft_write(a):
                     p.data = p.data.to(save_dtype)
         pm.save_pretrained(d)
         del pm, base; free()
-        out = {"inputs": ids.to(torch.int32).contiguous()}
-        for key, quant in (("logits_nf4", bnb_config("nf4", True, torch.float32)), ("logits_base", None)):
-            base = load_model(a.model, torch.float32, quant)
-            pm = PeftModel.from_pretrained(base, d).eval()   # logits of the adapter as saved (BF16 values included)
-            out[key] = logits_of(pm, ids).contiguous()
-            del pm, base; free()
-        save_file(out, os.path.join(d, "logits.safetensors"), metadata={"model": a.model, "compute": "fp32"})
+        peft_logits(a, d, ids)
         info(f"{d}: {sorted(os.listdir(d))}; adapter_config target_modules = {json.load(open(os.path.join(d, 'adapter_config.json')))['target_modules']}")
         run_tool([a.checker, "peft", d, a.model], f"peft-write: qlora reads PEFT's {name} adapter and reproduces PEFT's logits")
+
+
+def peft_logits(a, d, ids):
+    """PeftModel.from_pretrained(adapter d) on the bitsandbytes NF4 base and on the bf16 base (fp32 compute):
+    its logits for ids, written to d/logits.safetensors for `build/test_ecosystem peft d MODEL`."""
+    torch = torch_mods()
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    out = {"inputs": ids.to(torch.int32).contiguous()}
+    for key, quant in (("logits_nf4", bnb_config("nf4", True, torch.float32)), ("logits_base", None)):
+        base = load_model(a.model, torch.float32, quant)
+        pm = PeftModel.from_pretrained(base, d).eval()   # logits of the adapter as saved (BF16 values included)
+        out[key] = logits_of(pm, ids).contiguous()
+        del pm, base; free()
+    save_file(out, os.path.join(d, "logits.safetensors"), metadata={"model": a.model, "compute": "fp32"})
+
+
+# ---------------------------------------------------------------------------------------------
+# (g): the GPU trainer's own adapter in PEFT, and a pre-quantized checkpoint trained like its source
+
+def part_gpu_train(a):
+    """./qlora trains a few steps on the transformers-saved checkpoint (GPU, random tokens); PEFT loads the
+    adapter it wrote onto that checkpoint quantized by bitsandbytes and onto the bf16 one, and the CPU
+    reference on the same adapter reproduces PEFT's logits (fp32 both sides, tight). Then transformers'
+    own 4-bit save of the checkpoint trains in ./qlora with the same losses, bit for bit, as the bf16
+    checkpoint that ./qlora quantizes while loading (the same NF4 bytes)."""
+    torch = torch_mods()
+    from transformers import AutoConfig
+    d = os.path.join(a.work, "gpu_trained")
+    shutil.rmtree(d, ignore_errors=True)
+    train = [a.qlora, "--batch", "2", "--seq", "32", "--steps", "6", "--lr", "1e-2", "--rank", "8", "--alpha", "16", "--seed", "5"]
+    if not run_tool(train + ["--model", a.model, "--out", d, "--log", d + ".log"],
+                    "gpu-train: ./qlora trains 6 steps on the transformers-saved checkpoint and writes a PEFT adapter"):
+        return
+    V = AutoConfig.from_pretrained(a.model).vocab_size
+    ids = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(99))
+    peft_logits(a, d, ids)
+    run_tool([a.checker, "peft", d, a.model], "gpu-train: PEFT loads the GPU-trained adapter (4-bit and bf16 base); the CPU reference reproduces its logits")
+    q = os.path.join(a.work, "hf_bnb", "nf4_dq")
+    if not os.path.exists(os.path.join(q, "config.json")):
+        q = hf_bnb_save(a, "nf4_dq", "nf4", True)
+    run_tool(train + ["--model", q, "--log", d + "_prequant.log"], "gpu-train: ./qlora trains transformers' 4-bit save of the checkpoint")
+    losses = lambda f: [l.split("|")[1].strip() for l in open(f) if l.startswith("step")]
+    a_l, b_l = losses(d + ".log"), losses(d + "_prequant.log")
+    report(a_l == b_l and len(a_l) == 6, "gpu-train: the pre-quantized checkpoint gives the same losses, bit for bit, as the bf16 one",
+           f"{a_l} vs {b_l}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +418,7 @@ def part_merge(a):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["all", "peft-4bit", "peft-bf16", "peft-write", "bnb-save", "quantize", "merge"])
+    ap.add_argument("part", choices=["all", "peft-4bit", "peft-bf16", "peft-write", "bnb-save", "quantize", "merge", "gpu-train"])
     ap.add_argument("--model", default="test/ref/tied", help="the bf16 Hugging Face checkpoint (default test/ref/tied)")
     ap.add_argument("--adapter", default="build/ecosystem/qlora_adapter", help="an adapter written by qlora (build/test_ecosystem writes this one)")
     ap.add_argument("--logits", default="build/ecosystem/qlora_logits.safetensors",
@@ -397,7 +440,7 @@ def main():
         run_tool([a.checker], "build/test_ecosystem (writes build/ecosystem/)")
     parts = {"peft-4bit": lambda: part_peft_load(a, True), "peft-bf16": lambda: part_peft_load(a, False),
              "peft-write": lambda: part_peft_write(a), "bnb-save": lambda: part_bnb_save(a),
-             "quantize": lambda: part_quantize(a), "merge": lambda: part_merge(a)}
+             "quantize": lambda: part_quantize(a), "merge": lambda: part_merge(a), "gpu-train": lambda: part_gpu_train(a)}
     for name, fn in parts.items():
         if a.part not in ("all", name):
             continue

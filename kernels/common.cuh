@@ -28,6 +28,10 @@ typedef __nv_bfloat16 bf16;
 inline void cuda_check(cudaError_t err, const char* file, int line) {
     if (err != cudaSuccess) {
         fprintf(stderr, "qlora: CUDA error at %s:%d: %s (%s)\n", file, line, cudaGetErrorString(err), cudaGetErrorName(err));
+        if (err == cudaErrorMemoryAllocation)
+            fprintf(stderr, "qlora: the GPU ran out of memory (another process using it? the plan printed at the start is all qlora\n"
+                            "       allocates itself). Try --recompute, a smaller --batch or --seq. Checkpoints already written are\n"
+                            "       intact (every save goes to a temporary file and is renamed).\n");
         exit(1);
     }
 }

@@ -4,7 +4,9 @@
 #     that was never interrupted; the interrupted run exits 0 and leaves adapter + state
 #     (losses are logged with 9 significant digits: exact for fp32);
 #   - a NaN gradient (--inject-nan) skips that step with a warning and the run goes on;
-#   - K non-finite steps in a row stop the run (exit 1) and the last saved state stays loadable.
+#   - K non-finite steps in a row stop the run (exit 1) and the last saved state stays loadable;
+#   - a GPU fault mid-run (--inject-oom: a failing allocation) exits 1 with a clear message, and the
+#     last saved state stays loadable: a run resumes from it.
 if ! nvidia-smi -L > /dev/null 2>&1 || [ ! -x ./qlora ]; then
   echo "SKIPPED test_resilience: no CUDA device"; echo "0 passed, 0 failed"; exit 0
 fi
@@ -29,5 +31,9 @@ n=$(grep -c SKIPPED $d/nan.log); last=$(grep -oE '^step +30/30 \| loss [^ ]+' $d
 ./qlora $short --inject-nan 12 100 --max-bad-steps 3 --save-every 5 --out $d/nanckpt > $d/nan2.out 2>&1; rc=$?
 step=$(python3 -c "import json,struct,sys; f=open('$d/nanckpt/state.safetensors','rb'); n=struct.unpack('<Q',f.read(8))[0]; print(json.loads(f.read(n))['__metadata__']['step'])" 2>/dev/null)
 [ $rc = 1 ] && grep -q '3 steps in a row' $d/nan2.out && [ "$step" = 10 ]; ok $? "3 bad steps in a row stop the run (exit $rc); the state saved at step ${step:-?} is intact"
+./qlora $short --save-every 5 --out $d/oomckpt --inject-oom 12 > $d/oom.out 2>&1; rc=$?
+step=$(python3 -c "import json,struct,sys; f=open('$d/oomckpt/state.safetensors','rb'); n=struct.unpack('<Q',f.read(8))[0]; print(json.loads(f.read(n))['__metadata__']['step'])" 2>/dev/null)
+[ $rc = 1 ] && grep -q 'ran out of memory' $d/oom.out && [ "$step" = 10 ]; ok $? "GPU out of memory at step 13: exit $rc, a clear message, the state saved at step ${step:-?} intact"
+./qlora $short --resume $d/oomckpt --out $d/oomckpt > $d/oom2.out 2>&1; ok $? "a run resumes from that state and finishes"
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]
