@@ -73,6 +73,14 @@
 // hd128 smem 188 -> 220 KiB); the handoff then trails by half an item, which the wave model says is free.
 // Or items of 128 query rows, to halve their count. A separate dQ kernel (one CTA per query tile,
 // recomputing S and dP) would cost 2 more matmuls per item, 7 instead of 5: on paper worse than this.
+//
+// Tried (v4, 2026-11-23, not kept): take the dQ turn and issue the dq_accum prefetch right after dS^T is
+// in smem, before the dV and dK matmuls, so the prefetch is covered by 3 of the 5 matmuls instead of 1.
+// Predicted: if the ~1.25 us per item were the dq_accum latency, main 2.05 -> ~1.8 ms. Measured (H100):
+// llama3-8b main 2.066 -> 2.111 ms, llama3-1b 1.277 -> 1.284, 16k 30.30 -> 30.42: no gain, slightly
+// worse. So the per-item cost is not the load latency the prefetch hides; the suspects left are thread
+// 0's gpu-scope fence (the whole CTA waits for it at the barrier that follows) and the handoff chain.
+// Needs an ncu look at the stall reasons around the turn before the next change.
 #include <cuda_runtime.h>                  // defines: cudaEvent_t
 #include <stdio.h>                         // defines: printf
 #include <string.h>                        // defines: strcmp, strstr
