@@ -27,6 +27,7 @@ struct Options {
     std::string train, val;              // token files (dev/data/prepare.py); no --train: synthetic data
     int eval_every = 0, eval_batches = 8, save_every = 0, max_bad_steps = 5;
     int inject_nan = -1, inject_nan_steps = 1;   // test hook: NaN gradients from this step, for this many steps
+    int inject_oom = -1;                 // test hook: a failing cudaMalloc (out of memory) at this step
     std::string resume;                  // directory with state.safetensors (an earlier --out)
     int batch = 4, seq = 512, steps = 20, grad_accum = 1, warmup = 0;
     float lr = 2e-4f, weight_decay = 0.0f, clip = 1.0f, min_lr_frac = 0.1f;
@@ -58,7 +59,8 @@ static void usage() {
            "  --seed S --out DIR (PEFT adapter + resume state) --save-every N --resume DIR\n"
            "  --log FILE --peak-tflops X (for MFU) --max-bad-steps K (stop after K non-finite steps in a row)\n"
            "  --profile               GPU time per kind of op (CUDA events between ops), printed at the end\n"
-           "  --inject-nan STEP K     (testing) make the gradients NaN at steps STEP..STEP+K-1\n");
+           "  --inject-nan STEP K     (testing) make the gradients NaN at steps STEP..STEP+K-1\n"
+           "  --inject-oom STEP       (testing) a GPU allocation that fails (out of memory) at step STEP\n");
 }
 
 static Options parse_args(int argc, char** argv) {
@@ -79,6 +81,7 @@ static Options parse_args(int argc, char** argv) {
         else if (a == "--max-bad-steps") o.max_bad_steps = (int)num(1, 1e6);
         else if (a == "--resume") o.resume = next();
         else if (a == "--inject-nan") { o.inject_nan = (int)num(0, 1e9); o.inject_nan_steps = (int)num(1, 1e9); }
+        else if (a == "--inject-oom") o.inject_oom = (int)num(0, 1e9);
         else if (a == "--batch") o.batch = (int)num(1, 4096);
         else if (a == "--seq") o.seq = (int)num(1, 1 << 20);
         else if (a == "--steps") o.steps = (int)num(0, 1e9);
@@ -430,44 +433,57 @@ static void linears_forward(Trainer& t, Group g, bf16* const* ys, const bf16* x,
 }
 
 // dx (N, in) = Σ dy_i·W_i + s·Σ mask(dy_i·B_i·A_i); LoRA grads (fp32, accumulated over micro-batches):
-// dB_i += s·dy_iᵀ·u_i, dA_i += s·(dy_i·B_i)ᵀ·x. Without dropout t = [dy_i·B_i] (N, k·r) makes the
-// group's dA one GEMM and its LoRA part of dx one GEMM (K = k·r), written first; the frozen
-// input-gradient GEMMs add into it (beta = 1).
-static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, const bf16* x, int l, uint64_t drop_seed) {
+// dB_i += s·dy_iᵀ·u_i, dA_i += s·(dy_i·B_i)ᵀ·x. First what needs no x: t = [dy_i·B_i] (N, k·r), dx
+// (without dropout the LoRA part is one GEMM with K = k·r, written first, and the frozen
+// input-gradient GEMMs add into it with beta = 1). Then make_x, if given, produces x (down_proj's
+// input, recomputed by the SwiGLU backward that needs this dx), then u = x·[A..]ᵀ, dB, and dA (one
+// GEMM for the group).
+template <class MakeX>
+static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, const bf16* x, int l, uint64_t drop_seed, MakeX make_x) {
     const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc; const Model& m = t.m;
     int N = t.a.N, in = proj_in(c, g.first), r = lc.rank, first, k = group_lora(lc, g, &first); float s = lc.scale();
     bool drop = lc.dropout > 0, fused = k && !drop;
-    if (fused) {
-        mark(t, "LoRA GEMMs");
-        matmul(t.mm, t.a.u, MM_BF16, x, lA(m, l, first), N, k * r, in, false, true);                               // u = x·[A..]ᵀ (recomputed)
-        for (int p = g.first, j = 0; p < g.first + g.n; p++) {
-            if (!lc.has(p)) continue;
-            int out = proj_out(c, p); const bf16* dy = dys[p - g.first];
-            matmul(t.mm, m.grad + lora_slot(c, lc, l, p).b, MM_F32, dy, t.a.u + j * r, out, r, N, true, false, s, 1.0f, 0, k * r);  // dB += s·dyᵀ·u
-            matmul(t.mm, t.a.t + j * r, MM_BF16, dy, lB(m, l, p), N, r, out, false, false, 1.0f, 0.0f, 0, 0, k * r);               // t_j = dy·B
-            j++;
-        }
-        matmul(t.mm, m.grad + lora_slot(c, lc, l, first).a, MM_F32, t.a.t, x, k * r, in, N, true, false, s, 1.0f);  // dA.. += s·tᵀ·x
-        matmul(t.mm, dx, MM_BF16, t.a.t, lA(m, l, first), N, in, k * r, false, false, s, 0.0f);                      // dx = s·t·[A..]
-    }
+    mark(t, "LoRA GEMMs");
+    for (int p = g.first, j = 0; p < g.first + g.n; p++)
+        if (lc.has(p)) { matmul(t.mm, t.a.t + j * r, MM_BF16, dys[p - g.first], lB(m, l, p), N, r, proj_out(c, p), false, false, 1.0f, 0.0f, 0, 0, k * r); j++; }  // t_j = dy·B
+    if (fused) matmul(t.mm, dx, MM_BF16, t.a.t, lA(m, l, first), N, in, k * r, false, false, s, 0.0f);                         // dx = s·t·[A..]
     mark(t, "frozen GEMMs");
     for (int i = 0; i < g.n; i++)
         matmul(t.mm, dx, MM_BF16, dys[i], t.a.wdq[g.first + i], N, in, proj_out(c, g.first + i), false, false, 1.0f, fused || i ? 1.0f : 0.0f);  // dx += dy·W
-    if (!drop) return;
-    for (int p = g.first; p < g.first + g.n; p++) {   // dropout: per projection, the mask regenerated from the counter
-        if (!lc.has(p)) continue;
-        int out = proj_out(c, p); const bf16* dy = dys[p - g.first]; LoraSlot sl = lora_slot(c, lc, l, p);
-        mark(t, "LoRA dropout");
-        lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);
-        mark(t, "LoRA GEMMs");
-        matmul(t.mm, t.a.u, MM_BF16, t.a.xdrop, lA(m, l, p), N, r, in, false, true);                 // u = xd·Aᵀ
-        matmul(t.mm, m.grad + sl.b, MM_F32, dy, t.a.u, out, r, N, true, false, s, 1.0f);               // dB += s·dyᵀ·u
-        matmul(t.mm, t.a.t, MM_BF16, dy, lB(m, l, p), N, r, out, false, false);                         // t = dy·B
-        matmul(t.mm, m.grad + sl.a, MM_F32, t.a.t, t.a.xdrop, r, in, N, true, false, s, 1.0f);          // dA += s·tᵀ·xd
-        matmul(t.mm, t.a.xdrop, MM_BF16, t.a.t, lA(m, l, p), N, in, r, false, false, s, 0.0f);          // s·t·A
-        mark(t, "LoRA dropout");
-        lora_dropout_backward_add(dx, t.a.xdrop, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);  // dx += mask(s·t·A)
+    if (drop)   // dropout: per projection, the mask regenerated from the counter
+        for (int p = g.first, j = 0; p < g.first + g.n; p++) {
+            if (!lc.has(p)) continue;
+            mark(t, "LoRA GEMMs");
+            matmul(t.mm, t.a.xdrop, MM_BF16, t.a.t + j * r, lA(m, l, p), N, in, r, false, false, s, 0.0f, k * r);    // s·t·A
+            mark(t, "LoRA dropout");
+            lora_dropout_backward_add(dx, t.a.xdrop, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);    // dx += mask(s·t·A)
+            j++;
+        }
+    make_x();
+    if (!k) return;
+    mark(t, "LoRA GEMMs");
+    if (fused) {
+        matmul(t.mm, t.a.u, MM_BF16, x, lA(m, l, first), N, k * r, in, false, true);                                  // u = x·[A..]ᵀ
+        for (int p = g.first, j = 0; p < g.first + g.n; p++)
+            if (lc.has(p)) { matmul(t.mm, m.grad + lora_slot(c, lc, l, p).b, MM_F32, dys[p - g.first], t.a.u + j * r, proj_out(c, p), r, N,
+                                    true, false, s, 1.0f, 0, k * r); j++; }                                              // dB += s·dyᵀ·u
+        matmul(t.mm, m.grad + lora_slot(c, lc, l, first).a, MM_F32, t.a.t, x, k * r, in, N, true, false, s, 1.0f);     // dA.. += s·tᵀ·x
+        return;
     }
+    for (int p = g.first, j = 0; p < g.first + g.n; p++) {
+        if (!lc.has(p)) continue;
+        LoraSlot sl = lora_slot(c, lc, l, p);
+        mark(t, "LoRA dropout");
+        lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);             // xd = dropout(x)
+        mark(t, "LoRA GEMMs");
+        matmul(t.mm, t.a.u, MM_BF16, t.a.xdrop, lA(m, l, p), N, r, in, false, true);                         // u = xd·Aᵀ
+        matmul(t.mm, m.grad + sl.b, MM_F32, dys[p - g.first], t.a.u, proj_out(c, p), r, N, true, false, s, 1.0f);   // dB += s·dyᵀ·u
+        matmul(t.mm, m.grad + sl.a, MM_F32, t.a.t + j * r, t.a.xdrop, r, in, N, true, false, s, 1.0f, k * r);       // dA += s·tᵀ·xd
+        j++;
+    }
+}
+static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, const bf16* x, int l, uint64_t drop_seed) {
+    linears_backward(t, g, dx, dys, x, l, drop_seed, [] {});
 }
 
 static Acts::Layer& acts(Trainer& t, int l) { return t.a.l[t.o.recompute ? 0 : l]; }
@@ -524,11 +540,12 @@ static void backward(Trainer& t, uint64_t drop_seed) {
         if (t.o.recompute) layer_forward(t, l, false, drop_seed); else dequant_layer(t, l);
         Acts::Layer& y = acts(t, l);
         // MLP: h[l+1] = h_mid + down(silu(gate(n2)) * up(n2))
-        mark(t, "SwiGLU");
-        swiglu_forward(a.act, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);                       // recompute act
-        linears_backward(t, G_DOWN, a.dact, &a.dres, a.act, l, drop_seed);                         // d act
-        mark(t, "SwiGLU");
-        swiglu_backward(y.gate, y.up, a.dact, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);      // d gate, d up, in place
+        // d act, then d gate and d up (in place over gate and up) and act itself again, which the
+        // LoRA of down_proj needs for dB and dA: one pass over gate and up for both
+        linears_backward(t, G_DOWN, a.dact, &a.dres, a.act, l, drop_seed, [&] {
+            mark(t, "SwiGLU");
+            swiglu_backward(y.gate, y.up, a.dact, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s, a.act);
+        });
         bf16* dgu[2] = {y.gate, y.up};
         linears_backward(t, G_GATE_UP, a.dn, dgu, y.n2, l, drop_seed);                              // d n2
         mark(t, "RMSNorm backward");
@@ -672,6 +689,7 @@ static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out
         denom += bs[k].count_targets();
     }
     t.prof.n = 0;   // marks of an evaluation since the last step are not this step's
+    if (step == o.inject_oom) { void* p; cudaCheck(cudaMalloc(&p, (size_t)1 << 50)); }   // test hook: a GPU fault mid-run
     mark(t, "upload, memset, host gaps");
     cudaCheck(cudaMemsetAsync(m.grad, 0, m.n_lora * 4, t.s));
     float loss = 0;
@@ -810,7 +828,7 @@ int main(int argc, char** argv) {
         float lr = lr_at(o, step), norm = 0; bool ok;
         float loss = train_step(t, d, step, lr, &norm, &ok);
         double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        if (step > start) times.push_back(dt);
+        if (step > start || o.steps - start == 1) times.push_back(dt);   // the first step is warm-up, unless it is the only one
         cudaCheck(cudaMemGetInfo(&free_b, &total_b));
         peak = std::max(peak, total_b - free_b);
         double tps = tok_per_step / dt, mfu = 100.0 * tps * fpt / (o.peak_tflops * 1e12);
@@ -833,8 +851,8 @@ int main(int argc, char** argv) {
     if (!times.empty()) {
         std::sort(times.begin(), times.end());
         double med = times[times.size() / 2], tps = tok_per_step / med;
-        printf("median step %.4f s | %.0f tok/s | MFU %.1f%% of %.0f TFLOP/s | peak GPU memory (driver) %.2f GiB\n", med, tps,
-               100.0 * tps * fpt / (o.peak_tflops * 1e12), o.peak_tflops, peak / 1073741824.0);
+        printf("median step %.4f s | %.0f tok/s | MFU %.1f%% of %.0f TFLOP/s | peak GPU memory (driver) %.2f GiB%s\n", med, tps,
+               100.0 * tps * fpt / (o.peak_tflops * 1e12), o.peak_tflops, peak / 1073741824.0, o.steps - start == 1 ? " (one step, warm-up included)" : "");
     }
     if (!o.val.empty() && !g_stop) printf("final val loss %.4f\n", evaluate(t, d));
     if (!o.out.empty()) { save_state(t, d, step, o.out); printf("adapter and resume state saved to %s (PEFT format)\n", o.out.c_str()); }

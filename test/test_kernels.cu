@@ -522,11 +522,13 @@ static void test_swiglu() {
     check_hf_share("swiglu backward du", dug, duemu);
     check_within("swiglu backward dg vs fp64 2*BF16", to_d(dgg), dgref, bdg);
     check_within("swiglu backward du vs fp64 2*BF16", to_d(dug), duref, rel_bound(duref, BF16_2 + EXP));
-    // in place: dg over g, du over u
-    swiglu_backward(G.b(), U.b(), DH.b(), G.b(), U.b(), (int64_t)n, 0);
+    // in place: dg over g, du over u, and h written again (the trainer's backward): the same bits
+    DB16 H2(n);
+    swiglu_backward(G.b(), U.b(), DH.b(), G.b(), U.b(), (int64_t)n, 0, H2.b());
     dsync();
     check_bytes("swiglu backward in place (dg=g, du=u)", G.down().data(), dgg.data(), 2 * n);
     check_bytes("swiglu backward in place du", U.down().data(), dug.data(), 2 * n);
+    check_bytes("swiglu backward's h == the forward's h", H2.down().data(), hg.data(), 2 * n);
 }
 
 // ---------------------------------------------------------------------------------------------

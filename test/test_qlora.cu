@@ -125,6 +125,27 @@ static void variant(const std::string& dir) {
         std::vector<float> grc; float lrc = step_grads(tr, d, grc);
         check(grc == g && lrc == loss, "--recompute gives bit-identical loss and gradients");
     }
+    {   // LoRA dropout 0.1 (masks from the counter RNG, the same on both sides): GPU vs the CPU reference.
+        // Budget: the relative L2 error of all LoRA gradients may be at most 2x that of the same GPU
+        // run without dropout against PyTorch fp32 (+2e-3); a wrong mask or a skipped mask term moves
+        // gradients by about the effect of dropout itself, which must be well above the budget (2x).
+        Options od = o; od.dropout = 0.1f;
+        Trainer td; trainer_init(td, od); set_lora(td, d.lora.data());
+        std::vector<float> gd; step_grads(td, d, gd);
+        RefModel rm; ref_model_load(rm, dir);
+        RefActs<float> ra; ref_acts_alloc(ra, rm.cfg, td.m.lc, d.B, d.T);
+        long denom = 0; for (int x : d.tg) denom += x >= 0;
+        RefBatch rb; rb.inputs = d.ids.data(); rb.targets = d.tg.data(); rb.B = d.B; rb.T = d.T; rb.denom = (float)denom; rb.dropout_seed = 0;
+        ref_forward(rm, td.m.lc, d.lora.data(), ra, rb);
+        std::vector<float> gr(td.m.n_lora, 0.0f);
+        ref_backward(rm, td.m.lc, d.lora.data(), ra, rb, gr.data());
+        auto rel = [](const std::vector<float>& x, const std::vector<float>& ref) {
+            double num = 0, den = 0; for (size_t i = 0; i < x.size(); i++) { num += ((double)x[i] - ref[i]) * ((double)x[i] - ref[i]); den += (double)ref[i] * ref[i]; }
+            return sqrt(num / den); };
+        double e_drop = rel(gd, gr), e_plain = rel(g, d.grad32), effect = rel(gr, d.grad32), budget = 2 * e_plain + 2e-3;
+        check(e_drop <= budget && effect > 2 * budget, "dropout 0.1: all LoRA gradients vs the CPU reference: rel L2 %.2e (budget %.2e = 2 x %.2e "
+              "without dropout + 2e-3); dropout itself moves them by %.2e", e_drop, budget, e_plain, effect);
+    }
     std::vector<float> l32 = st_f32(*d32.find("losses")), l16 = st_f32(*d16.find("losses"));
     std::vector<float> ours = run_steps(t, d, d32, (int)l32.size());
     printf("  losses gpu  "); for (float x : ours) printf(" %.5f", x); printf("\n");
