@@ -16,7 +16,7 @@ CPU_TESTS := $(patsubst test/%.cpp,build/%,$(wildcard test/test_*.cpp))
 SAN_TESTS := build/test_formats_san build/test_nf4_san build/test_reference_san build/test_dataloader_san build/test_fuzz_regress_san build/test_ecosystem_san build/test_train_cpu_san
 GPU_TESTS := $(if $(NVCC),$(patsubst test/%.cu,build/%,$(wildcard test/test_*.cu)))
 GPU_BINS  := $(if $(NVCC),$(if $(wildcard qlora.cu),qlora))
-HEADERS   := qlora.h reference.h dataloader.h $(wildcard kernels/*.cuh) test/test.h
+HEADERS   := qlora.h reference.h dataloader.h generate.h $(wildcard kernels/*.cuh) test/test.h
 
 all: detect $(CPU_TESTS) $(SAN_TESTS) $(GPU_TESTS) $(GPU_BINS) qlora_cpu
 
@@ -37,17 +37,18 @@ build:
 
 # make train: fine-tune the shipped base model (data/base) on the shipped task (data/task), both
 # made by dev/data/ (its README). With a GPU ./qlora runs it; without, ./qlora_cpu, the CPU reference
-# trainer (the same training in fp32 loops), which also prints task accuracy and sample generations.
+# trainer (the same training in fp32 loops). Both print the validation loss, the task accuracy
+# (greedy decoding of every validation prompt, exact match) and sample generations, before and after.
 TRAIN_ARGS ?= --model data/base --train data/task/reverse.train.tok --val data/task/reverse.val.tok \
               --batch 8 --seq 64 --steps 800 --warmup 20 --lr 3e-3 --rank 16 --alpha 32 --out build/adapter
 PY_TESTS   := test/test_prepare.py
-qlora_cpu: qlora_cpu.cpp qlora.h reference.h dataloader.h
+qlora_cpu: qlora_cpu.cpp qlora.h reference.h dataloader.h generate.h
 	$(CXX) $(CXXFLAGS) -pthread -o $@ $<
 build/test_train_cpu build/test_train_cpu_san: qlora_cpu.cpp
 train: detect qlora_cpu $(if $(GPU_ARCH),$(GPU_BINS))
 	@if [ -n "$(GPU_ARCH)" ] && [ -x ./qlora ]; then \
-	  echo "make train: GPU sm_$(GPU_ARCH): ./qlora (validation loss; task accuracy and samples: the CPU path, for now)"; \
-	  ./qlora $(TRAIN_ARGS) --eval-every 100; \
+	  echo "make train: GPU sm_$(GPU_ARCH): ./qlora (bf16 on the GPU; generation with a KV cache)"; \
+	  ./qlora $(TRAIN_ARGS) --eval-every 100 --log-every 50; \
 	else echo "make train: no GPU: the CPU reference trainer ./qlora_cpu (the same training in fp32 loops, slower)"; \
 	  ./qlora_cpu $(TRAIN_ARGS) --log-every 50; fi
 

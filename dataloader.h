@@ -17,6 +17,10 @@
 // compute what the segments would compute alone. The target of a token is the next token of its
 // document (even across a split), if that token is a training target; else -1.
 // The loader's position (epoch, cursor, offset) is three integers: it is part of the resume state.
+//
+// Evaluation reads a file differently: eval_batches packs whole documents and never splits one
+// across rows (a split answer would lose its prompt), and examples_of cuts each document into the
+// prompt and the answer that greedy decoding is scored on.
 #pragma once
 #include "qlora.h"   // defines: MappedFile, ql_fail, rng_u32, atomic_write
 
@@ -133,3 +137,50 @@ struct Loader {
         }
     }
 };
+
+// Validation batches: whole documents packed into rows of T, never split across rows (the
+// training loader splits them), so each document's loss is its loss alone, whatever B and T; the
+// rest of a row is padding without targets. A document longer than T goes on in the next row as a
+// new segment. Every target of the file is counted once. max_batches > 0: only the first ones.
+inline std::vector<Batch> eval_batches(const TokenFile& f, int B, int T, int max_batches = 0) {
+    std::vector<Batch> out;
+    Batch* b = nullptr; int r = B - 1, t = T;   // row, next free column: the first document opens a batch
+    for (uint64_t d = 0; d < f.n_docs; d++)
+        for (uint64_t s = f.doc(d), e = f.doc(d + 1); s < e;) {
+            int len = (int)std::min<uint64_t>(e - s, (uint64_t)T);
+            if (t + len > T) { t = 0; r++; }
+            if (r == B) {
+                if (max_batches > 0 && (int)out.size() == max_batches) return out;
+                out.emplace_back(); b = &out.back(); b->B = B; b->T = T; r = 0;
+                b->ids.assign((size_t)B * T, 0); b->targets.assign((size_t)B * T, -1);
+                b->pos.assign((size_t)B * T, 0); b->doc_start.resize((size_t)B * T);
+                for (int i = 0; i < B * T; i++) b->doc_start[i] = i % T;   // padding: each token its own segment
+            }
+            for (int i = 0; i < len; i++) {
+                size_t at = (size_t)r * T + t + i;
+                b->ids[at] = (int)f.token(s + i); b->pos[at] = i; b->doc_start[at] = t;
+                if (s + i + 1 < e && f.target(s + i + 1)) b->targets[at] = (int)f.token(s + i + 1);
+            }
+            t += len; s += len;
+        }
+    return out;
+}
+
+// An instruction example of a token file: the document up to its first trained token (the prompt,
+// chat template included), then the trained tokens that follow it (the answer, end of turn included).
+// A file without a loss mask has no prompts: no examples.
+struct Example { std::vector<int> prompt, answer; };
+inline std::vector<Example> examples_of(const TokenFile& f) {
+    std::vector<Example> ex;
+    if (!f.mask) return ex;
+    for (uint64_t d = 0; d < f.n_docs; d++) {
+        uint64_t b = f.doc(d), e = f.doc(d + 1), a = b + 1;
+        while (a < e && !f.target(a)) a++;
+        if (a >= e) continue;
+        Example x;
+        for (uint64_t i = b; i < a; i++) x.prompt.push_back((int)f.token(i));
+        for (uint64_t i = a; i < e && f.target(i); i++) x.answer.push_back((int)f.token(i));
+        ex.push_back(x);
+    }
+    return ex;
+}

@@ -5,7 +5,8 @@
 // match with its answer) and a few generations decoded to text; the adapter is saved in PEFT format.
 //   make && ./qlora_cpu --model data/base --train data/task/reverse.train.tok --val data/task/reverse.val.tok
 #include "reference.h"   // defines: RefModel, ref_model_load, RefBatch, RefActs, ref_forward, ref_backward, ref_clip_grad_norm, ref_adamw
-#include "dataloader.h"  // defines: TokenFile, token_file_open, Loader, Batch
+#include "dataloader.h"  // defines: TokenFile, token_file_open, Loader, Batch, eval_batches, Example, examples_of
+#include "generate.h"    // defines: Vocab, vocab_load, greedy_token, exact_match, print_sample, print_report
 #include <chrono>        // defines: steady_clock (tokens/s)
 #include <thread>        // defines: std::thread (micro-batches and prompts spread over the cores)
 
@@ -72,58 +73,6 @@ static Options parse_args(int argc, char** argv) {
     if (o.threads == 0) o.threads = (int)std::max(1u, std::thread::hardware_concurrency());
     o.threads = std::min(o.threads, o.batch);
     return o;
-}
-
-// ---------------------------------------------------------------------------------------------
-// the vocabulary table dev/data/prepare.py exports (its docstring has the format): id -> bytes
-
-static const char VOCAB_MAGIC[8] = {'Q', 'L', 'V', 'O', 'C', 'A', 'B', 0};
-static const uint32_t VOCAB_VERSION = 1, VOCAB_HEADER = 32, VOCAB_NONE = 0xffffffffu;
-
-struct Vocab {
-    std::vector<std::string> str;     // (n) the bytes each token decodes to
-    std::vector<uint8_t> special;     // (n) 1: a control token (<|end|>), left out of decoded text
-    uint32_t bos = VOCAB_NONE, eos = VOCAB_NONE;
-    std::string decode(const std::vector<int>& ids, bool show_special = false) const {
-        std::string s;
-        for (int id : ids) {
-            if (id < 0 || (size_t)id >= str.size()) { s += "<?" + std::to_string(id) + ">"; continue; }
-            if (!special[id] || show_special) s += str[id];
-        }
-        return s;
-    }
-};
-
-static void vocab_parse(Vocab& v, const uint8_t* d, size_t size, const std::string& name) {
-    const char* p = name.c_str();
-    ql_assert(size >= VOCAB_HEADER && !memcmp(d, VOCAB_MAGIC, 8), "%s: not a qlora vocabulary table (no QLVOCAB header); "
-              "make one with dev/data/prepare.py", p);
-    ql_assert(rd_u32(d + 8) == VOCAB_VERSION, "%s: vocabulary table version %u, this qlora reads version %u (re-run dev/data/prepare.py)",
-              p, rd_u32(d + 8), VOCAB_VERSION);
-    ql_assert(rd_u32(d + 12) == VOCAB_HEADER, "%s: header size %u, expected %u", p, rd_u32(d + 12), VOCAB_HEADER);
-    uint64_t n = rd_u32(d + 16);
-    v.bos = rd_u32(d + 20); v.eos = rd_u32(d + 24);
-    ql_assert(rd_u32(d + 28) == 0, "%s: reserved header field is not 0", p);
-    ql_assert(n > 0 && n < (1u << 26), "%s: implausible vocabulary size %llu", p, (unsigned long long)n);
-    ql_assert((v.bos == VOCAB_NONE || v.bos < n) && (v.eos == VOCAB_NONE || v.eos < n), "%s: bos %u or eos %u is not a token id (< %llu)",
-              p, v.bos, v.eos, (unsigned long long)n);
-    uint64_t strings_at = VOCAB_HEADER + 4 * (n + 1) + n;
-    ql_assert(size >= strings_at, "%s: %zu bytes, too short for %llu tokens (truncated?)", p, size, (unsigned long long)n);
-    const uint8_t *off = d + VOCAB_HEADER, *flags = off + 4 * (n + 1);
-    ql_assert(rd_u32(off) == 0 && strings_at + rd_u32(off + 4 * n) == size, "%s: %zu bytes, but the offsets imply %llu (truncated or corrupt?)",
-              p, size, (unsigned long long)(strings_at + rd_u32(off + 4 * n)));
-    v.str.resize(n); v.special.resize(n);
-    for (uint64_t i = 0; i < n; i++) {
-        uint32_t b = rd_u32(off + 4 * i), e = rd_u32(off + 4 * (i + 1));
-        ql_assert(b <= e, "%s: token %llu ends before it starts", p, (unsigned long long)i);
-        ql_assert(flags[i] <= 1, "%s: token %llu has unknown flags 0x%x", p, (unsigned long long)i, flags[i]);
-        v.str[i].assign((const char*)d + strings_at + b, e - b);
-        v.special[i] = flags[i];
-    }
-}
-static void vocab_load(Vocab& v, const std::string& path) {
-    std::vector<uint8_t> b = read_file(path);
-    vocab_parse(v, b.data(), b.size(), path);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -213,32 +162,6 @@ static float train_step(CpuTrainer& t, const Batch& b, int step, float lr, float
 
 static float lr_at(const Options& o, int step) { return lr_schedule(step, o.steps, o.warmup, o.lr, o.min_lr_frac); }
 
-// Validation batches: whole documents packed into rows of T, never split across rows (the
-// training loader splits them), so each document's loss is its loss alone, whatever B and T; the
-// rest of a row is padding without targets. A document longer than T goes on in the next row as a
-// new segment. Every target of the file is counted once.
-static std::vector<Batch> eval_batches(const TokenFile& f, int B, int T) {
-    std::vector<Batch> out;
-    Batch* b = nullptr; int r = B - 1, t = T;   // row, next free column: the first document opens a batch
-    for (uint64_t d = 0; d < f.n_docs; d++)
-        for (uint64_t s = f.doc(d), e = f.doc(d + 1); s < e;) {
-            int len = (int)std::min<uint64_t>(e - s, (uint64_t)T);
-            if (t + len > T) { t = 0; r++; }
-            if (r == B) {
-                out.emplace_back(); b = &out.back(); b->B = B; b->T = T; r = 0;
-                b->ids.assign((size_t)B * T, 0); b->targets.assign((size_t)B * T, -1);
-                b->pos.assign((size_t)B * T, 0); b->doc_start.resize((size_t)B * T);
-                for (int i = 0; i < B * T; i++) b->doc_start[i] = i % T;   // padding: each token its own segment
-            }
-            for (int i = 0; i < len; i++) {
-                size_t at = (size_t)r * T + t + i;
-                b->ids[at] = (int)f.token(s + i); b->pos[at] = i; b->doc_start[at] = t;
-                if (s + i + 1 < e && f.target(s + i + 1)) b->targets[at] = (int)f.token(s + i + 1);
-            }
-            t += len; s += len;
-        }
-    return out;
-}
 static float evaluate_loss(CpuTrainer& t, const TokenFile& f) {
     double sum = 0; long count = 0;
     for (const Batch& b : eval_batches(f, t.o.batch, t.o.seq)) { sum += loss_sum(t, b); count += b.count_targets(); }
@@ -248,24 +171,6 @@ static float evaluate_loss(CpuTrainer& t, const TokenFile& f) {
 // ---------------------------------------------------------------------------------------------
 // generation and task accuracy
 
-// An instruction example of a token file: the document up to its first trained token (the prompt,
-// chat template included), then the trained tokens that follow it (the answer, end of turn included).
-struct Example { std::vector<int> prompt, answer; };
-static std::vector<Example> examples_of(const TokenFile& f) {
-    std::vector<Example> ex;
-    if (!f.mask) return ex;   // plain text: no prompts to answer
-    for (uint64_t d = 0; d < f.n_docs; d++) {
-        uint64_t b = f.doc(d), e = f.doc(d + 1), a = b + 1;
-        while (a < e && !f.target(a)) a++;
-        if (a >= e) continue;
-        Example x;
-        for (uint64_t i = b; i < a; i++) x.prompt.push_back((int)f.token(i));
-        for (uint64_t i = a; i < e && f.target(i); i++) x.answer.push_back((int)f.token(i));
-        ex.push_back(x);
-    }
-    return ex;
-}
-
 // The most likely next token after ids: one full forward over the whole sequence (no KV cache on
 // the CPU: simple, and cheap at these lengths); ties go to the lower id.
 static int greedy_next(const RefModel& m, const LoraConfig& lc, const float* lora, RefActs<float>& a, const std::vector<int>& ids) {
@@ -274,8 +179,7 @@ static int greedy_next(const RefModel& m, const LoraConfig& lc, const float* lor
     RefBatch b; b.inputs = ids.data(); b.targets = no_targets.data(); b.B = 1; b.T = T;
     ref_acts_alloc(a, m.cfg, lc, 1, T);
     ref_forward(m, lc, lora, a, b);
-    const float* z = &a.logits[(size_t)(T - 1) * V];
-    return (int)(std::max_element(z, z + V) - z);
+    return greedy_token(&a.logits[(size_t)(T - 1) * V], V);
 }
 
 // Greedy continuation of prompt: stops after the end-of-turn token `eos` or max_new tokens, or at
@@ -300,7 +204,7 @@ static int accuracy(CpuTrainer& t, const std::vector<Example>& ex) {
     parallel(nt, [&](int w) {
         for (size_t i = w; i < ex.size(); i += nt) {
             const Example& x = ex[i];
-            right[w] += generate(t.m, t.lc, t.lora.data(), t.acts[w], x.prompt, (int)x.answer.size(), -1, &x.answer) == x.answer;
+            right[w] += exact_match(generate(t.m, t.lc, t.lora.data(), t.acts[w], x.prompt, (int)x.answer.size(), -1, &x.answer), x.answer);
         }
     });
     int s = 0; for (int r : right) s += r;
@@ -308,16 +212,9 @@ static int accuracy(CpuTrainer& t, const std::vector<Example>& ex) {
 }
 
 static void print_samples(CpuTrainer& t, const std::vector<Example>& ex, const Vocab* vocab) {
-    for (int i = 0; i < t.o.samples && i < (int)ex.size(); i++) {
-        const Example& x = ex[i];
-        int eos = vocab && vocab->eos != VOCAB_NONE ? (int)vocab->eos : -1;
-        std::vector<int> got = generate(t.m, t.lc, t.lora.data(), t.acts[0], x.prompt, (int)x.answer.size() + 8, eos);
-        auto text = [&](const std::vector<int>& ids) {
-            if (vocab) return "\"" + vocab->decode(ids) + "\"";
-            std::string s = "ids"; for (int id : ids) s += " " + std::to_string(id); return s;
-        };
-        printf("  %s -> %s  (expected %s) %s\n", text(x.prompt).c_str(), text(got).c_str(), text(x.answer).c_str(), got == x.answer ? "right" : "wrong");
-    }
+    int eos = vocab && vocab->eos != VOCAB_NONE ? (int)vocab->eos : -1;
+    for (int i = 0; i < t.o.samples && i < (int)ex.size(); i++)
+        print_sample(vocab, ex[i].prompt, generate(t.m, t.lc, t.lora.data(), t.acts[0], ex[i].prompt, (int)ex[i].answer.size() + 8, eos), &ex[i].answer);
 }
 
 struct Report { float val_loss; int right, total; };
@@ -325,9 +222,7 @@ static Report report(CpuTrainer& t, const char* when, const TokenFile& val, cons
     auto t0 = std::chrono::steady_clock::now();
     Report r = {evaluate_loss(t, val), accuracy(t, ex), (int)ex.size()};
     double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (ex.empty()) printf("%s: val loss %.4f | accuracy: the validation file has no prompts (no loss mask) (%.1f s)\n", when, r.val_loss, dt);
-    else printf("%s: val loss %.4f | accuracy %d/%d = %.1f%% (greedy, exact match) (%.1f s)\n", when, r.val_loss, r.right, r.total,
-                100.0 * r.right / r.total, dt);
+    print_report(when, r.val_loss, r.right, r.total, dt);
     print_samples(t, ex, vocab);
     fflush(stdout);
     return r;

@@ -20,6 +20,7 @@
 #include "../kernels/crossentropy.cuh"  // defines: fused_classifier, crossentropy_forward_backward
 #include "../kernels/adamw.cuh"         // defines: grad_norm, adamw_update
 #include "../kernels/lora.cuh"          // defines: lora_dropout_forward, lora_dropout_backward_add, cast_f32_to_bf16
+#include "../kernels/decode.cuh"        // defines: kv_cache_store, decode_attention
 #include "../qlora.h"                   // defines: quantize_weight, f32_to_bf16, rng_uniform, SafeTensors
 #include "../reference.h"               // defines: ref_rmsnorm_*, ref_rope, ref_swiglu_*, ref_cross_entropy_*, ref_lora_dropout
 #include "test.h"                       // defines: check, check_close, check_bytes, test_summary, test_skip
@@ -726,6 +727,71 @@ static void test_lora() {
     check_bytes("cast fp32 -> bf16 (RNE, ties, overflow, subnormal)", FB.down().data(), fb.data(), 2 * fb.size());
 }
 
+// ---------------------------------------------------------------------------------------------
+// decode attention (generation): one query token per sequence against its KV cache
+
+// Caches poisoned (NaN) from each sequence's position on, so a read past the keys shows; positions
+// 0 (one key), 2 (fewer keys than the kernel's warps) and the last slot; GQA groups of 2 and 1.
+// kv_cache_store must write exactly the new rows. decode_attention vs a double loop: per score
+// FP32_SUM(hd) on its |terms|, EXP per exp, FP32_SUM(n) on the softmax sums (doubled: numerator
+// and denominator), on the sum of |p·v|; then one BF16 rounding of the output.
+static void test_decode_attention() {
+    for (int hd : {64, 128}) {
+        int B = 3, Tmax = 70, nh = hd == 64 ? 4 : 8, nkv = hd == 64 ? 2 : 8, kvd = nkv * hd;
+        std::vector<int> pos = {0, 2, Tmax - 1};
+        std::vector<uint16_t> q = rand_bf16((size_t)B * nh * hd, 1.0f, 1300 + hd), k = rand_bf16((size_t)B * kvd, 1.0f, 1310 + hd),
+                              v = rand_bf16((size_t)B * kvd, 1.0f, 1320 + hd), old = rand_bf16((size_t)B * Tmax * kvd, 1.0f, 1330 + hd);
+        std::vector<uint16_t> kc((size_t)B * Tmax * kvd, 0xffff), vc = kc;   // NaN from pos[b] on, random before it
+        for (int b = 0; b < B; b++)
+            for (size_t i = (size_t)b * Tmax * kvd; i < ((size_t)b * Tmax + pos[b]) * kvd; i++) { kc[i] = old[i]; vc[i] = old[(i * 7) % old.size()]; }
+        DB16 Q(q), K(k), Vv(v), KC(kc), VC(vc), OUT((size_t)B * nh * hd); DBuf<int> POS(pos);
+        kv_cache_store(KC.b(), VC.b(), K.b(), Vv.b(), POS.p, B, Tmax, nkv, hd, 0);
+        dsync();
+        std::vector<uint16_t> kw = kc, vw = vc;   // what the caches must hold now
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < kvd; i++) { kw[((size_t)b * Tmax + pos[b]) * kvd + i] = k[(size_t)b * kvd + i]; vw[((size_t)b * Tmax + pos[b]) * kvd + i] = v[(size_t)b * kvd + i]; }
+        char nm[96];
+        std::vector<uint16_t> kgot = KC.down(), vgot = VC.down();
+        snprintf(nm, sizeof nm, "kv_cache_store hd=%d: k cache, row pos[b] only", hd);
+        check_bytes(nm, kgot.data(), kw.data(), 2 * kw.size());
+        snprintf(nm, sizeof nm, "kv_cache_store hd=%d: v cache, row pos[b] only", hd);
+        check_bytes(nm, vgot.data(), vw.data(), 2 * vw.size());
+        decode_attention(OUT.b(), Q.b(), KC.b(), VC.b(), POS.p, B, Tmax, nh, nkv, hd, 0);
+        dsync();
+        std::vector<uint16_t> got = OUT.down();
+        std::vector<double> ref(got.size()), bound(got.size());
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < nh; h++) {
+                int kh = h / (nh / nkv), n = pos[b] + 1;
+                auto K_ = [&](int j, int e) { return (double)bf16_to_f32(kw[(((size_t)b * Tmax + j) * nkv + kh) * hd + e]); };
+                auto V_ = [&](int j, int e) { return (double)bf16_to_f32(vw[(((size_t)b * Tmax + j) * nkv + kh) * hd + e]); };
+                std::vector<double> s(n);
+                double m = -INFINITY, l = 0, dmag = 0;
+                for (int j = 0; j < n; j++) {
+                    double dot = 0, mag = 0;
+                    for (int e = 0; e < hd; e++) { double x = bf16_to_f32(q[((size_t)b * nh + h) * hd + e]) * K_(j, e); dot += x; mag += fabs(x); }
+                    s[j] = dot / sqrt((double)hd); m = std::max(m, s[j]); dmag = std::max(dmag, mag / sqrt((double)hd));
+                }
+                for (int j = 0; j < n; j++) { s[j] = exp(s[j] - m); l += s[j]; }
+                double rel = 2 * (hd + 2) * FP32_ULP * dmag + 2 * EXP + 4 * (n + 2) * FP32_ULP;   // a score error e is a relative error e in p
+                for (int e = 0; e < hd; e++) {
+                    double o = 0, mag = 0;
+                    for (int j = 0; j < n; j++) { o += s[j] * V_(j, e); mag += s[j] * fabs(V_(j, e)); }
+                    size_t at = ((size_t)b * nh + h) * hd + e;
+                    ref[at] = o / l;
+                    bound[at] = BF16 * fabs(ref[at]) + 2 * rel * mag / l;
+                }
+            }
+        snprintf(nm, sizeof nm, "decode_attention hd=%d GQA %d/%d vs fp64", hd, nh, nkv);
+        check_within(nm, to_d(got), ref, bound);
+        decode_attention(OUT.b(), Q.b(), KC.b(), VC.b(), POS.p, B, Tmax, nh, nkv, hd, 0);
+        dsync();
+        std::vector<uint16_t> again = OUT.down();
+        snprintf(nm, sizeof nm, "decode_attention hd=%d: same bits twice", hd);
+        check_bytes(nm, again.data(), got.data(), 2 * got.size());
+    }
+}
+
 int main() {
     int nd = 0;
     if (cudaGetDeviceCount(&nd) != cudaSuccess || nd == 0) { cudaGetLastError(); return test_skip("test_kernels", "no CUDA device"); }
@@ -744,6 +810,7 @@ int main() {
     test_crossentropy(ctx);
     test_adamw();
     test_lora();
+    test_decode_attention();
     matmul_destroy(ctx);
     return test_summary();
 }

@@ -184,6 +184,116 @@ static void resume_and_determinism(bool file) {
     check(std::vector<float>(first.begin() + 3, first.end()) == resumed, "resume (%s): steps 4-6 after reloading the step-3 state are bit-identical", what);
 }
 
+// ---------------------------------------------------------------------------------------------
+// generation (the KV-cache decode path of qlora.cu, kernels/decode.cuh)
+
+// Feeds the debug batch's sequences one token at a time through decode_step; at every position the
+// logits must be those of the full training forward on the same sequences (within bf16 noise: twice
+// variant()'s budget, as each is held to it against fp32), and, by variant()'s rule, those of
+// PyTorch's fp32 run.
+static void decode_vs_forward(const std::string& dir) {
+    printf("== generation: KV-cache decode vs the training forward, %s\n", dir.c_str());
+    SafeTensors d32 = st_open(dir + "/debug_fp32.safetensors"), d16 = st_open(dir + "/debug_bf16.safetensors");
+    Options o; o.model = dir; o.rank = atoi(d32.metadata["rank"].c_str()); o.alpha = (float)atof(d32.metadata["alpha"].c_str());
+    o.batch = atoi(d32.metadata["batch"].c_str()); o.seq = atoi(d32.metadata["seq"].c_str());
+    Trainer t; trainer_init(t, o);
+    Debug d = load_debug(dir, t.m.cfg, t.m.lc);
+    set_lora(t, d.lora.data());
+    int N = t.a.N, V = t.m.cfg.vocab_size, B = d.B, T = d.T;
+    cudaCheck(cudaMemcpy(t.a.ids, d.ids.data(), N * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(t.a.targets, d.tg.data(), N * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemset(t.a.flags, 0, 8));
+    t.a.packed = false;
+    forward(t, 1.0f, false, 0);
+    bf16* lg_d; cudaCheck(cudaMalloc(&lg_d, (size_t)N * V * 2));
+    matmul(t.mm, lg_d, MM_BF16, t.a.hf, t.m.lm_head, N, V, t.m.cfg.dim, false, true);
+    std::vector<uint16_t> lh((size_t)N * V); cudaCheck(cudaMemcpy(lh.data(), lg_d, lh.size() * 2, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaFree(lg_d));
+    std::vector<float> full(lh.size()); for (size_t i = 0; i < lh.size(); i++) full[i] = bf16_to_f32(lh[i]);
+
+    Decoder dec; decoder_init(t, dec, B, T, true);
+    std::vector<float> dl((size_t)N * V), row((size_t)B * V);
+    std::vector<int> ids(B), pos(B);
+    for (int s = 0; s < T; s++) {
+        for (int b = 0; b < B; b++) { ids[b] = d.ids[(size_t)b * T + s]; pos[b] = s; }
+        cudaCheck(cudaMemcpy(dec.ids, ids.data(), B * 4, cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpy(dec.pos, pos.data(), B * 4, cudaMemcpyHostToDevice));
+        decode_step(t, dec);
+        cudaCheck(cudaMemcpy(row.data(), dec.logits, row.size() * 4, cudaMemcpyDeviceToHost));
+        for (int b = 0; b < B; b++) std::copy(row.begin() + (size_t)b * V, row.begin() + (size_t)(b + 1) * V, dl.begin() + ((size_t)b * T + s) * V);
+    }
+    decoder_free(dec);
+    std::vector<float> l32 = st_f32(*d32.find("logits")), l16 = st_f32(*d16.find("logits"));
+    // each path is within variant()'s budget of fp32 (2x PyTorch bf16's error + 1e-3 of the scale): their difference within twice that
+    check_close(("decode logits, every position, vs the training forward (" + std::to_string(B) + " x " + std::to_string(T) + ")").c_str(),
+                dl.data(), full.data(), full.size(), 4 * max_abs_diff(l16, l32) + 2e-3 * max_abs(l32), 0.0);
+    check_bf16("decode logits vs PyTorch fp32", dl, l32, l16);
+}
+
+// Greedy generation on the GPU against the CPU reference's (reference.h, fp32, the whole sequence
+// re-run per token as qlora_cpu's greedy_next) on the shipped model with a small random adapter
+// (B != 0, every value rounded to bf16 so both sides hold the same ones). The prompts ask for the
+// tasks the base model was pretrained on ("repeat: w", "upper: w", w the first validation answers),
+// encoded from text with the vocabulary table, so it answers them with confidence; both stop after
+// the end of turn. bf16 activations may flip a choice where the CPU's top two logits are close,
+// and after a flip the continuations part; so every token up to the first CPU choice whose top-2
+// margin is below GREEDY_MARGIN must agree, and the rest are counted.
+static const float GREEDY_MARGIN = 0.5f;   // logits; the GPU's own logit error against the CPU is printed beside it
+static void greedy_vs_cpu() {
+    const std::string base = "data/base", val = "data/task/reverse.val.tok";
+    printf("== generation: greedy on the GPU vs the CPU reference, %s + random adapter\n", base.c_str());
+    if (!file_exists(base + "/model.safetensors") || !file_exists(base + "/vocab.bin") || !file_exists(val)) {
+        check(false, "shipped data missing (data/base, %s)", val.c_str()); return;
+    }
+    rcp_table_load("data/rcp_delta.bin");
+    Options o; o.model = base; o.batch = 1; o.seq = 16; o.rank = 8; o.alpha = 16;
+    Trainer t; trainer_init(t, o);
+    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc; int V = c.vocab_size;
+    std::vector<float> lora(t.m.n_lora); lora_init(lora.data(), c, lc, 99);
+    for (int l = 0; l < c.n_layers; l++) for (int p = 0; p < N_PROJ; p++) { LoraSlot sl = lora_slot(c, lc, l, p);
+        for (int i = 0; i < proj_out(c, p) * lc.rank; i++) lora[sl.b + i] = 0.05f * (2.0f * rng_uniform(98, l * N_PROJ + p, i) - 1.0f); }
+    for (float& x : lora) x = bf16_round(x);
+    set_lora(t, lora.data());
+    RefModel rm; ref_model_load(rm, base);
+    Vocab vocab; vocab_load(vocab, base + "/vocab.bin");
+    TokenFile f; token_file_open(f, val, V);
+    std::vector<Example> ex = examples_of(f);
+    std::vector<std::vector<int>> prompts;
+    for (int i = 0; i < 32 && i < (int)ex.size(); i++)
+        prompts.push_back(vocab.encode(std::string("<|bos|><|user|>") + (i % 2 ? "upper: " : "repeat: ") + vocab.decode(ex[i].answer) + "<|end|><|assistant|>"));
+    const int max_new = 10;
+    std::vector<std::vector<float>> glog;
+    GenSettings gs; gs.eos = (int)vocab.eos;
+    std::vector<std::vector<int>> gpu = generate(t, prompts, std::vector<int>(prompts.size(), max_new), gs, &glog);
+    int agree = 0, total = 0, must = 0, bad_prompts = 0; double max_diff = 0;
+    for (size_t i = 0; i < prompts.size(); i++) {
+        std::vector<int> ids = prompts[i], cpu; std::vector<float> margin;
+        RefActs<float> ra;
+        for (int j = 0; j < max_new; j++) {   // qlora_cpu's greedy_next, with the top-2 margin kept
+            int T = (int)ids.size(); std::vector<int> no(T, -1);
+            RefBatch rb; rb.inputs = ids.data(); rb.targets = no.data(); rb.B = 1; rb.T = T;
+            ref_acts_alloc(ra, c, lc, 1, T); ref_forward(rm, lc, lora.data(), ra, rb);
+            const float* z = &ra.logits[(size_t)(T - 1) * V];
+            int top = greedy_token(z, V); float second = -INFINITY;
+            for (int v = 0; v < V; v++) if (v != top) second = std::max(second, z[v]);
+            cpu.push_back(top); margin.push_back(z[top] - second); ids.push_back(top);
+            if (j >= (int)gpu[i].size()) break;
+            // the GPU chose token j from the same prefix: compare its logits, then stop where the choices part
+            for (int v = 0; v < V; v++) max_diff = std::max(max_diff, (double)fabs(glog[i][(size_t)j * V + v] - z[v]));
+            if (gpu[i][j] != top || top == gs.eos) break;
+        }
+        int a = 0; while (a < (int)cpu.size() && a < (int)gpu[i].size() && cpu[a] == gpu[i][a]) a++;
+        int need = 0; while (need < (int)margin.size() && margin[need] >= GREEDY_MARGIN) need++;   // tokens before the first close call
+        agree += a; total += (int)std::max(cpu.size(), gpu[i].size()); must += need; bad_prompts += a < need;
+        if (a < need) printf("  prompt %zu: GPU and CPU differ at new token %d (CPU margin %.3f): GPU %d, CPU %d\n", i, a, margin[a], gpu[i][a], cpu[a]);
+    }
+    printf("  %d of %d generated tokens agree (%zu prompts, up to %d new tokens, to the end of turn); %d lie before a CPU top-2 margin < %.2f\n",
+           agree, total, prompts.size(), max_new, must, GREEDY_MARGIN);
+    printf("  e.g. %s -> %s (GPU)\n", sample_text(&vocab, prompts[1]).c_str(), sample_text(&vocab, gpu[1]).c_str());
+    check(bad_prompts == 0 && must > total / 2, "greedy GPU == CPU reference up to the first close call: %d prompts differ earlier; max |logit GPU - CPU| %.3f "
+          "while the sequences agree (margin rule %.2f)", bad_prompts, max_diff, GREEDY_MARGIN);
+}
+
 int main() {
     int ndev = 0;
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) return test_skip("test_qlora", "no CUDA device");
@@ -191,5 +301,8 @@ int main() {
     variant("test/ref/untied");
     resume_and_determinism(false);
     resume_and_determinism(true);
+    decode_vs_forward("test/ref/tied");
+    decode_vs_forward("test/ref/untied");
+    greedy_vs_cpu();
     return test_summary();
 }

@@ -133,6 +133,8 @@ static void test_loss_and_threads() {
         float got = evaluate_loss(t, f);
         check_close(("val loss over B=" + std::to_string(s[0]) + " T=" + std::to_string(s[1]) + " == documents alone").c_str(), &got, &want, 1, 0, 2e-6);
     }
+    size_t all = eval_batches(f, 1, 17).size(), capped = eval_batches(f, 1, 17, 2).size();
+    check(all == 6 && capped == 2, "eval_batches: documents of 1, 3, .., 17 tokens in 6 rows of 17, none split (%zu), --eval-batches 2 keeps %zu", all, capped);
 
     // one step on 2 threads (rows split 2 + 2) == the same step on 1 thread
     CpuTrainer t1, t2; random_trainer(t1, 1); random_trainer(t2, 2);
@@ -188,6 +190,37 @@ static void test_shipped() {
     check_bytes("the adapter reads back: LoRA parameters", back.data(), t.lora.data(), 4 * t.lora.size());
 }
 
+// generate.h: the next-token choice and prompt encoding that qlora.cu's generation shares
+static void test_choose_and_encode() {
+    float z[5] = {1.0f, 3.0f, 3.0f, -2.0f, 0.5f};
+    check(choose_token(z, 5, 0.0f, 1.0f, 0.7f) == 1, "greedy: the largest logit, ties to the lower id");
+    check(choose_token(z, 5, 1.0f, 1e-6f, 0.99f) == 1, "top-p ~0: the nucleus is the single most likely token");
+    // p = (0.5, 0.3, 0.2): top-p 1 draws all three in proportion; top-p 0.6 keeps 0.5 and the 0.3 that crosses 0.6
+    float w[3] = {logf(0.5f), logf(0.3f), logf(0.2f)};
+    int n = 40000, c1[3] = {0, 0, 0}, c2[3] = {0, 0, 0};
+    for (int i = 0; i < n; i++) { c1[choose_token(w, 3, 1.0f, 1.0f, rng_uniform(3, 0, i))]++; c2[choose_token(w, 3, 1.0f, 0.6f, rng_uniform(3, 1, i))]++; }
+    double sd = sqrt(0.25 / n);   // a share's standard deviation is at most this
+    check(fabs(c1[0] / (double)n - 0.5) < 5 * sd && fabs(c1[1] / (double)n - 0.3) < 5 * sd && fabs(c1[2] / (double)n - 0.2) < 5 * sd,
+          "temperature 1, top-p 1: shares %.3f %.3f %.3f of (0.5, 0.3, 0.2)", c1[0] / (double)n, c1[1] / (double)n, c1[2] / (double)n);
+    check(c2[2] == 0 && fabs(c2[0] / (double)n - 0.625) < 5 * sd, "top-p 0.6: shares %.3f %.3f %.3f of (0.625, 0.375, 0)",
+          c2[0] / (double)n, c2[1] / (double)n, c2[2] / (double)n);
+    float hot[3]; for (int i = 0; i < 3; i++) hot[i] = w[i] / 0.01f;   // temperature 0.01 on w == temperature 1 on w / 0.01
+    int first = 0; for (int i = 0; i < 1000; i++) first += choose_token(w, 3, 0.01f, 1.0f, rng_uniform(3, 2, i)) == 0;
+    check(first == 1000 && choose_token(hot, 3, 1.0f, 1.0f, 0.999f) == 0, "low temperature: always the most likely token (%d of 1000)", first);
+    std::vector<int> got = {5, 6, 2}, ans = {5, 6, 2};
+    check(exact_match(got, ans) && !exact_match({5, 6}, ans) && !exact_match({5, 7, 2}, ans) && exact_match({5, 6, 2, 9}, ans),
+          "exact match: the first |answer| tokens are the answer");
+    const std::string base = "data/base", val = "data/task/reverse.val.tok";
+    if (!file_exists(base + "/vocab.bin") || !file_exists(val)) { check(false, "shipped data missing (data/base/vocab.bin, %s)", val.c_str()); return; }
+    Vocab v; vocab_load(v, base + "/vocab.bin");
+    TokenFile vf; token_file_open(vf, val, 0);
+    std::vector<Example> ex = examples_of(vf);
+    bool same = true;
+    for (auto& x : ex) same &= v.encode(v.decode(x.prompt, true)) == x.prompt && v.encode(v.decode(x.answer, true)) == x.answer;
+    check(same, "encode(decode(ids)) == ids for the %zu validation prompts and answers (special tokens by name)", ex.size());
+    expect_error("encode: a byte no token has", [&] { v.encode("reverse: \x01"); }, {"byte 0x01 at offset 9", "in no token"});
+}
+
 static void test_options() {
     const char* argv[] = {"qlora_cpu", "--model", "m", "--train", "a.tok", "--batch", "3", "--threads", "8", "--targets", "q,v", "--lr", "1e-3"};
     Options o = parse_args(13, (char**)argv);
@@ -205,6 +238,7 @@ int main() {
     test_options();
     test_vocab();
     test_greedy();
+    test_choose_and_encode();
     test_loss_and_threads();
     test_shipped();
     return test_summary();
