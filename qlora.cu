@@ -3,7 +3,7 @@
 //   make && ./qlora --model DIR|random:NAME --train FILE|--synthetic-data --batch 4 --seq 2048 --steps 20
 // forward() and backward() mirror reference.h; every op is one launcher call from kernels/.
 #include "qlora.h"                    // defines: Config, LoraConfig, NF4 host side, safetensors, JSON
-#include "dataloader.h"               // defines: TokenFile, Loader, Batch
+#include "dataloader.h"               // defines: TokenFile, Loader, Batch, eval_batches, Example, examples_of
 #include "kernels/common.cuh"         // defines: bf16, cudaCheck, kernel_assert
 #include "kernels/matmul.cuh"         // defines: MatmulCtx, matmul
 #include "kernels/nf4.cuh"            // defines: quantize_4bit_gpu, quantize_absmax_gpu, dequantize_4bit_nested_gpu
@@ -15,6 +15,8 @@
 #include "kernels/crossentropy.cuh"   // defines: fused_classifier
 #include "kernels/adamw.cuh"          // defines: grad_norm, adamw_update
 #include "kernels/lora.cuh"           // defines: lora_dropout_forward, lora_dropout_backward_add, cast_f32_to_bf16
+#include "kernels/decode.cuh"         // defines: kv_cache_store, decode_attention (generation)
+#include "generate.h"                 // defines: Vocab, choose_token, exact_match, print_sample, print_report
 #include <chrono>                     // defines: steady_clock (tokens/s)
 #include <array>                      // defines: std::array
 #include <signal.h>                   // defines: sigaction (SIGINT/SIGTERM: save and exit)
@@ -25,7 +27,12 @@
 struct Options {
     std::string model = "random:tiny";   // DIR (Hugging Face checkpoint) or random:NAME
     std::string train, val;              // token files (dev/data/prepare.py); no --train: synthetic data
-    int eval_every = 0, eval_batches = 8, save_every = 0, max_bad_steps = 5;
+    int eval_every = 0, eval_batches = 0, save_every = 0, max_bad_steps = 5;   // eval_batches 0: the whole --val file
+    int samples = 3, eval_examples = 0;  // generations printed before/after; accuracy on the first K examples (0: all)
+    int log_every = 1;                   // step lines on stdout every N steps (the --log file gets every step)
+    std::string vocab;                   // vocabulary table (dev/data/prepare.py), default MODEL/vocab.bin
+    std::vector<std::string> prompts;    // qlora sample: --prompt TEXT (repeatable)
+    int max_new = 64; float temperature = 0.0f, top_p = 1.0f;   // qlora sample: 0 = greedy
     int inject_nan = -1, inject_nan_steps = 1;   // test hook: NaN gradients from this step, for this many steps
     int inject_oom = -1;                 // test hook: a failing cudaMalloc (out of memory) at this step
     std::string resume;                  // directory with state.safetensors (an earlier --out)
@@ -49,8 +56,17 @@ static void usage() {
            "       qlora merge --model SRC --adapter DIR --out DST [--requant] [--onto-original]\n"
            "                      base + adapter as a bf16 checkpoint (--requant: bitsandbytes 4-bit); the base is the\n"
            "                      NF4 one the adapter was trained against, or the stored weights with --onto-original\n"
+           "       qlora sample --model DIR|random:NAME [--adapter DIR] [--prompt TEXT ... | --val FILE] [--vocab FILE]\n"
+           "                    [--max-new N] [--temperature T] [--top-p P] [--seed S] [--samples K] [--eval-examples K]\n"
+           "                      generation on the GPU (KV cache): greedy at temperature 0 (default), else nucleus sampling;\n"
+           "                      --prompt is encoded with the vocabulary table (special tokens by name, e.g. <|user|>;\n"
+           "                      without a table: token ids \"1 5 9\"); --val: its first K prompts, their expected answers and\n"
+           "                      (greedy) the accuracy; base model alone unless --adapter\n"
            "  --train FILE            token file (dev/data/prepare.py); without it: --synthetic-data, random tokens\n"
-           "  --val FILE --eval-every N --eval-batches K   validation loss every N steps over K batches\n"
+           "  --val FILE --eval-every N validation loss and task accuracy (greedy, exact match) before, after and every N steps\n"
+           "  --eval-batches K        validation loss over the first K batches only (0: the whole file)\n"
+           "  --eval-examples K --samples K   accuracy over the first K prompts (0: all); generations printed (3)\n"
+           "  --vocab FILE            vocabulary table for printed samples (default MODEL/vocab.bin)\n"
            "  --batch N --seq T       sequences per micro-batch and their length (4, 512)\n"
            "  --steps N --grad-accum K --lr X --warmup N --weight-decay X --clip X\n"
            "  --rank R --alpha A --dropout P --rslora --targets q,k,v,o,gate,up,down\n"
@@ -58,6 +74,7 @@ static void usage() {
            "  --recompute             recompute each layer's activations in backward (less memory)\n"
            "  --seed S --out DIR (PEFT adapter + resume state) --save-every N --resume DIR\n"
            "  --log FILE --peak-tflops X (for MFU) --max-bad-steps K (stop after K non-finite steps in a row)\n"
+           "  --log-every N           a step line on stdout every N steps (and the first and last; --log FILE gets every step)\n"
            "  --profile               GPU time per kind of op (CUDA events between ops), printed at the end\n"
            "  --inject-nan STEP K     (testing) make the gradients NaN at steps STEP..STEP+K-1\n"
            "  --inject-oom STEP       (testing) a GPU allocation that fails (out of memory) at step STEP\n");
@@ -76,7 +93,15 @@ static Options parse_args(int argc, char** argv) {
         else if (a == "--train") o.train = next();
         else if (a == "--val") o.val = next();
         else if (a == "--eval-every") o.eval_every = (int)num(0, 1e9);
-        else if (a == "--eval-batches") o.eval_batches = (int)num(1, 1e6);
+        else if (a == "--eval-batches") o.eval_batches = (int)num(0, 1e6);
+        else if (a == "--eval-examples") o.eval_examples = (int)num(0, 1e9);
+        else if (a == "--samples") o.samples = (int)num(0, 1e6);
+        else if (a == "--log-every") o.log_every = (int)num(1, 1e9);
+        else if (a == "--vocab") o.vocab = next();
+        else if (a == "--prompt") o.prompts.push_back(next());
+        else if (a == "--max-new") o.max_new = (int)num(1, 1 << 20);
+        else if (a == "--temperature") o.temperature = (float)num(0, 100);
+        else if (a == "--top-p") o.top_p = (float)num(0, 1);
         else if (a == "--save-every") o.save_every = (int)num(0, 1e9);
         else if (a == "--max-bad-steps") o.max_bad_steps = (int)num(1, 1e6);
         else if (a == "--resume") o.resume = next();
@@ -109,6 +134,7 @@ static Options parse_args(int argc, char** argv) {
         else if (a == "--onto-original") o.onto_original = true;
         else ql_fail("unknown option %s (see --help)", a.c_str());
     }
+    if (o.vocab.empty() && o.model.rfind("random:", 0) != 0) o.vocab = o.model + "/vocab.bin";
     return o;
 }
 
@@ -226,7 +252,6 @@ static void profile_print(const Trainer& t) {
     for (auto& r : rows) printf("  %-28s %9.2f ms %5.1f%%\n", r.second.c_str(), r.first, 100 * r.first / total);
     printf("  %-28s %9.2f ms\n", "total", total);
 }
-
 
 // LoRA pointers of (l, p) inside the flat layout of qlora.h
 static const bf16* lA(const Model& m, int l, int p) { return m.lora_bf16 + lora_slot(m.cfg, m.lc, l, p).a; }
@@ -719,17 +744,251 @@ static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out
     return loss;
 }
 
-// validation loss: the first eval_batches batches of --val (always the same ones), forward only
+// Validation loss over the whole --val file (or its first --eval-batches batches), forward only.
+// Whole documents per row (eval_batches: none split across rows, so every answer keeps its prompt
+// and the loss is each document's own, as the CPU reference computes it).
 static float evaluate(Trainer& t, Data& d) {
-    Loader l; l.init(&d.val, 0, false);
-    double sum = 0; long n = 0; Batch b;
-    for (int i = 0; i < t.o.eval_batches; i++) {
-        l.next(b, t.o.batch, t.o.seq);
+    double sum = 0; long n = 0; int i = 0;
+    for (const Batch& b : eval_batches(d.val, t.o.batch, t.o.seq, t.o.eval_batches)) {
         upload(t, b);
         forward(t, 1.0f, false, 0);
-        sum += read_loss_sum(t, "evaluation", i); n += b.count_targets();
+        sum += read_loss_sum(t, "evaluation", i++); n += b.count_targets();
     }
     return n ? (float)(sum / n) : 0.0f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// generation: B sequences one token at a time with a KV cache per layer (kernels/decode.cuh), the
+// same kernels as forward() otherwise; the choice of each next token on the host (generate.h)
+
+// Decoding buffers, one allocation for one call of generate(): rows sequences of up to Tmax tokens.
+struct Decoder {
+    int B = 0, Tmax = 0; bool lora = true;   // lora false: the base model alone
+    Arena mem;
+    std::vector<bf16*> kc, vc;           // (L) x (B, Tmax, nkv, hd) keys (after RoPE) and values of every position so far
+    bf16 *x, *n, *q, *k, *v, *att;       // (B, H) residual stream, (B, H) normed, (B, qd), (B, kvd) x 2, (B, qd)
+    bf16 *delta, *gate, *up, *act, *u;   // (B, H), (B, I) x 3, (B, r)
+    bf16* wdq[N_PROJ];                   // one layer's dequantized weights (out, in) (the trainer's stay untouched)
+    float *rstd, *logits;                // (B), (B, V) fp32: the next token's logits
+    int *ids, *pos, *flags;              // (B) token and position of each sequence this step, (1) bad token id
+};
+
+static void decoder_init(Trainer& t, Decoder& d, int B, int Tmax, bool lora) {
+    const Config& c = t.m.cfg; size_t H = c.dim, I = c.hidden_dim, q = c.q_dim(), kv = c.kv_dim(), r = t.m.lc.rank;
+    d.B = B; d.Tmax = Tmax; d.lora = lora; d.mem = Arena(); d.mem.role = "generation (KV cache, one token per sequence)";
+    d.kc.resize(c.n_layers); d.vc.resize(c.n_layers);
+    for (int l = 0; l < c.n_layers; l++) { d.mem.want(&d.kc[l], (size_t)B * Tmax * kv); d.mem.want(&d.vc[l], (size_t)B * Tmax * kv); }
+    d.mem.want(&d.x, B * H); d.mem.want(&d.n, B * H); d.mem.want(&d.q, B * q); d.mem.want(&d.k, B * kv); d.mem.want(&d.v, B * kv);
+    d.mem.want(&d.att, B * q); d.mem.want(&d.delta, B * H); d.mem.want(&d.gate, B * I); d.mem.want(&d.up, B * I); d.mem.want(&d.act, B * I);
+    d.mem.want(&d.u, B * r);
+    for (int p = 0; p < N_PROJ; p++) d.mem.want(&d.wdq[p], (size_t)proj_out(c, p) * proj_in(c, p));
+    d.mem.want(&d.rstd, B); d.mem.want(&d.logits, (size_t)B * c.vocab_size);
+    d.mem.want(&d.ids, B); d.mem.want(&d.pos, B); d.mem.want(&d.flags, 1);
+    d.mem.alloc();
+}
+static void decoder_free(Decoder& d) { if (d.mem.base) cudaCheck(cudaFree(d.mem.base)); d.mem.base = nullptr; }
+
+// y (B, out) = x·Wᵀ + s·(x·Aᵀ)·Bᵀ: PEFT's Linear4bit.forward with the same roundings as
+// linears_forward (bf16(bf16(x·Wᵀ) + bf16(s·u·Bᵀ))); no dropout in generation
+static void decode_linear(Trainer& t, Decoder& d, bf16* y, const bf16* x, int l, int p) {
+    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc; int in = proj_in(c, p), out = proj_out(c, p);
+    matmul(t.mm, y, MM_BF16, x, d.wdq[p], d.B, out, in, false, true);                                  // y = x·Wᵀ
+    if (!d.lora || !lc.has(p)) return;
+    matmul(t.mm, d.u, MM_BF16, x, lA(t.m, l, p), d.B, lc.rank, in, false, true);                        // u = x·Aᵀ
+    matmul(t.mm, y, MM_BF16, d.u, lB(t.m, l, p), d.B, out, lc.rank, false, true, lc.scale(), 1.0f);     // y += s·u·Bᵀ
+}
+
+// One step: token d.ids[b] at position d.pos[b] of sequence b goes through every layer (its k, v
+// join the cache) and d.logits (B, V) fp32 become the logits of the token after it.
+static void decode_step(Trainer& t, Decoder& d) {
+    const Config& c = t.m.cfg; const Model& m = t.m; int B = d.B, L = c.n_layers;
+    embedding_forward(d.x, d.flags, d.ids, m.embed, B, c.dim, c.vocab_size, t.s);                     // x = embed_tokens(ids)
+    rmsnorm_forward(d.n, d.rstd, d.x, m.attn_norm[0], B, c.dim, c.norm_eps, t.s);                      // n = input_layernorm(x)
+    for (int l = 0; l < L; l++) {
+        for (int p = 0; p < N_PROJ; p++) {
+            const QWeight& w = m.w[l][p];
+            dequantize_4bit_nested_gpu(d.wdq[p], w.packed, w.absmax_q, w.absmax2, w.offset, (int64_t)proj_out(c, p) * proj_in(c, p), QT_NF4, QBS, t.s);
+        }
+        decode_linear(t, d, d.q, d.n, l, P_Q); decode_linear(t, d, d.k, d.n, l, P_K); decode_linear(t, d, d.v, d.n, l, P_V);
+        rope_forward(d.q, d.k, m.inv_freq, d.pos, B, 1, c.n_heads, c.n_kv_heads, c.head_dim, t.s);     // at each sequence's position
+        kv_cache_store(d.kc[l], d.vc[l], d.k, d.v, d.pos, B, d.Tmax, c.n_kv_heads, c.head_dim, t.s);
+        decode_attention(d.att, d.q, d.kc[l], d.vc[l], d.pos, B, d.Tmax, c.n_heads, c.n_kv_heads, c.head_dim, t.s);  // over keys 0..pos
+        decode_linear(t, d, d.delta, d.att, l, P_O);
+        // x = x + o_proj(att); n = post_attention_layernorm(x)
+        rmsnorm_residual_forward(d.x, d.n, d.rstd, d.x, d.delta, m.mlp_norm[l], B, c.dim, c.norm_eps, t.s);
+        decode_linear(t, d, d.gate, d.n, l, P_GATE); decode_linear(t, d, d.up, d.n, l, P_UP);
+        swiglu_forward(d.act, d.gate, d.up, (int64_t)B * c.hidden_dim, t.s);                            // silu(gate) * up
+        decode_linear(t, d, d.delta, d.act, l, P_DOWN);
+        // x = x + down_proj(...); n = the next layer's input_layernorm(x), or the final norm
+        rmsnorm_residual_forward(d.x, d.n, d.rstd, d.x, d.delta, l + 1 < L ? m.attn_norm[l + 1] : m.final_norm, B, c.dim, c.norm_eps, t.s);
+    }
+    matmul(t.mm, d.logits, MM_F32, d.n, m.lm_head, B, c.vocab_size, c.dim, false, true);               // logits = lm_head(n), fp32
+}
+
+struct GenSettings {
+    float temperature = 0.0f, top_p = 1.0f; uint64_t seed = 0;   // temperature 0: greedy
+    int eos = -1;                                                 // stop after this token (-1: never)
+    bool lora = true;                                             // false: the base model alone
+};
+
+// Continues every prompt by up to max_new[i] tokens: stops after gs.eos, or at max_position_embeddings
+// (as qlora_cpu's generate). Sequences run rows at a time, each fed one token per step (its prompt,
+// then its own choices), all at the same position, so a step is one decode_step. logits_out (tests):
+// for each prompt, the logits (fp32, V per token) each of its new tokens was chosen from.
+static std::vector<std::vector<int>> generate(Trainer& t, const std::vector<std::vector<int>>& prompts, const std::vector<int>& max_new,
+                                              const GenSettings& gs, std::vector<std::vector<float>>* logits_out = nullptr) {
+    const Config& c = t.m.cfg; int V = c.vocab_size, n = (int)prompts.size();
+    std::vector<std::vector<int>> out(n);
+    if (logits_out) logits_out->assign(n, {});
+    // a sequence fills positions 0 .. len + max_new - 2 (the last new token is not fed back)
+    auto last_pos = [&](int i) { return std::min((int)prompts[i].size() + max_new[i] - 1, c.max_seq_len - 1); };
+    std::vector<int> todo;
+    int Tmax = 1;
+    for (int i = 0; i < n; i++)
+        if (!prompts[i].empty() && (int)prompts[i].size() < c.max_seq_len && max_new[i] > 0) { todo.push_back(i); Tmax = std::max(Tmax, last_pos(i)); }
+    if (todo.empty()) return out;
+    // rows per pass: all prompts, or as many as fit in half the free memory (the KV cache dominates)
+    size_t free_b, total_b; cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+    size_t per_row = 2 * (size_t)c.n_layers * Tmax * c.kv_dim() * 2 + (size_t)V * 4 + 8 * (size_t)(c.dim + c.hidden_dim + c.q_dim());
+    size_t weights = 0; for (int p = 0; p < N_PROJ; p++) weights += (size_t)proj_out(c, p) * proj_in(c, p) * 2;
+    int rows = (int)std::min<size_t>(todo.size(), 4096);
+    while (rows > 1 && weights + rows * per_row > free_b / 2) rows /= 2;
+    Decoder d; decoder_init(t, d, rows, Tmax, gs.lora);
+    std::vector<int> ids(rows), pos(rows);
+    std::vector<float> logits((size_t)rows * V);
+    for (size_t r0 = 0; r0 < todo.size(); r0 += rows) {
+        int nb = (int)std::min<size_t>(rows, todo.size() - r0);
+        std::vector<char> done(rows, 1);
+        for (int b = 0; b < nb; b++) done[b] = 0;
+        for (int s = 0; s < Tmax && std::count(done.begin(), done.end(), 0); s++) {
+            for (int b = 0; b < rows; b++) {
+                int i = b < nb ? todo[r0 + b] : todo[r0];   // rows past the last prompt: a copy, ignored
+                const std::vector<int>& pr = prompts[i];
+                ids[b] = s < (int)pr.size() ? pr[s] : (out[i].empty() ? pr.back() : out[i].back());
+                pos[b] = s;
+            }
+            cudaCheck(cudaMemcpyAsync(d.ids, ids.data(), rows * 4, cudaMemcpyHostToDevice, t.s));
+            cudaCheck(cudaMemcpyAsync(d.pos, pos.data(), rows * 4, cudaMemcpyHostToDevice, t.s));
+            cudaCheck(cudaMemsetAsync(d.flags, 0, 4, t.s));
+            decode_step(t, d);
+            int bad = 0;
+            cudaCheck(cudaMemcpyAsync(logits.data(), d.logits, logits.size() * 4, cudaMemcpyDeviceToHost, t.s));
+            cudaCheck(cudaMemcpyAsync(&bad, d.flags, 4, cudaMemcpyDeviceToHost, t.s));
+            cudaCheck(cudaStreamSynchronize(t.s));
+            ql_assert(!bad, "generation: a prompt token id is outside the model's vocabulary (%d)", V);
+            for (int b = 0; b < nb; b++) {
+                int i = todo[r0 + b];
+                if (done[b] || s < (int)prompts[i].size() - 1) continue;   // still reading the prompt
+                const float* z = &logits[(size_t)b * V];
+                int next = choose_token(z, V, gs.temperature, gs.top_p, rng_uniform(gs.seed, 7000 + (uint64_t)i, out[i].size()));
+                out[i].push_back(next);
+                if (logits_out) (*logits_out)[i].insert((*logits_out)[i].end(), z, z + V);
+                done[b] = next == gs.eos || (int)out[i].size() == max_new[i] || (int)(prompts[i].size() + out[i].size()) >= c.max_seq_len;
+            }
+        }
+    }
+    decoder_free(d);
+    return out;
+}
+
+// What `make train` reports on the validation prompts: the examples, and the table to print them.
+struct TaskEval {
+    std::vector<Example> ex;             // the --val file's prompts and answers (the first --eval-examples)
+    Vocab vocab; bool have_vocab = false;
+    const Vocab* v() const { return have_vocab ? &vocab : nullptr; }
+};
+static void task_eval_init(Trainer& t, Data& d, TaskEval& e) {
+    e.ex = examples_of(d.val);
+    if (t.o.eval_examples && (int)e.ex.size() > t.o.eval_examples) e.ex.resize(t.o.eval_examples);
+    e.have_vocab = !t.o.vocab.empty() && file_exists(t.o.vocab);
+    if (e.have_vocab) vocab_load(e.vocab, t.o.vocab);
+    else if (t.o.samples) printf("note: no vocabulary table %s (dev/data/prepare.py writes it): samples shown as token ids\n",
+                                 t.o.vocab.empty() ? "(--vocab FILE)" : t.o.vocab.c_str());
+}
+
+// Exact-match accuracy: each prompt's greedy continuation, |answer| tokens long, is its answer.
+static int accuracy(Trainer& t, const std::vector<Example>& ex, bool lora = true) {
+    std::vector<std::vector<int>> prompts; std::vector<int> max_new;
+    for (const Example& x : ex) { prompts.push_back(x.prompt); max_new.push_back((int)x.answer.size()); }
+    GenSettings gs; gs.lora = lora;
+    std::vector<std::vector<int>> got = generate(t, prompts, max_new, gs);
+    int right = 0;
+    for (size_t i = 0; i < ex.size(); i++) right += exact_match(got[i], ex[i].answer);
+    return right;
+}
+
+// The first k examples continued greedily (up to |answer| + 8 tokens, to the end of turn), printed.
+static void print_samples(Trainer& t, const TaskEval& e, int k, const GenSettings& gs) {
+    std::vector<std::vector<int>> prompts; std::vector<int> max_new;
+    for (int i = 0; i < k && i < (int)e.ex.size(); i++) { prompts.push_back(e.ex[i].prompt); max_new.push_back((int)e.ex[i].answer.size() + 8); }
+    std::vector<std::vector<int>> got = generate(t, prompts, max_new, gs);
+    for (size_t i = 0; i < got.size(); i++) print_sample(e.v(), prompts[i], got[i], &e.ex[i].answer);
+}
+
+// Validation loss and exact-match accuracy (greedy) on the --val file, timed.
+struct Report { float loss; int right, total; double seconds; };
+static Report task_report(Trainer& t, Data& d, const TaskEval& e) {
+    auto t0 = std::chrono::steady_clock::now();
+    Report r; r.loss = evaluate(t, d); r.right = accuracy(t, e.ex); r.total = (int)e.ex.size();
+    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return r;
+}
+// `before: val loss .. | accuracy ..` and the samples, as qlora_cpu prints them
+static void report(Trainer& t, Data& d, const TaskEval& e, const char* when) {
+    Report r = task_report(t, d, e);
+    print_report(when, r.loss, r.right, r.total, r.seconds);
+    GenSettings gs; gs.eos = e.have_vocab && e.vocab.eos != VOCAB_NONE ? (int)e.vocab.eos : -1;
+    print_samples(t, e, t.o.samples, gs);
+    fflush(stdout);
+}
+
+// Prompt text -> ids: through the vocabulary table (bos first, if the table has one), or, without
+// a table, the text is the ids themselves ("1 5 9").
+static std::vector<int> encode_prompt(const std::string& text, const Vocab* vocab) {
+    std::vector<int> ids;
+    if (vocab) {
+        ids = vocab->encode(text);
+        if (vocab->bos != VOCAB_NONE && (ids.empty() || ids[0] != (int)vocab->bos)) ids.insert(ids.begin(), (int)vocab->bos);
+        return ids;
+    }
+    const char* p = text.c_str(); char* end;
+    for (long v; (v = strtol(p, &end, 10)), end != p; p = end) ids.push_back((int)v);
+    ql_assert(*p == 0 || isspace((unsigned char)*p), "--prompt \"%s\": without a vocabulary table (--vocab FILE) a prompt is token ids, e.g. \"1 5 9\"", text.c_str());
+    return ids;
+}
+
+// qlora sample: the base model (or base + --adapter) continues --prompt texts or the prompts of a
+// --val file (first --samples K, with their expected answers; greedy: the accuracy over
+// --eval-examples too).
+static int sample_mode(Options o) {
+    ql_assert(o.prompts.empty() != o.val.empty(), "qlora sample needs --prompt TEXT (one or more) or --val FILE, not both (see --help)");
+    o.batch = 1; o.seq = 1; o.steps = 0; o.train.clear();   // the trainer's buffers at their smallest: generation has its own
+    Trainer t; trainer_init(t, o);
+    Vocab vocab; bool have_vocab = !o.vocab.empty() && file_exists(o.vocab);
+    if (have_vocab) vocab_load(vocab, o.vocab);
+    const Vocab* v = have_vocab ? &vocab : nullptr;
+    GenSettings gs; gs.temperature = o.temperature; gs.top_p = o.top_p; gs.seed = o.seed; gs.lora = !o.adapter.empty();
+    gs.eos = v && vocab.eos != VOCAB_NONE ? (int)vocab.eos : -1;
+    char how[96] = "greedy";
+    if (o.temperature > 0) snprintf(how, sizeof how, "temperature %g, top-p %g, seed %llu", o.temperature, o.top_p, (unsigned long long)o.seed);
+    printf("sample: %s%s | %s | up to %d new tokens%s\n", o.model.c_str(), gs.lora ? (" + " + o.adapter).c_str() : " (base model alone)",
+           how, o.max_new, v ? "" : " | no vocabulary table: token ids");
+    std::vector<std::vector<int>> prompts; std::vector<Example> ex;
+    if (!o.val.empty()) {
+        TokenFile f; token_file_open(f, o.val, t.m.cfg.vocab_size);
+        ex = examples_of(f);
+        ql_assert(!ex.empty(), "%s has no prompts (no loss mask): use --prompt TEXT", o.val.c_str());
+        if (o.temperature == 0) {
+            std::vector<Example> scored(ex.begin(), ex.begin() + (o.eval_examples ? std::min<size_t>(o.eval_examples, ex.size()) : ex.size()));
+            int right = accuracy(t, scored, gs.lora);
+            printf("accuracy %d/%zu = %.1f%% (greedy, exact match) on %s\n", right, scored.size(), 100.0 * right / scored.size(), o.val.c_str());
+        }
+        ex.resize(std::min<size_t>(o.samples, ex.size()));
+        for (const Example& x : ex) prompts.push_back(x.prompt);
+    } else for (const std::string& p : o.prompts) prompts.push_back(encode_prompt(p, v));
+    std::vector<std::vector<int>> got = generate(t, prompts, std::vector<int>(prompts.size(), o.max_new), gs);
+    for (size_t i = 0; i < got.size(); i++) print_sample(v, prompts[i], got[i], ex.empty() ? nullptr : &ex[i].answer);
+    return 0;
 }
 
 // The resume state (state.safetensors beside the adapter): fp32 master LoRA weights and AdamW
@@ -809,12 +1068,14 @@ static int file_mode(const std::string& mode, const Options& o, const std::strin
 
 int main(int argc, char** argv) {
     if (argc > 1 && (!strcmp(argv[1], "quantize") || !strcmp(argv[1], "merge"))) return file_mode(argv[1], parse_args(argc - 1, argv + 1), argv[0]);
+    if (argc > 1 && !strcmp(argv[1], "sample")) return sample_mode(parse_args(argc - 1, argv + 1));
     Options o = parse_args(argc, argv);
     Trainer t;
     trainer_init(t, o);
     Data d; data_init(t, d);
     int start = o.resume.empty() ? 0 : load_state(t, d, o.resume);
     if (start) printf("resumed from %s at step %d\n", o.resume.c_str(), start);
+    TaskEval te; if (!o.val.empty()) { task_eval_init(t, d, te); report(t, d, te, start ? "at resume" : "before"); }
     FILE* logf = o.log.empty() ? nullptr : fopen(o.log.c_str(), start ? "a" : "w");
     ql_assert(o.log.empty() || logf, "cannot open log file %s", o.log.c_str());
     struct sigaction sa = {}; sa.sa_handler = on_signal; sigaction(SIGINT, &sa, nullptr); sigaction(SIGTERM, &sa, nullptr);
@@ -822,7 +1083,10 @@ int main(int argc, char** argv) {
     size_t free_b, total_b, peak = 0;
     std::vector<double> times;
     int bad = 0, step = start;
-    auto log = [&](const char* line) { printf("%s\n", line); fflush(stdout); if (logf) { fprintf(logf, "%s\n", line); fflush(logf); } };
+    auto log = [&](const char* line, bool show = true) {
+        if (show) { printf("%s\n", line); fflush(stdout); }
+        if (logf) { fprintf(logf, "%s\n", line); fflush(logf); }
+    };
     for (; step < o.steps && !g_stop; step++) {
         auto t0 = std::chrono::steady_clock::now();
         float lr = lr_at(o, step), norm = 0; bool ok;
@@ -835,15 +1099,16 @@ int main(int argc, char** argv) {
         char line[320];
         snprintf(line, sizeof line, "step %5d/%d | loss %.9g | lr %.3e | norm %.4f | %.0f tok/s | MFU %.1f%% | GPU mem %.2f GiB%s",
                  step + 1, o.steps, loss, lr, norm, tps, mfu, (total_b - free_b) / 1073741824.0, ok ? "" : " | SKIPPED: non-finite loss or gradient");
-        log(line);
+        log(line, !ok || (step + 1) % o.log_every == 0 || step == start || step + 1 == o.steps);
         bad = ok ? 0 : bad + 1;
         if (bad >= o.max_bad_steps) {
             fprintf(stderr, "qlora: error: %d steps in a row with non-finite loss or gradients (last: step %d); stopping. "
                     "The last good state is in %s\n", bad, step + 1, o.out.empty() ? "(no --out given)" : o.out.c_str());
             return 1;
         }
-        if (o.eval_every && !o.val.empty() && (step + 1) % o.eval_every == 0) {
-            snprintf(line, sizeof line, "eval  %5d | val loss %.4f", step + 1, evaluate(t, d)); log(line);
+        if (o.eval_every && !o.val.empty() && (step + 1) % o.eval_every == 0 && step + 1 < o.steps) {
+            Report r = task_report(t, d, te);
+            snprintf(line, sizeof line, "eval  %5d | val loss %.4f | accuracy %d/%d (%.1f s)", step + 1, r.loss, r.right, r.total, r.seconds); log(line);
         }
         if (!o.out.empty() && o.save_every && (step + 1) % o.save_every == 0 && ok) save_state(t, d, step + 1, o.out);
     }
@@ -854,7 +1119,7 @@ int main(int argc, char** argv) {
         printf("median step %.4f s | %.0f tok/s | MFU %.1f%% of %.0f TFLOP/s | peak GPU memory (driver) %.2f GiB%s\n", med, tps,
                100.0 * tps * fpt / (o.peak_tflops * 1e12), o.peak_tflops, peak / 1073741824.0, o.steps - start == 1 ? " (one step, warm-up included)" : "");
     }
-    if (!o.val.empty() && !g_stop) printf("final val loss %.4f\n", evaluate(t, d));
+    if (!o.val.empty() && !g_stop) report(t, d, te, "after");
     if (!o.out.empty()) { save_state(t, d, step, o.out); printf("adapter and resume state saved to %s (PEFT format)\n", o.out.c_str()); }
     profile_print(t);
     if (logf) fclose(logf);
