@@ -294,6 +294,54 @@ static void greedy_vs_cpu() {
           "while the sequences agree (margin rule %.2f)", bad_prompts, max_diff, GREEDY_MARGIN);
 }
 
+// A packed batch of the shipped task on data/base (several documents per row, positions restarting
+// at each, attention kept inside each): the GPU's LoRA gradients against the CPU reference on the
+// same batch. Budget: 2x the relative L2 error of the same rows unpacked (one document each) + 2e-3;
+// packing must move the gradients by well over that, or the check could not tell the two apart.
+static void packed_vs_cpu() {
+    printf("== packed batch (data/base, data/task/reverse.train.tok) vs the CPU reference\n");
+    Options o; o.model = "data/base"; o.batch = 8; o.seq = 64; o.rank = 16; o.alpha = 32;
+    Trainer t; trainer_init(t, o);
+    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc;
+    std::vector<float> lora(t.m.n_lora); lora_init(lora.data(), c, lc, 3);
+    for (int l = 0; l < c.n_layers; l++)   // B = 0 would leave dA = 0: give B values
+        for (int p = 0; p < N_PROJ; p++) {
+            LoraSlot s = lora_slot(c, lc, l, p);
+            for (size_t i = 0; i < (size_t)proj_out(c, p) * lc.rank; i++) lora[s.b + i] = 0.1f * (rng_uniform(8, (uint64_t)(l * N_PROJ + p), i) - 0.5f);
+        }
+    set_lora(t, lora.data());
+    TokenFile f; token_file_open(f, "data/task/reverse.train.tok", c.vocab_size);
+    Loader ld; ld.init(&f, 1, true);
+    Batch packed; ld.next(packed, o.batch, o.seq);
+    Batch plain = packed; plain.pos.clear(); plain.doc_start.clear();
+    RefModel rm; ref_model_load(rm, "data/base");
+    auto gpu = [&](const Batch& b) {
+        upload(t, b);
+        cudaCheck(cudaMemsetAsync(t.m.grad, 0, t.m.n_lora * 4, t.s));
+        forward(t, 1.0f / (float)b.count_targets(), true, 0);
+        backward(t, 0);
+        read_loss_sum(t, "packed test", 0);
+        std::vector<float> g(t.m.n_lora); cudaCheck(cudaMemcpy(g.data(), t.m.grad, g.size() * 4, cudaMemcpyDeviceToHost));
+        return g;
+    };
+    auto cpu = [&](const Batch& b) {
+        RefActs<float> ra; ref_acts_alloc(ra, rm.cfg, lc, b.B, b.T);
+        RefBatch rb; rb.inputs = b.ids.data(); rb.targets = b.targets.data(); rb.B = b.B; rb.T = b.T; rb.denom = (float)b.count_targets();
+        rb.pos = b.pos.empty() ? nullptr : b.pos.data(); rb.doc_start = b.doc_start.empty() ? nullptr : b.doc_start.data();
+        ref_forward(rm, lc, lora.data(), ra, rb);
+        std::vector<float> g(t.m.n_lora, 0.0f); ref_backward(rm, lc, lora.data(), ra, rb, g.data());
+        return g;
+    };
+    auto rel = [](const std::vector<float>& x, const std::vector<float>& ref) {
+        double num = 0, den = 0; for (size_t i = 0; i < x.size(); i++) { num += ((double)x[i] - ref[i]) * ((double)x[i] - ref[i]); den += (double)ref[i] * ref[i]; }
+        return sqrt(num / den); };
+    int segs = 0; for (size_t i = 0; i < packed.doc_start.size(); i++) segs += (int)i % o.seq == packed.doc_start[i] && packed.pos[i] == 0;
+    std::vector<float> gp = gpu(packed), cp = cpu(packed), gu = gpu(plain), cu = cpu(plain);
+    double e_packed = rel(gp, cp), e_plain = rel(gu, cu), effect = rel(cp, cu), budget = 2 * e_plain + 2e-3;
+    check(e_packed <= budget && effect > 2 * budget, "packed batch (%d documents in %d rows): all LoRA gradients vs the CPU reference: rel L2 %.2e "
+          "(budget %.2e = 2 x %.2e unpacked + 2e-3); packing itself moves them by %.2e", segs, o.batch, e_packed, budget, e_plain, effect);
+}
+
 int main() {
     int ndev = 0;
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) return test_skip("test_qlora", "no CUDA device");
@@ -304,5 +352,6 @@ int main() {
     decode_vs_forward("test/ref/tied");
     decode_vs_forward("test/ref/untied");
     greedy_vs_cpu();
+    packed_vs_cpu();
     return test_summary();
 }

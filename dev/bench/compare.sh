@@ -3,13 +3,15 @@
 # bitsandbytes, ../shared/bench/hf_qlora.py) on the same shapes, plus the measured bf16 GEMM peak.
 #   dev/bench/compare.sh [ANCHOR_DIR]      (default ../shared/bench; needs bitsandbytes importable)
 #   LONG=1 dev/bench/compare.sh ...      also one llama3-8b sequence of 131,072 tokens (recompute on)
+#   CONFIGS="llama3-8b 1,llama3-1b 0"     which "shape recompute" rows (default: the four of the table; "" none)
 # Prints one table: tok/s, MFU against the measured peak, peak GPU memory, ratio to each anchor.
 set -uo pipefail
 A=${1:-../shared/bench}
 peak=$(python3 "$A/gemm_peak.py" | python3 -c "import json,sys; d=json.load(sys.stdin); print(d['gemm_8192x8192x8192_tflops'])")
 echo "bf16 GEMM peak (8192^3): $peak TFLOP/s"
 rows=()
-for cfg in "llama3-1b 0" "llama3-1b 1" "llama3-8b 1" "llama3-8b 0"; do
+IFS=, read -ra cfgs <<< "${CONFIGS-llama3-1b 0,llama3-1b 1,llama3-8b 1,llama3-8b 0}"
+for cfg in "${cfgs[@]}"; do
   set -- $cfg; shape=$1; rc=$2
   q=$(./qlora --model random:$shape --batch 4 --seq 2048 --steps 8 --peak-tflops "$peak" $([ "$rc" = 1 ] && echo --recompute) 2>&1 | tail -n1)
   ours=$(echo "$q" | sed -n 's/.*| \([0-9]*\) tok\/s | MFU \([0-9.]*\)%.*(driver) \([0-9.]*\) GiB.*/\1 \2 \3/p')
@@ -21,6 +23,7 @@ try: d=json.loads(sys.stdin.read()); print(d['tok_s'], d['peak_gib'])
 except Exception: print('OOM -')")")
   done
   rows+=("$shape|$rc|$ours|${hf[0]}|${hf[1]}")
+  echo "$shape recompute $rc: qlora (tok/s MFU GiB) $ours | HF upcast (tok/s GiB) ${hf[0]} | HF bf16 ${hf[1]}"
 done
 # LONG=1: one llama3-8b sequence of 131,072 tokens with recompute (one step: ~2 minutes); the anchor
 # runs out of memory long before that length (bf16 kept, recompute on, the cheapest recipe it has)
