@@ -5,7 +5,7 @@
 // a slow input is a FAIL. Each input runs twice: quiet, as the fuzzers run, and once more with its
 // error message formatted (stderr to /dev/null), so the message arguments are exercised too.
 // Arguments "TARGET:DIR" replay more inputs (a grown corpus in build/fuzz/), one line per directory.
-#include "fuzz/targets.h"   // defines: fuzz_json, fuzz_config, fuzz_safetensors, fuzz_index, fuzz_tokens, fuzz_bnb, fuzz_peft
+#include "fuzz/targets.h"   // defines: fuzz_json, fuzz_config, fuzz_safetensors, fuzz_index, fuzz_tokens, fuzz_bnb, fuzz_peft, fuzz_vocab
 #include "test.h"           // defines: check, test_summary
 #include <dirent.h>         // defines: opendir
 #include <fcntl.h>          // defines: open
@@ -14,7 +14,7 @@
 static const double REPLAY_BUDGET_S = 5.0;   // per input, both runs, under ASan+UBSan; the fuzzers allow 10
 struct Target { const char* name; int (*fn)(const uint8_t*, size_t); };
 static const Target TARGETS[] = {{"json", fuzz_json}, {"config", fuzz_config}, {"safetensors", fuzz_safetensors},
-                                 {"index", fuzz_index}, {"tokens", fuzz_tokens}, {"bnb", fuzz_bnb}, {"peft", fuzz_peft}};
+                                 {"index", fuzz_index}, {"tokens", fuzz_tokens}, {"bnb", fuzz_bnb}, {"peft", fuzz_peft}, {"vocab", fuzz_vocab}};
 
 static std::vector<std::string> files_in(const std::string& dir) {
     std::vector<std::string> out;
@@ -51,7 +51,7 @@ static std::string replay(const Target& t, const std::string& path, double& secs
 
 static const Target& target_named(const std::string& n) {
     for (auto& t : TARGETS) if (n == t.name) return t;
-    ql_fail("unknown fuzz target \"%s\" (json, config, safetensors, index, tokens, bnb, peft)", n.c_str());
+    ql_fail("unknown fuzz target \"%s\" (json, config, safetensors, index, tokens, bnb, peft, vocab)", n.c_str());
 }
 
 // Hostile inputs too large to commit, made here: each must be rejected or accepted in time, not in

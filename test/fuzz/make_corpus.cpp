@@ -42,11 +42,15 @@ static std::string written(const std::vector<STOut>& ts, std::map<std::string, s
     st_write("build/make_corpus.tmp", ts, meta);
     std::string b = slurp("build/make_corpus.tmp");
     remove("build/make_corpus.tmp");
+    // vocab: the shipped model's table (dev/data/prepare.py), whole and cut short
+    std::string vb = slurp("data/base/vocab.bin");
+    put("vocab", "base", vb);
+    put("vocab", "truncated", vb.substr(0, 300));
     return b;
 }
 
 int main() {
-    ql_assert(system(("mkdir -p build " + OUT + "/json " + OUT + "/config " + OUT + "/safetensors " + OUT + "/index " + OUT + "/tokens " + OUT + "/bnb " + OUT + "/peft").c_str()) == 0, "mkdir");
+    ql_assert(system(("mkdir -p build " + OUT + "/json " + OUT + "/config " + OUT + "/safetensors " + OUT + "/index " + OUT + "/tokens " + OUT + "/bnb " + OUT + "/peft " + OUT + "/vocab").c_str()) == 0, "mkdir");
     const char* models[] = {"tied", "untied"};
     const char* files[] = {"model", "quant", "debug_fp32", "debug_bf16"};
 

@@ -10,6 +10,7 @@
 #pragma once
 #include "../../qlora.h"       // defines: json_parse, config_from_json, st_parse, st_parse_index, checkpoint_view
 #include "../../dataloader.h"  // defines: token_file_parse, Loader
+#include "../../generate.h"    // defines: Vocab, vocab_parse
 #include <dirent.h>            // defines: opendir (stale scratch directories)
 #include <signal.h>            // defines: kill (is a scratch directory's process alive)
 
@@ -155,6 +156,25 @@ inline int fuzz_tokens(const uint8_t* data, size_t size) {
             ld.next(b, 2, 8);
             for (size_t i = 0; i < b.ids.size(); i++) FUZZ_CHECK(b.ids[i] >= 0 && (uint32_t)b.ids[i] < f.vocab && b.targets[i] < (int)f.vocab);
         }
+    } catch (const QlError&) {}
+    return 0;
+}
+
+// ---- vocabulary table (generate.h): parse; on success, text made of tokens' bytes that encode()
+// accepts must decode back to itself (specials shown), and out-of-range ids decode without a crash.
+inline int fuzz_vocab(const uint8_t* data, size_t size) {
+    fuzz_mode();
+    try {
+        Vocab v;
+        vocab_parse(v, data, size, "fuzz/vocab.bin");
+        FUZZ_CHECK(v.str.size() == v.special.size() && !v.str.empty());
+        std::string text;
+        for (size_t i = 0; i < v.str.size() && i < 64; i++) text += v.str[(i * 7919) % v.str.size()];
+        std::vector<int> ids;
+        try { ids = v.encode(text); } catch (const QlError&) { return 0; }   // greedy longest match can get stuck
+        FUZZ_CHECK(v.decode(ids, true) == text);
+        ids.push_back(-1); ids.push_back((int)v.str.size());
+        v.decode(ids);
     } catch (const QlError&) {}
     return 0;
 }
