@@ -67,7 +67,8 @@ inline void vocab_parse(Vocab& v, const uint8_t* d, size_t size, const std::stri
     v.str.resize(n); v.special.resize(n);
     for (uint64_t i = 0; i < n; i++) {
         uint32_t b = rd_u32(off + 4 * i), e = rd_u32(off + 4 * (i + 1));
-        ql_assert(b <= e && strings_at + e <= size, "%s: token %llu spans bytes [%u, %u) of %llu string bytes", p, (unsigned long long)i, b, e,
+        ql_assert(b <= e, "%s: token %llu ends before it starts", p, (unsigned long long)i);
+        ql_assert(strings_at + e <= size, "%s: token %llu ends at string byte %u, past the %llu string bytes", p, (unsigned long long)i, e,
                   (unsigned long long)(size - strings_at));
         ql_assert(flags[i] <= 1, "%s: token %llu has unknown flags 0x%x", p, (unsigned long long)i, flags[i]);
         v.str[i].assign((const char*)d + strings_at + b, e - b);

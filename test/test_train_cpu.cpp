@@ -56,6 +56,7 @@ static void test_vocab() {
     bad("vocab: truncated", [](std::vector<uint8_t>& b) { b.pop_back(); }, {"truncated or corrupt"});
     bad("vocab: trailing bytes", [](std::vector<uint8_t>& b) { b.push_back(0); }, {"truncated or corrupt"});
     bad("vocab: offsets go back", [](std::vector<uint8_t>& b) { b[VOCAB_HEADER + 4 * 3] = 10; }, {"token 2 ends before it starts"});
+    bad("vocab: an offset past the strings", [](std::vector<uint8_t>& b) { b[VOCAB_HEADER + 4 * 1 + 2] = 1; }, {"token 0 ends at string byte", "past the"});
     bad("vocab: unknown flag", [](std::vector<uint8_t>& b) { b[VOCAB_HEADER + 4 * 8 + 3] = 4; }, {"token 3 has unknown flags"});
     expect_error("vocab: missing file", [] { Vocab x; vocab_load(x, TMP_DIR + "/nope.vocab"); }, {"cannot open", "nope.vocab"});
 }
