@@ -75,23 +75,40 @@ static std::vector<float> run_steps(Trainer& t, const Debug& d, const SafeTensor
     return losses;
 }
 
+// the run dev/reference.py describes in a debug state's metadata (model dir, LoRA rank/alpha, batch shape)
+static Options debug_options(const std::string& dir, SafeTensors& d32) {
+    Options o; o.model = dir; o.rank = atoi(d32.metadata["rank"].c_str()); o.alpha = (float)atof(d32.metadata["alpha"].c_str());
+    o.batch = atoi(d32.metadata["batch"].c_str()); o.seq = atoi(d32.metadata["seq"].c_str());
+    return o;
+}
+// logits of the last forward: hf (N, H) · lm_headᵀ, materialised here only (V is small), as fp32
+static std::vector<float> last_logits(Trainer& t) {
+    int N = t.a.N, V = t.m.cfg.vocab_size;
+    bf16* lg; cudaCheck(cudaMalloc(&lg, (size_t)N * V * 2));
+    matmul(t.mm, lg, MM_BF16, t.a.hf, t.m.lm_head, N, V, t.m.cfg.dim, false, true);
+    std::vector<uint16_t> lh((size_t)N * V); cudaCheck(cudaMemcpy(lh.data(), lg, lh.size() * 2, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaFree(lg));
+    std::vector<float> out(lh.size()); for (size_t i = 0; i < lh.size(); i++) out[i] = bf16_to_f32(lh[i]);
+    return out;
+}
+// relative L2 error of x against ref, over the whole vector
+static double rel_l2(const std::vector<float>& x, const std::vector<float>& ref) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < x.size(); i++) { num += ((double)x[i] - ref[i]) * ((double)x[i] - ref[i]); den += (double)ref[i] * ref[i]; }
+    return sqrt(num / den);
+}
+
 static void variant(const std::string& dir) {
     printf("== %s\n", dir.c_str());
     SafeTensors d32 = st_open(dir + "/debug_fp32.safetensors"), d16 = st_open(dir + "/debug_bf16.safetensors");
-    Options o; o.model = dir; o.rank = atoi(d32.metadata["rank"].c_str()); o.alpha = (float)atof(d32.metadata["alpha"].c_str());
-    o.batch = atoi(d32.metadata["batch"].c_str()); o.seq = atoi(d32.metadata["seq"].c_str());
+    Options o = debug_options(dir, d32);
     Trainer t; trainer_init(t, o);
     Debug d = load_debug(dir, t.m.cfg, t.m.lc);
     set_lora(t, d.lora.data());
     std::vector<float> g;
     float loss = step_grads(t, d, g);
-    // logits: hf (N, H) · lm_headᵀ, materialised here only (V is small)
-    int N = t.a.N, V = t.m.cfg.vocab_size;
-    bf16* logits; cudaCheck(cudaMalloc(&logits, (size_t)N * V * 2));
-    matmul(t.mm, logits, MM_BF16, t.a.hf, t.m.lm_head, N, V, t.m.cfg.dim, false, true);
-    std::vector<uint16_t> lh((size_t)N * V); cudaCheck(cudaMemcpy(lh.data(), logits, lh.size() * 2, cudaMemcpyDeviceToHost));
-    std::vector<float> lg(lh.size()); for (size_t i = 0; i < lh.size(); i++) lg[i] = bf16_to_f32(lh[i]);
-    cudaCheck(cudaFree(logits));
+    int N = t.a.N;
+    std::vector<float> lg = last_logits(t);
     check_bf16("logits", lg, st_f32(*d32.find("logits")), st_f32(*d16.find("logits")));
     {   // per layer against the CPU reference
         RefModel rm; ref_model_load(rm, dir);
@@ -139,10 +156,7 @@ static void variant(const std::string& dir) {
         ref_forward(rm, td.m.lc, d.lora.data(), ra, rb);
         std::vector<float> gr(td.m.n_lora, 0.0f);
         ref_backward(rm, td.m.lc, d.lora.data(), ra, rb, gr.data());
-        auto rel = [](const std::vector<float>& x, const std::vector<float>& ref) {
-            double num = 0, den = 0; for (size_t i = 0; i < x.size(); i++) { num += ((double)x[i] - ref[i]) * ((double)x[i] - ref[i]); den += (double)ref[i] * ref[i]; }
-            return sqrt(num / den); };
-        double e_drop = rel(gd, gr), e_plain = rel(g, d.grad32), effect = rel(gr, d.grad32), budget = 2 * e_plain + 2e-3;
+        double e_drop = rel_l2(gd, gr), e_plain = rel_l2(g, d.grad32), effect = rel_l2(gr, d.grad32), budget = 2 * e_plain + 2e-3;
         check(e_drop <= budget && effect > 2 * budget, "dropout 0.1: all LoRA gradients vs the CPU reference: rel L2 %.2e (budget %.2e = 2 x %.2e "
               "without dropout + 2e-3); dropout itself moves them by %.2e", e_drop, budget, e_plain, effect);
     }
@@ -194,8 +208,7 @@ static void resume_and_determinism(bool file) {
 static void decode_vs_forward(const std::string& dir) {
     printf("== generation: KV-cache decode vs the training forward, %s\n", dir.c_str());
     SafeTensors d32 = st_open(dir + "/debug_fp32.safetensors"), d16 = st_open(dir + "/debug_bf16.safetensors");
-    Options o; o.model = dir; o.rank = atoi(d32.metadata["rank"].c_str()); o.alpha = (float)atof(d32.metadata["alpha"].c_str());
-    o.batch = atoi(d32.metadata["batch"].c_str()); o.seq = atoi(d32.metadata["seq"].c_str());
+    Options o = debug_options(dir, d32);
     Trainer t; trainer_init(t, o);
     Debug d = load_debug(dir, t.m.cfg, t.m.lc);
     set_lora(t, d.lora.data());
@@ -205,11 +218,7 @@ static void decode_vs_forward(const std::string& dir) {
     cudaCheck(cudaMemset(t.a.flags, 0, 8));
     t.a.packed = false;
     forward(t, 1.0f, false, 0);
-    bf16* lg_d; cudaCheck(cudaMalloc(&lg_d, (size_t)N * V * 2));
-    matmul(t.mm, lg_d, MM_BF16, t.a.hf, t.m.lm_head, N, V, t.m.cfg.dim, false, true);
-    std::vector<uint16_t> lh((size_t)N * V); cudaCheck(cudaMemcpy(lh.data(), lg_d, lh.size() * 2, cudaMemcpyDeviceToHost));
-    cudaCheck(cudaFree(lg_d));
-    std::vector<float> full(lh.size()); for (size_t i = 0; i < lh.size(); i++) full[i] = bf16_to_f32(lh[i]);
+    std::vector<float> full = last_logits(t);
 
     Decoder dec; decoder_init(t, dec, B, T, true);
     std::vector<float> dl((size_t)N * V), row((size_t)B * V);
@@ -332,12 +341,9 @@ static void packed_vs_cpu() {
         std::vector<float> g(t.m.n_lora, 0.0f); ref_backward(rm, lc, lora.data(), ra, rb, g.data());
         return g;
     };
-    auto rel = [](const std::vector<float>& x, const std::vector<float>& ref) {
-        double num = 0, den = 0; for (size_t i = 0; i < x.size(); i++) { num += ((double)x[i] - ref[i]) * ((double)x[i] - ref[i]); den += (double)ref[i] * ref[i]; }
-        return sqrt(num / den); };
     int segs = 0; for (size_t i = 0; i < packed.doc_start.size(); i++) segs += (int)i % o.seq == packed.doc_start[i] && packed.pos[i] == 0;
     std::vector<float> gp = gpu(packed), cp = cpu(packed), gu = gpu(plain), cu = cpu(plain);
-    double e_packed = rel(gp, cp), e_plain = rel(gu, cu), effect = rel(cp, cu), budget = 2 * e_plain + 2e-3;
+    double e_packed = rel_l2(gp, cp), e_plain = rel_l2(gu, cu), effect = rel_l2(cp, cu), budget = 2 * e_plain + 2e-3;
     check(e_packed <= budget && effect > 2 * budget, "packed batch (%d documents in %d rows): all LoRA gradients vs the CPU reference: rel L2 %.2e "
           "(budget %.2e = 2 x %.2e unpacked + 2e-3); packing itself moves them by %.2e", segs, o.batch, e_packed, budget, e_plain, effect);
 }
