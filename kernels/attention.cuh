@@ -42,6 +42,7 @@
 #include <stdint.h>        // defines: int64_t, uint32_t
 #include <math.h>          // defines: sqrtf, INFINITY
 #include "common.cuh"      // defines: bf16, cudaCheck, kernel_assert, is_aligned16
+#include "wgmma.cuh"       // defines: wg_swz, wg_desc, wg_mma_64x64_ss, wg_mma_64x128_rs (kernel3)
 
 // ---------------------------------------------------------------------------------------------
 // parameters
@@ -666,6 +667,240 @@ __global__ void __launch_bounds__(BC / 16 * 32, MINB) attention_backward_kernel2
     }
 }
 
+// kernel3 (hd 128, Hopper): kernel2's schedule, items and ordered dQ, with the five matmuls on wgmma. Two
+// warpgroups of 64 keys each (warp w still owns keys 16 w .. 16 w + 15, so the softmax, dS, the dQ handoff
+// and the epilogue are kernel2's, fragment for fragment). Tiles live in 128B-swizzled smem (kernels/wgmma.cuh)
+// and serve both as K-major and as "transposed" (MN-major) operands, so nothing goes through ldmatrix:
+//   S^T = K Q^T, dP^T = V dO^T   m64n64k16, A = this warpgroup's 64 keys, B = the query tile   (both K-major)
+//   dV += P^T dO, dK += dS^T Q   m64n128k16, A = P^T, dS^T from registers, B = dO, Q           (MN-major)
+//   dQ = dS K                    m64n64k16, A = dS^T in smem, B = K's columns 64 wg ..        (both MN-major)
+template <int HD, int BC, int BR>
+struct AttnBwdTile3 {
+    static constexpr int THREADS = BC / 16 * 32, CB = HD / 64;  // CB: 64-wide column blocks of a row
+    static constexpr int KB = BC * HD * 2, QB = BR * HD * 2, SB = BC * BR * 2;  // bytes: K (or V), Q (or dO), dS^T tiles
+    // K, V, Q (2 stages), dO (2 stages), dS^T, the dq_accum prefetch (BR x HD fp32), lse, D, doc_start (2 stages)
+    static constexpr size_t OFF_V = KB, OFF_Q = 2 * KB, OFF_DO = OFF_Q + 2 * QB, OFF_DS = OFF_DO + 2 * QB,
+                            OFF_ACC = OFF_DS + SB, OFF_L = OFF_ACC + (size_t)BR * HD * 4, SMEM = OFF_L + 2 * 3 * BR * 4;
+    static constexpr size_t SMEM_ALLOC = SMEM + 1024;  // the dynamic smem base is aligned up to 1024 bytes
+    static_assert(HD == 128 && BC == 128 && BR == 64, "kernel3: the warpgroup split below is written for these");
+};
+
+template <int HD, int BC, int BR>
+__global__ void __launch_bounds__(BC / 16 * 32, 1) attention_backward_kernel3(const AttnBwdParams p) {
+    using C = AttnBwdTile3<HD, BC, BR>;
+    constexpr int NT = C::THREADS, CH = HD / 8, DCW = 64;
+    extern __shared__ unsigned char attn_smem3[];
+    unsigned char* sm = attn_smem3 + ((1024 - (attn_smem_u32(attn_smem3) & 1023)) & 1023);
+    const uint32_t sK = attn_smem_u32(sm), sV = sK + C::OFF_V, sQ = sK + C::OFF_Q, sdO = sK + C::OFF_DO, sdS = sK + C::OFF_DS;
+    float4* sAcc = reinterpret_cast<float4*>(sm + C::OFF_ACC);  // (8 warps, DCW/8, 32) lane-private dq_accum slots
+    float* sL = reinterpret_cast<float*>(sm + C::OFF_L);       // (2, BR) lse
+    float* sD = sL + 2 * BR;                                    // (2, BR) D
+    int* sDs = reinterpret_cast<int*>(sD + 2 * BR);             // (2, BR) doc_start
+
+    const int T = p.T, nh = p.nh, nkv = p.nkv, G = nh / nkv;
+    const int b = blockIdx.x / nkv, kvh = blockIdx.x % nkv;
+    const int kt = blockIdx.y, k0 = kt * BC, k_last = min(k0 + BC, T) - 1;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3, wg = warp >> 2;
+    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
+    const int64_t qstride = (int64_t)nh * HD, kstride = (int64_t)nkv * HD;
+    const int n_sem = (T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS;
+
+    {
+        const bf16* gK = p.k + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+        const bf16* gV = p.v + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+        for (int c = tid; c < BC * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, j = k0 + r;
+            const int64_t off = (j < T ? j : 0) * kstride + cc * 8;
+            attn_cp_async16(sK + wg_swz<BC>(r, cc * 8), gK + off, j < T);
+            attn_cp_async16(sV + wg_swz<BC>(r, cc * 8), gV + off, j < T);
+        }
+        attn_cp_async_commit();
+    }
+    int i_max = T - 1;  // last query that can see any of these keys (kernel2's search)
+    if (ds) {
+        int lo = k_last, hi = T - 1;
+        while (lo < hi) {
+            const int step = (hi - lo + NT - 1) / NT, pos = lo + (tid + 1) * step;
+            const int n_ok = __syncthreads_count(pos <= hi && ds[pos] <= k_last);
+            lo += n_ok * step;
+            hi = min(hi, lo + step - 1);
+        }
+        i_max = lo;
+    }
+    const int qt_lo = k0 / BR, qt_hi = i_max / BR, n_iter = G * (qt_hi - qt_lo + 1);
+
+    auto load_q = [&](int st, int it) {
+        const int hq = kvh * G + it % G, q0 = (qt_hi - it / G) * BR;
+        const int64_t base = (int64_t)b * T * qstride + (int64_t)hq * HD;
+        for (int c = tid; c < BR * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, i = q0 + r;
+            const int64_t off = base + (i < T ? i : 0) * qstride + cc * 8;
+            attn_cp_async16(sQ + st * C::QB + wg_swz<BR>(r, cc * 8), p.q + off, i < T);
+            attn_cp_async16(sdO + st * C::QB + wg_swz<BR>(r, cc * 8), p.dout + off, i < T);
+        }
+        for (int c = tid; c < 3 * BR; c += NT) {
+            const int which = c / BR, r = c % BR, i = q0 + r;
+            const int64_t li = ((int64_t)b * nh + hq) * T + (i < T ? i : 0);
+            if (which == 0) attn_cp_async4(attn_smem_u32(sL + st * BR + r), p.lse + li, i < T);
+            else if (which == 1) attn_cp_async4(attn_smem_u32(sD + st * BR + r), p.D + li, i < T);
+            else if (ds) attn_cp_async4(attn_smem_u32(sDs + st * BR + r), ds + (i < T ? i : 0), i < T);
+            else sDs[st * BR + r] = 0;
+        }
+    };
+    load_q(0, 0);
+    attn_cp_async_commit();
+
+    float dk[HD / 2], dv[HD / 2];  // (64 keys x HD) per warpgroup: [4 n + e] = key 16 warp + g + 8 (e >> 1), dim 8 n + 2 t4 + (e & 1)
+#pragma unroll
+    for (int n = 0; n < HD / 2; n++) dk[n] = dv[n] = 0.f;
+    const int kr0 = warp * 16, qr0 = (warp & 3) * 16, dc0 = wg * DCW;
+    const float sl2 = p.scale_log2;
+    const uint32_t kA = sK + wg * 64 * 128, vA = sV + wg * 64 * 128;  // this warpgroup's 64 key rows, column block 0
+    int* sem_done = nullptr;
+
+    for (int it = 0; it < n_iter; it++) {
+        const int st = it & 1, hq = kvh * G + it % G, qt = qt_hi - it / G, q0 = qt * BR;
+        attn_cp_async_wait_all();
+        wg_fence_proxy();  // the cp.async stores, and the last item's sAcc reads are done, before wgmma reads
+        __syncthreads();
+        if (it + 1 < n_iter) { load_q(st ^ 1, it + 1); attn_cp_async_commit(); }
+        const uint32_t cQ = sQ + st * C::QB, cdO = sdO + st * C::QB;
+        const float* cL = sL + st * BR;
+        const float* cD = sD + st * BR;
+        const int* cDs = sDs + st * BR;
+        const int kt_first = cDs[0] / BC, kt_last = (min(q0 + BR, T) - 1) / BC;
+        int* sem = p.dq_sem + ((int64_t)b * nh + hq) * n_sem + qt;
+        int seen = 0;
+        if (tid == 0 && kt > kt_first) seen = attn_ld_relaxed(sem);
+
+        // S^T = K Q^T and dP^T = V dO^T: (64 keys x BR queries) per warpgroup
+        float s[BR / 2], dp[BR / 2];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t ko = (kk >> 2) * BC * 128 + (kk & 3) * 32, qo = (kk >> 2) * BR * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(s, wg_desc(kA + ko, 16, 1024), wg_desc(cQ + qo, 16, 1024), kk);
+        }
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t ko = (kk >> 2) * BC * 128 + (kk & 3) * 32, qo = (kk >> 2) * BR * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(dp, wg_desc(vA + ko, 16, 1024), wg_desc(cdO + qo, 16, 1024), kk);
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(s); wg_fence_regs(dp);
+
+        // P^T = exp2(S^T * scale * log2e - lse * log2e), masked to 0; dS^T = P^T (dP^T - D)
+        const bool need_mask = k0 + BC - 1 > q0 || q0 + BR > T || (ds && k0 < cDs[BR - 1]);
+#pragma unroll
+        for (int n = 0; n < BR / 8; n++) {
+            const float2 l2 = *reinterpret_cast<const float2*>(cL + n * 8 + 2 * t4);
+            const float2 d2 = *reinterpret_cast<const float2*>(cD + n * 8 + 2 * t4);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float pt = attn_exp2(fmaf(s[4 * n + e], sl2, -(e & 1 ? l2.y : l2.x) * 1.44269504089f));
+                if (need_mask) {
+                    const int qc = n * 8 + 2 * t4 + (e & 1), i = q0 + qc, j = k0 + kr0 + g + (e >> 1) * 8;
+                    if (j > i || i >= T || j < cDs[qc]) pt = 0.f;
+                }
+                s[4 * n + e] = pt;
+                dp[4 * n + e] = pt * (dp[4 * n + e] - (e & 1 ? d2.y : d2.x));
+            }
+        }
+        uint32_t pa[BR / 16][4], da[BR / 16][4];  // bf16 A fragments of P^T and dS^T (16 keys x 16 queries per warp)
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++) {
+#pragma unroll
+            for (int h = 0; h < 4; h++) {  // h: (row g | g + 8) x (cols 0-7 | 8-15) of the k16 block
+                const int n = 2 * kc + (h >> 1), e = (h & 1) * 2;
+                pa[kc][h] = attn_pack_bf16(s[4 * n + e], s[4 * n + e + 1]);
+                da[kc][h] = attn_pack_bf16(dp[4 * n + e], dp[4 * n + e + 1]);
+                // dS^T row kr0 + g (+8), cols 16 kc + 2 t4 (+8): the A operand of dS K, stored swizzled
+                *reinterpret_cast<uint32_t*>(sm + C::OFF_DS + wg_swz<BC>(kr0 + g + 8 * (h & 1), 16 * kc + 8 * (h >> 1) + 2 * t4)) = da[kc][h];
+            }
+        }
+        // dV += P^T dO, dK += dS^T Q
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++) wg_mma_64x128_rs<1>(dv, pa[kc], wg_desc(cdO + kc * 2048, BR * 128, 1024));
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++) wg_mma_64x128_rs<1>(dk, da[kc], wg_desc(cQ + kc * 2048, BR * 128, 1024));
+        wg_commit();
+
+        // our turn for dQ (kernel2's handoff; a hang traps without kernel2's message: any printf in the kernel makes
+        // ptxas serialize every wgmma)
+        bool stuck = false;
+        if (tid == 0) {
+            for (int polls = 0; kt > kt_first && seen < kt - kt_first; polls++) {
+                if (polls == (1 << 24)) { stuck = true; break; }
+                __nanosleep(32);
+                seen = attn_ld_relaxed(sem);
+            }
+            if (kt > kt_first || sem_done) attn_fence_acq_rel();
+            if (sem_done) attn_red_add1(sem_done);
+        }
+        wg_fence_proxy();  // this thread's dS^T stores, before the other warpgroup's wgmma reads them
+        __syncthreads();   // all of dS^T is in smem, and it is our turn
+        const bool first = kt == kt_first, last = kt == kt_last, odd = t4 & 1;
+        const int i = q0 + qr0 + g + (odd ? 8 : 0);
+        const int64_t qoff = ((int64_t)b * T + min(i, T - 1)) * qstride + (int64_t)hq * HD + dc0 + 2 * (t4 & 2);
+        float4* acc = sAcc + warp * (DCW / 8) * 32 + lane;
+        if (!first) {
+#pragma unroll
+            for (int n = 0; n < DCW / 8; n++) attn_cp_async16(attn_smem_u32(acc + n * 32), p.dq_accum + qoff + n * 8, i < T);
+            attn_cp_async_commit();
+        }
+        // dS K: rows q0 .. +BR, cols dc0 .. +64 (contraction over the BC keys)
+        float dq[DCW / 2];
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < BC / 16; kc++)
+            wg_mma_64x64_ss<1, 1>(dq, wg_desc(sdS + kc * 2048, BR * 128, 1024), wg_desc(sK + wg * BC * 128 + kc * 2048, BC * 128, 1024), kc);
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(dq); wg_fence_regs(dk); wg_fence_regs(dv);
+        if (stuck) __trap();
+        if (!first) attn_cp_async_wait_all();
+#pragma unroll
+        for (int n = 0; n < DCW / 8; n++) {
+            const float x0 = __shfl_xor_sync(0xffffffffu, odd ? dq[4 * n] : dq[4 * n + 2], 1);
+            const float x1 = __shfl_xor_sync(0xffffffffu, odd ? dq[4 * n + 1] : dq[4 * n + 3], 1);
+            float4 v4 = odd ? make_float4(x0, x1, dq[4 * n + 2], dq[4 * n + 3]) : make_float4(dq[4 * n], dq[4 * n + 1], x0, x1);
+            if (i >= T) continue;
+            if (!first) {
+                const float4 a = acc[n * 32];
+                v4 = make_float4(a.x + v4.x, a.y + v4.y, a.z + v4.z, a.w + v4.w);
+            }
+            if (last) {
+                const float sc = p.scale;
+                *reinterpret_cast<uint2*>(p.dq + qoff + n * 8) =
+                    make_uint2(attn_pack_bf16(v4.x * sc, v4.y * sc), attn_pack_bf16(v4.z * sc, v4.w * sc));
+            } else {
+                __stcg(reinterpret_cast<float4*>(p.dq_accum + qoff + n * 8), v4);
+            }
+        }
+        if (!last) sem_done = sem;
+        else {
+            sem_done = nullptr;
+            if (tid == 0 && !first) *sem = 0;
+        }
+    }
+    __syncthreads();
+    if (tid == 0 && sem_done) { attn_fence_acq_rel(); attn_red_add1(sem_done); }
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int j = k0 + kr0 + g + 8 * r;
+        if (j >= T) continue;
+        const int64_t off = ((int64_t)b * T + j) * kstride + (int64_t)kvh * HD + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            *reinterpret_cast<uint32_t*>(p.dk + off + n * 8) = attn_pack_bf16(dk[4 * n + 2 * r] * p.scale, dk[4 * n + 2 * r + 1] * p.scale);
+            *reinterpret_cast<uint32_t*>(p.dv + off + n * 8) = attn_pack_bf16(dv[4 * n + 2 * r], dv[4 * n + 2 * r + 1]);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // launchers
 
@@ -718,8 +953,18 @@ void attention_backward_launch(const AttnBwdParams& p, cudaStream_t stream) {
     cudaCheck(cudaGetLastError());
 }
 
-// The two backward launches: preprocess (D, zero the dQ semaphores), then the main kernel.
-template <int HD, int BC, int BR, int MINB, bool DQ_PF>
+template <int HD, int BC, int BR>
+void attention_backward3_launch(const AttnBwdParams& p, cudaStream_t stream) {
+    using C = AttnBwdTile3<HD, BC, BR>;
+    auto kernel = attention_backward_kernel3<HD, BC, BR>;
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+    dim3 grid(p.B * p.nkv, (p.T + BC - 1) / BC);  // as kernel2: key tile kt - 1 dispatched before kt
+    kernel<<<grid, C::THREADS, C::SMEM_ALLOC, stream>>>(p);
+    cudaCheck(cudaGetLastError());
+}
+
+// The two backward launches: preprocess (D, zero the dQ semaphores), then the main kernel (KERNEL 2 or 3).
+template <int HD, int BC, int BR, int MINB, bool DQ_PF, int KERNEL = 2>
 void attention_backward_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q, const bf16* k,
                            const bf16* v, const bf16* out, const float* lse, const int* doc_start,
                            int B, int T, int nh, int nkv, cudaStream_t stream) {
@@ -733,7 +978,21 @@ void attention_backward_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const b
     cudaCheck(cudaGetLastError());
     const float scale = 1.0f / sqrtf((float)HD);
     AttnBwdParams p{dq, dk, dv, dq_accum, dq_sem, D, dout, q, k, v, lse, doc_start, B, T, nh, nkv, scale, scale * 1.4426950408889634f};
-    attention_backward_launch<HD, BC, BR, MINB, DQ_PF>(p, stream);
+    if constexpr (KERNEL == 3) attention_backward3_launch<HD, BC, BR>(p, stream);
+    else attention_backward_launch<HD, BC, BR, MINB, DQ_PF>(p, stream);
+}
+
+// wgmma needs a Hopper GPU (compute capability 9.0) and this build's sm_90a code
+inline bool attention_has_wgmma() {
+    static int cc = -1;
+    if (cc < 0) {
+        int dev = 0, major = 0, minor = 0;
+        cudaCheck(cudaGetDevice(&dev));
+        cudaCheck(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+        cudaCheck(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+        cc = major * 10 + minor;
+    }
+    return cc == 90;
 }
 
 // dq, dk, dv from dout, the forward's inputs, out and lse. scratch: attention_backward_scratch_bytes().
@@ -743,7 +1002,9 @@ inline void attention_backward(bf16* dq, bf16* dk, bf16* dv, float* scratch, con
                                int B, int T, int nh, int nkv, int hd, cudaStream_t stream) {
     const void* ptrs[] = {dq, dk, dv, scratch, dout, q, k, v, out};
     attention_check_args(ptrs, 9, B, T, nh, nkv, hd);
-    // dev/cuda/attention_backward.cu variants 2a (hd 128) and 2c (hd 64)
+    // dev/cuda/attention_backward.cu variants 3a (hd 128 on Hopper), 2a (hd 128) and 2c (hd 64)
     if (hd == 64) attention_backward_hd<64, 128, 64, 1, true>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
+    else if (attention_has_wgmma())
+        attention_backward_hd<128, 128, 64, 1, true, 3>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
     else attention_backward_hd<128, 128, 64, 1, true>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
 }
