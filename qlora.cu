@@ -191,20 +191,23 @@ struct Model {
     bf16* lora_bf16;                                     // (n_lora) compute copy
 };
 
-// Per-layer activations kept for backward. With --recompute only h survives per layer; the rest is
-// one set of buffers that every layer reuses, refilled by re-running the layer's forward in backward.
+// Per-layer activations kept for backward. With --recompute only h and down_proj's LoRA u survive per
+// layer; the rest is one set of buffers that every layer reuses, refilled by re-running the layer's
+// forward in backward. u = x·[A..]ᵀ of a group (k LoRA'd projections: (N, k·r)) is kept from the
+// forward for backward's dB, so backward does not read x again for it.
 struct Acts {
     int B, T, N;
     std::vector<bf16*> h;                 // (L+1) x (N, H) residual stream entering layer l; h[L] before the final norm
-    struct Layer { bf16 *n1, *q, *k, *v, *att, *h_mid, *n2, *gate, *up; float *rstd1, *rstd2, *lse; };
-    std::vector<Layer> l;                 // (L), or (1) shared with --recompute
+    struct Layer { bf16 *n1, *q, *k, *v, *att, *h_mid, *n2, *gate, *up, *uqkv, *uo, *ugu; float *rstd1, *rstd2, *lse; };
+    std::vector<Layer> l;                 // (L), or (1) shared with --recompute; uqkv, uo, ugu (N, k·r) LoRA u of q|k|v, o, gate|up
+    std::vector<bf16*> udown;             // (L) x (N, k·r) LoRA u of down_proj, per layer also with --recompute (a recompute stops before down_proj)
     bf16* hf; float* rstdf;               // (N, H) final norm output, (N)
     // scratch (one purpose each)
     bf16* wdq[N_PROJ];                    // dequantized weights of the current layer, (out, in) each
     bf16* delta;                          // (N, H) o_proj / down_proj output before the residual add
     bf16* act;                            // (N, I) swiglu output
-    bf16 *u, *t;                          // (N, 3r) LoRA x·Aᵀ of a group (q|k|v), and its dy·B in backward
-    bf16* xdrop;                          // (N, max in) dropped-out LoRA input (dropout > 0 only)
+    bf16* t;                              // (N, 3r) a group's [dy·B..] in backward
+    bf16 *u, *xdrop;                      // (N, r) one projection's xd·Aᵀ, (N, max in) its dropped-out LoRA input xd (dropout > 0 only)
     bf16 *dres, *dn, *datt, *dq, *dk, *dv, *dact;         // gradients; d gate and d up overwrite gate and up in place
     float* attn_scratch; void* ce_scratch; size_t ce_bytes; int ce_rows; void* norm_scratch;
     int *ids, *targets, *pos, *doc_start; // (N) each: tokens, targets (-1 ignored), positions, row-relative segment starts
@@ -257,13 +260,24 @@ static void profile_print(const Trainer& t) {
 static const bf16* lA(const Model& m, int l, int p) { return m.lora_bf16 + lora_slot(m.cfg, m.lc, l, p).a; }
 static const bf16* lB(const Model& m, int l, int p) { return m.lora_bf16 + lora_slot(m.cfg, m.lc, l, p).b; }
 
+// The projections that read one input: q|k|v, o, gate|up, down. Their A's are adjacent in the
+// LoRA layout (qlora.h §8), so without dropout x·Aᵀ of a group is one GEMM with k·r columns.
+struct Group { int first, n; };
+static const Group G_QKV = {P_Q, 3}, G_O = {P_O, 1}, G_GATE_UP = {P_GATE, 2}, G_DOWN = {P_DOWN, 1};
+static int group_lora(const LoraConfig& lc, Group g, int* first) {   // LoRA'd projections in g, and the first of them
+    int k = 0; *first = -1;
+    for (int p = g.first; p < g.first + g.n; p++) if (lc.has(p)) { if (!k) *first = p; k++; }
+    return k;
+}
+
 // plan every allocation; print the table; exit cleanly if it does not fit
 static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     const Config& c = t.m.cfg; const Options& o = t.o;
     size_t H = c.dim, I = c.hidden_dim, V = c.vocab_size, L = c.n_layers, q = c.q_dim(), kv = c.kv_dim(), N = (size_t)o.batch * o.seq, r = o.rank;
-    ar.assign(5, Arena());
-    Arena &W = ar[0], &P = ar[1], &A = ar[2], &S = ar[3], &G = ar[4];
+    ar.assign(6, Arena());
+    Arena &W = ar[0], &P = ar[1], &A = ar[2], &U = ar[3], &S = ar[4], &G = ar[5];
     W.role = "frozen weights (NF4 + bf16 embeddings/norms)"; P.role = "LoRA params, grads, AdamW"; A.role = "activations";
+    U.role = "LoRA u = x A^T per group, kept for backward";
     S.role = "scratch (dequant, CE, attention)"; G.role = "gradients of activations";
     Model& m = t.m; Acts& a = t.a;
     W.want(&m.embed, V * H); if (!c.tied) W.want(&m.lm_head, V * H);
@@ -283,15 +297,19 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     a.h.resize(L + 1);
     for (size_t l = 0; l <= L; l++) A.want(&a.h[l], N * H);
     a.l.resize(o.recompute ? 1 : L);
+    auto ku = [&](Group g) { int first; return N * r * group_lora(m.lc, g, &first); };   // elements of a group's u (N, k·r)
     for (auto& ly : a.l) {
         A.want(&ly.n1, N * H); A.want(&ly.q, N * q); A.want(&ly.k, N * kv); A.want(&ly.v, N * kv); A.want(&ly.att, N * q);
         A.want(&ly.h_mid, N * H); A.want(&ly.n2, N * H); A.want(&ly.gate, N * I); A.want(&ly.up, N * I);
         A.want(&ly.rstd1, N); A.want(&ly.rstd2, N); A.want(&ly.lse, (size_t)o.batch * c.n_heads * o.seq);
+        U.want(&ly.uqkv, ku(G_QKV)); U.want(&ly.uo, ku(G_O)); U.want(&ly.ugu, ku(G_GATE_UP));
     }
+    a.udown.resize(L);
+    for (size_t l = 0; l < L; l++) U.want(&a.udown[l], ku(G_DOWN));
     A.want(&a.hf, N * H); A.want(&a.rstdf, N);
     for (int p = 0; p < N_PROJ; p++) S.want(&a.wdq[p], (size_t)proj_out(c, p) * proj_in(c, p));
-    S.want(&a.delta, N * H); S.want(&a.act, N * I); S.want(&a.u, N * r * 3); S.want(&a.t, N * r * 3);
-    a.xdrop = nullptr; if (o.dropout > 0) S.want(&a.xdrop, N * std::max({I, q, H}));
+    S.want(&a.delta, N * H); S.want(&a.act, N * I); S.want(&a.t, N * r * 3);
+    a.u = a.xdrop = nullptr; if (o.dropout > 0) { S.want(&a.u, N * r); S.want(&a.xdrop, N * std::max({I, q, H})); }
     S.want(&a.attn_scratch, attention_backward_scratch_bytes(o.batch, o.seq, c.n_heads, c.head_dim) / sizeof(float));
     // lm_head + CE in chunks of ce_rows rows; with --recompute, half-size chunks (memory over a little speed)
     a.ce_rows = ce_default_rows((int)V) / (o.recompute ? 2 : 1) / 8 * 8; if (a.ce_rows < 8) a.ce_rows = 8;
@@ -419,37 +437,28 @@ static void dequant_layer(Trainer& t, int l) {
     }
 }
 
-// The projections that read one input: q|k|v, o, gate|up, down. Their A's are adjacent in the
-// LoRA layout (qlora.h §8), so without dropout x·Aᵀ of a group is one GEMM with k·r columns.
-struct Group { int first, n; };
-static const Group G_QKV = {P_Q, 3}, G_O = {P_O, 1}, G_GATE_UP = {P_GATE, 2}, G_DOWN = {P_DOWN, 1};
-static int group_lora(const LoraConfig& lc, Group g, int* first) {   // LoRA'd projections in g, and the first of them
-    int k = 0; *first = -1;
-    for (int p = g.first; p < g.first + g.n; p++) if (lc.has(p)) { if (!k) *first = p; k++; }
-    return k;
-}
-
 // ys[i] (N, out) = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ for each projection of the group (PEFT's
-// Linear4bit.forward). Each y is first written as s·u·Bᵀ by the skinny GEMM, then the frozen GEMM
-// adds x·Wᵀ into it (beta = 1): bf16(bf16(x·Wᵀ) + bf16(s·u·Bᵀ)), PEFT's `result + lora_out` rounding,
-// and y is written once by a memory-bound kernel instead of re-read and re-written after the big one.
-static void linears_forward(Trainer& t, Group g, bf16* const* ys, const bf16* x, int l, uint64_t drop_seed) {
+// Linear4bit.forward). Without dropout u (N, k·r) = x·[A..]ᵀ is one GEMM, kept for linears_backward's
+// dB. Each y is first written as s·u·Bᵀ by the skinny GEMM, then the frozen GEMM adds x·Wᵀ into it
+// (beta = 1): bf16(bf16(x·Wᵀ) + bf16(s·u·Bᵀ)), PEFT's `result + lora_out` rounding, and y is written
+// once by a memory-bound kernel instead of re-read and re-written after the big one.
+static void linears_forward(Trainer& t, Group g, bf16* const* ys, const bf16* x, bf16* u, int l, uint64_t drop_seed) {
     const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc; const Model& m = t.m;
     int N = t.a.N, in = proj_in(c, g.first), r = lc.rank, first, k = group_lora(lc, g, &first);
     bool drop = lc.dropout > 0 && t.a.training;
-    if (k && !drop) { mark(t, "LoRA GEMMs"); matmul(t.mm, t.a.u, MM_BF16, x, lA(m, l, first), N, k * r, in, false, true); }  // u = x·[A..]ᵀ (N, k·r)
+    if (k && !drop) { mark(t, "LoRA GEMMs"); matmul(t.mm, u, MM_BF16, x, lA(m, l, first), N, k * r, in, false, true); }  // u = x·[A..]ᵀ (N, k·r)
     for (int i = 0, j = 0; i < g.n; i++) {
         int p = g.first + i, out = proj_out(c, p);
         if (lc.has(p)) {
-            const bf16* u = t.a.u + j * r; int ldu = k * r;
+            const bf16* uj = u + j * r; int ldu = k * r;   // (N, r) columns j·r.. of u
             if (drop) {   // each projection its own mask: its own x·Aᵀ
                 mark(t, "LoRA dropout");
                 lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);
                 mark(t, "LoRA GEMMs");
-                matmul(t.mm, t.a.u, MM_BF16, t.a.xdrop, lA(m, l, p), N, r, in, false, true); u = t.a.u; ldu = r;
+                matmul(t.mm, t.a.u, MM_BF16, t.a.xdrop, lA(m, l, p), N, r, in, false, true); uj = t.a.u; ldu = r;
             }
             mark(t, "LoRA GEMMs");
-            matmul(t.mm, ys[i], MM_BF16, u, lB(m, l, p), N, out, r, false, true, lc.scale(), 0.0f, ldu);         // y = s·u·Bᵀ
+            matmul(t.mm, ys[i], MM_BF16, uj, lB(m, l, p), N, out, r, false, true, lc.scale(), 0.0f, ldu);        // y = s·u·Bᵀ
             j++;
         }
         mark(t, "frozen GEMMs");
@@ -461,10 +470,11 @@ static void linears_forward(Trainer& t, Group g, bf16* const* ys, const bf16* x,
 // dB_i += s·dy_iᵀ·u_i, dA_i += s·(dy_i·B_i)ᵀ·x. First what needs no x: t = [dy_i·B_i] (N, k·r), dx
 // (without dropout the LoRA part is one GEMM with K = k·r, written first, and the frozen
 // input-gradient GEMMs add into it with beta = 1). Then make_x, if given, produces x (down_proj's
-// input, recomputed by the SwiGLU backward that needs this dx), then u = x·[A..]ᵀ, dB, and dA (one
-// GEMM for the group).
+// input, recomputed by the SwiGLU backward that needs this dx), then dB from u (N, k·r) = x·[A..]ᵀ as
+// linears_forward kept it (with dropout: each projection's xd·Aᵀ, recomputed), and dA (one GEMM for
+// the group).
 template <class MakeX>
-static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, const bf16* x, int l, uint64_t drop_seed, MakeX make_x) {
+static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, const bf16* x, const bf16* u, int l, uint64_t drop_seed, MakeX make_x) {
     const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc; const Model& m = t.m;
     int N = t.a.N, in = proj_in(c, g.first), r = lc.rank, first, k = group_lora(lc, g, &first); float s = lc.scale();
     bool drop = lc.dropout > 0, fused = k && !drop;
@@ -488,9 +498,8 @@ static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, co
     if (!k) return;
     mark(t, "LoRA GEMMs");
     if (fused) {
-        matmul(t.mm, t.a.u, MM_BF16, x, lA(m, l, first), N, k * r, in, false, true);                                  // u = x·[A..]ᵀ
         for (int p = g.first, j = 0; p < g.first + g.n; p++)
-            if (lc.has(p)) { matmul(t.mm, m.grad + lora_slot(c, lc, l, p).b, MM_F32, dys[p - g.first], t.a.u + j * r, proj_out(c, p), r, N,
+            if (lc.has(p)) { matmul(t.mm, m.grad + lora_slot(c, lc, l, p).b, MM_F32, dys[p - g.first], u + j * r, proj_out(c, p), r, N,
                                     true, false, s, 1.0f, 0, k * r); j++; }                                              // dB += s·dyᵀ·u
         matmul(t.mm, m.grad + lora_slot(c, lc, l, first).a, MM_F32, t.a.t, x, k * r, in, N, true, false, s, 1.0f);     // dA.. += s·tᵀ·x
         return;
@@ -507,8 +516,8 @@ static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, co
         j++;
     }
 }
-static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, const bf16* x, int l, uint64_t drop_seed) {
-    linears_backward(t, g, dx, dys, x, l, drop_seed, [] {});
+static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, const bf16* x, const bf16* u, int l, uint64_t drop_seed) {
+    linears_backward(t, g, dx, dys, x, u, l, drop_seed, [] {});
 }
 
 static Acts::Layer& acts(Trainer& t, int l) { return t.a.l[t.o.recompute ? 0 : l]; }
@@ -523,21 +532,21 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
     else rmsnorm_forward(y.n1, y.rstd1, a.h[l], t.m.attn_norm[l], N, c.dim, c.norm_eps, t.s);
     dequant_layer(t, l);
     bf16* qkv[3] = {y.q, y.k, y.v};
-    linears_forward(t, G_QKV, qkv, y.n1, l, drop_seed);              // q, k, v = q_proj(n1), k_proj(n1), v_proj(n1)
+    linears_forward(t, G_QKV, qkv, y.n1, y.uqkv, l, drop_seed);      // q, k, v = q_proj(n1), k_proj(n1), v_proj(n1)
     mark(t, "RoPE");
     rope_forward(y.q, y.k, t.m.inv_freq, a.packed ? a.pos : nullptr, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
     mark(t, "attention forward");
     attention_forward(y.att, y.lse, y.q, y.k, y.v, a.packed ? a.doc_start : nullptr, a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
-    linears_forward(t, G_O, &a.delta, y.att, l, drop_seed);          // o_proj(att)
+    linears_forward(t, G_O, &a.delta, y.att, y.uo, l, drop_seed);    // o_proj(att)
     // h_mid = h + o_proj(att); n2 = post_attention_layernorm(h_mid)
     mark(t, "RMSNorm (+ residual)");
     rmsnorm_residual_forward(y.h_mid, y.n2, y.rstd2, a.h[l], a.delta, t.m.mlp_norm[l], N, c.dim, c.norm_eps, t.s);
     bf16* gu[2] = {y.gate, y.up};
-    linears_forward(t, G_GATE_UP, gu, y.n2, l, drop_seed);           // gate_proj(n2), up_proj(n2)
+    linears_forward(t, G_GATE_UP, gu, y.n2, y.ugu, l, drop_seed);    // gate_proj(n2), up_proj(n2)
     if (!fresh) return;   // a recompute stops here: backward forms act itself and needs no down_proj output
     mark(t, "SwiGLU");
     swiglu_forward(a.act, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);   // silu(gate) * up
-    linears_forward(t, G_DOWN, &a.delta, a.act, l, drop_seed);       // down_proj(...), added to h_mid by the next op
+    linears_forward(t, G_DOWN, &a.delta, a.act, a.udown[l], l, drop_seed);   // down_proj(...), added to h_mid by the next op
 }
 
 // Forward to the loss (and dh of the loss when grad): returns nothing, loss lands in a.loss_sum.
@@ -566,24 +575,24 @@ static void backward(Trainer& t, uint64_t drop_seed) {
         Acts::Layer& y = acts(t, l);
         // MLP: h[l+1] = h_mid + down(silu(gate(n2)) * up(n2))
         // d act, then d gate and d up (in place over gate and up) and act itself again, which the
-        // LoRA of down_proj needs for dB and dA: one pass over gate and up for both
-        linears_backward(t, G_DOWN, a.dact, &a.dres, a.act, l, drop_seed, [&] {
+        // LoRA of down_proj needs for dA (dB has u from the forward): one pass over gate and up for both
+        linears_backward(t, G_DOWN, a.dact, &a.dres, a.act, a.udown[l], l, drop_seed, [&] {
             mark(t, "SwiGLU");
             swiglu_backward(y.gate, y.up, a.dact, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s, a.act);
         });
         bf16* dgu[2] = {y.gate, y.up};
-        linears_backward(t, G_GATE_UP, a.dn, dgu, y.n2, l, drop_seed);                              // d n2
+        linears_backward(t, G_GATE_UP, a.dn, dgu, y.n2, y.ugu, l, drop_seed);                       // d n2
         mark(t, "RMSNorm backward");
         rmsnorm_backward(a.dres, a.dn, y.h_mid, t.m.mlp_norm[l], y.rstd2, N, c.dim, true, t.s);     // d h_mid
         // attention: h_mid = h + o_proj(attn(rope(q), rope(k), v))
-        linears_backward(t, G_O, a.datt, &a.dres, y.att, l, drop_seed);
+        linears_backward(t, G_O, a.datt, &a.dres, y.att, y.uo, l, drop_seed);
         mark(t, "attention backward");
         attention_backward(a.dq, a.dk, a.dv, a.attn_scratch, a.datt, y.q, y.k, y.v, y.att, y.lse, a.packed ? a.doc_start : nullptr,
                            a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
         mark(t, "RoPE");
         rope_backward(a.dq, a.dk, t.m.inv_freq, a.packed ? a.pos : nullptr, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
         bf16* dqkv[3] = {a.dq, a.dk, a.dv};
-        linears_backward(t, G_QKV, a.dn, dqkv, y.n1, l, drop_seed);                                // d n1
+        linears_backward(t, G_QKV, a.dn, dqkv, y.n1, y.uqkv, l, drop_seed);                       // d n1
         mark(t, "RMSNorm backward");
         rmsnorm_backward(a.dres, a.dn, a.h[l], t.m.attn_norm[l], y.rstd1, N, c.dim, true, t.s);     // d h[l]
     }
