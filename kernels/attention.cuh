@@ -901,6 +901,306 @@ __global__ void __launch_bounds__(BC / 16 * 32, 1) attention_backward_kernel3(co
     }
 }
 
+// kernel4 (hd 128, Hopper): the backward split in two kernels that share nothing but their inputs, so no dQ
+// traffic between CTAs (kernel3's ordered dq_accum read-modify-write is half its time: 3a 1.72 ms, the same
+// kernel without the dQ adds 0.87 ms). Costs two more matmuls per (query, key) tile pair (S and dP again),
+// 7 instead of 5, and is deterministic by construction (no semaphores, no float atomics).
+//   kernel4_dkdv: one CTA per (kv head, 128-key tile), kernel3 without dQ: S^T, dP^T, dV += P^T dO, dK += dS^T Q
+//   kernel4_dq:   one CTA per (query head, 128-query tile), two warpgroups of 64 queries; per 64-key tile:
+//                 S = Q K^T, dP = dO V^T (m64n64k16, K-major), dS = P (dP - D), dQ += dS K (m64n128k16, A = dS
+//                 from registers, B = K MN-major)
+template <int HD, int BC, int BR>
+struct AttnBwdTile4 {
+    static constexpr int THREADS = 256;
+    static constexpr int KB = BC * HD * 2, QB = BR * HD * 2;  // bytes: K (or V) tile, Q (or dO) tile
+    // K, V, Q (2 stages), dO (2 stages), lse, D, doc_start (2 stages)
+    static constexpr size_t OFF_V = KB, OFF_Q = 2 * KB, OFF_DO = OFF_Q + 2 * QB, OFF_L = OFF_DO + 2 * QB, SMEM = OFF_L + 2 * 3 * BR * 4;
+    static constexpr size_t SMEM_ALLOC = SMEM + 1024;  // the dynamic smem base is aligned up to 1024 bytes
+    static_assert(HD == 128 && BC == 128 && BR == 64, "kernel4_dkdv: the warpgroup split below is written for these");
+};
+
+template <int HD, int BC, int BR>
+__global__ void __launch_bounds__(256, 1) attention_backward_kernel4_dkdv(const AttnBwdParams p) {
+    using C = AttnBwdTile4<HD, BC, BR>;
+    constexpr int NT = C::THREADS, CH = HD / 8;
+    extern __shared__ unsigned char attn_smem4[];
+    unsigned char* sm = attn_smem4 + ((1024 - (attn_smem_u32(attn_smem4) & 1023)) & 1023);
+    const uint32_t sK = attn_smem_u32(sm), sV = sK + C::OFF_V, sQ = sK + C::OFF_Q, sdO = sK + C::OFF_DO;
+    float* sL = reinterpret_cast<float*>(sm + C::OFF_L);  // (2, BR) lse
+    float* sD = sL + 2 * BR;                               // (2, BR) D
+    int* sDs = reinterpret_cast<int*>(sD + 2 * BR);        // (2, BR) doc_start
+
+    const int T = p.T, nh = p.nh, nkv = p.nkv, G = nh / nkv;
+    const int b = blockIdx.x / nkv, kvh = blockIdx.x % nkv;
+    const int kt = blockIdx.y, k0 = kt * BC, k_last = min(k0 + BC, T) - 1;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3, wg = warp >> 2;
+    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
+    const int64_t qstride = (int64_t)nh * HD, kstride = (int64_t)nkv * HD;
+
+    {
+        const bf16* gK = p.k + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+        const bf16* gV = p.v + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+        for (int c = tid; c < BC * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, j = k0 + r;
+            const int64_t off = (j < T ? j : 0) * kstride + cc * 8;
+            attn_cp_async16(sK + wg_swz<BC>(r, cc * 8), gK + off, j < T);
+            attn_cp_async16(sV + wg_swz<BC>(r, cc * 8), gV + off, j < T);
+        }
+        attn_cp_async_commit();
+    }
+    int i_max = T - 1;  // last query that can see any of these keys (kernel2's search)
+    if (ds) {
+        int lo = k_last, hi = T - 1;
+        while (lo < hi) {
+            const int step = (hi - lo + NT - 1) / NT, pos = lo + (tid + 1) * step;
+            const int n_ok = __syncthreads_count(pos <= hi && ds[pos] <= k_last);
+            lo += n_ok * step;
+            hi = min(hi, lo + step - 1);
+        }
+        i_max = lo;
+    }
+    const int qt_lo = k0 / BR, qt_hi = i_max / BR, n_iter = G * (qt_hi - qt_lo + 1);
+
+    auto load_q = [&](int st, int it) {
+        const int hq = kvh * G + it % G, q0 = (qt_hi - it / G) * BR;
+        const int64_t base = (int64_t)b * T * qstride + (int64_t)hq * HD;
+        for (int c = tid; c < BR * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, i = q0 + r;
+            const int64_t off = base + (i < T ? i : 0) * qstride + cc * 8;
+            attn_cp_async16(sQ + st * C::QB + wg_swz<BR>(r, cc * 8), p.q + off, i < T);
+            attn_cp_async16(sdO + st * C::QB + wg_swz<BR>(r, cc * 8), p.dout + off, i < T);
+        }
+        for (int c = tid; c < 3 * BR; c += NT) {
+            const int which = c / BR, r = c % BR, i = q0 + r;
+            const int64_t li = ((int64_t)b * nh + hq) * T + (i < T ? i : 0);
+            if (which == 0) attn_cp_async4(attn_smem_u32(sL + st * BR + r), p.lse + li, i < T);
+            else if (which == 1) attn_cp_async4(attn_smem_u32(sD + st * BR + r), p.D + li, i < T);
+            else if (ds) attn_cp_async4(attn_smem_u32(sDs + st * BR + r), ds + (i < T ? i : 0), i < T);
+            else sDs[st * BR + r] = 0;
+        }
+    };
+    load_q(0, 0);
+    attn_cp_async_commit();
+
+    float dk[HD / 2], dv[HD / 2];  // (64 keys x HD) per warpgroup: [4 n + e] = key 16 warp + g + 8 (e >> 1), dim 8 n + 2 t4 + (e & 1)
+#pragma unroll
+    for (int n = 0; n < HD / 2; n++) dk[n] = dv[n] = 0.f;
+    const int kr0 = warp * 16;
+    const float sl2 = p.scale_log2;
+    const uint32_t kA = sK + wg * 64 * 128, vA = sV + wg * 64 * 128;  // this warpgroup's 64 key rows, column block 0
+
+    for (int it = 0; it < n_iter; it++) {
+        const int st = it & 1, q0 = (qt_hi - it / G) * BR;
+        attn_cp_async_wait_all();
+        wg_fence_proxy();  // the cp.async stores, before wgmma reads them
+        __syncthreads();   // stage st landed; both warpgroups are done with stage st ^ 1
+        if (it + 1 < n_iter) { load_q(st ^ 1, it + 1); attn_cp_async_commit(); }
+        const uint32_t cQ = sQ + st * C::QB, cdO = sdO + st * C::QB;
+        const float* cL = sL + st * BR;
+        const float* cD = sD + st * BR;
+        const int* cDs = sDs + st * BR;
+
+        // S^T = K Q^T and dP^T = V dO^T: (64 keys x BR queries) per warpgroup
+        float s[BR / 2], dp[BR / 2];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t ko = (kk >> 2) * BC * 128 + (kk & 3) * 32, qo = (kk >> 2) * BR * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(s, wg_desc(kA + ko, 16, 1024), wg_desc(cQ + qo, 16, 1024), kk);
+        }
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t ko = (kk >> 2) * BC * 128 + (kk & 3) * 32, qo = (kk >> 2) * BR * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(dp, wg_desc(vA + ko, 16, 1024), wg_desc(cdO + qo, 16, 1024), kk);
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(s); wg_fence_regs(dp);
+
+        // P^T = exp2(S^T * scale * log2e - lse * log2e), masked to 0; dS^T = P^T (dP^T - D)
+        const bool need_mask = k0 + BC - 1 > q0 || q0 + BR > T || (ds && k0 < cDs[BR - 1]);
+#pragma unroll
+        for (int n = 0; n < BR / 8; n++) {
+            const float2 l2 = *reinterpret_cast<const float2*>(cL + n * 8 + 2 * t4);
+            const float2 d2 = *reinterpret_cast<const float2*>(cD + n * 8 + 2 * t4);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float pt = attn_exp2(fmaf(s[4 * n + e], sl2, -(e & 1 ? l2.y : l2.x) * 1.44269504089f));
+                if (need_mask) {
+                    const int qc = n * 8 + 2 * t4 + (e & 1), i = q0 + qc, j = k0 + kr0 + g + (e >> 1) * 8;
+                    if (j > i || i >= T || j < cDs[qc]) pt = 0.f;
+                }
+                s[4 * n + e] = pt;
+                dp[4 * n + e] = pt * (dp[4 * n + e] - (e & 1 ? d2.y : d2.x));
+            }
+        }
+        uint32_t pa[BR / 16][4], da[BR / 16][4];  // bf16 A fragments of P^T and dS^T (16 keys x 16 queries per warp)
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++)
+#pragma unroll
+            for (int h = 0; h < 4; h++) {  // h: (row g | g + 8) x (cols 0-7 | 8-15) of the k16 block
+                const int n = 2 * kc + (h >> 1), e = (h & 1) * 2;
+                pa[kc][h] = attn_pack_bf16(s[4 * n + e], s[4 * n + e + 1]);
+                da[kc][h] = attn_pack_bf16(dp[4 * n + e], dp[4 * n + e + 1]);
+            }
+        // dV += P^T dO, dK += dS^T Q; complete before the next item's loads reuse this stage
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++) wg_mma_64x128_rs<1>(dv, pa[kc], wg_desc(cdO + kc * 2048, BR * 128, 1024));
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++) wg_mma_64x128_rs<1>(dk, da[kc], wg_desc(cQ + kc * 2048, BR * 128, 1024));
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(dk); wg_fence_regs(dv);
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int j = k0 + kr0 + g + 8 * r;
+        if (j >= T) continue;
+        const int64_t off = ((int64_t)b * T + j) * kstride + (int64_t)kvh * HD + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            *reinterpret_cast<uint32_t*>(p.dk + off + n * 8) = attn_pack_bf16(dk[4 * n + 2 * r] * p.scale, dk[4 * n + 2 * r + 1] * p.scale);
+            *reinterpret_cast<uint32_t*>(p.dv + off + n * 8) = attn_pack_bf16(dv[4 * n + 2 * r], dv[4 * n + 2 * r + 1]);
+        }
+    }
+}
+
+// kernel4_dq: BQ = 128 query rows of one head (warpgroup wg: rows 64 wg ..), 64-key tiles of its kv head,
+// double-buffered; query tiles are dispatched last first (they see the most keys).
+template <int HD, int BQ, int BK>
+struct AttnBwdTile4q {
+    static constexpr int THREADS = BQ / 64 * 128;
+    static constexpr int QB = BQ * HD * 2, KB = BK * HD * 2;  // bytes: Q (or dO) tile, K (or V) tile
+    static constexpr size_t OFF_DO = QB, OFF_K = 2 * QB, OFF_V = OFF_K + 2 * KB, SMEM = OFF_V + 2 * KB;  // Q, dO, K (2), V (2)
+    static constexpr size_t SMEM_ALLOC = SMEM + 1024;
+    static_assert(HD == 128 && BQ == 128 && BK == 64, "kernel4_dq: the warpgroup split below is written for these");
+};
+
+template <int HD, int BQ, int BK>
+__global__ void __launch_bounds__(BQ / 64 * 128, 1) attention_backward_kernel4_dq(const AttnBwdParams p) {
+    using C = AttnBwdTile4q<HD, BQ, BK>;
+    constexpr int NT = C::THREADS, CH = HD / 8;
+    extern __shared__ unsigned char attn_smem4q[];
+    unsigned char* sm = attn_smem4q + ((1024 - (attn_smem_u32(attn_smem4q) & 1023)) & 1023);
+    const uint32_t sQ = attn_smem_u32(sm), sdO = sQ + C::OFF_DO, sK = sQ + C::OFF_K, sV = sQ + C::OFF_V;
+
+    const int T = p.T, nh = p.nh, nkv = p.nkv, G = nh / nkv;
+    const int b = blockIdx.x / nh, h = blockIdx.x % nh, kvh = h / G;
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;  // the heaviest (last) query tiles first
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3, wg = warp >> 2;
+    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
+    const int64_t qstride = (int64_t)nh * HD, kstride = (int64_t)nkv * HD;
+    const bf16* gK = p.k + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+    const bf16* gV = p.v + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+
+    {
+        const int64_t base = (int64_t)b * T * qstride + (int64_t)h * HD;
+        for (int c = tid; c < BQ * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, i = q0 + r;
+            const int64_t off = base + (i < T ? i : 0) * qstride + cc * 8;
+            attn_cp_async16(sQ + wg_swz<BQ>(r, cc * 8), p.q + off, i < T);
+            attn_cp_async16(sdO + wg_swz<BQ>(r, cc * 8), p.dout + off, i < T);
+        }
+    }
+    auto load_kv = [&](int st, int kt) {
+        for (int c = tid; c < BK * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, j = kt * BK + r;
+            const int64_t off = (j < T ? j : 0) * kstride + cc * 8;
+            attn_cp_async16(sK + st * C::KB + wg_swz<BK>(r, cc * 8), gK + off, j < T);
+            attn_cp_async16(sV + st * C::KB + wg_swz<BK>(r, cc * 8), gV + off, j < T);
+        }
+    };
+    // key tiles: from the one holding the first row's document start to the last row's diagonal
+    const int q_last = min(q0 + BQ, T) - 1, kt_lo = (ds ? ds[q0] : 0) / BK, kt_hi = q_last / BK;
+    load_kv(0, kt_lo);
+    attn_cp_async_commit();
+
+    // this thread's two query rows (16 warp + g, + 8 within the tile): lse (pre-scaled by log2 e), D, doc_start
+    const int qr0 = warp * 16 + g;
+    float lse2[2], Dr[2];
+    int dsr[2], qi[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        qi[r] = q0 + qr0 + 8 * r;
+        const int64_t li = ((int64_t)b * nh + h) * T + min(qi[r], T - 1);
+        lse2[r] = p.lse[li] * 1.44269504089f;
+        Dr[r] = p.D[li];
+        dsr[r] = ds ? ds[min(qi[r], T - 1)] : 0;
+    }
+    float dq[HD / 2];  // (64 queries x HD) per warpgroup, the accumulator layout
+#pragma unroll
+    for (int n = 0; n < HD / 2; n++) dq[n] = 0.f;
+    const float sl2 = p.scale_log2;
+    const uint32_t qA = sQ + wg * 64 * 128, oA = sdO + wg * 64 * 128;  // this warpgroup's 64 query rows
+
+    for (int kt = kt_lo; kt <= kt_hi; kt++) {
+        const int st = (kt - kt_lo) & 1, k0 = kt * BK;
+        attn_cp_async_wait_all();
+        wg_fence_proxy();
+        __syncthreads();  // tile kt landed; both warpgroups are done with the other stage
+        if (kt < kt_hi) { load_kv(st ^ 1, kt + 1); attn_cp_async_commit(); }
+        const uint32_t cK = sK + st * C::KB, cV = sV + st * C::KB;
+
+        // S = Q K^T, dP = dO V^T: (64 queries x BK keys) per warpgroup
+        float s[BK / 2], dp[BK / 2];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(cK + ko, 16, 1024), kk);
+        }
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(dp, wg_desc(oA + qo, 16, 1024), wg_desc(cV + ko, 16, 1024), kk);
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(s); wg_fence_regs(dp);
+
+        // P = exp2(S * scale * log2e - lse * log2e), masked to 0; dS = P (dP - D), as bf16 A fragments
+        const bool need_mask = k0 + BK - 1 > q0 || k0 + BK > T || q0 + BQ > T || (ds && k0 < ds[q_last]);
+        uint32_t da[BK / 16][4];
+#pragma unroll
+        for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = e >> 1;
+                float pr = attn_exp2(fmaf(s[4 * n + e], sl2, -lse2[r]));
+                if (need_mask) {
+                    const int j = k0 + n * 8 + 2 * t4 + (e & 1);
+                    if (j > qi[r] || j >= T || qi[r] >= T || j < dsr[r]) pr = 0.f;
+                }
+                dp[4 * n + e] = pr * (dp[4 * n + e] - Dr[r]);
+            }
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+            for (int hh = 0; hh < 4; hh++) {
+                const int n = 2 * kc + (hh >> 1), e = (hh & 1) * 2;
+                da[kc][hh] = attn_pack_bf16(dp[4 * n + e], dp[4 * n + e + 1]);
+            }
+        // dQ += dS K (B = K, MN-major); complete before the next tile's loads reuse this stage
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++) wg_mma_64x128_rs<1>(dq, da[kc], wg_desc(cK + kc * 2048, BK * 128, 1024));
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(dq);
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (qi[r] >= T) continue;
+        const int64_t off = ((int64_t)b * T + qi[r]) * qstride + (int64_t)h * HD + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++)
+            *reinterpret_cast<uint32_t*>(p.dq + off + n * 8) = attn_pack_bf16(dq[4 * n + 2 * r] * p.scale, dq[4 * n + 2 * r + 1] * p.scale);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // launchers
 
@@ -963,7 +1263,22 @@ void attention_backward3_launch(const AttnBwdParams& p, cudaStream_t stream) {
     cudaCheck(cudaGetLastError());
 }
 
-// The two backward launches: preprocess (D, zero the dQ semaphores), then the main kernel (KERNEL 2 or 3).
+template <int HD>
+void attention_backward4_launch(const AttnBwdParams& p, cudaStream_t stream) {
+    using C = AttnBwdTile4<HD, 128, 64>;
+    using Cq = AttnBwdTile4q<HD, 128, 64>;
+    auto kdkdv = attention_backward_kernel4_dkdv<HD, 128, 64>;
+    auto kdq = attention_backward_kernel4_dq<HD, 128, 64>;
+    cudaCheck(cudaFuncSetAttribute(kdkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+    cudaCheck(cudaFuncSetAttribute(kdq, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Cq::SMEM_ALLOC));
+    kdq<<<dim3(p.B * p.nh, (p.T + 127) / 128), Cq::THREADS, Cq::SMEM_ALLOC, stream>>>(p);
+    cudaCheck(cudaGetLastError());
+    kdkdv<<<dim3(p.B * p.nkv, (p.T + 127) / 128), C::THREADS, C::SMEM_ALLOC, stream>>>(p);
+    cudaCheck(cudaGetLastError());
+}
+
+// The two backward launches: preprocess (D, zero the dQ semaphores), then the main kernel (KERNEL 2 or 3;
+// KERNEL 4: its two kernels).
 template <int HD, int BC, int BR, int MINB, bool DQ_PF, int KERNEL = 2>
 void attention_backward_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q, const bf16* k,
                            const bf16* v, const bf16* out, const float* lse, const int* doc_start,
@@ -978,7 +1293,8 @@ void attention_backward_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const b
     cudaCheck(cudaGetLastError());
     const float scale = 1.0f / sqrtf((float)HD);
     AttnBwdParams p{dq, dk, dv, dq_accum, dq_sem, D, dout, q, k, v, lse, doc_start, B, T, nh, nkv, scale, scale * 1.4426950408889634f};
-    if constexpr (KERNEL == 3) attention_backward3_launch<HD, BC, BR>(p, stream);
+    if constexpr (KERNEL == 4) attention_backward4_launch<HD>(p, stream);
+    else if constexpr (KERNEL == 3) attention_backward3_launch<HD, BC, BR>(p, stream);
     else attention_backward_launch<HD, BC, BR, MINB, DQ_PF>(p, stream);
 }
 
@@ -1005,6 +1321,6 @@ inline void attention_backward(bf16* dq, bf16* dk, bf16* dv, float* scratch, con
     // dev/cuda/attention_backward.cu variants 3a (hd 128 on Hopper), 2a (hd 128) and 2c (hd 64)
     if (hd == 64) attention_backward_hd<64, 128, 64, 1, true>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
     else if (attention_has_wgmma())
-        attention_backward_hd<128, 128, 64, 1, true, 3>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
+        attention_backward_hd<128, 128, 64, 1, true, 4>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
     else attention_backward_hd<128, 128, 64, 1, true>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
 }

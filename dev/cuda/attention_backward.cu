@@ -402,6 +402,7 @@ static const Variant VARIANTS[] = {
     {"1e", 128, attention_backward1_hd<128, 128, 32, 1>, attention_backward1_launch<128, 128, 32, 1>, "hd128 Bc128 Br32, 8 warps, 1 CTA/SM, atomics"},
     {"2a", 128, attention_backward_hd<128, 128, 64, 1, true>, attention_backward_launch<128, 128, 64, 1, true>, "hd128 Bc128 Br64, ordered dQ, smem prefetch (production)"},
     {"3a", 128, attention_backward_hd<128, 128, 64, 1, true, 3>, attention_backward3_launch<128, 128, 64>, "hd128 Bc128 Br64, ordered dQ, wgmma (2 warpgroups)"},
+    {"4a", 128, attention_backward_hd<128, 128, 64, 1, true, 4>, attention_backward4_launch<128>, "hd128 split: dK dV kernel + dQ kernel, wgmma, no dQ traffic"},
     {"2b", 128, attention_backward_hd<128, 128, 64, 1, false>, attention_backward_launch<128, 128, 64, 1, false>, "hd128 Bc128 Br64, ordered dQ, load after matmul"},
     {"1c", 64, attention_backward1_hd<64, 128, 64, 1>, attention_backward1_launch<64, 128, 64, 1>, "hd64 Bc128 Br64, 8 warps, 1 CTA/SM, atomics"},
     {"1d", 64, attention_backward1_hd<64, 64, 64, 2>, attention_backward1_launch<64, 64, 64, 2>, "hd64 Bc64 Br64, 4 warps, 2 CTA/SM, atomics"},
