@@ -191,19 +191,19 @@ struct Model {
     bf16* lora_bf16;                                     // (n_lora) compute copy
 };
 
-// Per-layer activations kept for backward. With --recompute only h and down_proj's LoRA u survive per
-// layer; the rest is one set of buffers that every layer reuses, refilled by re-running the layer's
-// forward in backward. u = x·[A..]ᵀ of a group (k LoRA'd projections: (N, k·r)) is kept from the
-// forward for backward's dB, so backward does not read x again for it.
+// Per-layer activations and dequantized weights kept for backward. With --recompute only h and
+// down_proj's LoRA u survive per layer; the rest is one set of buffers that every layer reuses, refilled
+// by re-running the layer's forward in backward. u = x·[A..]ᵀ of a group (k LoRA'd projections:
+// (N, k·r)) is kept from the forward for backward's dB, so backward does not read x again for it.
 struct Acts {
     int B, T, N;
     std::vector<bf16*> h;                 // (L+1) x (N, H) residual stream entering layer l; h[L] before the final norm
     struct Layer { bf16 *n1, *q, *k, *v, *att, *h_mid, *n2, *gate, *up, *uqkv, *uo, *ugu; float *rstd1, *rstd2, *lse; };
     std::vector<Layer> l;                 // (L), or (1) shared with --recompute; uqkv, uo, ugu (N, k·r) LoRA u of q|k|v, o, gate|up
     std::vector<bf16*> udown;             // (L) x (N, k·r) LoRA u of down_proj, per layer also with --recompute (a recompute stops before down_proj)
+    std::vector<std::array<bf16*, N_PROJ>> wdq;   // (L) x 7, or (1) x 7 shared with --recompute: dequantized weights (out, in) of the forward
     bf16* hf; float* rstdf;               // (N, H) final norm output, (N)
     // scratch (one purpose each)
-    bf16* wdq[N_PROJ];                    // dequantized weights of the current layer, (out, in) each
     bf16* delta;                          // (N, H) o_proj / down_proj output before the residual add
     bf16* act;                            // (N, I) swiglu output
     bf16* t;                              // (N, 3r) a group's [dy·B..] in backward
@@ -274,11 +274,12 @@ static int group_lora(const LoraConfig& lc, Group g, int* first) {   // LoRA'd p
 static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     const Config& c = t.m.cfg; const Options& o = t.o;
     size_t H = c.dim, I = c.hidden_dim, V = c.vocab_size, L = c.n_layers, q = c.q_dim(), kv = c.kv_dim(), N = (size_t)o.batch * o.seq, r = o.rank;
-    ar.assign(6, Arena());
-    Arena &W = ar[0], &P = ar[1], &A = ar[2], &U = ar[3], &S = ar[4], &G = ar[5];
+    ar.assign(7, Arena());
+    Arena &W = ar[0], &D = ar[1], &P = ar[2], &A = ar[3], &U = ar[4], &S = ar[5], &G = ar[6];
     W.role = "frozen weights (NF4 + bf16 embeddings/norms)"; P.role = "LoRA params, grads, AdamW"; A.role = "activations";
+    D.role = o.recompute ? "dequantized weights, one layer at a time" : "dequantized weights, all layers, for backward";
     U.role = "LoRA u = x A^T per group, kept for backward";
-    S.role = "scratch (dequant, CE, attention)"; G.role = "gradients of activations";
+    S.role = "scratch (CE, attention)"; G.role = "gradients of activations";
     Model& m = t.m; Acts& a = t.a;
     W.want(&m.embed, V * H); if (!c.tied) W.want(&m.lm_head, V * H);
     W.want(&m.final_norm, H); W.want(&m.inv_freq, (size_t)c.head_dim / 2);
@@ -296,7 +297,8 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     a.B = o.batch; a.T = o.seq; a.N = (int)N;
     a.h.resize(L + 1);
     for (size_t l = 0; l <= L; l++) A.want(&a.h[l], N * H);
-    a.l.resize(o.recompute ? 1 : L);
+    a.l.resize(o.recompute ? 1 : L); a.wdq.resize(o.recompute ? 1 : L);
+    for (auto& w : a.wdq) for (int p = 0; p < N_PROJ; p++) D.want(&w[p], (size_t)proj_out(c, p) * proj_in(c, p));
     auto ku = [&](Group g) { int first; return N * r * group_lora(m.lc, g, &first); };   // elements of a group's u (N, k·r)
     for (auto& ly : a.l) {
         A.want(&ly.n1, N * H); A.want(&ly.q, N * q); A.want(&ly.k, N * kv); A.want(&ly.v, N * kv); A.want(&ly.att, N * q);
@@ -307,12 +309,11 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     a.udown.resize(L);
     for (size_t l = 0; l < L; l++) U.want(&a.udown[l], ku(G_DOWN));
     A.want(&a.hf, N * H); A.want(&a.rstdf, N);
-    for (int p = 0; p < N_PROJ; p++) S.want(&a.wdq[p], (size_t)proj_out(c, p) * proj_in(c, p));
     S.want(&a.delta, N * H); S.want(&a.act, N * I); S.want(&a.t, N * r * 3);
     a.u = a.xdrop = nullptr; if (o.dropout > 0) { S.want(&a.u, N * r); S.want(&a.xdrop, N * std::max({I, q, H})); }
     S.want(&a.attn_scratch, attention_backward_scratch_bytes(o.batch, o.seq, c.n_heads, c.head_dim) / sizeof(float));
-    // lm_head + CE in chunks of ce_rows rows; with --recompute, half-size chunks (memory over a little speed)
-    a.ce_rows = ce_default_rows((int)V) / (o.recompute ? 2 : 1) / 8 * 8; if (a.ce_rows < 8) a.ce_rows = 8;
+    // lm_head + CE in chunks of ce_rows rows (254 MiB of logits at V = 128256)
+    a.ce_rows = ce_default_rows((int)V);
     a.ce_bytes = ce_scratch_bytes(a.ce_rows, (int)V); S.want((char**)&a.ce_scratch, a.ce_bytes);
     S.want((char**)&a.norm_scratch, grad_norm_scratch_bytes());
     S.want(&a.ids, N); S.want(&a.targets, N); S.want(&a.pos, N); S.want(&a.doc_start, N); S.want(&a.flags, 2); S.want(&a.losses, N); S.want(&a.loss_sum, 1); S.want(&a.norm, 1);
@@ -428,12 +429,16 @@ static void set_lora(Trainer& t, const float* host) {
 // ---------------------------------------------------------------------------------------------
 // forward and backward
 
+// layer l's buffers: its own without --recompute, the one shared set with it
+static Acts::Layer& acts(Trainer& t, int l) { return t.a.l[t.o.recompute ? 0 : l]; }
+static bf16* const* wdq(Trainer& t, int l) { return t.a.wdq[t.o.recompute ? 0 : l].data(); }
+
 static void dequant_layer(Trainer& t, int l) {
     const Config& c = t.m.cfg;
     mark(t, "NF4 dequantize");
     for (int p = 0; p < N_PROJ; p++) {
         const QWeight& q = t.m.w[l][p];
-        dequantize_4bit_nested_gpu(t.a.wdq[p], q.packed, q.absmax_q, q.absmax2, q.offset, (int64_t)proj_out(c, p) * proj_in(c, p), QT_NF4, QBS, t.s);
+        dequantize_4bit_nested_gpu(wdq(t, l)[p], q.packed, q.absmax_q, q.absmax2, q.offset, (int64_t)proj_out(c, p) * proj_in(c, p), QT_NF4, QBS, t.s);
     }
 }
 
@@ -462,7 +467,7 @@ static void linears_forward(Trainer& t, Group g, bf16* const* ys, const bf16* x,
             j++;
         }
         mark(t, "frozen GEMMs");
-        matmul(t.mm, ys[i], MM_BF16, x, t.a.wdq[p], N, out, in, false, true, 1.0f, lc.has(p) ? 1.0f : 0.0f);  // y += x·Wᵀ
+        matmul(t.mm, ys[i], MM_BF16, x, wdq(t, l)[p], N, out, in, false, true, 1.0f, lc.has(p) ? 1.0f : 0.0f);  // y += x·Wᵀ
     }
 }
 
@@ -484,7 +489,7 @@ static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, co
     if (fused) matmul(t.mm, dx, MM_BF16, t.a.t, lA(m, l, first), N, in, k * r, false, false, s, 0.0f);                         // dx = s·t·[A..]
     mark(t, "frozen GEMMs");
     for (int i = 0; i < g.n; i++)
-        matmul(t.mm, dx, MM_BF16, dys[i], t.a.wdq[g.first + i], N, in, proj_out(c, g.first + i), false, false, 1.0f, fused || i ? 1.0f : 0.0f);  // dx += dy·W
+        matmul(t.mm, dx, MM_BF16, dys[i], wdq(t, l)[g.first + i], N, in, proj_out(c, g.first + i), false, false, 1.0f, fused || i ? 1.0f : 0.0f);  // dx += dy·W
     if (drop)   // dropout: per projection, the mask regenerated from the counter
         for (int p = g.first, j = 0; p < g.first + g.n; p++) {
             if (!lc.has(p)) continue;
@@ -519,8 +524,6 @@ static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, co
 static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, const bf16* x, const bf16* u, int l, uint64_t drop_seed) {
     linears_backward(t, g, dx, dys, x, u, l, drop_seed, [] {});
 }
-
-static Acts::Layer& acts(Trainer& t, int l) { return t.a.l[t.o.recompute ? 0 : l]; }
 
 // One decoder layer. fresh: in the forward pass, where the residual h[l] = h_mid[l-1] + mlp_out[l-1]
 // is formed here, fused with input_layernorm; in a recompute (backward) h[l] is already stored.
@@ -571,7 +574,7 @@ static void backward(Trainer& t, uint64_t drop_seed) {
     rmsnorm_backward(a.dn, a.dres, a.h[c.n_layers], t.m.final_norm, a.rstdf, N, c.dim, false, t.s);
     std::swap(a.dres, a.dn);
     for (int l = c.n_layers - 1; l >= 0; l--) {
-        if (t.o.recompute) layer_forward(t, l, false, drop_seed); else dequant_layer(t, l);
+        if (t.o.recompute) layer_forward(t, l, false, drop_seed);   // without, layer l's activations and weights are the forward's
         Acts::Layer& y = acts(t, l);
         // MLP: h[l+1] = h_mid + down(silu(gate(n2)) * up(n2))
         // d act, then d gate and d up (in place over gate and up) and act itself again, which the
@@ -971,7 +974,7 @@ static std::vector<int> encode_prompt(const std::string& text, const Vocab* voca
 // --eval-examples too).
 static int sample_mode(Options o) {
     ql_assert(o.prompts.empty() != o.val.empty(), "qlora sample needs --prompt TEXT (one or more) or --val FILE, not both (see --help)");
-    o.batch = 1; o.seq = 1; o.steps = 0; o.train.clear();   // the trainer's buffers at their smallest: generation has its own
+    o.batch = 1; o.seq = 1; o.steps = 0; o.train.clear(); o.recompute = true;   // the trainer's buffers at their smallest (one layer's weights): generation has its own
     Trainer t; trainer_init(t, o);
     Vocab vocab; bool have_vocab = !o.vocab.empty() && file_exists(o.vocab);
     if (have_vocab) vocab_load(vocab, o.vocab);

@@ -24,17 +24,22 @@
 // doc_start[i] <= j <= i. Key tiles left of a query tile's first document are skipped, and
 // query tiles right of a key tile's last document are skipped, so a packed row costs about the
 // FLOPs of its documents (plus the diagonal tiles), not those of the whole causal triangle.
-// doc_start must be non-decreasing along a row: the tile skipping and the backward's dQ order rely
-// on it (the backward traps after some seconds rather than hang if it is not).
+// doc_start must be non-decreasing along a row: the tile skipping and kernel2's dQ order rely
+// on it (kernel2 traps after some seconds rather than hang if it is not).
 //
 // Sizes: hd in {64, 128} (templated), any T >= 1 (tails are zero-filled and masked), nh % nkv == 0.
 // Offsets are int64 (T up to 131072 and beyond). Pointers must be 16-byte aligned.
 //
-// Scratch: attention_backward_scratch_bytes(B, T, nh, hd) = 4 (B T nh hd + B nh T + B nh ceil(T/16)) bytes
-// (dq_accum, D, dQ semaphores); the backward initialises what it needs itself. H100, llama3-8b shapes
-// (B=4, T=2048, nh=32, nkv=8, hd=128): forward 0.47 ms (294 TFLOP/s causal), backward 2.13 ms (161 TFLOP/s,
-// both launches; kernel1's float atomics took 1.93 ms but gave different dq bits from run to run).
-// One 131072-token sequence (B=1, same heads): scratch 2.02 GiB, backward ~1.9 s (dev/cuda/attention_long.cu).
+// Hopper (sm_90a), hd 128: the same math on wgmma (kernels/wgmma.cuh): the forward's kernel2 (two warpgroups
+// of 64 query rows, 128-key tiles), and the backward split in two kernels, kernel4 (dK, dV per key tile; dQ
+// per query tile, recomputing S and dP: 7 matmuls instead of 5 but no dQ traffic between CTAs, deterministic
+// without semaphores). Other GPUs and hd 64: the forward's kernel1 and the backward's kernel2.
+//
+// Scratch: attention_backward_scratch_bytes(B, T, nh, hd): D (B nh T fp32) for kernel4; kernel2 adds dq_accum
+// (B T nh hd fp32) and the dQ semaphores; the backward initialises what it needs itself. H100, llama3-8b shapes
+// (B=4, T=2048, nh=32, nkv=8, hd=128): mma.sync forward 0.47 ms (291 TFLOP/s causal), backward 2.13 ms (161);
+// wgmma forward 0.42 ms (322-328, kernel2), backward 1.34 ms (255-256, kernel4).
+// One 131072-token sequence (B=1, same heads): kernel2's scratch 2.02 GiB, backward ~1.9 s (dev/cuda/attention_long.cu).
 // Version history, timings and profiles: dev/cuda/attention_forward.cu, dev/cuda/attention_backward.cu.
 #pragma once
 #include <cuda_runtime.h>  // defines: cudaStream_t, cudaFuncSetAttribute
@@ -42,7 +47,7 @@
 #include <stdint.h>        // defines: int64_t, uint32_t
 #include <math.h>          // defines: sqrtf, INFINITY
 #include "common.cuh"      // defines: bf16, cudaCheck, kernel_assert, is_aligned16
-#include "wgmma.cuh"       // defines: wg_swz, wg_desc, wg_mma_64x64_ss, wg_mma_64x128_rs (kernel3)
+#include "wgmma.cuh"       // defines: wg_swz, wg_desc, wg_mma_64x64_ss, wg_mma_64x128_rs (kernel4)
 
 // ---------------------------------------------------------------------------------------------
 // parameters
@@ -320,6 +325,161 @@ __global__ void __launch_bounds__(BR / (16 * RT) * 32, MINB) attention_forward_k
                 *reinterpret_cast<uint32_t*>(dst + n * 8) = attn_pack_bf16(o[rt][n][2 * r] * inv, o[rt][n][2 * r + 1] * inv);
             if (t4 == 0) p.lse[((int64_t)b * nh + h) * T + i] = (m[rt][r] * sl2 + __log2f(lr)) * 0.69314718056f;
         }
+}
+
+// kernel2 (hd 128, Hopper): kernel1's tiles and online softmax on wgmma. Two warpgroups of 64 query rows
+// (BQ = 128), 128-key tiles double-buffered in 128B-swizzled smem (kernels/wgmma.cuh):
+//   S = Q K^T   m64n128k16, A = this warpgroup's Q rows, B = the key tile       (both K-major)
+//   O += P V    m64n128k16, A = P from registers (bf16), B = the value tile     (MN-major)
+// Warp w still owns rows 16 w + g, + 8 (the accumulator layout is mma.sync's), so the softmax is kernel1's.
+template <int HD, int BQ, int BK>
+struct AttnFwdTile2 {
+    static constexpr int THREADS = BQ / 64 * 128;
+    static constexpr int QB = BQ * HD * 2, KB = BK * HD * 2;  // bytes: Q tile, K (or V) tile
+    static constexpr size_t OFF_K = QB, OFF_V = OFF_K + 2 * KB, SMEM = OFF_V + 2 * KB;  // Q, K (2 stages), V (2 stages)
+    static constexpr size_t SMEM_ALLOC = SMEM + 1024;  // the dynamic smem base is aligned up to 1024 bytes
+    static_assert(HD == 128 && BQ == 128 && BK == 128, "attention_forward_kernel2: written for these");
+};
+
+template <int HD, int BQ, int BK>
+__global__ void __launch_bounds__(BQ / 64 * 128, 1) attention_forward_kernel2(const AttnFwdParams p) {
+    using C = AttnFwdTile2<HD, BQ, BK>;
+    constexpr int NT = C::THREADS, CH = HD / 8;
+    extern __shared__ unsigned char attn_smemf2[];
+    unsigned char* sm = attn_smemf2 + ((1024 - (attn_smem_u32(attn_smemf2) & 1023)) & 1023);
+    const uint32_t sQ = attn_smem_u32(sm), sK = sQ + C::OFF_K, sV = sQ + C::OFF_V;
+
+    const int T = p.T, nh = p.nh, nkv = p.nkv;
+    const int b = blockIdx.x / nh, h = blockIdx.x % nh, kvh = h / (nh / nkv);
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;  // heaviest (last) query tiles first
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3, wg = warp >> 2;
+    const int q_last = min(q0 + BQ, T) - 1;
+    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
+    const int ds_max = ds ? ds[q_last] : 0;  // doc_start is non-decreasing along the row
+    const int t_lo = (ds ? ds[q0] : 0) / BK, t_hi = q_last / BK;
+    const int64_t qstride = (int64_t)nh * HD, kstride = (int64_t)nkv * HD;
+    const bf16* gQ = p.q + (int64_t)b * T * qstride + (int64_t)h * HD;
+    const bf16* gK = p.k + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+    const bf16* gV = p.v + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+
+    for (int c = tid; c < BQ * CH; c += NT) {
+        const int r = c / CH, cc = c % CH, i = q0 + r;
+        attn_cp_async16(sQ + wg_swz<BQ>(r, cc * 8), gQ + (i < T ? i : 0) * qstride + cc * 8, i < T);
+    }
+    auto load_kv = [&](int st, int t) {
+        for (int c = tid; c < BK * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, j = t * BK + r;
+            const int64_t off = (j < T ? j : 0) * kstride + cc * 8;
+            attn_cp_async16(sK + st * C::KB + wg_swz<BK>(r, cc * 8), gK + off, j < T);  // zero rows past T:
+            attn_cp_async16(sV + st * C::KB + wg_swz<BK>(r, cc * 8), gV + off, j < T);  // 0 * garbage could be NaN
+        }
+    };
+    load_kv(0, t_lo);
+    attn_cp_async_commit();
+
+    const int ia0 = q0 + warp * 16 + g;  // this lane's rows: ia0 and ia0 + 8
+    int dsa[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) dsa[r] = ds ? ds[min(ia0 + 8 * r, T - 1)] : 0;
+    const float sl2 = p.scale_log2;
+    float o[HD / 2];  // (64 rows x HD) per warpgroup: [4 n + e] = row 16 warp + g + 8 (e >> 1), dim 8 n + 2 t4 + (e & 1)
+#pragma unroll
+    for (int n = 0; n < HD / 2; n++) o[n] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // running max (raw score units), lane-partial sum
+    const uint32_t qA = sQ + wg * 64 * 128;  // this warpgroup's 64 query rows, column block 0
+
+    for (int t = t_lo; t <= t_hi; t++) {
+        const int st = (t - t_lo) & 1, k0 = t * BK;
+        attn_cp_async_wait_all();
+        wg_fence_proxy();  // the cp.async stores, before wgmma reads them
+        __syncthreads();   // tile t landed; both warpgroups are done with the other stage
+        if (t < t_hi) { load_kv(st ^ 1, t + 1); attn_cp_async_commit(); }
+        const uint32_t cK = sK + st * C::KB, cV = sV + st * C::KB;
+
+        // S = Q K^T: (64 rows x BK keys) per warpgroup
+        float s[BK / 2];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+            wg_mma_64x128_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(cK + ko, 16, 1024), kk);
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(s);
+
+        // mask only the tiles that cross the diagonal, the tail, or a document start
+        if (!(k0 + BK - 1 <= q0 && k0 >= ds_max)) {
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int j = k0 + n * 8 + 2 * t4 + (e & 1), i = ia0 + (e >> 1) * 8;
+                    if (j > i || j < dsa[e >> 1]) s[4 * n + e] = -INFINITY;
+                }
+        }
+        // online softmax, two rows per lane; a row fully masked so far keeps m = -inf and p = 0
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float mx = m[r];
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float msc = mx == -INFINITY ? 0.f : mx * sl2;
+            const float alpha = attn_exp2(m[r] * sl2 - msc);  // exp2(-inf) = 0 on the first tile
+            m[r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++) {
+                s[4 * n + 2 * r] = attn_exp2(fmaf(s[4 * n + 2 * r], sl2, -msc));
+                s[4 * n + 2 * r + 1] = attn_exp2(fmaf(s[4 * n + 2 * r + 1], sl2, -msc));
+                sum += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
+            }
+            l[r] = l[r] * alpha + sum;
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++) { o[4 * n + 2 * r] *= alpha; o[4 * n + 2 * r + 1] *= alpha; }
+        }
+        // O += P V: the S accumulators of key blocks 2 kc, 2 kc + 1 are the A fragment of key chunk kc
+        uint32_t pa[BK / 16][4];
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+            for (int hh = 0; hh < 4; hh++) {
+                const int n = 2 * kc + (hh >> 1), e = (hh & 1) * 2;
+                pa[kc][hh] = attn_pack_bf16(s[4 * n + e], s[4 * n + e + 1]);
+            }
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++) wg_mma_64x128_rs<1>(o, pa[kc], wg_desc(cV + kc * 2048, BK * 128, 1024));
+        wg_commit();
+        wg_wait<0>();  // before the next tile's loads reuse this stage
+        wg_fence_regs(o);
+    }
+    // epilogue: finish the row sums across the quad, normalise, store O and lse
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float lr = l[r];
+        lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+        lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+        const float inv = 1.f / lr;
+        const int i = ia0 + 8 * r;
+        if (i >= T) continue;
+        bf16* dst = p.out + ((int64_t)b * T + i) * qstride + (int64_t)h * HD + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++)
+            *reinterpret_cast<uint32_t*>(dst + n * 8) = attn_pack_bf16(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+        if (t4 == 0) p.lse[((int64_t)b * nh + h) * T + i] = (m[r] * sl2 + __log2f(lr)) * 0.69314718056f;
+    }
+}
+template <int HD, int BQ, int BK>
+void attention_forward2_launch(const AttnFwdParams& p, cudaStream_t stream) {
+    using C = AttnFwdTile2<HD, BQ, BK>;
+    auto kernel = attention_forward_kernel2<HD, BQ, BK>;
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+    dim3 grid(p.B * p.nh, (p.T + BQ - 1) / BQ);
+    kernel<<<grid, C::THREADS, C::SMEM_ALLOC, stream>>>(p);
+    cudaCheck(cudaGetLastError());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -667,244 +827,10 @@ __global__ void __launch_bounds__(BC / 16 * 32, MINB) attention_backward_kernel2
     }
 }
 
-// kernel3 (hd 128, Hopper): kernel2's schedule, items and ordered dQ, with the five matmuls on wgmma. Two
-// warpgroups of 64 keys each (warp w still owns keys 16 w .. 16 w + 15, so the softmax, dS, the dQ handoff
-// and the epilogue are kernel2's, fragment for fragment). Tiles live in 128B-swizzled smem (kernels/wgmma.cuh)
-// and serve both as K-major and as "transposed" (MN-major) operands, so nothing goes through ldmatrix:
-//   S^T = K Q^T, dP^T = V dO^T   m64n64k16, A = this warpgroup's 64 keys, B = the query tile   (both K-major)
-//   dV += P^T dO, dK += dS^T Q   m64n128k16, A = P^T, dS^T from registers, B = dO, Q           (MN-major)
-//   dQ = dS K                    m64n64k16, A = dS^T in smem, B = K's columns 64 wg ..        (both MN-major)
-template <int HD, int BC, int BR>
-struct AttnBwdTile3 {
-    static constexpr int THREADS = BC / 16 * 32, CB = HD / 64;  // CB: 64-wide column blocks of a row
-    static constexpr int KB = BC * HD * 2, QB = BR * HD * 2, SB = BC * BR * 2;  // bytes: K (or V), Q (or dO), dS^T tiles
-    // K, V, Q (2 stages), dO (2 stages), dS^T, the dq_accum prefetch (BR x HD fp32), lse, D, doc_start (2 stages)
-    static constexpr size_t OFF_V = KB, OFF_Q = 2 * KB, OFF_DO = OFF_Q + 2 * QB, OFF_DS = OFF_DO + 2 * QB,
-                            OFF_ACC = OFF_DS + SB, OFF_L = OFF_ACC + (size_t)BR * HD * 4, SMEM = OFF_L + 2 * 3 * BR * 4;
-    static constexpr size_t SMEM_ALLOC = SMEM + 1024;  // the dynamic smem base is aligned up to 1024 bytes
-    static_assert(HD == 128 && BC == 128 && BR == 64, "kernel3: the warpgroup split below is written for these");
-};
-
-template <int HD, int BC, int BR>
-__global__ void __launch_bounds__(BC / 16 * 32, 1) attention_backward_kernel3(const AttnBwdParams p) {
-    using C = AttnBwdTile3<HD, BC, BR>;
-    constexpr int NT = C::THREADS, CH = HD / 8, DCW = 64;
-    extern __shared__ unsigned char attn_smem3[];
-    unsigned char* sm = attn_smem3 + ((1024 - (attn_smem_u32(attn_smem3) & 1023)) & 1023);
-    const uint32_t sK = attn_smem_u32(sm), sV = sK + C::OFF_V, sQ = sK + C::OFF_Q, sdO = sK + C::OFF_DO, sdS = sK + C::OFF_DS;
-    float4* sAcc = reinterpret_cast<float4*>(sm + C::OFF_ACC);  // (8 warps, DCW/8, 32) lane-private dq_accum slots
-    float* sL = reinterpret_cast<float*>(sm + C::OFF_L);       // (2, BR) lse
-    float* sD = sL + 2 * BR;                                    // (2, BR) D
-    int* sDs = reinterpret_cast<int*>(sD + 2 * BR);             // (2, BR) doc_start
-
-    const int T = p.T, nh = p.nh, nkv = p.nkv, G = nh / nkv;
-    const int b = blockIdx.x / nkv, kvh = blockIdx.x % nkv;
-    const int kt = blockIdx.y, k0 = kt * BC, k_last = min(k0 + BC, T) - 1;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3, wg = warp >> 2;
-    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
-    const int64_t qstride = (int64_t)nh * HD, kstride = (int64_t)nkv * HD;
-    const int n_sem = (T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS;
-
-    {
-        const bf16* gK = p.k + (int64_t)b * T * kstride + (int64_t)kvh * HD;
-        const bf16* gV = p.v + (int64_t)b * T * kstride + (int64_t)kvh * HD;
-        for (int c = tid; c < BC * CH; c += NT) {
-            const int r = c / CH, cc = c % CH, j = k0 + r;
-            const int64_t off = (j < T ? j : 0) * kstride + cc * 8;
-            attn_cp_async16(sK + wg_swz<BC>(r, cc * 8), gK + off, j < T);
-            attn_cp_async16(sV + wg_swz<BC>(r, cc * 8), gV + off, j < T);
-        }
-        attn_cp_async_commit();
-    }
-    int i_max = T - 1;  // last query that can see any of these keys (kernel2's search)
-    if (ds) {
-        int lo = k_last, hi = T - 1;
-        while (lo < hi) {
-            const int step = (hi - lo + NT - 1) / NT, pos = lo + (tid + 1) * step;
-            const int n_ok = __syncthreads_count(pos <= hi && ds[pos] <= k_last);
-            lo += n_ok * step;
-            hi = min(hi, lo + step - 1);
-        }
-        i_max = lo;
-    }
-    const int qt_lo = k0 / BR, qt_hi = i_max / BR, n_iter = G * (qt_hi - qt_lo + 1);
-
-    auto load_q = [&](int st, int it) {
-        const int hq = kvh * G + it % G, q0 = (qt_hi - it / G) * BR;
-        const int64_t base = (int64_t)b * T * qstride + (int64_t)hq * HD;
-        for (int c = tid; c < BR * CH; c += NT) {
-            const int r = c / CH, cc = c % CH, i = q0 + r;
-            const int64_t off = base + (i < T ? i : 0) * qstride + cc * 8;
-            attn_cp_async16(sQ + st * C::QB + wg_swz<BR>(r, cc * 8), p.q + off, i < T);
-            attn_cp_async16(sdO + st * C::QB + wg_swz<BR>(r, cc * 8), p.dout + off, i < T);
-        }
-        for (int c = tid; c < 3 * BR; c += NT) {
-            const int which = c / BR, r = c % BR, i = q0 + r;
-            const int64_t li = ((int64_t)b * nh + hq) * T + (i < T ? i : 0);
-            if (which == 0) attn_cp_async4(attn_smem_u32(sL + st * BR + r), p.lse + li, i < T);
-            else if (which == 1) attn_cp_async4(attn_smem_u32(sD + st * BR + r), p.D + li, i < T);
-            else if (ds) attn_cp_async4(attn_smem_u32(sDs + st * BR + r), ds + (i < T ? i : 0), i < T);
-            else sDs[st * BR + r] = 0;
-        }
-    };
-    load_q(0, 0);
-    attn_cp_async_commit();
-
-    float dk[HD / 2], dv[HD / 2];  // (64 keys x HD) per warpgroup: [4 n + e] = key 16 warp + g + 8 (e >> 1), dim 8 n + 2 t4 + (e & 1)
-#pragma unroll
-    for (int n = 0; n < HD / 2; n++) dk[n] = dv[n] = 0.f;
-    const int kr0 = warp * 16, qr0 = (warp & 3) * 16, dc0 = wg * DCW;
-    const float sl2 = p.scale_log2;
-    const uint32_t kA = sK + wg * 64 * 128, vA = sV + wg * 64 * 128;  // this warpgroup's 64 key rows, column block 0
-    int* sem_done = nullptr;
-
-    for (int it = 0; it < n_iter; it++) {
-        const int st = it & 1, hq = kvh * G + it % G, qt = qt_hi - it / G, q0 = qt * BR;
-        attn_cp_async_wait_all();
-        wg_fence_proxy();  // the cp.async stores, and the last item's sAcc reads are done, before wgmma reads
-        __syncthreads();
-        if (it + 1 < n_iter) { load_q(st ^ 1, it + 1); attn_cp_async_commit(); }
-        const uint32_t cQ = sQ + st * C::QB, cdO = sdO + st * C::QB;
-        const float* cL = sL + st * BR;
-        const float* cD = sD + st * BR;
-        const int* cDs = sDs + st * BR;
-        const int kt_first = cDs[0] / BC, kt_last = (min(q0 + BR, T) - 1) / BC;
-        int* sem = p.dq_sem + ((int64_t)b * nh + hq) * n_sem + qt;
-        int seen = 0;
-        if (tid == 0 && kt > kt_first) seen = attn_ld_relaxed(sem);
-
-        // S^T = K Q^T and dP^T = V dO^T: (64 keys x BR queries) per warpgroup
-        float s[BR / 2], dp[BR / 2];
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
-            const uint32_t ko = (kk >> 2) * BC * 128 + (kk & 3) * 32, qo = (kk >> 2) * BR * 128 + (kk & 3) * 32;
-            wg_mma_64x64_ss<0, 0>(s, wg_desc(kA + ko, 16, 1024), wg_desc(cQ + qo, 16, 1024), kk);
-        }
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
-            const uint32_t ko = (kk >> 2) * BC * 128 + (kk & 3) * 32, qo = (kk >> 2) * BR * 128 + (kk & 3) * 32;
-            wg_mma_64x64_ss<0, 0>(dp, wg_desc(vA + ko, 16, 1024), wg_desc(cdO + qo, 16, 1024), kk);
-        }
-        wg_commit();
-        wg_wait<0>();
-        wg_fence_regs(s); wg_fence_regs(dp);
-
-        // P^T = exp2(S^T * scale * log2e - lse * log2e), masked to 0; dS^T = P^T (dP^T - D)
-        const bool need_mask = k0 + BC - 1 > q0 || q0 + BR > T || (ds && k0 < cDs[BR - 1]);
-#pragma unroll
-        for (int n = 0; n < BR / 8; n++) {
-            const float2 l2 = *reinterpret_cast<const float2*>(cL + n * 8 + 2 * t4);
-            const float2 d2 = *reinterpret_cast<const float2*>(cD + n * 8 + 2 * t4);
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float pt = attn_exp2(fmaf(s[4 * n + e], sl2, -(e & 1 ? l2.y : l2.x) * 1.44269504089f));
-                if (need_mask) {
-                    const int qc = n * 8 + 2 * t4 + (e & 1), i = q0 + qc, j = k0 + kr0 + g + (e >> 1) * 8;
-                    if (j > i || i >= T || j < cDs[qc]) pt = 0.f;
-                }
-                s[4 * n + e] = pt;
-                dp[4 * n + e] = pt * (dp[4 * n + e] - (e & 1 ? d2.y : d2.x));
-            }
-        }
-        uint32_t pa[BR / 16][4], da[BR / 16][4];  // bf16 A fragments of P^T and dS^T (16 keys x 16 queries per warp)
-#pragma unroll
-        for (int kc = 0; kc < BR / 16; kc++) {
-#pragma unroll
-            for (int h = 0; h < 4; h++) {  // h: (row g | g + 8) x (cols 0-7 | 8-15) of the k16 block
-                const int n = 2 * kc + (h >> 1), e = (h & 1) * 2;
-                pa[kc][h] = attn_pack_bf16(s[4 * n + e], s[4 * n + e + 1]);
-                da[kc][h] = attn_pack_bf16(dp[4 * n + e], dp[4 * n + e + 1]);
-                // dS^T row kr0 + g (+8), cols 16 kc + 2 t4 (+8): the A operand of dS K, stored swizzled
-                *reinterpret_cast<uint32_t*>(sm + C::OFF_DS + wg_swz<BC>(kr0 + g + 8 * (h & 1), 16 * kc + 8 * (h >> 1) + 2 * t4)) = da[kc][h];
-            }
-        }
-        // dV += P^T dO, dK += dS^T Q
-        wg_fence();
-#pragma unroll
-        for (int kc = 0; kc < BR / 16; kc++) wg_mma_64x128_rs<1>(dv, pa[kc], wg_desc(cdO + kc * 2048, BR * 128, 1024));
-#pragma unroll
-        for (int kc = 0; kc < BR / 16; kc++) wg_mma_64x128_rs<1>(dk, da[kc], wg_desc(cQ + kc * 2048, BR * 128, 1024));
-        wg_commit();
-
-        // our turn for dQ (kernel2's handoff; a hang traps without kernel2's message: any printf in the kernel makes
-        // ptxas serialize every wgmma)
-        bool stuck = false;
-        if (tid == 0) {
-            for (int polls = 0; kt > kt_first && seen < kt - kt_first; polls++) {
-                if (polls == (1 << 24)) { stuck = true; break; }
-                __nanosleep(32);
-                seen = attn_ld_relaxed(sem);
-            }
-            if (kt > kt_first || sem_done) attn_fence_acq_rel();
-            if (sem_done) attn_red_add1(sem_done);
-        }
-        wg_fence_proxy();  // this thread's dS^T stores, before the other warpgroup's wgmma reads them
-        __syncthreads();   // all of dS^T is in smem, and it is our turn
-        const bool first = kt == kt_first, last = kt == kt_last, odd = t4 & 1;
-        const int i = q0 + qr0 + g + (odd ? 8 : 0);
-        const int64_t qoff = ((int64_t)b * T + min(i, T - 1)) * qstride + (int64_t)hq * HD + dc0 + 2 * (t4 & 2);
-        float4* acc = sAcc + warp * (DCW / 8) * 32 + lane;
-        if (!first) {
-#pragma unroll
-            for (int n = 0; n < DCW / 8; n++) attn_cp_async16(attn_smem_u32(acc + n * 32), p.dq_accum + qoff + n * 8, i < T);
-            attn_cp_async_commit();
-        }
-        // dS K: rows q0 .. +BR, cols dc0 .. +64 (contraction over the BC keys)
-        float dq[DCW / 2];
-        wg_fence();
-#pragma unroll
-        for (int kc = 0; kc < BC / 16; kc++)
-            wg_mma_64x64_ss<1, 1>(dq, wg_desc(sdS + kc * 2048, BR * 128, 1024), wg_desc(sK + wg * BC * 128 + kc * 2048, BC * 128, 1024), kc);
-        wg_commit();
-        wg_wait<0>();
-        wg_fence_regs(dq); wg_fence_regs(dk); wg_fence_regs(dv);
-        if (stuck) __trap();
-        if (!first) attn_cp_async_wait_all();
-#pragma unroll
-        for (int n = 0; n < DCW / 8; n++) {
-            const float x0 = __shfl_xor_sync(0xffffffffu, odd ? dq[4 * n] : dq[4 * n + 2], 1);
-            const float x1 = __shfl_xor_sync(0xffffffffu, odd ? dq[4 * n + 1] : dq[4 * n + 3], 1);
-            float4 v4 = odd ? make_float4(x0, x1, dq[4 * n + 2], dq[4 * n + 3]) : make_float4(dq[4 * n], dq[4 * n + 1], x0, x1);
-            if (i >= T) continue;
-            if (!first) {
-                const float4 a = acc[n * 32];
-                v4 = make_float4(a.x + v4.x, a.y + v4.y, a.z + v4.z, a.w + v4.w);
-            }
-            if (last) {
-                const float sc = p.scale;
-                *reinterpret_cast<uint2*>(p.dq + qoff + n * 8) =
-                    make_uint2(attn_pack_bf16(v4.x * sc, v4.y * sc), attn_pack_bf16(v4.z * sc, v4.w * sc));
-            } else {
-                __stcg(reinterpret_cast<float4*>(p.dq_accum + qoff + n * 8), v4);
-            }
-        }
-        if (!last) sem_done = sem;
-        else {
-            sem_done = nullptr;
-            if (tid == 0 && !first) *sem = 0;
-        }
-    }
-    __syncthreads();
-    if (tid == 0 && sem_done) { attn_fence_acq_rel(); attn_red_add1(sem_done); }
-
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        const int j = k0 + kr0 + g + 8 * r;
-        if (j >= T) continue;
-        const int64_t off = ((int64_t)b * T + j) * kstride + (int64_t)kvh * HD + 2 * t4;
-#pragma unroll
-        for (int n = 0; n < HD / 8; n++) {
-            *reinterpret_cast<uint32_t*>(p.dk + off + n * 8) = attn_pack_bf16(dk[4 * n + 2 * r] * p.scale, dk[4 * n + 2 * r + 1] * p.scale);
-            *reinterpret_cast<uint32_t*>(p.dv + off + n * 8) = attn_pack_bf16(dv[4 * n + 2 * r], dv[4 * n + 2 * r + 1]);
-        }
-    }
-}
-
 // kernel4 (hd 128, Hopper): the backward split in two kernels that share nothing but their inputs, so no dQ
-// traffic between CTAs (kernel3's ordered dq_accum read-modify-write is half its time: 3a 1.72 ms, the same
-// kernel without the dQ adds 0.87 ms). Costs two more matmuls per (query, key) tile pair (S and dP again),
-// 7 instead of 5, and is deterministic by construction (no semaphores, no float atomics).
+// traffic between CTAs. kernel3 (dev/cuda/attention_backward.cu: kernel2's schedule and ordered dQ on wgmma)
+// spent half its time on that traffic: 1.72 ms, 0.87 without the dq_accum adds. The split costs two more
+// matmuls per (query, key) tile pair (S and dP again), 7 instead of 5, and is deterministic by construction.
 //   kernel4_dkdv: one CTA per (kv head, 128-key tile), kernel3 without dQ: S^T, dP^T, dV += P^T dO, dK += dS^T Q
 //   kernel4_dq:   one CTA per (query head, 128-query tile), two warpgroups of 64 queries; per 64-key tile:
 //                 S = Q K^T, dP = dO V^T (m64n64k16, K-major), dS = P (dP - D), dQ += dS K (m64n128k16, A = dS
@@ -1212,6 +1138,19 @@ inline void attention_check_args(const void* const* ptrs, int nptrs, int B, int 
     for (int i = 0; i < nptrs; i++) kernel_assert(is_aligned16(ptrs[i]), "attention: tensor argument %d is not 16-byte aligned", i);
 }
 
+// wgmma needs a Hopper GPU (compute capability 9.0) and this build's sm_90a code
+inline bool attention_has_wgmma() {
+    static int cc = -1;
+    if (cc < 0) {
+        int dev = 0, major = 0, minor = 0;
+        cudaCheck(cudaGetDevice(&dev));
+        cudaCheck(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+        cudaCheck(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+        cc = major * 10 + minor;
+    }
+    return cc == 90;
+}
+
 template <int HD, int BR, int BC, int RT, int MINB, bool QREG>
 void attention_forward_launch(const AttnFwdParams& p, cudaStream_t stream) {
     using C = AttnFwdTile<HD, BR, BC, RT>;
@@ -1228,17 +1167,23 @@ inline void attention_forward(bf16* out, float* lse, const bf16* q, const bf16* 
     const void* ptrs[] = {out, q, k, v};
     attention_check_args(ptrs, 4, B, T, nh, nkv, hd);
     AttnFwdParams p{out, lse, q, k, v, doc_start, B, T, nh, nkv, 1.4426950408889634f / sqrtf((float)hd)};
-    // dev/cuda/attention_forward.cu variants 1l (hd 64) and 1h (hd 128): the fastest measured on H100
+    // dev/cuda/attention_forward.cu variants 1l (hd 64), 2a (hd 128 on Hopper) and 1h (hd 128): the fastest measured on H100
     // at the llama3 shapes (4 warps of 32 query rows each, 2 CTAs/SM)
     if (hd == 64) attention_forward_launch<64, 128, 64, 2, 2, true>(p, stream);
+    else if (attention_has_wgmma()) attention_forward2_launch<128, 128, 128>(p, stream);
     else attention_forward_launch<128, 128, 64, 2, 2, false>(p, stream);
 }
 
-// Scratch for attention_backward, in bytes: dq_accum (B, T, nh, hd) fp32, D (B, nh, T) fp32, then the
-// dQ semaphores (B, nh, ceil(T / 16)) int. The backward initialises what it needs itself.
-inline size_t attention_backward_scratch_bytes(int B, int T, int nh, int hd) {
+// kernel4 (wgmma) on Hopper for hd 128, kernel2 otherwise
+inline bool attention_backward_uses_kernel4(int hd) { return hd == 128 && attention_has_wgmma(); }
+// kernel2's scratch, in bytes: dq_accum (B, T, nh, hd) fp32, D (B, nh, T) fp32, the dQ semaphores (B, nh, ceil(T / 16)) int
+inline size_t attention_backward_kernel2_scratch_bytes(int B, int T, int nh, int hd) {
     const size_t n_sem = (size_t)B * nh * ((T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS);
     return ((size_t)B * T * nh * hd + (size_t)B * nh * T) * sizeof(float) + n_sem * sizeof(int);
+}
+// Scratch for attention_backward, in bytes: kernel2's, or D alone for kernel4. The backward initialises what it needs.
+inline size_t attention_backward_scratch_bytes(int B, int T, int nh, int hd) {
+    return attention_backward_uses_kernel4(hd) ? (size_t)B * nh * T * sizeof(float) : attention_backward_kernel2_scratch_bytes(B, T, nh, hd);
 }
 
 template <int HD, int BC, int BR, int MINB, bool DQ_PF>
@@ -1250,16 +1195,6 @@ void attention_backward_launch(const AttnBwdParams& p, cudaStream_t stream) {
     // blockIdx.y is the key tile: the dQ order needs tile kt - 1's CTA dispatched before tile kt's
     dim3 grid(p.B * p.nkv, (p.T + BC - 1) / BC);
     kernel<<<grid, C::THREADS, smem, stream>>>(p);
-    cudaCheck(cudaGetLastError());
-}
-
-template <int HD, int BC, int BR>
-void attention_backward3_launch(const AttnBwdParams& p, cudaStream_t stream) {
-    using C = AttnBwdTile3<HD, BC, BR>;
-    auto kernel = attention_backward_kernel3<HD, BC, BR>;
-    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
-    dim3 grid(p.B * p.nkv, (p.T + BC - 1) / BC);  // as kernel2: key tile kt - 1 dispatched before kt
-    kernel<<<grid, C::THREADS, C::SMEM_ALLOC, stream>>>(p);
     cudaCheck(cudaGetLastError());
 }
 
@@ -1277,16 +1212,16 @@ void attention_backward4_launch(const AttnBwdParams& p, cudaStream_t stream) {
     cudaCheck(cudaGetLastError());
 }
 
-// The two backward launches: preprocess (D, zero the dQ semaphores), then the main kernel (KERNEL 2 or 3;
-// KERNEL 4: its two kernels).
+// The backward launches: preprocess (D, zero the dQ semaphores), then kernel2, or kernel4's two kernels.
 template <int HD, int BC, int BR, int MINB, bool DQ_PF, int KERNEL = 2>
 void attention_backward_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q, const bf16* k,
                            const bf16* v, const bf16* out, const float* lse, const int* doc_start,
                            int B, int T, int nh, int nkv, cudaStream_t stream) {
-    float* dq_accum = scratch;                                         // (B, T, nh, HD)
-    float* D = dq_accum + (size_t)B * T * nh * HD;                     // (B, nh, T)
-    int* dq_sem = reinterpret_cast<int*>(D + (size_t)B * nh * T);      // (B, nh, ceil(T/16))
-    const int64_t rows = (int64_t)B * T * nh, n_sem = (int64_t)B * nh * ((T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS);
+    // kernel2: dq_accum (B, T, nh, HD), D (B, nh, T), dq_sem (B, nh, ceil(T/16)); kernel4: D alone
+    float* dq_accum = KERNEL == 4 ? nullptr : scratch;
+    float* D = KERNEL == 4 ? scratch : scratch + (size_t)B * T * nh * HD;
+    int* dq_sem = KERNEL == 4 ? nullptr : reinterpret_cast<int*>(D + (size_t)B * nh * T);
+    const int64_t rows = (int64_t)B * T * nh, n_sem = KERNEL == 4 ? 0 : (int64_t)B * nh * ((T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS);
     const int block = 256;
     attention_backward_preprocess_kernel2<HD><<<(unsigned)((rows * (HD / 8) + block - 1) / block), block, 0, stream>>>(
         D, dq_sem, out, dout, B, T, nh, n_sem);
@@ -1294,22 +1229,9 @@ void attention_backward_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const b
     const float scale = 1.0f / sqrtf((float)HD);
     AttnBwdParams p{dq, dk, dv, dq_accum, dq_sem, D, dout, q, k, v, lse, doc_start, B, T, nh, nkv, scale, scale * 1.4426950408889634f};
     if constexpr (KERNEL == 4) attention_backward4_launch<HD>(p, stream);
-    else if constexpr (KERNEL == 3) attention_backward3_launch<HD, BC, BR>(p, stream);
     else attention_backward_launch<HD, BC, BR, MINB, DQ_PF>(p, stream);
 }
 
-// wgmma needs a Hopper GPU (compute capability 9.0) and this build's sm_90a code
-inline bool attention_has_wgmma() {
-    static int cc = -1;
-    if (cc < 0) {
-        int dev = 0, major = 0, minor = 0;
-        cudaCheck(cudaGetDevice(&dev));
-        cudaCheck(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-        cudaCheck(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-        cc = major * 10 + minor;
-    }
-    return cc == 90;
-}
 
 // dq, dk, dv from dout, the forward's inputs, out and lse. scratch: attention_backward_scratch_bytes().
 // Bitwise deterministic: the same inputs give the same dq, dk, dv bits on every run.
@@ -1320,7 +1242,7 @@ inline void attention_backward(bf16* dq, bf16* dk, bf16* dv, float* scratch, con
     attention_check_args(ptrs, 9, B, T, nh, nkv, hd);
     // dev/cuda/attention_backward.cu variants 3a (hd 128 on Hopper), 2a (hd 128) and 2c (hd 64)
     if (hd == 64) attention_backward_hd<64, 128, 64, 1, true>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
-    else if (attention_has_wgmma())
+    else if (attention_backward_uses_kernel4(hd))
         attention_backward_hd<128, 128, 64, 1, true, 4>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
     else attention_backward_hd<128, 128, 64, 1, true>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
 }

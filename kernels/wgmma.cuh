@@ -65,6 +65,25 @@ __device__ __forceinline__ void wg_mma_64x64_ss(float (&d)[32], uint64_t da, uin
 #endif
 }
 
+// d (64 x 128) (+)= A (64 x 16, smem) B (16 x 128, smem); as wg_mma_64x64_ss
+template <int TA, int TB>
+__device__ __forceinline__ void wg_mma_64x128_ss(float (&d)[64], uint64_t da, uint64_t db, int acc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, %67, %68;\n}\n"
+        : WG_R8(0), WG_R8(8), WG_R8(16), WG_R8(24), WG_R8(32), WG_R8(40), WG_R8(48), WG_R8(56)
+        : "l"(da), "l"(db), "r"(acc), "n"(TA), "n"(TB));
+#else
+    __trap();
+#endif
+}
+
 // d (64 x 128) += A (64 x 16, registers: this warp's mma.sync A fragment) B (16 x 128, smem); TB as above
 template <int TB>
 __device__ __forceinline__ void wg_mma_64x128_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t db) {

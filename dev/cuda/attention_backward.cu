@@ -391,6 +391,449 @@ void attention_backward1_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const 
 }
 
 // ---------------------------------------------------------------------------------------------
+// kernel3 (graduated, then replaced by kernel4: the ordered dQ traffic was half its time)
+
+// kernel3 (hd 128, Hopper): kernel2's schedule, items and ordered dQ, with the five matmuls on wgmma. Two
+// warpgroups of 64 keys each (warp w still owns keys 16 w .. 16 w + 15, so the softmax, dS, the dQ handoff
+// and the epilogue are kernel2's, fragment for fragment). Tiles live in 128B-swizzled smem (kernels/wgmma.cuh)
+// and serve both as K-major and as "transposed" (MN-major) operands, so nothing goes through ldmatrix:
+//   S^T = K Q^T, dP^T = V dO^T   m64n64k16, A = this warpgroup's 64 keys, B = the query tile   (both K-major)
+//   dV += P^T dO, dK += dS^T Q   m64n128k16, A = P^T, dS^T from registers, B = dO, Q           (MN-major)
+//   dQ = dS K                    m64n64k16, A = dS^T in smem, B = K's columns 64 wg ..        (both MN-major)
+template <int HD, int BC, int BR>
+struct AttnBwdTile3 {
+    static constexpr int THREADS = BC / 16 * 32, CB = HD / 64;  // CB: 64-wide column blocks of a row
+    static constexpr int KB = BC * HD * 2, QB = BR * HD * 2, SB = BC * BR * 2;  // bytes: K (or V), Q (or dO), dS^T tiles
+    // K, V, Q (2 stages), dO (2 stages), dS^T, the dq_accum prefetch (BR x HD fp32), lse, D, doc_start (2 stages)
+    static constexpr size_t OFF_V = KB, OFF_Q = 2 * KB, OFF_DO = OFF_Q + 2 * QB, OFF_DS = OFF_DO + 2 * QB,
+                            OFF_ACC = OFF_DS + SB, OFF_L = OFF_ACC + (size_t)BR * HD * 4, SMEM = OFF_L + 2 * 3 * BR * 4;
+    static constexpr size_t SMEM_ALLOC = SMEM + 1024;  // the dynamic smem base is aligned up to 1024 bytes
+    static_assert(HD == 128 && BC == 128 && BR == 64, "kernel3: the warpgroup split below is written for these");
+};
+
+template <int HD, int BC, int BR>
+__global__ void __launch_bounds__(BC / 16 * 32, 1) attention_backward_kernel3(const AttnBwdParams p) {
+    using C = AttnBwdTile3<HD, BC, BR>;
+    constexpr int NT = C::THREADS, CH = HD / 8, DCW = 64;
+    extern __shared__ unsigned char attn_smem3[];
+    unsigned char* sm = attn_smem3 + ((1024 - (attn_smem_u32(attn_smem3) & 1023)) & 1023);
+    const uint32_t sK = attn_smem_u32(sm), sV = sK + C::OFF_V, sQ = sK + C::OFF_Q, sdO = sK + C::OFF_DO, sdS = sK + C::OFF_DS;
+    float4* sAcc = reinterpret_cast<float4*>(sm + C::OFF_ACC);  // (8 warps, DCW/8, 32) lane-private dq_accum slots
+    float* sL = reinterpret_cast<float*>(sm + C::OFF_L);       // (2, BR) lse
+    float* sD = sL + 2 * BR;                                    // (2, BR) D
+    int* sDs = reinterpret_cast<int*>(sD + 2 * BR);             // (2, BR) doc_start
+
+    const int T = p.T, nh = p.nh, nkv = p.nkv, G = nh / nkv;
+    const int b = blockIdx.x / nkv, kvh = blockIdx.x % nkv;
+    const int kt = blockIdx.y, k0 = kt * BC, k_last = min(k0 + BC, T) - 1;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3, wg = warp >> 2;
+    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
+    const int64_t qstride = (int64_t)nh * HD, kstride = (int64_t)nkv * HD;
+    const int n_sem = (T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS;
+
+    {
+        const bf16* gK = p.k + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+        const bf16* gV = p.v + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+        for (int c = tid; c < BC * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, j = k0 + r;
+            const int64_t off = (j < T ? j : 0) * kstride + cc * 8;
+            attn_cp_async16(sK + wg_swz<BC>(r, cc * 8), gK + off, j < T);
+            attn_cp_async16(sV + wg_swz<BC>(r, cc * 8), gV + off, j < T);
+        }
+        attn_cp_async_commit();
+    }
+    int i_max = T - 1;  // last query that can see any of these keys (kernel2's search)
+    if (ds) {
+        int lo = k_last, hi = T - 1;
+        while (lo < hi) {
+            const int step = (hi - lo + NT - 1) / NT, pos = lo + (tid + 1) * step;
+            const int n_ok = __syncthreads_count(pos <= hi && ds[pos] <= k_last);
+            lo += n_ok * step;
+            hi = min(hi, lo + step - 1);
+        }
+        i_max = lo;
+    }
+    const int qt_lo = k0 / BR, qt_hi = i_max / BR, n_iter = G * (qt_hi - qt_lo + 1);
+
+    auto load_q = [&](int st, int it) {
+        const int hq = kvh * G + it % G, q0 = (qt_hi - it / G) * BR;
+        const int64_t base = (int64_t)b * T * qstride + (int64_t)hq * HD;
+        for (int c = tid; c < BR * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, i = q0 + r;
+            const int64_t off = base + (i < T ? i : 0) * qstride + cc * 8;
+            attn_cp_async16(sQ + st * C::QB + wg_swz<BR>(r, cc * 8), p.q + off, i < T);
+            attn_cp_async16(sdO + st * C::QB + wg_swz<BR>(r, cc * 8), p.dout + off, i < T);
+        }
+        for (int c = tid; c < 3 * BR; c += NT) {
+            const int which = c / BR, r = c % BR, i = q0 + r;
+            const int64_t li = ((int64_t)b * nh + hq) * T + (i < T ? i : 0);
+            if (which == 0) attn_cp_async4(attn_smem_u32(sL + st * BR + r), p.lse + li, i < T);
+            else if (which == 1) attn_cp_async4(attn_smem_u32(sD + st * BR + r), p.D + li, i < T);
+            else if (ds) attn_cp_async4(attn_smem_u32(sDs + st * BR + r), ds + (i < T ? i : 0), i < T);
+            else sDs[st * BR + r] = 0;
+        }
+    };
+    load_q(0, 0);
+    attn_cp_async_commit();
+
+    float dk[HD / 2], dv[HD / 2];  // (64 keys x HD) per warpgroup: [4 n + e] = key 16 warp + g + 8 (e >> 1), dim 8 n + 2 t4 + (e & 1)
+#pragma unroll
+    for (int n = 0; n < HD / 2; n++) dk[n] = dv[n] = 0.f;
+    const int kr0 = warp * 16, qr0 = (warp & 3) * 16, dc0 = wg * DCW;
+    const float sl2 = p.scale_log2;
+    const uint32_t kA = sK + wg * 64 * 128, vA = sV + wg * 64 * 128;  // this warpgroup's 64 key rows, column block 0
+    int* sem_done = nullptr;
+
+    for (int it = 0; it < n_iter; it++) {
+        const int st = it & 1, hq = kvh * G + it % G, qt = qt_hi - it / G, q0 = qt * BR;
+        attn_cp_async_wait_all();
+        wg_fence_proxy();  // the cp.async stores, and the last item's sAcc reads are done, before wgmma reads
+        __syncthreads();
+        if (it + 1 < n_iter) { load_q(st ^ 1, it + 1); attn_cp_async_commit(); }
+        const uint32_t cQ = sQ + st * C::QB, cdO = sdO + st * C::QB;
+        const float* cL = sL + st * BR;
+        const float* cD = sD + st * BR;
+        const int* cDs = sDs + st * BR;
+        const int kt_first = cDs[0] / BC, kt_last = (min(q0 + BR, T) - 1) / BC;
+        int* sem = p.dq_sem + ((int64_t)b * nh + hq) * n_sem + qt;
+        int seen = 0;
+        if (tid == 0 && kt > kt_first) seen = attn_ld_relaxed(sem);
+
+        // S^T = K Q^T and dP^T = V dO^T: (64 keys x BR queries) per warpgroup
+        float s[BR / 2], dp[BR / 2];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t ko = (kk >> 2) * BC * 128 + (kk & 3) * 32, qo = (kk >> 2) * BR * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(s, wg_desc(kA + ko, 16, 1024), wg_desc(cQ + qo, 16, 1024), kk);
+        }
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t ko = (kk >> 2) * BC * 128 + (kk & 3) * 32, qo = (kk >> 2) * BR * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(dp, wg_desc(vA + ko, 16, 1024), wg_desc(cdO + qo, 16, 1024), kk);
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(s); wg_fence_regs(dp);
+
+        // P^T = exp2(S^T * scale * log2e - lse * log2e), masked to 0; dS^T = P^T (dP^T - D)
+        const bool need_mask = k0 + BC - 1 > q0 || q0 + BR > T || (ds && k0 < cDs[BR - 1]);
+#pragma unroll
+        for (int n = 0; n < BR / 8; n++) {
+            const float2 l2 = *reinterpret_cast<const float2*>(cL + n * 8 + 2 * t4);
+            const float2 d2 = *reinterpret_cast<const float2*>(cD + n * 8 + 2 * t4);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float pt = attn_exp2(fmaf(s[4 * n + e], sl2, -(e & 1 ? l2.y : l2.x) * 1.44269504089f));
+                if (need_mask) {
+                    const int qc = n * 8 + 2 * t4 + (e & 1), i = q0 + qc, j = k0 + kr0 + g + (e >> 1) * 8;
+                    if (j > i || i >= T || j < cDs[qc]) pt = 0.f;
+                }
+                s[4 * n + e] = pt;
+                dp[4 * n + e] = pt * (dp[4 * n + e] - (e & 1 ? d2.y : d2.x));
+            }
+        }
+        uint32_t pa[BR / 16][4], da[BR / 16][4];  // bf16 A fragments of P^T and dS^T (16 keys x 16 queries per warp)
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++) {
+#pragma unroll
+            for (int h = 0; h < 4; h++) {  // h: (row g | g + 8) x (cols 0-7 | 8-15) of the k16 block
+                const int n = 2 * kc + (h >> 1), e = (h & 1) * 2;
+                pa[kc][h] = attn_pack_bf16(s[4 * n + e], s[4 * n + e + 1]);
+                da[kc][h] = attn_pack_bf16(dp[4 * n + e], dp[4 * n + e + 1]);
+                // dS^T row kr0 + g (+8), cols 16 kc + 2 t4 (+8): the A operand of dS K, stored swizzled
+                *reinterpret_cast<uint32_t*>(sm + C::OFF_DS + wg_swz<BC>(kr0 + g + 8 * (h & 1), 16 * kc + 8 * (h >> 1) + 2 * t4)) = da[kc][h];
+            }
+        }
+        // dV += P^T dO, dK += dS^T Q
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++) wg_mma_64x128_rs<1>(dv, pa[kc], wg_desc(cdO + kc * 2048, BR * 128, 1024));
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++) wg_mma_64x128_rs<1>(dk, da[kc], wg_desc(cQ + kc * 2048, BR * 128, 1024));
+        wg_commit();
+
+        // our turn for dQ (kernel2's handoff; a hang traps without kernel2's message: any printf in the kernel makes
+        // ptxas serialize every wgmma)
+        bool stuck = false;
+        if (tid == 0) {
+            for (int polls = 0; kt > kt_first && seen < kt - kt_first; polls++) {
+                if (polls == (1 << 24)) { stuck = true; break; }
+                __nanosleep(32);
+                seen = attn_ld_relaxed(sem);
+            }
+            if (kt > kt_first || sem_done) attn_fence_acq_rel();
+            if (sem_done) attn_red_add1(sem_done);
+        }
+        wg_fence_proxy();  // this thread's dS^T stores, before the other warpgroup's wgmma reads them
+        __syncthreads();   // all of dS^T is in smem, and it is our turn
+        const bool first = kt == kt_first, last = kt == kt_last, odd = t4 & 1;
+        const int i = q0 + qr0 + g + (odd ? 8 : 0);
+        const int64_t qoff = ((int64_t)b * T + min(i, T - 1)) * qstride + (int64_t)hq * HD + dc0 + 2 * (t4 & 2);
+        float4* acc = sAcc + warp * (DCW / 8) * 32 + lane;
+        if (!first) {
+#pragma unroll
+            for (int n = 0; n < DCW / 8; n++) attn_cp_async16(attn_smem_u32(acc + n * 32), p.dq_accum + qoff + n * 8, i < T);
+            attn_cp_async_commit();
+        }
+        // dS K: rows q0 .. +BR, cols dc0 .. +64 (contraction over the BC keys)
+        float dq[DCW / 2];
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < BC / 16; kc++)
+            wg_mma_64x64_ss<1, 1>(dq, wg_desc(sdS + kc * 2048, BR * 128, 1024), wg_desc(sK + wg * BC * 128 + kc * 2048, BC * 128, 1024), kc);
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(dq); wg_fence_regs(dk); wg_fence_regs(dv);
+        if (stuck) __trap();
+        if (!first) attn_cp_async_wait_all();
+#pragma unroll
+        for (int n = 0; n < DCW / 8; n++) {
+            const float x0 = __shfl_xor_sync(0xffffffffu, odd ? dq[4 * n] : dq[4 * n + 2], 1);
+            const float x1 = __shfl_xor_sync(0xffffffffu, odd ? dq[4 * n + 1] : dq[4 * n + 3], 1);
+            float4 v4 = odd ? make_float4(x0, x1, dq[4 * n + 2], dq[4 * n + 3]) : make_float4(dq[4 * n], dq[4 * n + 1], x0, x1);
+            if (i >= T) continue;
+            if (!first) {
+                const float4 a = acc[n * 32];
+                v4 = make_float4(a.x + v4.x, a.y + v4.y, a.z + v4.z, a.w + v4.w);
+            }
+            if (last) {
+                const float sc = p.scale;
+                *reinterpret_cast<uint2*>(p.dq + qoff + n * 8) =
+                    make_uint2(attn_pack_bf16(v4.x * sc, v4.y * sc), attn_pack_bf16(v4.z * sc, v4.w * sc));
+            } else {
+                __stcg(reinterpret_cast<float4*>(p.dq_accum + qoff + n * 8), v4);
+            }
+        }
+        if (!last) sem_done = sem;
+        else {
+            sem_done = nullptr;
+            if (tid == 0 && !first) *sem = 0;
+        }
+    }
+    __syncthreads();
+    if (tid == 0 && sem_done) { attn_fence_acq_rel(); attn_red_add1(sem_done); }
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int j = k0 + kr0 + g + 8 * r;
+        if (j >= T) continue;
+        const int64_t off = ((int64_t)b * T + j) * kstride + (int64_t)kvh * HD + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            *reinterpret_cast<uint32_t*>(p.dk + off + n * 8) = attn_pack_bf16(dk[4 * n + 2 * r] * p.scale, dk[4 * n + 2 * r + 1] * p.scale);
+            *reinterpret_cast<uint32_t*>(p.dv + off + n * 8) = attn_pack_bf16(dv[4 * n + 2 * r], dv[4 * n + 2 * r + 1]);
+        }
+    }
+}
+
+
+template <int HD, int BC, int BR>
+void attention_backward3_launch(const AttnBwdParams& p, cudaStream_t stream) {
+    using C = AttnBwdTile3<HD, BC, BR>;
+    auto kernel = attention_backward_kernel3<HD, BC, BR>;
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+    dim3 grid(p.B * p.nkv, (p.T + BC - 1) / BC);  // as kernel2: key tile kt - 1 dispatched before kt
+    kernel<<<grid, C::THREADS, C::SMEM_ALLOC, stream>>>(p);
+    cudaCheck(cudaGetLastError());
+}
+
+
+// preprocess (kernel2's) + kernel3
+template <int HD, int BC, int BR>
+void attention_backward3_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q, const bf16* k,
+                            const bf16* v, const bf16* out, const float* lse, const int* doc_start,
+                            int B, int T, int nh, int nkv, cudaStream_t stream) {
+    float* dq_accum = scratch;
+    float* D = dq_accum + (size_t)B * T * nh * HD;
+    int* dq_sem = reinterpret_cast<int*>(D + (size_t)B * nh * T);
+    const int64_t rows = (int64_t)B * T * nh, n_sem = (int64_t)B * nh * ((T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS);
+    attention_backward_preprocess_kernel2<HD><<<(unsigned)((rows * (HD / 8) + 255) / 256), 256, 0, stream>>>(D, dq_sem, out, dout, B, T, nh, n_sem);
+    cudaCheck(cudaGetLastError());
+    const float scale = 1.0f / sqrtf((float)HD);
+    AttnBwdParams p{dq, dk, dv, dq_accum, dq_sem, D, dout, q, k, v, lse, doc_start, B, T, nh, nkv, scale, scale * 1.4426950408889634f};
+    attention_backward3_launch<HD, BC, BR>(p, stream);
+}
+
+// ---------------------------------------------------------------------------------------------
+// kernel4 v2 (4b): kernels/attention.cuh's dK/dV kernel with the dQ kernel software-pipelined
+
+// kernel4_dq pipelined (4b, tried, not kept: slower): the next tile's dS is computed under this tile's dS K.
+
+template <int HD, int BQ, int BK>
+__global__ void __launch_bounds__(BQ / 64 * 128, 1) attention_backward_kernel4_dq_v2(const AttnBwdParams p) {
+    using C = AttnBwdTile4q<HD, BQ, BK>;
+    constexpr int NT = C::THREADS, CH = HD / 8;
+    extern __shared__ unsigned char attn_smem4q2[];
+    unsigned char* sm = attn_smem4q2 + ((1024 - (attn_smem_u32(attn_smem4q2) & 1023)) & 1023);
+    const uint32_t sQ = attn_smem_u32(sm), sdO = sQ + C::OFF_DO, sK = sQ + C::OFF_K, sV = sQ + C::OFF_V;
+
+    const int T = p.T, nh = p.nh, nkv = p.nkv, G = nh / nkv;
+    const int b = blockIdx.x / nh, h = blockIdx.x % nh, kvh = h / G;
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;  // the heaviest (last) query tiles first
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3, wg = warp >> 2;
+    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
+    const int64_t qstride = (int64_t)nh * HD, kstride = (int64_t)nkv * HD;
+    const bf16* gK = p.k + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+    const bf16* gV = p.v + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+
+    {
+        const int64_t base = (int64_t)b * T * qstride + (int64_t)h * HD;
+        for (int c = tid; c < BQ * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, i = q0 + r;
+            const int64_t off = base + (i < T ? i : 0) * qstride + cc * 8;
+            attn_cp_async16(sQ + wg_swz<BQ>(r, cc * 8), p.q + off, i < T);
+            attn_cp_async16(sdO + wg_swz<BQ>(r, cc * 8), p.dout + off, i < T);
+        }
+    }
+    auto load_kv = [&](int st, int kt) {
+        for (int c = tid; c < BK * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, j = kt * BK + r;
+            const int64_t off = (j < T ? j : 0) * kstride + cc * 8;
+            attn_cp_async16(sK + st * C::KB + wg_swz<BK>(r, cc * 8), gK + off, j < T);
+            attn_cp_async16(sV + st * C::KB + wg_swz<BK>(r, cc * 8), gV + off, j < T);
+        }
+    };
+    // key tiles: from the one holding the first row's document start to the last row's diagonal
+    const int q_last = min(q0 + BQ, T) - 1, kt_lo = (ds ? ds[q0] : 0) / BK, kt_hi = q_last / BK;
+    load_kv(0, kt_lo);
+    attn_cp_async_commit();
+
+    // this thread's two query rows (16 warp + g, + 8 within the tile): lse (pre-scaled by log2 e), D, doc_start
+    const int qr0 = warp * 16 + g;
+    float lse2[2], Dr[2];
+    int dsr[2], qi[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        qi[r] = q0 + qr0 + 8 * r;
+        const int64_t li = ((int64_t)b * nh + h) * T + min(qi[r], T - 1);
+        lse2[r] = p.lse[li] * 1.44269504089f;
+        Dr[r] = p.D[li];
+        dsr[r] = ds ? ds[min(qi[r], T - 1)] : 0;
+    }
+    float dq[HD / 2];  // (64 queries x HD) per warpgroup, the accumulator layout
+#pragma unroll
+    for (int n = 0; n < HD / 2; n++) dq[n] = 0.f;
+    const float sl2 = p.scale_log2;
+    const uint32_t qA = sQ + wg * 64 * 128, oA = sdO + wg * 64 * 128;  // this warpgroup's 64 query rows
+
+    float s[BK / 2], dp[BK / 2];  // S, dP (64 queries x BK keys) per warpgroup
+    uint32_t da[BK / 16][4];        // dS as bf16 A fragments (key blocks 2 kc, 2 kc + 1 -> key chunk kc)
+    auto issue_sdp = [&](int st) {  // S = Q K^T, dP = dO V^T of the tile in stage st
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(sK + st * C::KB + ko, 16, 1024), kk);
+        }
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(dp, wg_desc(oA + qo, 16, 1024), wg_desc(sV + st * C::KB + ko, 16, 1024), kk);
+        }
+        wg_commit();
+    };
+    auto ds_tile = [&](int kt) {  // P = exp2(S * scale * log2e - lse * log2e), masked to 0; dS = P (dP - D), in dp
+        const int k0 = kt * BK;
+        const bool need_mask = k0 + BK - 1 > q0 || k0 + BK > T || q0 + BQ > T || (ds && k0 < ds[q_last]);
+#pragma unroll
+        for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = e >> 1;
+                float pr = attn_exp2(fmaf(s[4 * n + e], sl2, -lse2[r]));
+                if (need_mask) {
+                    const int j = k0 + n * 8 + 2 * t4 + (e & 1);
+                    if (j > qi[r] || j >= T || qi[r] >= T || j < dsr[r]) pr = 0.f;
+                }
+                dp[4 * n + e] = pr * (dp[4 * n + e] - Dr[r]);
+            }
+    };
+    auto pack_ds = [&]() {
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+            for (int hh = 0; hh < 4; hh++) {
+                const int n = 2 * kc + (hh >> 1), e = (hh & 1) * 2;
+                da[kc][hh] = attn_pack_bf16(dp[4 * n + e], dp[4 * n + e + 1]);
+            }
+    };
+    auto issue_dq = [&](int st) {  // dQ += dS K (B = K, MN-major)
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++) wg_mma_64x128_rs<1>(dq, da[kc], wg_desc(sK + st * C::KB + kc * 2048, BK * 128, 1024));
+        wg_commit();
+    };
+
+    // Software pipeline (as the forward's kernel3): S and dP of tile kt + 1 are issued before dS K of tile kt,
+    // and the next dS is computed while the tensor cores do dS K. Branch-free around the wgmmas (ptxas
+    // serializes them otherwise).
+    attn_cp_async_wait_all();
+    wg_fence_proxy();
+    __syncthreads();  // Q, dO and tile kt_lo landed
+    if (kt_lo < kt_hi) { load_kv(1, kt_lo + 1); attn_cp_async_commit(); }
+    issue_sdp(0);
+    wg_wait<0>();
+    wg_fence_regs(s); wg_fence_regs(dp);
+    ds_tile(kt_lo);
+    pack_ds();
+    for (int kt = kt_lo; kt < kt_hi; kt++) {
+        const int st = (kt - kt_lo) & 1;
+        attn_cp_async_wait_all();
+        wg_fence_proxy();
+        __syncthreads();  // tile kt + 1 landed
+        issue_sdp(st ^ 1);
+        issue_dq(st);
+        wg_wait<1>();     // S, dP of tile kt + 1 (dS K of tile kt may still run)
+        wg_fence_regs(s); wg_fence_regs(dp);
+        ds_tile(kt + 1);
+        wg_wait<0>();
+        wg_fence_regs(dq);
+        pack_ds();
+        __syncthreads();  // both warpgroups are done with stage st
+        if (kt + 2 <= kt_hi) { load_kv(st, kt + 2); attn_cp_async_commit(); }
+    }
+    issue_dq((kt_hi - kt_lo) & 1);
+    wg_wait<0>();
+    wg_fence_regs(dq);
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (qi[r] >= T) continue;
+        const int64_t off = ((int64_t)b * T + qi[r]) * qstride + (int64_t)h * HD + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++)
+            *reinterpret_cast<uint32_t*>(p.dq + off + n * 8) = attn_pack_bf16(dq[4 * n + 2 * r] * p.scale, dq[4 * n + 2 * r + 1] * p.scale);
+    }
+}
+template <int HD>
+void attention_backward4v2_launch(const AttnBwdParams& p, cudaStream_t stream) {
+    using C = AttnBwdTile4<HD, 128, 64>;
+    using Cq = AttnBwdTile4q<HD, 128, 64>;
+    auto kdkdv = attention_backward_kernel4_dkdv<HD, 128, 64>;
+    auto kdq = attention_backward_kernel4_dq_v2<HD, 128, 64>;
+    cudaCheck(cudaFuncSetAttribute(kdkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+    cudaCheck(cudaFuncSetAttribute(kdq, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Cq::SMEM_ALLOC));
+    kdq<<<dim3(p.B * p.nh, (p.T + 127) / 128), Cq::THREADS, Cq::SMEM_ALLOC, stream>>>(p);
+    cudaCheck(cudaGetLastError());
+    kdkdv<<<dim3(p.B * p.nkv, (p.T + 127) / 128), C::THREADS, C::SMEM_ALLOC, stream>>>(p);
+    cudaCheck(cudaGetLastError());
+}
+template <int HD>
+void attention_backward4v2_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q, const bf16* k,
+                              const bf16* v, const bf16* out, const float* lse, const int* doc_start,
+                              int B, int T, int nh, int nkv, cudaStream_t stream) {
+    float* D = scratch + (size_t)B * T * nh * HD;
+    int* dq_sem = reinterpret_cast<int*>(D + (size_t)B * nh * T);
+    const int64_t rows = (int64_t)B * T * nh, n_sem = (int64_t)B * nh * ((T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS);
+    attention_backward_preprocess_kernel2<HD><<<(unsigned)((rows * (HD / 8) + 255) / 256), 256, 0, stream>>>(D, dq_sem, out, dout, B, T, nh, n_sem);
+    cudaCheck(cudaGetLastError());
+    const float scale = 1.0f / sqrtf((float)HD);
+    AttnBwdParams p{dq, dk, dv, scratch, dq_sem, D, dout, q, k, v, lse, doc_start, B, T, nh, nkv, scale, scale * 1.4426950408889634f};
+    attention_backward4v2_launch<HD>(p, stream);
+}
+
+// ---------------------------------------------------------------------------------------------
 
 typedef void (*BwdAll)(bf16*, bf16*, bf16*, float*, const bf16*, const bf16*, const bf16*, const bf16*, const bf16*,
                        const float*, const int*, int, int, int, int, cudaStream_t);
@@ -401,8 +844,9 @@ static const Variant VARIANTS[] = {
     {"1b", 128, attention_backward1_hd<128, 64, 64, 2>, attention_backward1_launch<128, 64, 64, 2>, "hd128 Bc64 Br64, 4 warps, 2 CTA/SM, atomics"},
     {"1e", 128, attention_backward1_hd<128, 128, 32, 1>, attention_backward1_launch<128, 128, 32, 1>, "hd128 Bc128 Br32, 8 warps, 1 CTA/SM, atomics"},
     {"2a", 128, attention_backward_hd<128, 128, 64, 1, true>, attention_backward_launch<128, 128, 64, 1, true>, "hd128 Bc128 Br64, ordered dQ, smem prefetch (production)"},
-    {"3a", 128, attention_backward_hd<128, 128, 64, 1, true, 3>, attention_backward3_launch<128, 128, 64>, "hd128 Bc128 Br64, ordered dQ, wgmma (2 warpgroups)"},
-    {"4a", 128, attention_backward_hd<128, 128, 64, 1, true, 4>, attention_backward4_launch<128>, "hd128 split: dK dV kernel + dQ kernel, wgmma, no dQ traffic"},
+    {"3a", 128, attention_backward3_hd<128, 128, 64>, attention_backward3_launch<128, 128, 64>, "hd128 Bc128 Br64, ordered dQ, wgmma (2 warpgroups)"},
+    {"4a", 128, attention_backward_hd<128, 128, 64, 1, true, 4>, attention_backward4_launch<128>, "hd128 split: dK dV kernel + dQ kernel, wgmma, no dQ traffic (production on Hopper)"},
+    {"4b", 128, attention_backward4v2_hd<128>, attention_backward4v2_launch<128>, "4a with the dQ kernel pipelined (not kept)"},
     {"2b", 128, attention_backward_hd<128, 128, 64, 1, false>, attention_backward_launch<128, 128, 64, 1, false>, "hd128 Bc128 Br64, ordered dQ, load after matmul"},
     {"1c", 64, attention_backward1_hd<64, 128, 64, 1>, attention_backward1_launch<64, 128, 64, 1>, "hd64 Bc128 Br64, 8 warps, 1 CTA/SM, atomics"},
     {"1d", 64, attention_backward1_hd<64, 64, 64, 2>, attention_backward1_launch<64, 64, 64, 2>, "hd64 Bc64 Br64, 4 warps, 2 CTA/SM, atomics"},
@@ -478,7 +922,7 @@ static void make_problem(Problem& P, uint64_t seed) {
     } else P.pairs = (double)P.B * P.T * (P.T + 1.0) / 2;
     cudaCheck(cudaMalloc(&P.d_out, P.nq * 2)); cudaCheck(cudaMalloc(&P.d_lse, P.nl * 4));
     cudaCheck(cudaMalloc(&P.d_dq, P.nq * 2)); cudaCheck(cudaMalloc(&P.d_dk, P.nk * 2)); cudaCheck(cudaMalloc(&P.d_dv, P.nk * 2));
-    cudaCheck(cudaMalloc(&P.d_scratch, attention_backward_scratch_bytes(P.B, P.T, P.nh, P.hd)));
+    cudaCheck(cudaMalloc(&P.d_scratch, attention_backward_kernel2_scratch_bytes(P.B, P.T, P.nh, P.hd)));
     attention_forward(P.d_out, P.d_lse, P.d_q, P.d_k, P.d_v, P.d_doc, P.B, P.T, P.nh, P.nkv, P.hd, 0);
     cudaCheck(cudaDeviceSynchronize());
 }
@@ -506,7 +950,7 @@ static double compare(const char* what, const std::vector<uint16_t>& got, const 
 static bool check_variant(const Variant& V, Problem& P, const std::vector<double> ref[3]) {
     cudaCheck(cudaMemset(P.d_dq, 0xff, P.nq * 2)); cudaCheck(cudaMemset(P.d_dk, 0xff, P.nk * 2));
     cudaCheck(cudaMemset(P.d_dv, 0xff, P.nk * 2));
-    cudaCheck(cudaMemset(P.d_scratch, 0xff, attention_backward_scratch_bytes(P.B, P.T, P.nh, P.hd)));
+    cudaCheck(cudaMemset(P.d_scratch, 0xff, attention_backward_kernel2_scratch_bytes(P.B, P.T, P.nh, P.hd)));
     run_all(V, P);
     cudaCheck(cudaDeviceSynchronize());
     const char* names[3] = {"dq", "dk", "dv"};
@@ -554,7 +998,7 @@ static float time_ms(const Variant& V, Problem& P, bool main_only, int reps) {
 // between; returns how many of dq, dk, dv's elements differ in their bits (unwritten ones differ too)
 static size_t repeat_diff(const Variant& V, Problem& P, size_t diff[3]) {
     bf16* src[3] = {P.d_dq, P.d_dk, P.d_dv};
-    const size_t n[3] = {P.nq, P.nk, P.nk}, scratch = attention_backward_scratch_bytes(P.B, P.T, P.nh, P.hd);
+    const size_t n[3] = {P.nq, P.nk, P.nk}, scratch = attention_backward_kernel2_scratch_bytes(P.B, P.T, P.nh, P.hd);
     std::vector<uint16_t> first[3];
     for (int r = 0; r < 2; r++) {
         for (int t = 0; t < 3; t++) cudaCheck(cudaMemset(src[t], r ? 0x7f : 0xff, n[t] * 2));

@@ -59,7 +59,192 @@
 #include <vector>                          // defines: std::vector
 #include <algorithm>                       // defines: std::sort
 #include "../../qlora.h"                   // defines: f32_to_bf16, bf16_to_f32, rng_uniform, rng_u32
-#include "../../kernels/attention.cuh"     // defines: attention_forward_kernel1, attention_forward_launch
+#include "../../kernels/attention.cuh"     // defines: attention_forward_kernel1, attention_forward_launch, attention_forward2_launch
+
+// ---------------------------------------------------------------------------------------------
+// kernel3 (tried, not kept: slower than kernel2, see the header)
+
+// kernel3 (hd 128, Hopper): kernel1's tiles and online softmax on wgmma. Two warpgroups of 64 query rows
+// (BQ = 128), 128-key tiles double-buffered in 128B-swizzled smem (kernels/wgmma.cuh):
+//   S = Q K^T   m64n128k16, A = this warpgroup's Q rows, B = the key tile       (both K-major)
+//   O += P V    m64n128k16, A = P from registers (bf16), B = the value tile     (MN-major)
+// Warp w still owns rows 16 w + g, + 8 (the accumulator layout is mma.sync's), so the softmax is kernel1's.
+// Pipelined (kernels/attention.cuh's kernel2 is the same without): the softmax of tile t + 1 runs while the
+// tensor cores do P V of tile t.
+template <int HD, int BQ, int BK>
+struct AttnFwdTile3 {
+    static constexpr int THREADS = BQ / 64 * 128;
+    static constexpr int QB = BQ * HD * 2, KB = BK * HD * 2;  // bytes: Q tile, K (or V) tile
+    static constexpr size_t OFF_K = QB, OFF_V = OFF_K + 2 * KB, SMEM = OFF_V + 2 * KB;  // Q, K (2 stages), V (2 stages)
+    static constexpr size_t SMEM_ALLOC = SMEM + 1024;  // the dynamic smem base is aligned up to 1024 bytes
+    static_assert(HD == 128 && BQ == 128 && BK == 128, "attention_forward_kernel3: written for these");
+};
+
+template <int HD, int BQ, int BK>
+__global__ void __launch_bounds__(BQ / 64 * 128, 1) attention_forward_kernel3(const AttnFwdParams p) {
+    using C = AttnFwdTile3<HD, BQ, BK>;
+    constexpr int NT = C::THREADS, CH = HD / 8;
+    extern __shared__ unsigned char attn_smemf3[];
+    unsigned char* sm = attn_smemf3 + ((1024 - (attn_smem_u32(attn_smemf3) & 1023)) & 1023);
+    const uint32_t sQ = attn_smem_u32(sm), sK = sQ + C::OFF_K, sV = sQ + C::OFF_V;
+
+    const int T = p.T, nh = p.nh, nkv = p.nkv;
+    const int b = blockIdx.x / nh, h = blockIdx.x % nh, kvh = h / (nh / nkv);
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;  // heaviest (last) query tiles first
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3, wg = warp >> 2;
+    const int q_last = min(q0 + BQ, T) - 1;
+    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
+    const int ds_max = ds ? ds[q_last] : 0;  // doc_start is non-decreasing along the row
+    const int t_lo = (ds ? ds[q0] : 0) / BK, t_hi = q_last / BK;
+    const int64_t qstride = (int64_t)nh * HD, kstride = (int64_t)nkv * HD;
+    const bf16* gQ = p.q + (int64_t)b * T * qstride + (int64_t)h * HD;
+    const bf16* gK = p.k + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+    const bf16* gV = p.v + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+
+    for (int c = tid; c < BQ * CH; c += NT) {
+        const int r = c / CH, cc = c % CH, i = q0 + r;
+        attn_cp_async16(sQ + wg_swz<BQ>(r, cc * 8), gQ + (i < T ? i : 0) * qstride + cc * 8, i < T);
+    }
+    auto load_kv = [&](int st, int t) {
+        for (int c = tid; c < BK * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, j = t * BK + r;
+            const int64_t off = (j < T ? j : 0) * kstride + cc * 8;
+            attn_cp_async16(sK + st * C::KB + wg_swz<BK>(r, cc * 8), gK + off, j < T);  // zero rows past T:
+            attn_cp_async16(sV + st * C::KB + wg_swz<BK>(r, cc * 8), gV + off, j < T);  // 0 * garbage could be NaN
+        }
+    };
+    load_kv(0, t_lo);
+    attn_cp_async_commit();
+
+    const int ia0 = q0 + warp * 16 + g;  // this lane's rows: ia0 and ia0 + 8
+    int dsa[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) dsa[r] = ds ? ds[min(ia0 + 8 * r, T - 1)] : 0;
+    const float sl2 = p.scale_log2;
+    float o[HD / 2];  // (64 rows x HD) per warpgroup: [4 n + e] = row 16 warp + g + 8 (e >> 1), dim 8 n + 2 t4 + (e & 1)
+#pragma unroll
+    for (int n = 0; n < HD / 2; n++) o[n] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // running max (raw score units), lane-partial sum
+    const uint32_t qA = sQ + wg * 64 * 128;  // this warpgroup's 64 query rows, column block 0
+
+    float s[BK / 2];        // S (64 rows x BK keys) per warpgroup, then P
+    uint32_t pa[BK / 16][4];  // P as bf16 A fragments (key blocks 2 kc, 2 kc + 1 -> key chunk kc)
+    float alpha[2];
+    auto issue_s = [&](int st) {  // S = Q K^T of the tile in stage st
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+            wg_mma_64x128_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(sK + st * C::KB + ko, 16, 1024), kk);
+        }
+        wg_commit();
+    };
+    auto softmax = [&](int t) {  // mask S of tile t, online softmax: S -> P, m and l updated, alpha for O
+        const int k0 = t * BK;
+        if (!(k0 + BK - 1 <= q0 && k0 >= ds_max)) {  // only tiles across the diagonal, the tail or a document start
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int j = k0 + n * 8 + 2 * t4 + (e & 1), i = ia0 + (e >> 1) * 8;
+                    if (j > i || j < dsa[e >> 1]) s[4 * n + e] = -INFINITY;
+                }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {  // a row fully masked so far keeps m = -inf and p = 0
+            float mx = m[r];
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float msc = mx == -INFINITY ? 0.f : mx * sl2;
+            alpha[r] = attn_exp2(m[r] * sl2 - msc);  // exp2(-inf) = 0 on the first tile
+            m[r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++) {
+                s[4 * n + 2 * r] = attn_exp2(fmaf(s[4 * n + 2 * r], sl2, -msc));
+                s[4 * n + 2 * r + 1] = attn_exp2(fmaf(s[4 * n + 2 * r + 1], sl2, -msc));
+                sum += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
+            }
+            l[r] = l[r] * alpha[r] + sum;
+        }
+    };
+    auto rescale_pack = [&]() {  // O *= alpha (once the last P V is done with O), P -> bf16 fragments
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) { o[4 * n] *= alpha[0]; o[4 * n + 1] *= alpha[0]; o[4 * n + 2] *= alpha[1]; o[4 * n + 3] *= alpha[1]; }
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+            for (int hh = 0; hh < 4; hh++) {
+                const int n = 2 * kc + (hh >> 1), e = (hh & 1) * 2;
+                pa[kc][hh] = attn_pack_bf16(s[4 * n + e], s[4 * n + e + 1]);
+            }
+    };
+
+    // Software pipeline (FlashAttention-3's intra-warpgroup overlap): S of tile t + 1 is issued before P V of
+    // tile t, and its softmax runs while the tensor cores do P V; O is rescaled once P V is done with it.
+    attn_cp_async_wait_all();
+    wg_fence_proxy();
+    __syncthreads();  // Q and tile t_lo landed
+    if (t_lo < t_hi) { load_kv(1, t_lo + 1); attn_cp_async_commit(); }
+    issue_s(0);
+    wg_wait<0>();
+    wg_fence_regs(s);
+    softmax(t_lo);
+    rescale_pack();
+    auto issue_pv = [&](int st) {  // O += P V of the tile in stage st
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++) wg_mma_64x128_rs<1>(o, pa[kc], wg_desc(sV + st * C::KB + kc * 2048, BK * 128, 1024));
+        wg_commit();
+    };
+    for (int t = t_lo; t < t_hi; t++) {  // (branch-free around the wgmmas: ptxas serializes them otherwise)
+        const int st = (t - t_lo) & 1;
+        attn_cp_async_wait_all();
+        wg_fence_proxy();
+        __syncthreads();  // tile t + 1 landed
+        issue_s(st ^ 1);
+        issue_pv(st);
+        wg_wait<1>();     // S of tile t + 1 (P V of tile t may still run)
+        wg_fence_regs(s);
+        softmax(t + 1);
+        wg_wait<0>();
+        wg_fence_regs(o);
+        rescale_pack();
+        __syncthreads();  // both warpgroups are done with stage st
+        if (t + 2 <= t_hi) { load_kv(st, t + 2); attn_cp_async_commit(); }
+    }
+    issue_pv((t_hi - t_lo) & 1);
+    wg_wait<0>();
+    wg_fence_regs(o);
+    // epilogue: finish the row sums across the quad, normalise, store O and lse
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float lr = l[r];
+        lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+        lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+        const float inv = 1.f / lr;
+        const int i = ia0 + 8 * r;
+        if (i >= T) continue;
+        bf16* dst = p.out + ((int64_t)b * T + i) * qstride + (int64_t)h * HD + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++)
+            *reinterpret_cast<uint32_t*>(dst + n * 8) = attn_pack_bf16(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+        if (t4 == 0) p.lse[((int64_t)b * nh + h) * T + i] = (m[r] * sl2 + __log2f(lr)) * 0.69314718056f;
+    }
+}
+template <int HD, int BQ, int BK>
+void attention_forward3_launch(const AttnFwdParams& p, cudaStream_t stream) {
+    using C = AttnFwdTile3<HD, BQ, BK>;
+    auto kernel = attention_forward_kernel3<HD, BQ, BK>;
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+    dim3 grid(p.B * p.nh, (p.T + BQ - 1) / BQ);
+    kernel<<<grid, C::THREADS, C::SMEM_ALLOC, stream>>>(p);
+    cudaCheck(cudaGetLastError());
+}
+
+// ---------------------------------------------------------------------------------------------
 
 typedef void (*FwdLaunch)(const AttnFwdParams&, cudaStream_t);
 struct Variant { const char* name; int hd; FwdLaunch fn; const char* what; };
@@ -70,6 +255,8 @@ static const Variant VARIANTS[] = {
     {"1c", 128, attention_forward_launch<128, 64, 64, 1, 3, true>, "hd128 Br64 Bc64, 4 warps, Q in regs, 3 CTA/SM"},
     {"1h", 128, attention_forward_launch<128, 128, 64, 2, 2, false>, "hd128 Br128 Bc64, 4 warps x 32 rows, Q from smem, 2 CTA/SM (production)"},
     {"1i", 128, attention_forward_launch<128, 128, 32, 2, 2, false>, "hd128 Br128 Bc32, 4 warps x 32 rows, Q from smem, 2 CTA/SM"},
+    {"2a", 128, attention_forward2_launch<128, 128, 128>, "hd128 Bq128 Bk128, wgmma, 2 warpgroups, 1 CTA/SM (production on Hopper)"},
+    {"3a", 128, attention_forward3_launch<128, 128, 128>, "hd128 Bq128 Bk128, wgmma, 2 warpgroups, softmax under P V (not kept)"},
     {"1j", 128, attention_forward_launch<128, 256, 64, 2, 1, false>, "hd128 Br256 Bc64, 8 warps x 32 rows, Q from smem, 1 CTA/SM"},
     {"1d", 64, attention_forward_launch<64, 128, 64, 1, 2, true>, "hd64 Br128 Bc64, 8 warps, Q in regs, 2 CTA/SM (v3 production)"},
     {"1e", 64, attention_forward_launch<64, 128, 128, 1, 1, true>, "hd64 Br128 Bc128, 8 warps, Q in regs, 1 CTA/SM"},
