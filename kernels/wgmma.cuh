@@ -22,6 +22,14 @@
 #pragma once
 #include <stdint.h>  // defines: uint32_t, uint64_t
 
+// The PTX below exists on sm_90a only; other targets compile each helper to a trap (their launchers never run
+// these kernels: attention_has_wgmma() picks the mma.sync ones).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define WG_PTX(...) asm volatile(__VA_ARGS__)
+#else
+#define WG_PTX(...) __trap()
+#endif
+
 // byte offset of element (r, c) in a swizzled tile of R rows, c < 64 * blocks
 template <int R>
 __device__ __forceinline__ uint32_t wg_swz(int r, int c) {
@@ -33,12 +41,12 @@ __device__ __forceinline__ uint64_t wg_desc(uint32_t addr, uint32_t lbo, uint32_
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32) | (1ull << 62);
 }
 
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_fence() { WG_PTX("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { WG_PTX("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
-__device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void wg_wait() { WG_PTX("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 // ordinary shared-memory stores (st.shared, cp.async) become visible to wgmma's async proxy
-__device__ __forceinline__ void wg_fence_proxy() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_fence_proxy() { WG_PTX("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // keeps the compiler from moving accumulator reads or writes across an async wgmma
 template <int N>
 __device__ __forceinline__ void wg_fence_regs(float (&d)[N]) {
@@ -51,8 +59,7 @@ __device__ __forceinline__ void wg_fence_regs(float (&d)[N]) {
 // d (64 x 64) (+)= A (64 x 16, smem) B (16 x 64, smem); TA, TB: 1 = MN-major ("transposed"); acc 0 overwrites d
 template <int TA, int TB>
 __device__ __forceinline__ void wg_mma_64x64_ss(float (&d)[32], uint64_t da, uint64_t db, int acc) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
+    WG_PTX(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
@@ -60,16 +67,12 @@ __device__ __forceinline__ void wg_mma_64x64_ss(float (&d)[32], uint64_t da, uin
         "%32, %33, p, 1, 1, %35, %36;\n}\n"
         : WG_R8(0), WG_R8(8), WG_R8(16), WG_R8(24)
         : "l"(da), "l"(db), "r"(acc), "n"(TA), "n"(TB));
-#else
-    __trap();
-#endif
 }
 
 // d (64 x 128) (+)= A (64 x 16, smem) B (16 x 128, smem); as wg_mma_64x64_ss
 template <int TA, int TB>
 __device__ __forceinline__ void wg_mma_64x128_ss(float (&d)[64], uint64_t da, uint64_t db, int acc) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
+    WG_PTX(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
@@ -79,16 +82,12 @@ __device__ __forceinline__ void wg_mma_64x128_ss(float (&d)[64], uint64_t da, ui
         "%64, %65, p, 1, 1, %67, %68;\n}\n"
         : WG_R8(0), WG_R8(8), WG_R8(16), WG_R8(24), WG_R8(32), WG_R8(40), WG_R8(48), WG_R8(56)
         : "l"(da), "l"(db), "r"(acc), "n"(TA), "n"(TB));
-#else
-    __trap();
-#endif
 }
 
 // d (64 x 128) += A (64 x 16, registers: this warp's mma.sync A fragment) B (16 x 128, smem); TB as above
 template <int TB>
 __device__ __forceinline__ void wg_mma_64x128_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t db) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
+    WG_PTX(
         "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
@@ -98,8 +97,5 @@ __device__ __forceinline__ void wg_mma_64x128_rs(float (&d)[64], const uint32_t 
         "{%64, %65, %66, %67}, %68, p, 1, 1, %69;\n}\n"
         : WG_R8(0), WG_R8(8), WG_R8(16), WG_R8(24), WG_R8(32), WG_R8(40), WG_R8(48), WG_R8(56)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(TB));
-#else
-    __trap();
-#endif
 }
 #undef WG_R8

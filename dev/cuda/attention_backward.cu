@@ -21,6 +21,10 @@
 //            from the last one down so each key tile trails its predecessor by about one item.
 //            DQ_PF (2a, 2c) prefetches dq_accum into smem with cp.async under the dS K matmul; 2b, 2d
 //            load it after the matmul (a register prefetch spilled 76 bytes at hd 128).
+//   kernel3: kernel2 on wgmma (sm_90a; 2 warpgroups of 64 keys, 128B-swizzled tiles). Kept here; replaced by
+//   kernel4: the backward split in a dK/dV kernel (kernel3 without dQ) and a dQ kernel (per 128 query rows,
+//            recomputing S and dP): no dQ traffic, no semaphores. Production on Hopper at hd 128 (4a); 4b, its
+//            dQ kernel software-pipelined, is slower and kept here.
 //   Letters are tile/occupancy variants (see VARIANTS).
 //
 // Two numbers, llama3-8b (B=4 T=2048 nh=32 nkv=8 hd=128): 344 GFLOP -> 0.45 ms at ~760 TFLOP/s.
@@ -81,6 +85,20 @@
 // worse. So the per-item cost is not the load latency the prefetch hides; the suspects left are thread
 // 0's gpu-scope fence (the whole CTA waits for it at the barrier that follows) and the handoff chain.
 // Needs an ncu look at the stall reasons around the turn before the next change.
+//
+// v5 (session 3, 2026-11-23): wgmma. H100, ms and TFLOP/s (5-matmul FLOPs), total / main kernel:
+//   shape (B, T)             2a (v4)           3a wgmma          4a split          4b split, dQ pipelined
+//   llama3-8b (4, 2048)      2.13 161/2.05 167 1.75 197/1.71 201 1.34 256/1.29 266 1.42 243/1.36 252
+//   hd128 (1, 16384)         30.5 180          24.7 223          17.4 315          18.4 299
+//   hd128 (1, 16384) docs 2k 4.35 158          3.51 196          2.67 258          2.71 254
+// kernel3 prediction: ~1.1 ms from wgmma's rate. Two timing-only experiments found the rest: without the
+// semaphore handoff 1.62 ms, without handoff and dq_accum read-modify-write 0.87 ms (397 TFLOP/s): the dQ
+// traffic (64 KB per item, 2.2 GB a call through L2; dq_accum is 134 MB, more than L2) is half of kernel3.
+// Bulk reduce-adds instead (cp.reduce.async.bulk .add.f32 from smem in key-tile order, a convert pass;
+// deterministic): 2.21 ms, slower, not kept. kernel4 predicted ~1.2 ms from the 0.87 (7/5 of the matmuls,
+// none of the traffic): 1.34 ms measured, errors against fp64 equal to kernel2's, bit-identical on repeat.
+// Broken on purpose (test_attention on the H100): the dQ kernel's causal mask one key late -> 44 failures;
+// dK without the softmax scale -> 49 failures (the forward kernel2's mask one key late -> 84).
 #include <cuda_runtime.h>                  // defines: cudaEvent_t
 #include <stdio.h>                         // defines: printf
 #include <string.h>                        // defines: strcmp, strstr

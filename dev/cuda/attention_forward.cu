@@ -10,6 +10,10 @@
 // Versions (the number stays with the kernel when it moves to kernels/attention.cuh):
 //   kernel1: FlashAttention-2 on mma.sync m16n8k16 + ldmatrix + 2-stage cp.async; a warp owns 16 RT
 //            query rows; letters are tile/occupancy variants of it (see VARIANTS below).
+//   kernel2: kernel1's tiles on wgmma (sm_90a): two warpgroups of 64 query rows, 128-key tiles in
+//            128B-swizzled smem, S = Q K^T and O += P V as m64n128k16 (P from registers). Production on Hopper.
+//   kernel3: kernel2 software-pipelined (FA3's intra-warpgroup overlap: S of tile t+1 issued before P V of
+//            tile t, the softmax under P V). Slower; kept here, not used.
 //
 // Two numbers, llama3-8b (B=4 T=2048 nh=32 nkv=8 hd=128): 137 GFLOP (causal); at the ~760 TFLOP/s a
 // cuBLAS bf16 GEMM reaches on this H100 that is 0.18 ms. Bytes: q, k, v, out = 160 MB -> 0.055 ms at
@@ -52,6 +56,19 @@
 // 1h and 1l are production (+18% at llama3-8b, +4% at llama3-1b); 1j wins at 16k but loses at 2k (fewer,
 // longer CTAs: the causal tail). hd 64 gains little: it was less ldmatrix-bound (Q in registers already).
 // 1h's 72 spilled bytes did not stop it; the spill-free Bc32 (1i) loses to the doubled per-tile overhead.
+//
+// v5 (session 3, 2026-11-23): wgmma. Prediction: the ldmatrix bound above disappears (wgmma reads K and V
+// from smem itself) and the tensor pipe is ~2x mma.sync's, so ~1.5x at llama3-8b. Measured (H100, ms and
+// causal TFLOP/s; two runs within 2%):
+//   shape (B, T)             1h (v4)      2a wgmma     3a pipelined
+//   llama3-8b (4, 2048)      0.472 291    0.419 328    0.454 303
+//   hd128 (1, 16384)         6.65  331    5.65  389    5.85  376
+//   hd128 (1, 16384) docs 2k 0.939 293    0.803 342    0.846 325
+// +13-17%, not 1.5x: both warpgroups wait at one barrier per key tile and the tensor pipe idles during each
+// softmax (1 CTA/SM, 202 registers). 3a overlaps the softmax with P V inside a warpgroup and loses 4-8%;
+// the overlap FA3 gets comes with its producer warp (TMA) and pingpong between the consumer warpgroups,
+// not tried. ptxas serializes the wgmmas (C7514) when they are issued under a branch, so 3a peels the last
+// tile out of its loop.
 #include <cuda_runtime.h>                  // defines: cudaEvent_t
 #include <stdio.h>                         // defines: printf
 #include <string.h>                        // defines: strcmp, strstr, strlen
