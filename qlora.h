@@ -24,6 +24,7 @@
 #include <map>        // defines: std::map (safetensors name index)
 #include <set>        // defines: std::set (duplicate JSON keys, distinct shards)
 #include <memory>     // defines: std::unique_ptr
+#include <sys/stat.h> // defines: fstat, stat, S_ISREG
 #include <algorithm>  // defines: std::sort, std::find
 
 #ifdef __CUDACC__
@@ -57,14 +58,15 @@ inline void* ql_malloc(size_t n, const char* what) {
 
 // Whole file into memory; bytes are owned by the caller (free()).
 inline std::vector<uint8_t> read_file(const std::string& path) {
-    FILE* f = fopen(path.c_str(), "rb");
+    std::unique_ptr<FILE, int (*)(FILE*)> f(fopen(path.c_str(), "rb"), fclose);  // closed on a throwing ql_assert too
     ql_assert(f, "cannot open %s", path.c_str());
-    ql_assert(fseek(f, 0, SEEK_END) == 0, "cannot seek %s", path.c_str());
-    long n = ftell(f);
-    ql_assert(n >= 0 && fseek(f, 0, SEEK_SET) == 0, "cannot size %s", path.c_str());
+    struct stat sb;   // a directory opens, then sizes as LONG_MAX on Linux
+    ql_assert(fstat(fileno(f.get()), &sb) == 0 && S_ISREG(sb.st_mode), "%s: not a regular file", path.c_str());
+    ql_assert(fseek(f.get(), 0, SEEK_END) == 0, "cannot seek %s", path.c_str());
+    long n = ftell(f.get());
+    ql_assert(n >= 0 && fseek(f.get(), 0, SEEK_SET) == 0, "cannot size %s", path.c_str());
     std::vector<uint8_t> buf((size_t)n);
-    ql_assert(n == 0 || fread(buf.data(), 1, (size_t)n, f) == (size_t)n, "short read on %s", path.c_str());
-    fclose(f);
+    ql_assert(n == 0 || fread(buf.data(), 1, (size_t)n, f.get()) == (size_t)n, "short read on %s", path.c_str());
     return buf;
 }
 inline bool file_exists(const std::string& path) { FILE* f = fopen(path.c_str(), "rb"); if (f) fclose(f); return f != nullptr; }
@@ -689,7 +691,6 @@ struct MappedFile {   // read-only mmap of a whole file
     MappedFile(const MappedFile&) = delete; MappedFile& operator=(const MappedFile&) = delete;
 };
 #include <sys/mman.h>  // defines: mmap
-#include <sys/stat.h>  // defines: fstat
 #include <fcntl.h>     // defines: open
 #include <unistd.h>    // defines: close, fsync
 inline MappedFile::MappedFile(const std::string& p) : path(p) {

@@ -88,9 +88,10 @@ static void no_fd_leak() {
     for (int i = 0; i < 100; i++) {
         try { st_open("test/fuzz"); } catch (const QlError&) { thrown++; }             // a directory: not a regular file
         try { st_open("test/fuzz/fuzz.dict"); } catch (const QlError&) { thrown++; }   // not a safetensors file
+        try { read_file("test/fuzz"); } catch (const QlError&) { thrown++; }           // opens, then cannot be read
     }
     int after = open_fds();
-    check(thrown == 200 && after == before, "throw mode: 200 rejected files leave the fds as they were (%d open before, %d after)", before, after);
+    check(thrown == 300 && after == before, "throw mode: 300 rejected files leave the fds as they were (%d open before, %d after)", before, after);
 }
 
 int main(int argc, char** argv) {
