@@ -118,9 +118,12 @@ static RefBatch rows_of(const Batch& b, int r0, int r1, float denom, uint64_t dr
     RefBatch rb;
     size_t at = (size_t)r0 * b.T;
     rb.inputs = b.ids.data() + at; rb.targets = b.targets.data() + at; rb.pos = b.pos.data() + at; rb.doc_start = b.doc_start.data() + at;
-    rb.B = r1 - r0; rb.T = b.T; rb.denom = denom; rb.dropout_seed = dropout_seed;
+    rb.B = r1 - r0; rb.T = b.T; rb.denom = denom; rb.dropout_seed = dropout_seed; rb.row0 = r0;
     return rb;
 }
+
+// Evaluation and generation run the model as PEFT's eval() does: LoRA dropout off.
+static LoraConfig eval_config(LoraConfig lc) { lc.dropout = 0.0f; return lc; }
 
 // Σ -log p(target) over the batch's targets (forward only), its rows spread over the threads.
 static double loss_sum(CpuTrainer& t, const Batch& b) {
@@ -129,7 +132,7 @@ static double loss_sum(CpuTrainer& t, const Batch& b) {
     parallel(nt, [&](int w) {
         int r0 = w * b.B / nt, r1 = (w + 1) * b.B / nt;
         ref_acts_alloc(t.acts[w], t.m.cfg, t.lc, r1 - r0, b.T);
-        part[w] = ref_forward(t.m, t.lc, t.lora.data(), t.acts[w], rows_of(b, r0, r1, 1.0f, 0));   // denom 1: the sum
+        part[w] = ref_forward(t.m, eval_config(t.lc), t.lora.data(), t.acts[w], rows_of(b, r0, r1, 1.0f, 0));   // denom 1: the sum
     });
     double s = 0; for (double x : part) s += x;
     return s;
@@ -141,7 +144,7 @@ static double loss_sum(CpuTrainer& t, const Batch& b) {
 static float train_step(CpuTrainer& t, const Batch& b, int step, float lr, float* norm) {
     const Options& o = t.o; int nt = o.threads;
     float denom = (float)b.count_targets();
-    uint64_t drop_seed = mix64(o.seed ^ (uint64_t)step);   // --dropout > 0: masks are per slice, so they depend on --threads
+    uint64_t drop_seed = mix64(o.seed ^ (uint64_t)step);   // --dropout > 0: the masks index the whole batch, whatever --threads
     std::vector<float> part(nt);
     parallel(nt, [&](int w) {
         int r0 = w * b.B / nt, r1 = (w + 1) * b.B / nt;
@@ -204,7 +207,7 @@ static int accuracy(CpuTrainer& t, const std::vector<Example>& ex) {
     parallel(nt, [&](int w) {
         for (size_t i = w; i < ex.size(); i += nt) {
             const Example& x = ex[i];
-            right[w] += exact_match(generate(t.m, t.lc, t.lora.data(), t.acts[w], x.prompt, (int)x.answer.size(), -1, &x.answer), x.answer);
+            right[w] += exact_match(generate(t.m, eval_config(t.lc), t.lora.data(), t.acts[w], x.prompt, (int)x.answer.size(), -1, &x.answer), x.answer);
         }
     });
     int s = 0; for (int r : right) s += r;
@@ -214,7 +217,7 @@ static int accuracy(CpuTrainer& t, const std::vector<Example>& ex) {
 static void print_samples(CpuTrainer& t, const std::vector<Example>& ex, const Vocab* vocab) {
     int eos = vocab && vocab->eos != VOCAB_NONE ? (int)vocab->eos : -1;
     for (int i = 0; i < t.o.samples && i < (int)ex.size(); i++)
-        print_sample(vocab, ex[i].prompt, generate(t.m, t.lc, t.lora.data(), t.acts[0], ex[i].prompt, (int)ex[i].answer.size() + 8, eos), &ex[i].answer);
+        print_sample(vocab, ex[i].prompt, generate(t.m, eval_config(t.lc), t.lora.data(), t.acts[0], ex[i].prompt, (int)ex[i].answer.size() + 8, eos), &ex[i].answer);
 }
 
 struct Report { float val_loss; int right, total; };

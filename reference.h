@@ -100,6 +100,8 @@ struct RefBatch {
     const int* doc_start = nullptr;  // (B, T) index within its row of the first token of r's document:
                                      // query t sees keys doc_start[r] <= j <= t; nullptr = plain causal
     uint64_t dropout_seed = 0;       // LoRA dropout masks (ref_lora_dropout); use a new one per micro-batch
+    int row0 = 0;                    // these rows' first row in the whole batch: the masks index the whole batch,
+                                     // so a batch split in row slices (threads) draws the same ones
     int position(int r) const { return pos ? pos[r] : r % T; }
     int first_key(int r) const { return doc_start ? doc_start[r] : 0; }
 };
@@ -220,17 +222,18 @@ void ref_rope(F* x, int n_heads, int hd, const float* inv /* (hd/2) */, int pos,
 }
 
 // LoRA dropout (nn.Dropout(p) on the LoRA input only), the exact rule the GPU reproduces bit for bit.
-// For layer l, projection p and that projection's input x (n, in), element i = row*in + col is
+// For layer l, projection p and that projection's input x (n, in) of the whole batch, element i = row*in + col is
 //     kept   iff  rng_uniform(seed, stream, i) >= p_drop,   stream = 1000003 * (l*N_PROJ + p) + 7
 // and a kept element is multiplied by the fp32 constant 1.0f / (1.0f - p_drop) (inverted dropout);
-// seed = RefBatch::dropout_seed. The map is diagonal, so its backward is itself: y may alias x.
+// seed = RefBatch::dropout_seed; x may be a slice of rows whose first element is the batch's i0.
+// The map is diagonal, so its backward is itself: y may alias x.
 inline uint64_t ref_dropout_stream(int l, int p) { return 1000003ull * (uint64_t)(l * N_PROJ + p) + 7; }
 template <typename F>
-void ref_lora_dropout(F* y, const F* x, size_t count, const LoraConfig& lc, int l, int p, uint64_t seed) {
+void ref_lora_dropout(F* y, const F* x, size_t count, const LoraConfig& lc, int l, int p, uint64_t seed, size_t i0 = 0) {
     if (lc.dropout <= 0.0f) { if (y != x) std::copy(x, x + count, y); return; }
     const float keep_scale = 1.0f / (1.0f - lc.dropout);
     uint64_t stream = ref_dropout_stream(l, p);
-    for (size_t i = 0; i < count; i++) y[i] = rng_uniform(seed, stream, i) >= lc.dropout ? x[i] * (F)keep_scale : (F)0;
+    for (size_t i = 0; i < count; i++) y[i] = rng_uniform(seed, stream, i0 + i) >= lc.dropout ? x[i] * (F)keep_scale : (F)0;
 }
 
 // Projection p of layer l, with LoRA if targeted:
@@ -238,14 +241,14 @@ void ref_lora_dropout(F* y, const F* x, size_t count, const LoraConfig& lc, int 
 // u (n, r) = dropout(x)·Aᵀ is saved for dB. lora: the flat parameter buffer (lora_slot layout).
 template <typename F>
 void ref_lora_linear_forward(F* y, F* u, const F* x, const RefModel& m, const LoraConfig& lc, const F* lora,
-                             int l, int p, int n, uint64_t seed) {
+                             int l, int p, int n, uint64_t seed, size_t tok0) {
     int in = proj_in(m.cfg, p), out = proj_out(m.cfg, p), r = lc.rank;
     ref_matmul(y, x, m.layers[l].w[p], n, in, out);
     if (!lc.has(p)) return;
     LoraSlot s = lora_slot(m.cfg, lc, l, p);
     const F *A = lora + s.a, *Bm = lora + s.b;  // A (r, in), B (out, r)
     std::vector<F> xd((size_t)n * in);          // (n, in) dropout(x)
-    ref_lora_dropout(xd.data(), x, xd.size(), lc, l, p, seed);
+    ref_lora_dropout(xd.data(), x, xd.size(), lc, l, p, seed, tok0 * in);
     ref_matmul(u, xd.data(), A, n, in, r);
     for (int i = 0; i < n; i++)
         for (int o = 0; o < out; o++) {
@@ -257,7 +260,7 @@ void ref_lora_linear_forward(F* y, F* u, const F* x, const RefModel& m, const Lo
 // dx += dy·W + dropout(g·B·A);  dB += gᵀ·u;  dA += (g·B)ᵀ·dropout(x);  with g = s·dy
 template <typename F>
 void ref_lora_linear_backward(F* dx, F* dlora, const F* dy, const F* x, const F* u, const RefModel& m,
-                              const LoraConfig& lc, const F* lora, int l, int p, int n, uint64_t seed) {
+                              const LoraConfig& lc, const F* lora, int l, int p, int n, uint64_t seed, size_t tok0) {
     int in = proj_in(m.cfg, p), out = proj_out(m.cfg, p), r = lc.rank;
     ref_matmul_dx(dx, dy, m.layers[l].w[p], n, in, out);  // frozen base: only dx
     if (!lc.has(p)) return;
@@ -267,10 +270,10 @@ void ref_lora_linear_backward(F* dx, F* dlora, const F* dy, const F* x, const F*
     for (size_t i = 0; i < g.size(); i++) g[i] = dy[i] * (F)lc.scale();  // (n, out) grad of lora_B's output
     ref_matmul_dw(dlora + s.b, g.data(), u, n, r, out);                     // dB (out, r)
     ref_matmul_dx(du.data(), g.data(), Bm, n, r, out);                      // du (n, r)
-    ref_lora_dropout(xd.data(), x, xd.size(), lc, l, p, seed);
+    ref_lora_dropout(xd.data(), x, xd.size(), lc, l, p, seed, tok0 * in);
     ref_matmul_dw(dlora + s.a, du.data(), xd.data(), n, in, r);             // dA (r, in)
     ref_matmul_dx(dxd.data(), du.data(), A, n, in, r);                      // (n, in) grad of dropout(x)
-    ref_lora_dropout(dxd.data(), dxd.data(), dxd.size(), lc, l, p, seed);
+    ref_lora_dropout(dxd.data(), dxd.data(), dxd.size(), lc, l, p, seed, tok0 * in);
     for (size_t i = 0; i < dxd.size(); i++) dx[i] += dxd[i];
 }
 
@@ -414,7 +417,7 @@ F ref_forward(const RefModel& m, const LoraConfig& lc, const F* lora, RefActs<F>
         F *l_x2 = &a.resid2[(size_t)l * BT * H], *l_rstd2 = &a.rstd2[(size_t)l * BT], *l_n2 = &a.n2[(size_t)l * BT * H];
         F *l_gate = &a.gate[(size_t)l * BT * I], *l_up = &a.up[(size_t)l * BT * I], *l_act = &a.act[(size_t)l * BT * I];
         auto proj = [&](int p, F* y, const F* x) {
-            ref_lora_linear_forward(y, &a.lora_u[((size_t)l * N_PROJ + p) * BT * r], x, m, lc, lora, l, p, BT, bt.dropout_seed);
+            ref_lora_linear_forward(y, &a.lora_u[((size_t)l * N_PROJ + p) * BT * r], x, m, lc, lora, l, p, BT, bt.dropout_seed, (size_t)bt.row0 * bt.T);
         };
         // n = input_layernorm(h)
         ref_rmsnorm_forward(l_n1, l_rstd1, l_x, ly.attn_norm, BT, H, c.norm_eps);
@@ -480,7 +483,7 @@ void ref_backward(const RefModel& m, const LoraConfig& lc, const F* lora, const 
         const F *l_x2 = &a.resid2[(size_t)l * BT * H], *l_rstd2 = &a.rstd2[(size_t)l * BT], *l_n2 = &a.n2[(size_t)l * BT * H];
         const F *l_gate = &a.gate[(size_t)l * BT * I], *l_up = &a.up[(size_t)l * BT * I], *l_act = &a.act[(size_t)l * BT * I];
         auto proj_bwd = [&](int p, F* dx, const F* dy, const F* x) {
-            ref_lora_linear_backward(dx, dlora, dy, x, &a.lora_u[((size_t)l * N_PROJ + p) * BT * r], m, lc, lora, l, p, BT, bt.dropout_seed);
+            ref_lora_linear_backward(dx, dlora, dy, x, &a.lora_u[((size_t)l * N_PROJ + p) * BT * r], m, lc, lora, l, p, BT, bt.dropout_seed, (size_t)bt.row0 * bt.T);
         };
         // h = h2 + down_proj(act): dres passes to h2 unchanged and into the MLP
         zero(dact); proj_bwd(P_DOWN, dact.data(), dres.data(), l_act);

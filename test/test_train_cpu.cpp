@@ -3,7 +3,8 @@
 //   - options: defaults and clean errors;
 //   - greedy decoding and exact-match accuracy on a hand-made model whose next token is known;
 //   - validation loss counts every target of the file once, whole documents, whatever the batch shape;
-//   - a step spread over 2 threads equals the same step on 1;
+//   - a step spread over 2 threads equals the same step on 1, with LoRA dropout too (3 threads);
+//   - evaluation runs without dropout;
 //   - the shipped data: the token files and vocabulary that dev/data/prepare.py made decode to the
 //     task's text, a short run on them lowers the validation loss, and its PEFT adapter reads back
 //     bit for bit (no Python needed).
@@ -148,6 +149,27 @@ static void test_loss_and_threads() {
     check_close("3 steps on 2 threads == on 1: loss", &loss2, &loss1, 1, 0, 1e-5);
     check_close("3 steps on 2 threads == on 1: grad norm", &n2, &n1, 1, 0, 1e-5);
     check_close("3 steps on 2 threads == on 1: LoRA params", t2.lora.data(), t1.lora.data(), t1.lora.size(), 1e-6, 1e-4);
+
+    // the same with LoRA dropout: the masks index the whole batch, so each row draws the same ones
+    // whatever slice (thread) it is in; 3 threads split the 4 rows unevenly (1 + 1 + 2)
+    CpuTrainer d1, d3; random_trainer(d1, 1); random_trainer(d3, 3);
+    d1.lc.dropout = d3.lc.dropout = 0.3f;
+    Loader m1, m3; m1.init(&f, 3, true); m3.init(&f, 3, true);
+    float dl1 = 0, dl3 = 0, dn1 = 0, dn3 = 0, nodrop = 0, nn = 0;
+    CpuTrainer z; random_trainer(z, 1);
+    Loader mz; mz.init(&f, 3, true);
+    for (int step = 0; step < 3; step++) {
+        Batch b1, b3, bz; m1.next(b1, 4, 16); m3.next(b3, 4, 16); mz.next(bz, 4, 16);
+        dl1 = train_step(d1, b1, step, 1e-2f, &dn1); dl3 = train_step(d3, b3, step, 1e-2f, &dn3); nodrop = train_step(z, bz, step, 1e-2f, &nn);
+    }
+    check_close("dropout 0.3, 3 steps on 3 threads == on 1: loss", &dl3, &dl1, 1, 0, 1e-5);
+    check_close("dropout 0.3, 3 steps on 3 threads == on 1: LoRA params", d3.lora.data(), d1.lora.data(), d1.lora.size(), 1e-6, 1e-4);
+    check(fabs(dl1 - nodrop) > 1e-3f, "dropout 0.3 moves the loss (%.6f, without %.6f): the check above compares masks", dl1, nodrop);
+    // evaluation runs without dropout (PEFT's eval()): the same loss as the same adapter with dropout 0
+    float e_drop = evaluate_loss(d1, f);
+    d1.lc.dropout = 0.0f;
+    float e_none = evaluate_loss(d1, f);
+    check(e_drop == e_none, "evaluation ignores --dropout: val loss %.7f with dropout 0.3, %.7f with 0", e_drop, e_none);
 }
 
 // The shipped data (data/: made by dev/data/*.py) through the C++ side alone.
