@@ -357,8 +357,8 @@ inline void dequantize_weight(float* out, const Quant4& q) { dequantize_4bit(out
 
 // ---------------------------------------------------------------------------------------------
 // 5. JSON: a small DOM parser for config.json, safetensors headers, index files, adapter configs.
-// Hostile input is the norm here: every read is bounds-checked, nesting is limited, duplicate
-// object keys are rejected, and errors carry the byte offset.
+// Hostile input is the norm here: every read is bounds-checked, nesting and the number of values are
+// limited, duplicate object keys are rejected, and errors carry the byte offset.
 
 struct Json {
     enum Type { NUL, BOOL, NUM, STR, ARR, OBJ } type = NUL;
@@ -375,8 +375,9 @@ struct Json {
 };
 
 struct JsonParser {
-    const char* s; size_t n, i = 0; std::string err;
+    const char* s; size_t n, i = 0; std::string err; size_t values = 0;
     static const int MAX_DEPTH = 64;
+    static const size_t MAX_VALUES = 1u << 20;  // ~112 bytes each in memory: a 100 MB header of "0,0,.." would take 5.6 GB
     bool fail(const char* what) { if (err.empty()) { char b[160]; snprintf(b, sizeof b, "%s at byte %zu", what, i); err = b; } return false; }
     void ws() { while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) i++; }
     bool lit(const char* w) { size_t k = strlen(w); if (n - i < k || memcmp(s + i, w, k)) return fail("invalid literal"); i += k; return true; }
@@ -449,6 +450,7 @@ struct JsonParser {
     }
     bool value(Json& v, int depth) {
         if (depth > MAX_DEPTH) return fail("nesting too deep");
+        if (++values > MAX_VALUES) return fail("more than 1048576 values");
         ws();
         if (i >= n) return fail("unexpected end");
         char c = s[i];
@@ -490,7 +492,7 @@ struct JsonParser {
 };
 // Parse a whole document (trailing whitespace allowed). On failure err says what and where.
 inline bool json_parse(const char* s, size_t n, Json& out, std::string& err) {
-    JsonParser p{s, n, 0, {}};
+    JsonParser p{s, n, 0, {}, 0};
     out = Json();
     if (!p.value(out, 0)) { err = p.err; return false; }
     p.ws();

@@ -56,6 +56,13 @@ static void test_json() {
     bad("control char", "\"a\x01\"", "control");
     bad("truncated", "{\"a\": [1, 2", "unterminated");
     bad("empty", "", "unexpected end");
+    std::string many = "[0";
+    for (size_t k = 1; k < JsonParser::MAX_VALUES - 1; k++) many += ",0";   // the array and its elements: MAX_VALUES values
+    many += "]";
+    Json big; std::string e;
+    check(json_parse(many.data(), many.size(), big, e) && big.arr.size() == JsonParser::MAX_VALUES - 1, "JSON takes %zu values", JsonParser::MAX_VALUES);
+    many.insert(many.size() - 1, ",0");
+    bad("one value too many", many, "more than 1048576 values");
 }
 
 static void test_configs() {
