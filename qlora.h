@@ -825,7 +825,7 @@ inline STIndex st_parse_index(const uint8_t* data, size_t size, const std::strin
     for (auto& kv : wm->obj) {
         ql_assert(kv.second.type == Json::STR, "%s: weight_map[\"%s\"] must be a file name", index.c_str(), kv.first.c_str());
         const std::string& fn = kv.second.str;
-        ql_assert(!fn.empty() && fn.find('/') == std::string::npos && fn != "." && fn != "..",
+        ql_assert(!fn.empty() && fn.find('/') == std::string::npos && fn.find('\0') == std::string::npos && fn != "." && fn != "..",
                   "%s: weight_map[\"%s\"] = \"%s\" is not a plain file name", index.c_str(), kv.first.c_str(), fn.c_str());
         if (seen.insert(fn).second) ix.shards.push_back(fn);
         ix.weight_map.emplace_back(kv.first, fn);

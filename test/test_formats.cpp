@@ -130,6 +130,8 @@ static void test_safetensors() {
     expect_error("index: shard file missing", [sd] { st_open_model(sd); }, {"cannot open", "model-00003-of-00002.safetensors"});
     write_text(sd + "/model.safetensors.index.json", replace(index, "\"model-00002-of-00002.safetensors\"", "\"../model-00002-of-00002.safetensors\""));
     expect_error("index: path outside the dir", [sd] { st_open_model(sd); }, {"not a plain file name"});
+    write_text(sd + "/model.safetensors.index.json", replace(index, "\"model-00002-of-00002.safetensors\"", "\"model-00002-of-00002.safetensors\\u0000.bak\""));
+    expect_error("index: NUL in a shard name (the OS would open a shorter name)", [sd] { st_open_model(sd); }, {"not a plain file name"});
     write_text(sd + "/model.safetensors.index.json", replace(index, "\"weight_map\":{", "\"weight_map\":{\"model.extra.weight\":\"model-00001-of-00002.safetensors\","));
     expect_error("index: tensor not in shard", [sd] { st_open_model(sd); }, {"model.extra.weight", "does not contain"});
 
