@@ -516,14 +516,9 @@ static void ref_model_load_dense(RefModel& m, const std::string& dir) {
     SafeTensors st = st_open_model(dir);
     CheckpointView v = checkpoint_view(c, st);
     ref_model_alloc(m, c);
-    st_to_f32(m.embed, *v.embed);
-    if (!c.tied) st_to_f32(m.lm_head, *v.lm_head);
-    st_to_f32(m.final_norm, *v.final_norm);
-    for (int l = 0; l < c.n_layers; l++) {
-        st_to_f32(m.layers[l].attn_norm, *v.attn_norm[l]);
-        st_to_f32(m.layers[l].mlp_norm, *v.mlp_norm[l]);
+    ref_model_fill_dense(m, c, v);
+    for (int l = 0; l < c.n_layers; l++)
         for (int p = 0; p < N_PROJ; p++) st_to_f32(m.layers[l].w[p], *v.w[l][p]);
-    }
 }
 struct Inputs { std::vector<int32_t> ids; int B, T; };
 static Inputs ref_inputs() {
