@@ -16,7 +16,7 @@ CPU_TESTS := $(patsubst test/%.cpp,build/%,$(wildcard test/test_*.cpp))
 SAN_TESTS := build/test_formats_san build/test_nf4_san build/test_reference_san build/test_dataloader_san build/test_fuzz_regress_san build/test_ecosystem_san build/test_train_cpu_san
 GPU_TESTS := $(if $(NVCC),$(patsubst test/%.cu,build/%,$(wildcard test/test_*.cu)))
 GPU_BINS  := $(if $(NVCC),$(if $(wildcard qlora.cu),qlora))
-HEADERS   := qlora.h reference.h dataloader.h generate.h $(wildcard kernels/*.cuh) test/test.h
+HEADERS   := qlora.h formats.h options.h tools.h reference.h dataloader.h generate.h $(wildcard kernels/*.cuh) test/test.h
 
 all: detect $(CPU_TESTS) $(SAN_TESTS) $(GPU_TESTS) $(GPU_BINS) qlora_cpu
 
@@ -42,7 +42,7 @@ build:
 TRAIN_ARGS ?= --model data/base --train data/task/reverse.train.tok --val data/task/reverse.val.tok \
               --batch 8 --seq 64 --steps 800 --warmup 20 --lr 3e-3 --rank 16 --alpha 32 --out build/adapter
 PY_TESTS   := test/test_prepare.py
-qlora_cpu: qlora_cpu.cpp qlora.h reference.h dataloader.h generate.h
+qlora_cpu: qlora_cpu.cpp $(HEADERS)
 	$(CXX) $(CXXFLAGS) -pthread -o $@ $<
 build/test_train_cpu build/test_train_cpu_san: qlora_cpu.cpp
 train: detect qlora_cpu $(if $(GPU_ARCH),$(GPU_BINS))

@@ -22,7 +22,7 @@
 // across rows (a split answer would lose its prompt), and examples_of cuts each document into the
 // prompt and the answer that greedy decoding is scored on.
 #pragma once
-#include "qlora.h"   // defines: MappedFile, ql_fail, rng_u32, atomic_write
+#include "formats.h" // defines: MappedFile, ql_fail, rng_u32, atomic_write
 
 static const char TOKEN_MAGIC[8] = {'Q', 'L', 'T', 'O', 'K', 'E', 'N', 'S'};
 static const uint32_t TOKEN_VERSION = 1, TOKEN_HEADER = 64;

@@ -2,7 +2,9 @@
 // whose seven decoder linears per layer are NF4 (bitsandbytes' bytes, double quant), on one GPU.
 //   make && ./qlora --model DIR|random:NAME --train FILE|--synthetic-data --batch 4 --seq 2048 --steps 20
 // forward() and backward() mirror reference.h; every op is one launcher call from kernels/.
-#include "qlora.h"                    // defines: Config, LoraConfig, NF4 host side, safetensors, JSON
+#include "qlora.h"                    // defines: Config, for_each_weight, WeightTable, LoraConfig, NF4_BLOCKSIZE
+#include "formats.h"                  // defines: checkpoint_view, bnb_checkpoint_validate, st_f32, peft_adapter_read/write, st_write
+#include "tools.h"                    // defines: Options, parse_options, tool_dispatch (quantize, merge)
 #include "dataloader.h"               // defines: TokenFile, Loader, Batch, eval_batches, Example, examples_of
 #include "kernels/common.cuh"         // defines: bf16, cudaCheck, kernel_assert
 #include "kernels/matmul.cuh"         // defines: MatmulCtx, matmul
@@ -20,124 +22,6 @@
 #include <chrono>                     // defines: steady_clock (tokens/s)
 #include <array>                      // defines: std::array
 #include <signal.h>                   // defines: sigaction (SIGINT/SIGTERM: save and exit)
-
-// ---------------------------------------------------------------------------------------------
-// options
-
-struct Options {
-    std::string model = "random:tiny";   // DIR (Hugging Face checkpoint) or random:NAME
-    std::string train, val;              // token files (dev/data/prepare.py); no --train: synthetic data
-    int eval_every = 0, eval_batches = 0, save_every = 0, max_bad_steps = 5;   // eval_batches 0: the whole --val file
-    int samples = 3, eval_examples = 0;  // generations printed before/after; accuracy on the first K examples (0: all)
-    int log_every = 1;                   // step lines on stdout every N steps (the --log file gets every step)
-    std::string vocab;                   // vocabulary table (dev/data/prepare.py), default MODEL/vocab.bin
-    std::vector<std::string> prompts;    // qlora sample: --prompt TEXT (repeatable)
-    int max_new = 64; float temperature = 0.0f, top_p = 1.0f;   // qlora sample: 0 = greedy
-    int inject_nan = -1, inject_nan_steps = 1;   // test hook: NaN gradients from this step, for this many steps
-    int inject_oom = -1;                 // test hook: a failing cudaMalloc (out of memory) at this step
-    std::string resume;                  // directory with state.safetensors (an earlier --out)
-    int batch = 4, seq = 512, steps = 20, grad_accum = 1, warmup = 0;
-    float lr = 2e-4f, weight_decay = 0.0f, clip = 1.0f, min_lr_frac = 0.1f;
-    int rank = 16; float alpha = 32.0f, dropout = 0.0f; bool rslora = false; std::string targets = "q,k,v,o,gate,up,down";
-    bool recompute = false, profile = false;
-    uint64_t seed = 1234;
-    std::string out;                     // adapter output directory ("" = do not save)
-    std::string log;                     // log file ("" = none)
-    double peak_tflops = 700.0;          // measured bf16 GEMM peak for MFU (../shared/bench/gemm_peak.py)
-    std::string adapter;                 // PEFT adapter to start from / to merge: its r, alpha, rslora, targets replace --rank etc.
-    int quant_type = QT_NF4, blocksize = 64; bool double_quant = true;   // qlora quantize
-    bool requant = false, onto_original = false;                         // qlora merge
-};
-
-static void usage() {
-    printf("usage: qlora --model DIR|random:{tiny,llama3-1b,llama3-3b,llama3-8b} [options]\n"
-           "       qlora quantize --model SRC --out DST [--quant-type nf4|fp4] [--blocksize 64] [--no-double-quant]\n"
-           "                      a bitsandbytes 4-bit checkpoint, as transformers saves one (CPU only)\n"
-           "       qlora merge --model SRC --adapter DIR --out DST [--requant] [--onto-original]\n"
-           "                      base + adapter as a bf16 checkpoint (--requant: bitsandbytes 4-bit); the base is the\n"
-           "                      NF4 one the adapter was trained against, or the stored weights with --onto-original\n"
-           "       qlora sample --model DIR|random:NAME [--adapter DIR] [--prompt TEXT ... | --val FILE] [--vocab FILE]\n"
-           "                    [--max-new N] [--temperature T] [--top-p P] [--seed S] [--samples K] [--eval-examples K]\n"
-           "                      generation on the GPU (KV cache): greedy at temperature 0 (default), else nucleus sampling;\n"
-           "                      --prompt is encoded with the vocabulary table (special tokens by name, e.g. <|user|>;\n"
-           "                      without a table: token ids \"1 5 9\"); --val: its first K prompts, their expected answers and\n"
-           "                      (greedy) the accuracy; base model alone unless --adapter\n"
-           "  --train FILE            token file (dev/data/prepare.py); without it: --synthetic-data, random tokens\n"
-           "  --val FILE --eval-every N validation loss and task accuracy (greedy, exact match) before, after and every N steps\n"
-           "  --eval-batches K        validation loss over the first K batches only (0: the whole file)\n"
-           "  --eval-examples K --samples K   accuracy over the first K prompts (0: all); generations printed (3)\n"
-           "  --vocab FILE            vocabulary table for printed samples (default MODEL/vocab.bin)\n"
-           "  --batch N --seq T       sequences per micro-batch and their length (4, 512)\n"
-           "  --steps N --grad-accum K --lr X --warmup N --weight-decay X --clip X\n"
-           "  --rank R --alpha A --dropout P --rslora --targets q,k,v,o,gate,up,down\n"
-           "  --adapter DIR           start from a PEFT LoRA adapter (its r, alpha, rslora, targets; fresh AdamW state)\n"
-           "  --recompute             recompute each layer's activations in backward (less memory)\n"
-           "  --seed S --out DIR (PEFT adapter + resume state) --save-every N --resume DIR\n"
-           "  --log FILE --peak-tflops X (for MFU) --max-bad-steps K (stop after K non-finite steps in a row)\n"
-           "  --log-every N           a step line on stdout every N steps (and the first and last; --log FILE gets every step)\n"
-           "  --profile               GPU time per kind of op (CUDA events between ops), printed at the end\n"
-           "  --inject-nan STEP K     (testing) make the gradients NaN at steps STEP..STEP+K-1\n"
-           "  --inject-oom STEP       (testing) a GPU allocation that fails (out of memory) at step STEP\n");
-}
-
-static Options parse_args(int argc, char** argv) {
-    Options o;
-    Args args{argc, argv};
-    while (args.more()) {
-        std::string a = args.flag();
-        auto next = [&] { return args.value(); };
-        auto num = [&](double lo, double hi) { return args.number(lo, hi); };
-        if (a == "--help" || a == "-h") { usage(); exit(0); }
-        else if (a == "--model") o.model = next();
-        else if (a == "--synthetic-data") o.train.clear();
-        else if (a == "--train") o.train = next();
-        else if (a == "--val") o.val = next();
-        else if (a == "--eval-every") o.eval_every = (int)num(0, 1e9);
-        else if (a == "--eval-batches") o.eval_batches = (int)num(0, 1e6);
-        else if (a == "--eval-examples") o.eval_examples = (int)num(0, 1e9);
-        else if (a == "--samples") o.samples = (int)num(0, 1e6);
-        else if (a == "--log-every") o.log_every = (int)num(1, 1e9);
-        else if (a == "--vocab") o.vocab = next();
-        else if (a == "--prompt") o.prompts.push_back(next());
-        else if (a == "--max-new") o.max_new = (int)num(1, 1 << 20);
-        else if (a == "--temperature") o.temperature = (float)num(0, 100);
-        else if (a == "--top-p") o.top_p = (float)num(0, 1);
-        else if (a == "--save-every") o.save_every = (int)num(0, 1e9);
-        else if (a == "--max-bad-steps") o.max_bad_steps = (int)num(1, 1e6);
-        else if (a == "--resume") o.resume = next();
-        else if (a == "--inject-nan") { o.inject_nan = (int)num(0, 1e9); o.inject_nan_steps = (int)num(1, 1e9); }
-        else if (a == "--inject-oom") o.inject_oom = (int)num(0, 1e9);
-        else if (a == "--batch") o.batch = (int)num(1, 4096);
-        else if (a == "--seq") o.seq = (int)num(1, 1 << 20);
-        else if (a == "--steps") o.steps = (int)num(0, 1e9);
-        else if (a == "--grad-accum") o.grad_accum = (int)num(1, 1 << 16);
-        else if (a == "--warmup") o.warmup = (int)num(0, 1e9);
-        else if (a == "--lr") o.lr = (float)num(0, 10);
-        else if (a == "--weight-decay") o.weight_decay = (float)num(0, 10);
-        else if (a == "--clip") o.clip = (float)num(0, 1e9);
-        else if (a == "--rank") o.rank = (int)num(1, 4096);
-        else if (a == "--alpha") o.alpha = (float)num(0, 1e6);
-        else if (a == "--dropout") o.dropout = (float)num(0, 0.99);
-        else if (a == "--rslora") o.rslora = true;
-        else if (a == "--targets") o.targets = next();
-        else if (a == "--recompute") o.recompute = true;
-        else if (a == "--profile") o.profile = true;
-        else if (a == "--seed") o.seed = (uint64_t)num(0, 1e18);
-        else if (a == "--out") o.out = next();
-        else if (a == "--log") o.log = next();
-        else if (a == "--peak-tflops") o.peak_tflops = num(1, 1e6);
-        else if (a == "--adapter") o.adapter = next();
-        else if (a == "--quant-type") { std::string v = next(); ql_assert(v == "nf4" || v == "fp4", "--quant-type %s: nf4 or fp4", v.c_str()); o.quant_type = v == "nf4" ? QT_NF4 : QT_FP4; }
-        else if (a == "--blocksize") o.blocksize = (int)num(32, 4096);
-        else if (a == "--no-double-quant") o.double_quant = false;
-        else if (a == "--requant") o.requant = true;
-        else if (a == "--onto-original") o.onto_original = true;
-        else ql_fail("unknown option %s (see --help)", a.c_str());
-    }
-    if (o.vocab.empty() && o.model.rfind("random:", 0) != 0) o.vocab = o.model + "/vocab.bin";
-    return o;
-}
-
 
 // Llama-3.x shapes for benchmarks without a checkpoint (the real dimensions; random weights)
 static Config random_config(const std::string& name) {
@@ -178,13 +62,11 @@ struct QWeight {                 // one decoder linear, NF4 blocksize 64 + doubl
     float* absmax2;              // (ceil(out*in/64/256))
     float* offset;               // (1)
 };
-static const int QBS = 64;
 
 struct Model {
     Config cfg; LoraConfig lc;
-    bf16 *embed, *lm_head, *final_norm;                  // (V, H), (V, H) (== embed when tied), (H)
-    std::vector<bf16*> attn_norm, mlp_norm;              // (L) x (H)
-    std::vector<std::array<QWeight, N_PROJ>> w;          // (L) x 7
+    WeightTable<bf16*, QWeight> w;                       // every weight of for_each_weight: dense bf16 (embeddings
+                                                         // (V, H), norms (H)), linears NF4
     float* inv_freq;                                     // (hd/2) RoPE
     size_t n_lora;
     float *lora, *grad, *m, *v;                          // (n_lora) fp32: master params, grads, AdamW moments
@@ -273,7 +155,7 @@ static int group_lora(const LoraConfig& lc, Group g, int* first) {   // LoRA'd p
 // plan every allocation; print the table; exit cleanly if it does not fit
 static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     const Config& c = t.m.cfg; const Options& o = t.o;
-    size_t H = c.dim, I = c.hidden_dim, V = c.vocab_size, L = c.n_layers, q = c.q_dim(), kv = c.kv_dim(), N = (size_t)o.batch * o.seq, r = o.rank;
+    size_t H = c.dim, I = c.hidden_dim, V = c.vocab_size, L = c.n_layers, q = c.q_dim(), kv = c.kv_dim(), N = (size_t)o.batch * o.seq, r = t.m.lc.rank;
     ar.assign(7, Arena());
     Arena &W = ar[0], &D = ar[1], &P = ar[2], &A = ar[3], &U = ar[4], &S = ar[5], &G = ar[6];
     W.role = "frozen weights (NF4 + bf16 embeddings/norms)"; P.role = "LoRA params, grads, AdamW"; A.role = "activations";
@@ -281,17 +163,15 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     U.role = "LoRA u = x A^T per group, kept for backward";
     S.role = "scratch (CE, attention)"; G.role = "gradients of activations";
     Model& m = t.m; Acts& a = t.a;
-    W.want(&m.embed, V * H); if (!c.tied) W.want(&m.lm_head, V * H);
-    W.want(&m.final_norm, H); W.want(&m.inv_freq, (size_t)c.head_dim / 2);
-    m.attn_norm.resize(L); m.mlp_norm.resize(L); m.w.resize(L);
-    for (size_t l = 0; l < L; l++) {
-        W.want(&m.attn_norm[l], H); W.want(&m.mlp_norm[l], H);
-        for (int p = 0; p < N_PROJ; p++) {
-            size_t n = (size_t)proj_out(c, p) * proj_in(c, p), nb = n / QBS;
-            W.want(&m.w[l][p].packed, n / 2); W.want(&m.w[l][p].absmax_q, nb);
-            W.want(&m.w[l][p].absmax2, (nb + DQ_BLOCK - 1) / DQ_BLOCK); W.want(&m.w[l][p].offset, 1);
-        }
-    }
+    m.w.fill(c, [&](const Weight& w, bf16*& p) { W.want(&p, (size_t)w.numel()); },
+             [&](const Weight& w, QWeight& q) {
+                 size_t n = (size_t)w.numel(), nb = n / NF4_BLOCKSIZE;
+                 W.want(&q.packed, n / 2);
+                 W.want(&q.absmax_q, nb);
+                 W.want(&q.absmax2, (nb + DQ_BLOCK - 1) / DQ_BLOCK);
+                 W.want(&q.offset, 1);
+             });
+    W.want(&m.inv_freq, (size_t)c.head_dim / 2);
     m.n_lora = lora_num_params(c, m.lc);
     P.want(&m.lora, m.n_lora); P.want(&m.grad, m.n_lora); P.want(&m.m, m.n_lora); P.want(&m.v, m.n_lora); P.want(&m.lora_bf16, m.n_lora);
     a.B = o.batch; a.T = o.seq; a.N = (int)N;
@@ -310,7 +190,7 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     for (size_t l = 0; l < L; l++) U.want(&a.udown[l], ku(G_DOWN));
     A.want(&a.hf, N * H); A.want(&a.rstdf, N);
     S.want(&a.delta, N * H); S.want(&a.act, N * I); S.want(&a.t, N * r * 3);
-    a.u = a.xdrop = nullptr; if (o.dropout > 0) { S.want(&a.u, N * r); S.want(&a.xdrop, N * std::max({I, q, H})); }
+    a.u = a.xdrop = nullptr; if (t.m.lc.dropout > 0) { S.want(&a.u, N * r); S.want(&a.xdrop, N * std::max({I, q, H})); }
     S.want(&a.attn_scratch, attention_backward_scratch_bytes(o.batch, o.seq, c.n_heads, c.head_dim) / sizeof(float));
     // lm_head + CE in chunks of ce_rows rows (254 MiB of logits at V = 128256)
     a.ce_rows = ce_default_rows((int)V);
@@ -338,80 +218,77 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
 
 template <class T>
 static void quantize_into(QWeight& q, const T* w, int64_t n, float* absmax_tmp, cudaStream_t s) {
-    quantize_4bit_gpu<T>(q.packed, absmax_tmp, w, n, QT_NF4, QBS, s);
-    quantize_absmax_gpu(q.absmax_q, q.absmax2, q.offset, absmax_tmp, n / QBS, nullptr, s);
+    quantize_4bit_gpu<T>(q.packed, absmax_tmp, w, n, QT_NF4, NF4_BLOCKSIZE, s);
+    quantize_absmax_gpu(q.absmax_q, q.absmax2, q.offset, absmax_tmp, n / NF4_BLOCKSIZE, nullptr, s);
 }
 
+static void upload_quant4(QWeight& w, const Quant4& q) {
+    cudaCheck(cudaMemcpy(w.packed, q.packed.data(), q.packed.size(), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(w.absmax_q, q.absmax_q.data(), q.absmax_q.size(), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(w.absmax2, q.absmax2.data(), q.absmax2.size() * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(w.offset, &q.offset, 4, cudaMemcpyHostToDevice));
+}
+
+// Every weight of for_each_weight, from the checkpoint (or random: embeddings N(0, 0.02), norms 1,
+// linears N(0, 0.02) quantized on the GPU).
 static void load_model(Trainer& t) {
     Model& m = t.m; const Config& c = m.cfg;
-    size_t biggest = (size_t)c.vocab_size * c.dim;
-    for (int p = 0; p < N_PROJ; p++) biggest = std::max(biggest, (size_t)proj_out(c, p) * proj_in(c, p));
+    size_t biggest = 0;
+    for_each_weight(c, [&](const Weight& w) { biggest = std::max(biggest, (size_t)w.numel()); });
     void* stage; float* absmax_tmp;   // stage: one tensor in its file dtype (up to fp32)
     cudaCheck(cudaMalloc(&stage, biggest * sizeof(float)));
-    cudaCheck(cudaMalloc(&absmax_tmp, biggest / QBS * sizeof(float)));
-    bool random = t.o.model.rfind("random:", 0) == 0;
-    auto linear = [&](int l, int p, const STensor* ts) {
-        int64_t n = (int64_t)proj_out(c, p) * proj_in(c, p);
-        if (!ts) { fill_normal((bf16*)stage, n, 0.02f, t.o.seed, 1000 + (uint64_t)l * N_PROJ + p, t.s);
-                   quantize_into(m.w[l][p], (const bf16*)stage, n, absmax_tmp, t.s); }
-        else {   // checkpoint_view has checked shape and dtype (BF16, F16 or F32)
+    cudaCheck(cudaMalloc(&absmax_tmp, biggest / NF4_BLOCKSIZE * sizeof(float)));
+    bool random = t.o.model.rfind("random:", 0) == 0, bnb = !random && config_is_bnb4(t.o.model + "/config.json");
+    SafeTensors st;
+    CheckpointView v;         // the checkpoint's tensors (bf16/f16/f32)
+    BnbCheckpointView bv;     // or a bitsandbytes 4-bit checkpoint's
+    if (!random) st = st_open_model(t.o.model);
+    if (bnb) bv = bnb_checkpoint_validate(c, st);
+    else if (!random) v = checkpoint_view(c, st);
+    bool same = bv.qt == QT_NF4 && bv.bs == NF4_BLOCKSIZE && bv.nested;
+    if (bnb)
+        printf("pre-quantized checkpoint: %s blocksize %d%s%s\n", quant_type_name(bv.qt), bv.bs, bv.nested ? ", double quant" : "",
+               same ? "" : " -> converted to NF4 blocksize 64 double quant (lossy: the trainer has one format)");
+    for_each_weight(c, [&](const Weight& w) {
+        int64_t n = w.numel();
+        if (!w.linear()) {   // dense -> bf16; random: embeddings N(0, 0.02) (RNG streams 1, 2), norms 1
+            bf16* dst = m.w.at(w.id, w.layer);
+            if (random && w.shape.size() == 2) {
+                fill_normal(dst, n, 0.02f, t.o.seed, w.id == W_EMBED ? 1 : 2, t.s);
+                return;
+            }
+            std::vector<uint16_t> h((size_t)n, f32_to_bf16(1.0f));
+            if (!random) {
+                std::vector<float> f = st_f32(*(bnb ? bv.w.at(w.id, w.layer) : v.at(w.id, w.layer)));
+                for (int64_t i = 0; i < n; i++) h[i] = f32_to_bf16(f[i]);
+            }
+            cudaCheck(cudaMemcpy(dst, h.data(), n * 2, cudaMemcpyHostToDevice));
+            return;
+        }
+        QWeight& q = m.w.linear[w.layer][w.proj];
+        if (bnb) {   // a checkpoint saved by transformers with bitsandbytes 4-bit: its bytes go up as they are
+            const BnbLinear& b = bv.w.linear[w.layer][w.proj];
+            Quant4 q4;
+            bnb_linear_load(b, q4);
+            if (!same) q4 = quant4_convert(q4, b.dtype, QT_NF4, NF4_BLOCKSIZE, true);
+            upload_quant4(q, q4);
+        } else if (random) {
+            fill_normal((bf16*)stage, n, 0.02f, t.o.seed, 1000 + (uint64_t)w.layer * N_PROJ + w.proj, t.s);
+            quantize_into(q, (const bf16*)stage, n, absmax_tmp, t.s);
+        } else {     // checkpoint_view has checked shape and dtype (BF16, F16 or F32)
+            const STensor* ts = v.linear[w.layer][w.proj];
             cudaCheck(cudaMemcpy(stage, ts->data, ts->nbytes, cudaMemcpyHostToDevice));
-            if (ts->dtype == DT_BF16) quantize_into(m.w[l][p], (const bf16*)stage, n, absmax_tmp, t.s);
-            else if (ts->dtype == DT_F16) quantize_into(m.w[l][p], (const __half*)stage, n, absmax_tmp, t.s);
-            else quantize_into(m.w[l][p], (const float*)stage, n, absmax_tmp, t.s);
+            if (ts->dtype == DT_BF16) quantize_into(q, (const bf16*)stage, n, absmax_tmp, t.s);
+            else if (ts->dtype == DT_F16) quantize_into(q, (const __half*)stage, n, absmax_tmp, t.s);
+            else quantize_into(q, (const float*)stage, n, absmax_tmp, t.s);
         }
         cudaCheck(cudaStreamSynchronize(t.s));
-    };
-    auto dense = [&](bf16* dst, const STensor* ts, size_t n, float fill, uint64_t stream) {   // -> bf16
-        if (ts) { std::vector<float> f = st_f32(*ts); std::vector<uint16_t> h(n); for (size_t i = 0; i < n; i++) h[i] = f32_to_bf16(f[i]);
-                  cudaCheck(cudaMemcpy(dst, h.data(), n * 2, cudaMemcpyHostToDevice)); }
-        else if (fill != 0.0f) fill_normal(dst, (int64_t)n, fill, t.o.seed, stream, t.s);
-        else { std::vector<uint16_t> one(n, f32_to_bf16(1.0f)); cudaCheck(cudaMemcpy(dst, one.data(), n * 2, cudaMemcpyHostToDevice)); }
-    };
-    size_t H = c.dim, V = c.vocab_size;
-    if (random) {
-        dense(m.embed, nullptr, V * H, 0.02f, 1); if (!c.tied) dense(m.lm_head, nullptr, V * H, 0.02f, 2);
-        dense(m.final_norm, nullptr, H, 0, 0);
-        for (int l = 0; l < c.n_layers; l++) {
-            dense(m.attn_norm[l], nullptr, H, 0, 0); dense(m.mlp_norm[l], nullptr, H, 0, 0);
-            for (int p = 0; p < N_PROJ; p++) linear(l, p, nullptr);
+        if (!random && w.proj == N_PROJ - 1) {
+            printf("\rloading %s: layer %d/%d", t.o.model.c_str(), w.layer + 1, c.n_layers);
+            fflush(stdout);
         }
-    } else if (config_is_bnb4(t.o.model + "/config.json")) {
-        // a checkpoint saved by transformers with bitsandbytes 4-bit: its bytes go up as they are
-        SafeTensors st = st_open_model(t.o.model);
-        BnbCheckpointView v = bnb_checkpoint_validate(c, st);
-        bool same = v.qt == QT_NF4 && v.bs == QBS && v.nested;
-        printf("pre-quantized checkpoint: %s blocksize %d%s%s\n", quant_type_name(v.qt), v.bs, v.nested ? ", double quant" : "",
-               same ? "" : " -> converted to NF4 blocksize 64 double quant (lossy: the trainer has one format)");
-        dense(m.embed, v.embed, V * H, 0, 0); if (!c.tied) dense(m.lm_head, v.lm_head, V * H, 0, 0);
-        dense(m.final_norm, v.final_norm, H, 0, 0);
-        for (int l = 0; l < c.n_layers; l++) {
-            dense(m.attn_norm[l], v.attn_norm[l], H, 0, 0); dense(m.mlp_norm[l], v.mlp_norm[l], H, 0, 0);
-            for (int p = 0; p < N_PROJ; p++) {
-                Quant4 q; bnb_linear_load(v.w[l][p], q);
-                if (!same) q = quant4_convert(q, v.w[l][p].dtype, QT_NF4, QBS, true);
-                QWeight& w = m.w[l][p];
-                cudaCheck(cudaMemcpy(w.packed, q.packed.data(), q.packed.size(), cudaMemcpyHostToDevice));
-                cudaCheck(cudaMemcpy(w.absmax_q, q.absmax_q.data(), q.absmax_q.size(), cudaMemcpyHostToDevice));
-                cudaCheck(cudaMemcpy(w.absmax2, q.absmax2.data(), q.absmax2.size() * 4, cudaMemcpyHostToDevice));
-                cudaCheck(cudaMemcpy(w.offset, &q.offset, 4, cudaMemcpyHostToDevice));
-            }
-            printf("\rloading %s: layer %d/%d", t.o.model.c_str(), l + 1, c.n_layers); fflush(stdout);
-        }
-        printf("\n");
-    } else {
-        SafeTensors st = st_open_model(t.o.model);
-        CheckpointView v = checkpoint_view(c, st);
-        dense(m.embed, v.embed, V * H, 0, 0); if (!c.tied) dense(m.lm_head, v.lm_head, V * H, 0, 0);
-        dense(m.final_norm, v.final_norm, H, 0, 0);
-        for (int l = 0; l < c.n_layers; l++) {
-            dense(m.attn_norm[l], v.attn_norm[l], H, 0, 0); dense(m.mlp_norm[l], v.mlp_norm[l], H, 0, 0);
-            for (int p = 0; p < N_PROJ; p++) linear(l, p, v.w[l][p]);
-            printf("\rloading %s: layer %d/%d", t.o.model.c_str(), l + 1, c.n_layers); fflush(stdout);
-        }
-        printf("\n");
-    }
-    if (c.tied) m.lm_head = m.embed;
+    });
+    if (!random) printf("\n");
     std::vector<float> inv((size_t)c.head_dim / 2); rope_inv_freq(inv.data(), c);
     cudaCheck(cudaMemcpy(m.inv_freq, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
     cudaCheck(cudaStreamSynchronize(t.s));
@@ -437,8 +314,8 @@ static void dequant_layer(Trainer& t, int l) {
     const Config& c = t.m.cfg;
     mark(t, "NF4 dequantize");
     for (int p = 0; p < N_PROJ; p++) {
-        const QWeight& q = t.m.w[l][p];
-        dequantize_4bit_nested_gpu(wdq(t, l)[p], q.packed, q.absmax_q, q.absmax2, q.offset, (int64_t)proj_out(c, p) * proj_in(c, p), QT_NF4, QBS, t.s);
+        const QWeight& q = t.m.w.linear[l][p];
+        dequantize_4bit_nested_gpu(wdq(t, l)[p], q.packed, q.absmax_q, q.absmax2, q.offset, (int64_t)proj_out(c, p) * proj_in(c, p), QT_NF4, NF4_BLOCKSIZE, t.s);
     }
 }
 
@@ -531,8 +408,8 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
     const Config& c = t.m.cfg; Acts& a = t.a; Acts::Layer& y = acts(t, l); int N = a.N;
     mark(t, "RMSNorm (+ residual)");
     if (l > 0 && fresh)   // h[l] = h_mid + down_proj(...) of layer l-1 (still in delta); n1 = input_layernorm(h[l])
-        rmsnorm_residual_forward(a.h[l], y.n1, y.rstd1, acts(t, l - 1).h_mid, a.delta, t.m.attn_norm[l], N, c.dim, c.norm_eps, t.s);
-    else rmsnorm_forward(y.n1, y.rstd1, a.h[l], t.m.attn_norm[l], N, c.dim, c.norm_eps, t.s);
+        rmsnorm_residual_forward(a.h[l], y.n1, y.rstd1, acts(t, l - 1).h_mid, a.delta, t.m.w.at(W_ATTN_NORM, l), N, c.dim, c.norm_eps, t.s);
+    else rmsnorm_forward(y.n1, y.rstd1, a.h[l], t.m.w.at(W_ATTN_NORM, l), N, c.dim, c.norm_eps, t.s);
     dequant_layer(t, l);
     bf16* qkv[3] = {y.q, y.k, y.v};
     linears_forward(t, G_QKV, qkv, y.n1, y.uqkv, l, drop_seed);      // q, k, v = q_proj(n1), k_proj(n1), v_proj(n1)
@@ -543,7 +420,7 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
     linears_forward(t, G_O, &a.delta, y.att, y.uo, l, drop_seed);    // o_proj(att)
     // h_mid = h + o_proj(att); n2 = post_attention_layernorm(h_mid)
     mark(t, "RMSNorm (+ residual)");
-    rmsnorm_residual_forward(y.h_mid, y.n2, y.rstd2, a.h[l], a.delta, t.m.mlp_norm[l], N, c.dim, c.norm_eps, t.s);
+    rmsnorm_residual_forward(y.h_mid, y.n2, y.rstd2, a.h[l], a.delta, t.m.w.at(W_MLP_NORM, l), N, c.dim, c.norm_eps, t.s);
     bf16* gu[2] = {y.gate, y.up};
     linears_forward(t, G_GATE_UP, gu, y.n2, y.ugu, l, drop_seed);    // gate_proj(n2), up_proj(n2)
     if (!fresh) return;   // a recompute stops here: backward forms act itself and needs no down_proj output
@@ -557,13 +434,13 @@ static void forward(Trainer& t, float dloss, bool grad, uint64_t drop_seed) {
     const Config& c = t.m.cfg; Acts& a = t.a;
     a.training = grad;
     mark(t, "embedding");
-    embedding_forward(a.h[0], &a.flags[0], a.ids, t.m.embed, a.N, c.dim, c.vocab_size, t.s);   // h0 = embed_tokens(ids)
+    embedding_forward(a.h[0], &a.flags[0], a.ids, t.m.w.at(W_EMBED), a.N, c.dim, c.vocab_size, t.s);   // h0 = embed_tokens(ids)
     for (int l = 0; l < c.n_layers; l++) layer_forward(t, l, true, drop_seed);
     // h[L] = h_mid + mlp_out of the last layer; hf = norm(h[L]); logits = hf·lm_headᵀ, CE, dh
     mark(t, "RMSNorm (+ residual)");
-    rmsnorm_residual_forward(a.h[c.n_layers], a.hf, a.rstdf, acts(t, c.n_layers - 1).h_mid, a.delta, t.m.final_norm, a.N, c.dim, c.norm_eps, t.s);
+    rmsnorm_residual_forward(a.h[c.n_layers], a.hf, a.rstdf, acts(t, c.n_layers - 1).h_mid, a.delta, t.m.w.at(W_FINAL_NORM), a.N, c.dim, c.norm_eps, t.s);
     mark(t, "lm_head + cross-entropy");
-    fused_classifier(a.loss_sum, a.losses, grad ? a.dres : nullptr, &a.flags[1], a.hf, t.m.lm_head, a.targets, dloss,
+    fused_classifier(a.loss_sum, a.losses, grad ? a.dres : nullptr, &a.flags[1], a.hf, t.m.w.lm_head(), a.targets, dloss,
                      a.N, c.dim, c.vocab_size, a.ce_scratch, a.ce_bytes, a.ce_rows, t.mm);
 }
 
@@ -571,7 +448,7 @@ static void backward(Trainer& t, uint64_t drop_seed) {
     const Config& c = t.m.cfg; Acts& a = t.a; int N = a.N;
     // d h[L] = final norm backward of dh (dres holds dL/dhf from the classifier)
     mark(t, "RMSNorm backward");
-    rmsnorm_backward(a.dn, a.dres, a.h[c.n_layers], t.m.final_norm, a.rstdf, N, c.dim, false, t.s);
+    rmsnorm_backward(a.dn, a.dres, a.h[c.n_layers], t.m.w.at(W_FINAL_NORM), a.rstdf, N, c.dim, false, t.s);
     std::swap(a.dres, a.dn);
     for (int l = c.n_layers - 1; l >= 0; l--) {
         if (t.o.recompute) layer_forward(t, l, false, drop_seed);   // without, layer l's activations and weights are the forward's
@@ -586,7 +463,7 @@ static void backward(Trainer& t, uint64_t drop_seed) {
         bf16* dgu[2] = {y.gate, y.up};
         linears_backward(t, G_GATE_UP, a.dn, dgu, y.n2, y.ugu, l, drop_seed);                       // d n2
         mark(t, "RMSNorm backward");
-        rmsnorm_backward(a.dres, a.dn, y.h_mid, t.m.mlp_norm[l], y.rstd2, N, c.dim, true, t.s);     // d h_mid
+        rmsnorm_backward(a.dres, a.dn, y.h_mid, t.m.w.at(W_MLP_NORM, l), y.rstd2, N, c.dim, true, t.s);     // d h_mid
         // attention: h_mid = h + o_proj(attn(rope(q), rope(k), v))
         linears_backward(t, G_O, a.datt, &a.dres, y.att, y.uo, l, drop_seed);
         mark(t, "attention backward");
@@ -597,7 +474,7 @@ static void backward(Trainer& t, uint64_t drop_seed) {
         bf16* dqkv[3] = {a.dq, a.dk, a.dv};
         linears_backward(t, G_QKV, a.dn, dqkv, y.n1, y.uqkv, l, drop_seed);                       // d n1
         mark(t, "RMSNorm backward");
-        rmsnorm_backward(a.dres, a.dn, a.h[l], t.m.attn_norm[l], y.rstd1, N, c.dim, true, t.s);     // d h[l]
+        rmsnorm_backward(a.dres, a.dn, a.h[l], t.m.w.at(W_ATTN_NORM, l), y.rstd1, N, c.dim, true, t.s);     // d h[l]
     }
 }
 
@@ -625,21 +502,19 @@ static void trainer_init(Trainer& t, const Options& o) {
     ql_assert(o.seq <= c.max_seq_len, "--seq %d is longer than the model allows (max_position_embeddings %d)", o.seq, c.max_seq_len);
     ql_assert(c.sliding_window == 0 || o.seq <= c.sliding_window, "--seq %d exceeds the model's sliding_window %d, which qlora does not implement", o.seq, c.sliding_window);
     for (int p = 0; p < N_PROJ; p++)
-        ql_assert(((size_t)proj_out(c, p) * proj_in(c, p)) % QBS == 0, "%s: %d x %d is not a whole number of %d-element NF4 blocks",
-                  PROJ_NAME[p], proj_out(c, p), proj_in(c, p), QBS);
+        ql_assert(((size_t)proj_out(c, p) * proj_in(c, p)) % NF4_BLOCKSIZE == 0, "%s: %d x %d is not a whole number of %d-element NF4 blocks",
+                  PROJ_NAME[p], proj_out(c, p), proj_in(c, p), NF4_BLOCKSIZE);
     ql_assert(c.dim % 8 == 0 && c.hidden_dim % 8 == 0 && c.vocab_size % 8 == 0, "hidden_size, intermediate_size and vocab_size must be multiples of 8");
     t.m.cfg = c;
-    t.m.lc.rank = o.rank; t.m.lc.alpha = o.alpha; t.m.lc.dropout = o.dropout; t.m.lc.rslora = o.rslora; t.m.lc.targets = lora_targets_parse(o.targets);
+    t.m.lc = o.lora;
     std::vector<float> adapter;   // --adapter: its LoRA configuration replaces the options, its weights the init
     if (!o.adapter.empty()) {
         peft_adapter_read(o.adapter, c, t.m.lc, adapter);
-        t.m.lc.dropout = o.dropout;
-        t.o.rank = t.m.lc.rank; t.o.alpha = t.m.lc.alpha; t.o.rslora = t.m.lc.rslora; t.o.targets.clear();
-        for (int p = 0; p < N_PROJ; p++) if (t.m.lc.has(p)) t.o.targets += (t.o.targets.empty() ? "" : ",") + std::string(PROJ_NAME[p]);
+        t.m.lc.dropout = o.lora.dropout;
     }
     printf("model %s: H %d I %d L %d heads %d/%d hd %d V %d%s | LoRA r %d alpha %g on %s%s | %.1f M trainable\n", o.model.c_str(), c.dim,
-           c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.tied ? " tied" : "", t.o.rank, t.o.alpha,
-           t.o.targets.c_str(), o.adapter.empty() ? "" : (" from " + o.adapter).c_str(), lora_num_params(c, t.m.lc) / 1e6);
+           c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.tied ? " tied" : "", t.m.lc.rank, t.m.lc.alpha,
+           lora_targets_text(t.m.lc.targets).c_str(), o.adapter.empty() ? "" : (" from " + o.adapter).c_str(), lora_num_params(c, t.m.lc) / 1e6);
     std::vector<Arena> arenas;
     plan_memory(t, arenas);
     load_model(t);
@@ -814,12 +689,12 @@ static void decode_linear(Trainer& t, Decoder& d, bf16* y, const bf16* x, int l,
 // join the cache) and d.logits (B, V) fp32 become the logits of the token after it.
 static void decode_step(Trainer& t, Decoder& d) {
     const Config& c = t.m.cfg; const Model& m = t.m; int B = d.B, L = c.n_layers;
-    embedding_forward(d.x, d.flags, d.ids, m.embed, B, c.dim, c.vocab_size, t.s);                     // x = embed_tokens(ids)
-    rmsnorm_forward(d.n, d.rstd, d.x, m.attn_norm[0], B, c.dim, c.norm_eps, t.s);                      // n = input_layernorm(x)
+    embedding_forward(d.x, d.flags, d.ids, m.w.at(W_EMBED), B, c.dim, c.vocab_size, t.s);                     // x = embed_tokens(ids)
+    rmsnorm_forward(d.n, d.rstd, d.x, m.w.at(W_ATTN_NORM, 0), B, c.dim, c.norm_eps, t.s);                      // n = input_layernorm(x)
     for (int l = 0; l < L; l++) {
         for (int p = 0; p < N_PROJ; p++) {
-            const QWeight& w = m.w[l][p];
-            dequantize_4bit_nested_gpu(d.wdq[p], w.packed, w.absmax_q, w.absmax2, w.offset, (int64_t)proj_out(c, p) * proj_in(c, p), QT_NF4, QBS, t.s);
+            const QWeight& w = m.w.linear[l][p];
+            dequantize_4bit_nested_gpu(d.wdq[p], w.packed, w.absmax_q, w.absmax2, w.offset, (int64_t)proj_out(c, p) * proj_in(c, p), QT_NF4, NF4_BLOCKSIZE, t.s);
         }
         decode_linear(t, d, d.q, d.n, l, P_Q); decode_linear(t, d, d.k, d.n, l, P_K); decode_linear(t, d, d.v, d.n, l, P_V);
         rope_forward(d.q, d.k, m.inv_freq, d.pos, B, 1, c.n_heads, c.n_kv_heads, c.head_dim, t.s);     // at each sequence's position
@@ -827,14 +702,14 @@ static void decode_step(Trainer& t, Decoder& d) {
         decode_attention(d.att, d.q, d.kc[l], d.vc[l], d.pos, B, d.Tmax, c.n_heads, c.n_kv_heads, c.head_dim, t.s);  // over keys 0..pos
         decode_linear(t, d, d.delta, d.att, l, P_O);
         // x = x + o_proj(att); n = post_attention_layernorm(x)
-        rmsnorm_residual_forward(d.x, d.n, d.rstd, d.x, d.delta, m.mlp_norm[l], B, c.dim, c.norm_eps, t.s);
+        rmsnorm_residual_forward(d.x, d.n, d.rstd, d.x, d.delta, m.w.at(W_MLP_NORM, l), B, c.dim, c.norm_eps, t.s);
         decode_linear(t, d, d.gate, d.n, l, P_GATE); decode_linear(t, d, d.up, d.n, l, P_UP);
         swiglu_forward(d.act, d.gate, d.up, (int64_t)B * c.hidden_dim, t.s);                            // silu(gate) * up
         decode_linear(t, d, d.delta, d.act, l, P_DOWN);
         // x = x + down_proj(...); n = the next layer's input_layernorm(x), or the final norm
-        rmsnorm_residual_forward(d.x, d.n, d.rstd, d.x, d.delta, l + 1 < L ? m.attn_norm[l + 1] : m.final_norm, B, c.dim, c.norm_eps, t.s);
+        rmsnorm_residual_forward(d.x, d.n, d.rstd, d.x, d.delta, l + 1 < L ? m.w.at(W_ATTN_NORM, l + 1) : m.w.at(W_FINAL_NORM), B, c.dim, c.norm_eps, t.s);
     }
-    matmul(t.mm, d.logits, MM_F32, d.n, m.lm_head, B, c.vocab_size, c.dim, false, true);               // logits = lm_head(n), fp32
+    matmul(t.mm, d.logits, MM_F32, d.n, m.w.lm_head(), B, c.vocab_size, c.dim, false, true);               // logits = lm_head(n), fp32
 }
 
 struct GenSettings {
@@ -1057,31 +932,11 @@ static void data_init(Trainer& t, Data& d) {
 }
 
 #ifndef QLORA_TESTING
-// qlora quantize / qlora merge: checkpoint files only, on the CPU (qlora.h §13, §14); no GPU needed
-static int file_mode(const std::string& mode, const Options& o, const std::string& argv0) {
-    ql_assert(o.model.rfind("random:", 0) != 0 && !o.out.empty(), "qlora %s needs --model DIR and --out DIR (see --help)", mode.c_str());
-    std::string here = argv0.find('/') == std::string::npos ? "." : argv0.substr(0, argv0.rfind('/'));
-    if (!rcp_table_load("data/rcp_delta.bin")) rcp_table_load(here + "/data/rcp_delta.bin");   // rcp.approx, bit-exact FP4 / fp32 input
-    if (mode == "quantize") {
-        bnb_write_checkpoint(o.model, o.out, o.quant_type, o.blocksize, o.double_quant);
-        printf("%s: bitsandbytes 4-bit checkpoint (%s, blocksize %d%s) of %s\n", o.out.c_str(), quant_type_name(o.quant_type), o.blocksize,
-               o.double_quant ? ", double quant" : "", o.model.c_str());
-        return 0;
-    }
-    ql_assert(!o.adapter.empty(), "qlora merge needs --adapter DIR (a PEFT LoRA adapter)");
-    Config c = load_config(o.model + "/config.json");
-    LoraConfig lc; std::vector<float> lora;
-    peft_adapter_read(o.adapter, c, lc, lora);
-    merge_write_checkpoint(o.model, c, lc, lora.data(), o.out, o.requant, o.onto_original);
-    printf("%s: %s + %s (r %d, scale %g)%s\n", o.out.c_str(), o.model.c_str(), o.adapter.c_str(), lc.rank, lc.scale(),
-           o.requant ? ", re-quantized to bitsandbytes 4-bit" : ", bf16");
-    return 0;
-}
-
 int main(int argc, char** argv) {
-    if (argc > 1 && (!strcmp(argv[1], "quantize") || !strcmp(argv[1], "merge"))) return file_mode(argv[1], parse_args(argc - 1, argv + 1), argv[0]);
-    if (argc > 1 && !strcmp(argv[1], "sample")) return sample_mode(parse_args(argc - 1, argv + 1));
-    Options o = parse_args(argc, argv);
+    int rc = tool_dispatch(argc, argv, GPU, "qlora");
+    if (rc >= 0) return rc;
+    if (argc > 1 && !strcmp(argv[1], "sample")) return sample_mode(parse_options(argc - 1, argv + 1, SAMPLE, GPU, "qlora"));
+    Options o = parse_options(argc, argv, TRAIN, GPU, "qlora");
     Trainer t;
     trainer_init(t, o);
     Data d; data_init(t, d);

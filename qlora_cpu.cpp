@@ -7,69 +7,18 @@
 #include "reference.h"   // defines: RefModel, ref_model_load, RefBatch, RefActs, ref_forward, ref_backward, ref_clip_grad_norm, ref_adamw
 #include "dataloader.h"  // defines: TokenFile, token_file_open, Loader, Batch, eval_batches, Example, examples_of
 #include "generate.h"    // defines: Vocab, vocab_load, greedy_token, exact_match, print_sample, print_report
+#include "tools.h"       // defines: Options, parse_options, tool_dispatch (quantize, merge)
 #include <chrono>        // defines: steady_clock (tokens/s)
 #include <thread>        // defines: std::thread (micro-batches and prompts spread over the cores)
 
 // ---------------------------------------------------------------------------------------------
-// options: the flags of ./qlora that mean something here, with the same names
-
-struct Options {
-    std::string model = "data/base", train, val, vocab, out;   // vocab: default MODEL/vocab.bin
-    int batch = 8, seq = 64, steps = 800, warmup = 20, log_every = 1, eval_every = 0, samples = 3, eval_examples = 0;
-    float lr = 3e-3f, weight_decay = 0.0f, clip = 1.0f, min_lr_frac = 0.1f;
-    int rank = 16; float alpha = 32.0f, dropout = 0.0f; bool rslora = false; std::string targets = "q,k,v,o,gate,up,down";
-    uint64_t seed = 1234;
-    int threads = 0;                 // 0: every core
-};
-
-static void usage() {
-    printf("usage: qlora_cpu --model DIR --train FILE --val FILE [options]   (the CPU reference trainer)\n"
-           "  --train FILE --val FILE token files (dev/data/prepare.py); --vocab FILE (default MODEL/vocab.bin)\n"
-           "  --batch N --seq T       sequences per step and their length (8, 64)\n"
-           "  --steps N --lr X --warmup N --weight-decay X --clip X   (800, 3e-3, 20, 0, 1)\n"
-           "  --rank R --alpha A --dropout P --rslora --targets q,k,v,o,gate,up,down   (16, 32, 0)\n"
-           "  --eval-every N          validation loss every N steps (0: before and after only)\n"
-           "  --eval-examples K       accuracy on the first K validation examples (0: all)\n"
-           "  --samples K             generations to print before and after (3)\n"
-           "  --log-every N --threads N (0: all cores) --seed S --out DIR (PEFT adapter)\n");
-}
-
+// options: ./qlora's flags (options.h), those of the CPU trainer
 
 static Options parse_args(int argc, char** argv) {
-    Options o;
-    Args args{argc, argv};
-    while (args.more()) {
-        std::string a = args.flag();
-        auto next = [&] { return args.value(); };
-        auto num = [&](double lo, double hi) { return args.number(lo, hi); };
-        if (a == "--help" || a == "-h") { usage(); exit(0); }
-        else if (a == "--model") o.model = next();
-        else if (a == "--train") o.train = next();
-        else if (a == "--val") o.val = next();
-        else if (a == "--vocab") o.vocab = next();
-        else if (a == "--out") o.out = next();
-        else if (a == "--batch") o.batch = (int)num(1, 4096);
-        else if (a == "--seq") o.seq = (int)num(2, 1 << 16);
-        else if (a == "--steps") o.steps = (int)num(0, 1e9);
-        else if (a == "--warmup") o.warmup = (int)num(0, 1e9);
-        else if (a == "--log-every") o.log_every = (int)num(1, 1e9);
-        else if (a == "--eval-every") o.eval_every = (int)num(0, 1e9);
-        else if (a == "--eval-examples") o.eval_examples = (int)num(0, 1e9);
-        else if (a == "--samples") o.samples = (int)num(0, 1e6);
-        else if (a == "--lr") o.lr = (float)num(0, 10);
-        else if (a == "--weight-decay") o.weight_decay = (float)num(0, 10);
-        else if (a == "--clip") o.clip = (float)num(0, 1e9);
-        else if (a == "--rank") o.rank = (int)num(1, 4096);
-        else if (a == "--alpha") o.alpha = (float)num(0, 1e6);
-        else if (a == "--dropout") o.dropout = (float)num(0, 0.99);
-        else if (a == "--rslora") o.rslora = true;
-        else if (a == "--targets") o.targets = next();
-        else if (a == "--seed") o.seed = (uint64_t)num(0, 1e18);
-        else if (a == "--threads") o.threads = (int)num(0, 1024);
-        else ql_fail("unknown option %s (see --help)", a.c_str());
-    }
+    Options o = parse_options(argc, argv, TRAIN, CPU, "qlora_cpu");
     ql_assert(!o.train.empty() || o.steps == 0, "--train FILE is needed (make one with dev/data/prepare.py)");
-    if (o.vocab.empty()) o.vocab = o.model + "/vocab.bin";
+    ql_assert(o.model.rfind("random:", 0) != 0, "--model %s: the CPU trainer needs a checkpoint directory (random: is ./qlora's)",
+              o.model.c_str());
     if (o.threads == 0) o.threads = (int)std::max(1u, std::thread::hardware_concurrency());
     o.threads = std::min(o.threads, o.batch);
     return o;
@@ -102,7 +51,7 @@ static void trainer_init(CpuTrainer& t, const Options& o) {
     ref_model_load(t.m, o.model);           // decoder linears NF4-quantized as bitsandbytes does, then dequantized
     const Config& c = t.m.cfg;
     ql_assert(o.seq <= c.max_seq_len, "--seq %d is longer than the model allows (max_position_embeddings %d)", o.seq, c.max_seq_len);
-    t.lc.rank = o.rank; t.lc.alpha = o.alpha; t.lc.dropout = o.dropout; t.lc.rslora = o.rslora; t.lc.targets = lora_targets_parse(o.targets);
+    t.lc = o.lora;
     size_t n = lora_num_params(c, t.lc);
     t.lora.resize(n); lora_init(t.lora.data(), c, t.lc, o.seed);   // B = 0: the adapter starts as the identity
     t.adam_m.assign(n, 0); t.adam_v.assign(n, 0); t.grad.assign(n, 0);
@@ -110,7 +59,7 @@ static void trainer_init(CpuTrainer& t, const Options& o) {
     t.acts.resize(o.threads);
     printf("model %s: H %d I %d L %d heads %d/%d hd %d V %d%s | NF4 frozen linears | LoRA r %d alpha %g on %s | %.3f M trainable\n",
            o.model.c_str(), c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.tied ? " tied" : "",
-           o.rank, o.alpha, o.targets.c_str(), n / 1e6);
+           t.lc.rank, t.lc.alpha, lora_targets_text(t.lc.targets).c_str(), n / 1e6);
 }
 
 // Rows [r0, r1) of a packed batch as a RefBatch.
@@ -235,6 +184,8 @@ static Report report(CpuTrainer& t, const char* when, const TokenFile& val, cons
 
 #ifndef QLORA_TESTING
 int main(int argc, char** argv) {
+    int rc = tool_dispatch(argc, argv, CPU, "qlora_cpu");
+    if (rc >= 0) return rc;
     Options o = parse_args(argc, argv);
     printf("qlora_cpu: the CPU reference trainer (reference.h, fp32 loops, %d threads): ./qlora's training, slower\n", o.threads);
     CpuTrainer t;

@@ -10,7 +10,7 @@
 // F = double runs the very same code for finite-difference checks. Frozen weights are always fp32:
 // they are dequantized NF4 values, exact in fp32.
 #pragma once
-#include "qlora.h"   // defines: Config, rope_inv_freq, Proj, proj_in/out, LoraConfig, lora_slot, rng_uniform
+#include "formats.h" // defines: Config, WeightTable, LoraConfig, lora_slot, rng_uniform, checkpoint_view, bnb_checkpoint_validate
 #include <cmath>     // defines: std::exp, std::log, std::sqrt, std::cos, std::sin for float and double
 #include <vector>    // defines: std::vector
 #include <algorithm> // defines: std::fill, std::copy, std::max
@@ -20,38 +20,26 @@
 
 struct RefModel {
     Config cfg;
-    std::vector<float> mem;     // every weight below, one allocation
-    float* embed;               // (V, H) embed_tokens
-    float* lm_head;             // (V, H); == embed when cfg.tied
-    float* final_norm;          // (H) model.norm
-    struct Layer {
-        float* attn_norm;       // (H) input_layernorm
-        float* mlp_norm;        // (H) post_attention_layernorm
-        float* w[N_PROJ];       // (out, in) of proj_out/proj_in: dequantized NF4, nn.Linear layout y = x·Wᵀ
-    };
-    std::vector<Layer> layers;  // (L)
+    std::vector<float> mem;                // every weight, one allocation
+    WeightTable<float*, float*> w;         // into mem: each weight of for_each_weight (qlora.h §7), fp32;
+                                           // a linear (out, in) is NF4 dequantized, nn.Linear layout y = x·Wᵀ
     RefModel() = default;
-    RefModel(const RefModel&) = delete;             // the pointers point into mem
+    RefModel(const RefModel&) = delete;    // the pointers point into mem
     RefModel& operator=(const RefModel&) = delete;
 };
 
-// Carves mem into the named weights (zeros); the loader or a test fills them.
+// Carves mem into the weights (zeros); the loader or a test fills them.
 inline void ref_model_alloc(RefModel& m, const Config& c) {
-    size_t H = c.dim, V = c.vocab_size, per_layer = 2 * H;
-    for (int p = 0; p < N_PROJ; p++) per_layer += (size_t)proj_out(c, p) * proj_in(c, p);
+    size_t total = 0;
+    for_each_weight(c, [&](const Weight& w) { total += (size_t)w.numel(); });
     m.cfg = c;
-    m.mem.assign((c.tied ? 1 : 2) * V * H + H + c.n_layers * per_layer, 0.0f);
+    m.mem.assign(total, 0.0f);
     float* next = m.mem.data();
-    auto take = [&](size_t n) { float* t = next; next += n; return t; };
-    m.embed = take(V * H);
-    m.lm_head = c.tied ? m.embed : take(V * H);
-    m.final_norm = take(H);
-    m.layers.resize(c.n_layers);
-    for (RefModel::Layer& ly : m.layers) {
-        ly.attn_norm = take(H);
-        ly.mlp_norm = take(H);
-        for (int p = 0; p < N_PROJ; p++) ly.w[p] = take((size_t)proj_out(c, p) * proj_in(c, p));
-    }
+    auto take = [&](const Weight& w, float*& p) {
+        p = next;
+        next += w.numel();
+    };
+    m.w.fill(c, take, take);
 }
 
 // Load a Hugging Face checkpoint the way the trainer does: embeddings and norms as stored (exact in
@@ -59,15 +47,10 @@ inline void ref_model_alloc(RefModel& m, const Config& c) {
 // and dequantized back to fp32: the frozen weights the model really computes with. A checkpoint
 // saved with bitsandbytes 4-bit is dequantized from its own bytes.
 // The dense tensors (embeddings, norms) are the same either way; only the linears differ.
-template <class View>
-inline void ref_model_fill_dense(RefModel& m, const Config& c, const View& v) {
-    st_to_f32(m.embed, *v.embed);
-    if (!c.tied) st_to_f32(m.lm_head, *v.lm_head);
-    st_to_f32(m.final_norm, *v.final_norm);
-    for (int l = 0; l < c.n_layers; l++) {
-        st_to_f32(m.layers[l].attn_norm, *v.attn_norm[l]);
-        st_to_f32(m.layers[l].mlp_norm, *v.mlp_norm[l]);
-    }
+template <class View> inline void ref_model_fill_dense(RefModel& m, const Config& c, const View& v) {
+    for_each_weight(c, [&](const Weight& w) {
+        if (!w.linear()) st_to_f32(m.w.at(w.id, w.layer), *v.at(w.id, w.layer));
+    });
 }
 inline void ref_model_load(RefModel& m, const std::string& dir) {
     Config c = load_config(dir + "/config.json");
@@ -75,9 +58,13 @@ inline void ref_model_load(RefModel& m, const std::string& dir) {
     if (config_is_bnb4(dir + "/config.json")) {   // saved with bitsandbytes 4-bit: dequantize its own bytes
         BnbCheckpointView v = bnb_checkpoint_validate(c, st);
         ref_model_alloc(m, c);
-        ref_model_fill_dense(m, c, v);
+        ref_model_fill_dense(m, c, v.w);
         for (int l = 0; l < c.n_layers; l++)
-            for (int p = 0; p < N_PROJ; p++) { Quant4 q; bnb_linear_load(v.w[l][p], q); dequantize_weight(m.layers[l].w[p], q); }
+            for (int p = 0; p < N_PROJ; p++) {
+                Quant4 q;
+                bnb_linear_load(v.w.linear[l][p], q);
+                dequantize_weight(m.w.linear[l][p], q);
+            }
         return;
     }
     CheckpointView v = checkpoint_view(c, st);
@@ -85,8 +72,8 @@ inline void ref_model_load(RefModel& m, const std::string& dir) {
     ref_model_fill_dense(m, c, v);
     for (int l = 0; l < c.n_layers; l++)
         for (int p = 0; p < N_PROJ; p++) {
-            std::vector<float> w = st_f32(*v.w[l][p]);
-            dequantize_weight(m.layers[l].w[p], quantize_weight(w.data(), (int64_t)w.size()));
+            std::vector<float> w = st_f32(*v.linear[l][p]);
+            dequantize_weight(m.w.linear[l][p], quantize_weight(w.data(), (int64_t)w.size()));
         }
 }
 
@@ -243,7 +230,7 @@ template <typename F>
 void ref_lora_linear_forward(F* y, F* u, const F* x, const RefModel& m, const LoraConfig& lc, const F* lora,
                              int l, int p, int n, uint64_t seed, size_t tok0) {
     int in = proj_in(m.cfg, p), out = proj_out(m.cfg, p), r = lc.rank;
-    ref_matmul(y, x, m.layers[l].w[p], n, in, out);
+    ref_matmul(y, x, m.w.linear[l][p], n, in, out);
     if (!lc.has(p)) return;
     LoraSlot s = lora_slot(m.cfg, lc, l, p);
     const F *A = lora + s.a, *Bm = lora + s.b;  // A (r, in), B (out, r)
@@ -262,7 +249,7 @@ template <typename F>
 void ref_lora_linear_backward(F* dx, F* dlora, const F* dy, const F* x, const F* u, const RefModel& m,
                               const LoraConfig& lc, const F* lora, int l, int p, int n, uint64_t seed, size_t tok0) {
     int in = proj_in(m.cfg, p), out = proj_out(m.cfg, p), r = lc.rank;
-    ref_matmul_dx(dx, dy, m.layers[l].w[p], n, in, out);  // frozen base: only dx
+    ref_matmul_dx(dx, dy, m.w.linear[l][p], n, in, out);  // frozen base: only dx
     if (!lc.has(p)) return;
     LoraSlot s = lora_slot(m.cfg, lc, l, p);
     const F *A = lora + s.a, *Bm = lora + s.b;
@@ -405,10 +392,9 @@ F ref_forward(const RefModel& m, const LoraConfig& lc, const F* lora, RefActs<F>
     // h = embed_tokens(input_ids)
     for (int i = 0; i < BT; i++) {
         ql_assert(bt.inputs[i] >= 0 && bt.inputs[i] < c.vocab_size, "token %d at row %d is outside the vocabulary", bt.inputs[i], i);
-        for (int j = 0; j < H; j++) a.resid[(size_t)i * H + j] = (F)m.embed[(size_t)bt.inputs[i] * H + j];
+        for (int j = 0; j < H; j++) a.resid[(size_t)i * H + j] = (F)m.w.at(W_EMBED)[(size_t)bt.inputs[i] * H + j];
     }
     for (int l = 0; l < c.n_layers; l++) {
-        const RefModel::Layer& ly = m.layers[l];
         F* l_x = &a.resid[(size_t)l * BT * H];
         F* l_xout = &a.resid[(size_t)(l + 1) * BT * H];
         F *l_rstd1 = &a.rstd1[(size_t)l * BT], *l_n1 = &a.n1[(size_t)l * BT * H];
@@ -420,7 +406,7 @@ F ref_forward(const RefModel& m, const LoraConfig& lc, const F* lora, RefActs<F>
             ref_lora_linear_forward(y, &a.lora_u[((size_t)l * N_PROJ + p) * BT * r], x, m, lc, lora, l, p, BT, bt.dropout_seed, (size_t)bt.row0 * bt.T);
         };
         // n = input_layernorm(h)
-        ref_rmsnorm_forward(l_n1, l_rstd1, l_x, ly.attn_norm, BT, H, c.norm_eps);
+        ref_rmsnorm_forward(l_n1, l_rstd1, l_x, m.w.at(W_ATTN_NORM, l), BT, H, c.norm_eps);
         // q, k, v = q_proj(n), k_proj(n), v_proj(n)
         proj(P_Q, l_q, l_n1); proj(P_K, l_k, l_n1); proj(P_V, l_v, l_n1);
         // q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -434,7 +420,7 @@ F ref_forward(const RefModel& m, const LoraConfig& lc, const F* lora, RefActs<F>
         proj(P_O, l_x2, l_o);
         for (size_t i = 0; i < (size_t)BT * H; i++) l_x2[i] += l_x[i];
         // n2 = post_attention_layernorm(h)
-        ref_rmsnorm_forward(l_n2, l_rstd2, l_x2, ly.mlp_norm, BT, H, c.norm_eps);
+        ref_rmsnorm_forward(l_n2, l_rstd2, l_x2, m.w.at(W_MLP_NORM, l), BT, H, c.norm_eps);
         // h = h + down_proj(silu(gate_proj(n2)) * up_proj(n2))
         proj(P_GATE, l_gate, l_n2); proj(P_UP, l_up, l_n2);
         ref_swiglu_forward(l_act, l_gate, l_up, (size_t)BT * I);
@@ -442,8 +428,8 @@ F ref_forward(const RefModel& m, const LoraConfig& lc, const F* lora, RefActs<F>
         for (size_t i = 0; i < (size_t)BT * H; i++) l_xout[i] += l_x2[i];
     }
     // logits = lm_head(norm(h))
-    ref_rmsnorm_forward(a.hL.data(), a.rstdf.data(), &a.resid[(size_t)c.n_layers * BT * H], m.final_norm, BT, H, c.norm_eps);
-    ref_matmul(a.logits.data(), a.hL.data(), m.lm_head, BT, H, c.vocab_size);
+    ref_rmsnorm_forward(a.hL.data(), a.rstdf.data(), &a.resid[(size_t)c.n_layers * BT * H], m.w.at(W_FINAL_NORM), BT, H, c.norm_eps);
+    ref_matmul(a.logits.data(), a.hL.data(), m.w.lm_head(), BT, H, c.vocab_size);
     // loss = cross_entropy(logits, targets, reduction="sum") / num_items_in_batch
     F total = ref_cross_entropy_forward(a.losses.data(), a.logits.data(), bt.targets, BT, c.vocab_size);
     return bt.denom > 0 ? total / (F)bt.denom : (F)0;
@@ -471,11 +457,10 @@ void ref_backward(const RefModel& m, const LoraConfig& lc, const F* lora, const 
     // loss = cross_entropy(logits, targets, reduction="sum") / denom
     ref_cross_entropy_backward(dlogits.data(), a.logits.data(), bt.targets, BT, V, (F)bt.denom);
     // logits = hL·lm_headᵀ
-    zero(dn); ref_matmul_dx(dn.data(), dlogits.data(), m.lm_head, BT, H, V);
+    zero(dn); ref_matmul_dx(dn.data(), dlogits.data(), m.w.lm_head(), BT, H, V);
     // hL = norm(h)
-    ref_rmsnorm_backward(dres.data(), dn.data(), &a.resid[(size_t)c.n_layers * BT * H], m.final_norm, a.rstdf.data(), BT, H);
+    ref_rmsnorm_backward(dres.data(), dn.data(), &a.resid[(size_t)c.n_layers * BT * H], m.w.at(W_FINAL_NORM), a.rstdf.data(), BT, H);
     for (int l = c.n_layers - 1; l >= 0; l--) {
-        const RefModel::Layer& ly = m.layers[l];
         const F* l_x = &a.resid[(size_t)l * BT * H];
         const F *l_rstd1 = &a.rstd1[(size_t)l * BT], *l_n1 = &a.n1[(size_t)l * BT * H];
         const F *l_q = &a.q[(size_t)l * BT * qd], *l_k = &a.k[(size_t)l * BT * kvd], *l_v = &a.v[(size_t)l * BT * kvd];
@@ -492,7 +477,7 @@ void ref_backward(const RefModel& m, const LoraConfig& lc, const F* lora, const 
         // gate, up = gate_proj(n2), up_proj(n2)
         zero(dn); proj_bwd(P_GATE, dn.data(), dgate.data(), l_n2); proj_bwd(P_UP, dn.data(), dup.data(), l_n2);
         // n2 = post_attention_layernorm(h2)
-        ref_rmsnorm_backward(dres.data(), dn.data(), l_x2, ly.mlp_norm, l_rstd2, BT, H);
+        ref_rmsnorm_backward(dres.data(), dn.data(), l_x2, m.w.at(W_MLP_NORM, l), l_rstd2, BT, H);
         // h2 = h + o_proj(o)
         zero(dout); proj_bwd(P_O, dout.data(), dres.data(), l_o);
         // o = softmax(q·kᵀ/sqrt(hd) + mask)·v
@@ -507,7 +492,7 @@ void ref_backward(const RefModel& m, const LoraConfig& lc, const F* lora, const 
         zero(dn);
         proj_bwd(P_Q, dn.data(), dq.data(), l_n1); proj_bwd(P_K, dn.data(), dk.data(), l_n1); proj_bwd(P_V, dn.data(), dv.data(), l_n1);
         // n = input_layernorm(h)
-        ref_rmsnorm_backward(dres.data(), dn.data(), l_x, ly.attn_norm, l_rstd1, BT, H);
+        ref_rmsnorm_backward(dres.data(), dn.data(), l_x, m.w.at(W_ATTN_NORM, l), l_rstd1, BT, H);
     }
     // h = embed_tokens(input_ids): frozen, nothing to accumulate
 }

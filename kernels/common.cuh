@@ -123,6 +123,5 @@ template <class T> __device__ __forceinline__ Packed128<T> load128(const T* p) {
 // read-only through the non-coherent cache; use only for data no kernel writes in the same launch
 template <class T> __device__ __forceinline__ Packed128<T> load128_nc(const T* p) { return Packed128<T>(__ldg((const int4*)p)); }
 // streaming: evict-first, for data read exactly once
-template <class T> __device__ __forceinline__ Packed128<T> load128cs(const T* p) { return Packed128<T>(__ldcs((const int4*)p)); }
 template <class T> __device__ __forceinline__ void store128(T* p, Packed128<T> x) { *(int4*)p = x.bits(); }
 template <class T> __device__ __forceinline__ void store128cs(T* p, Packed128<T> x) { __stcs((int4*)p, x.bits()); }

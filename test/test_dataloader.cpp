@@ -54,8 +54,7 @@ int main() {
     c.norm_eps = 1e-5f;
     RefModel m; ref_model_alloc(m, c);
     for (size_t i = 0; i < m.mem.size(); i++) m.mem[i] = 0.1f * (2.0f * rng_uniform(9, 0, i) - 1.0f);
-    for (auto& ly : m.layers) { for (int k = 0; k < c.dim; k++) ly.attn_norm[k] = ly.mlp_norm[k] = 1.0f; }
-    for (int k = 0; k < c.dim; k++) m.final_norm[k] = 1.0f;
+    for_each_weight(c, [&](const Weight& w) { if (w.shape.size() == 1) std::fill_n(m.w.at(w.id, w.layer), w.numel(), 1.0f); });   // norms 1
     LoraConfig lc; lc.rank = 4; std::vector<float> lora(lora_num_params(c, lc)); lora_init(lora.data(), c, lc, 3);
     for (int l = 0; l < c.n_layers; l++) for (int p = 0; p < N_PROJ; p++) { LoraSlot s = lora_slot(c, lc, l, p);
         for (int i = 0; i < proj_out(c, p) * lc.rank; i++) lora[s.b + i] = 0.05f * (rng_uniform(4, p, i) - 0.5f); }

@@ -16,7 +16,7 @@
 // calls on a GPU machine:
 //   build/test_ecosystem peft DIR MODEL   DIR: adapter + logits.safetensors written by PEFT; read, recompute, compare
 //   build/test_ecosystem bnb DIR MODEL    DIR: transformers' save_pretrained of MODEL loaded in 4 bits; read byte for byte
-#include "../qlora.h"      // defines: peft_adapter_*, bnb_*, merge_write_checkpoint, py_float_repr
+#include "../tools.h"      // defines: peft_adapter_*, bnb_*, merge_write_checkpoint, py_float_repr
 #include "../reference.h"  // defines: RefModel, ref_model_load, ref_forward
 #include "test.h"          // defines: check, check_close, expect_error, test_summary
 #include <float.h>         // defines: FLT_MAX, DBL_MAX
@@ -283,7 +283,7 @@ static void check_bnb_against_source(const std::string& qdir, const std::string&
             bnb_read_linear(q, hf_linear_name(l, p), proj_out(c, p), proj_in(c, p), got, &dt);
             bad += !(got.packed == want.packed && got.absmax_q == want.absmax_q && got.absmax2 == want.absmax2 && f32_bits(got.offset) == f32_bits(want.offset) &&
                      got.absmax == want.absmax && got.qt == qt && got.bs == bs && got.nested == nested && dt == s.find(hf_linear_name(l, p))->dtype);
-            const STensor& js = *v.w[l][p].quant_state;
+            const STensor& js = *v.w.linear[l][p].quant_state;
             bad_json += std::string((const char*)js.data, js.nbytes) != bnb_quant_state_json(got, dt, proj_out(c, p), proj_in(c, p));
             keys += nested ? 6 : 4;
         }
@@ -496,10 +496,10 @@ static void test_bnb() {
     {
         Config cc = load_config(dense + "/config.json"); SafeTensors st = st_open_model(dense);
         BnbCheckpointView v = bnb_checkpoint_validate(cc, st);
-        Quant4 got; bnb_linear_load(v.w[0][P_O], got);
+        Quant4 got; bnb_linear_load(v.w.linear[0][P_O], got);
         std::vector<float> x = linear_f32(st_open_model(TIED), cc, 0, P_O);
         Quant4 want = quantize_weight(x.data(), (int64_t)x.size());
-        check(v.n_dense == 1 && v.w[0][P_O].dense && got.packed == want.packed && got.absmax_q == want.absmax_q,
+        check(v.n_dense == 1 && v.w.linear[0][P_O].dense && got.packed == want.packed && got.absmax_q == want.absmax_q,
               "a linear stored unquantized (llm_int8_skip_modules) is accepted and quantized on load with the checkpoint's format");
     }
     // reading a linear whose quant_state disagrees with the config's shape (another model)
@@ -518,7 +518,7 @@ static void ref_model_load_dense(RefModel& m, const std::string& dir) {
     ref_model_alloc(m, c);
     ref_model_fill_dense(m, c, v);
     for (int l = 0; l < c.n_layers; l++)
-        for (int p = 0; p < N_PROJ; p++) st_to_f32(m.layers[l].w[p], *v.w[l][p]);
+        for (int p = 0; p < N_PROJ; p++) st_to_f32(m.w.linear[l][p], *v.linear[l][p]);
 }
 struct Inputs { std::vector<int32_t> ids; int B, T; };
 static Inputs ref_inputs() {
@@ -585,7 +585,7 @@ static void test_merge() {
     RefModel nf4, merged, deqbf16;
     ref_model_load(nf4, TIED); ref_model_load_dense(merged, mg);
     ref_model_load(deqbf16, TIED);
-    for (auto& ly : deqbf16.layers) for (int p = 0; p < N_PROJ; p++) for (size_t i = 0; i < (size_t)proj_out(c, p) * proj_in(c, p); i++) ly.w[p][i] = bf16_round(ly.w[p][i]);
+    for (auto& ly : deqbf16.w.linear) for (int p = 0; p < N_PROJ; p++) for (size_t i = 0; i < (size_t)proj_out(c, p) * proj_in(c, p); i++) ly[p][i] = bf16_round(ly[p][i]);
     LoraConfig none; none.targets = 0;
     std::vector<float> l_ad = ref_logits(nf4, lc, w.data(), in), l_base = ref_logits(nf4, none, nullptr, in);
     std::vector<float> l_mg = ref_logits(merged, none, nullptr, in), l_bf = ref_logits(deqbf16, none, nullptr, in);
@@ -700,7 +700,7 @@ static int mode_bnb(const std::string& dir, const std::string& model) {
             bool ok = got.packed == theirs.packed && got.absmax_q == theirs.absmax_q && got.absmax2 == theirs.absmax2 && got.absmax == theirs.absmax &&
                       dt == s.find(wn)->dtype && (!v.nested || ulp_dist(own.offset, got.offset) <= OFFSET_ULPS);
             if (v.nested) worst = std::max(worst, ulp_dist(own.offset, got.offset));
-            const STensor& js = *v.w[l][p].quant_state;
+            const STensor& js = *v.w.linear[l][p].quant_state;
             std::string blob((const char*)js.data, js.nbytes), mine = bnb_quant_state_json(got, dt, proj_out(c, p), proj_in(c, p));
             if (blob != mine) printf("  %s:\n    theirs %s\n    ours   %s\n", wn.c_str(), blob.c_str(), mine.c_str());
             if (!ok) printf("  %s: bytes differ from quantize_weight of the source\n", wn.c_str());

@@ -2,7 +2,7 @@
 // Good files load with the values transformers would use; every broken file must end the process
 // with exit code 1 and a message that names the file and the tensor (or key): never a crash, never
 // a silent wrong number. Each bad case runs in a forked child so its exit can be observed.
-#include "../qlora.h"   // defines: json_parse, load_config, st_open_model, st_write, checkpoint_view
+#include "../formats.h" // defines: json_parse, load_config, st_open_model, st_write, checkpoint_view
 #include "test.h"       // defines: check, test_summary
 
 static const std::string TMP = "build/tmp_formats";
@@ -103,8 +103,8 @@ static void test_safetensors() {
     SafeTensors t = st_open_model("test/ref/tied"), u = st_open_model("test/ref/untied");
     Config ct = load_config("test/ref/tied/config.json"), cu = load_config("test/ref/untied/config.json");
     CheckpointView vt = checkpoint_view(ct, t), vu = checkpoint_view(cu, u);
-    check(!t.find("lm_head.weight") && vt.lm_head == vt.embed, "tied checkpoint: no lm_head.weight, lm_head = embed_tokens");
-    check(u.find("lm_head.weight") && vu.lm_head != vu.embed, "untied checkpoint: lm_head.weight is its own tensor");
+    check(!t.find("lm_head.weight") && vt.lm_head() == vt.at(W_EMBED), "tied checkpoint: no lm_head.weight, lm_head = embed_tokens");
+    check(u.find("lm_head.weight") && vu.lm_head() != vu.at(W_EMBED), "untied checkpoint: lm_head.weight is its own tensor");
     std::string d = model_dir("roundtrip", "{}", [](std::vector<STOut>&) {});
     SafeTensors r = st_open(d + "/model.safetensors");
     bool same = r.tensors.size() == t.tensors.size() && r.metadata["format"] == "pt";

@@ -21,7 +21,7 @@
 #include "../kernels/adamw.cuh"         // defines: grad_norm, adamw_update
 #include "../kernels/lora.cuh"          // defines: lora_dropout_forward, lora_dropout_backward_add, cast_f32_to_bf16
 #include "../kernels/decode.cuh"        // defines: kv_cache_store, decode_attention
-#include "../qlora.h"                   // defines: quantize_weight, f32_to_bf16, rng_uniform, SafeTensors
+#include "../formats.h"                 // defines: quantize_weight, f32_to_bf16, rng_uniform, SafeTensors
 #include "../reference.h"               // defines: ref_rmsnorm_*, ref_rope, ref_swiglu_*, ref_cross_entropy_*, ref_lora_dropout
 #include "test.h"                       // defines: check, check_close, check_bytes, test_summary, test_skip
 

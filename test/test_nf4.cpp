@@ -6,7 +6,7 @@
 //     measured +-1 ulp there; we see up to 2 on 5-block inputs); dequantized values identical.
 //   model weights (dev/reference.py -> test/ref/*/quant.safetensors): quantizing the checkpoint's bf16
 //     weights gives bitsandbytes' Linear4bit state, byte for byte.
-#include "../qlora.h"  // defines: quantize_weight, safetensors reader
+#include "../formats.h" // defines: quantize_weight, safetensors reader
 #include "test.h"      // defines: check, check_bytes, test_summary
 
 static std::vector<std::string> split(const std::string& s, char c) {

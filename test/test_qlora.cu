@@ -77,7 +77,7 @@ static std::vector<float> run_steps(Trainer& t, const Debug& d, const SafeTensor
 
 // the run dev/reference.py describes in a debug state's metadata (model dir, LoRA rank/alpha, batch shape)
 static Options debug_options(const std::string& dir, SafeTensors& d32) {
-    Options o; o.model = dir; o.rank = atoi(d32.metadata["rank"].c_str()); o.alpha = (float)atof(d32.metadata["alpha"].c_str());
+    Options o; o.model = dir; o.lora.rank = atoi(d32.metadata["rank"].c_str()); o.lora.alpha = (float)atof(d32.metadata["alpha"].c_str());
     o.batch = atoi(d32.metadata["batch"].c_str()); o.seq = atoi(d32.metadata["seq"].c_str());
     return o;
 }
@@ -85,7 +85,7 @@ static Options debug_options(const std::string& dir, SafeTensors& d32) {
 static std::vector<float> last_logits(Trainer& t) {
     int N = t.a.N, V = t.m.cfg.vocab_size;
     bf16* lg; cudaCheck(cudaMalloc(&lg, (size_t)N * V * 2));
-    matmul(t.mm, lg, MM_BF16, t.a.hf, t.m.lm_head, N, V, t.m.cfg.dim, false, true);
+    matmul(t.mm, lg, MM_BF16, t.a.hf, t.m.w.lm_head(), N, V, t.m.cfg.dim, false, true);
     std::vector<uint16_t> lh((size_t)N * V); cudaCheck(cudaMemcpy(lh.data(), lg, lh.size() * 2, cudaMemcpyDeviceToHost));
     cudaCheck(cudaFree(lg));
     std::vector<float> out(lh.size()); for (size_t i = 0; i < lh.size(); i++) out[i] = bf16_to_f32(lh[i]);
@@ -146,7 +146,7 @@ static void variant(const std::string& dir) {
         // Budget: the relative L2 error of all LoRA gradients may be at most 2x that of the same GPU
         // run without dropout against PyTorch fp32 (+2e-3); a wrong mask or a skipped mask term moves
         // gradients by about the effect of dropout itself, which must be well above the budget (2x).
-        Options od = o; od.dropout = 0.1f;
+        Options od = o; od.lora.dropout = 0.1f;
         Trainer td; trainer_init(td, od); set_lora(td, d.lora.data());
         std::vector<float> gd; step_grads(td, d, gd);
         RefModel rm; ref_model_load(rm, dir);
@@ -177,7 +177,7 @@ static std::vector<float> train(Trainer& t, Data& d, int from, int k) {
 }
 
 static void resume_and_determinism(bool file) {
-    Options o; o.model = "random:tiny"; o.batch = 2; o.seq = 512; o.steps = 6; o.rank = 8; o.lr = 1e-3f; o.dropout = 0.1f;
+    Options o; o.model = "random:tiny"; o.batch = 2; o.seq = 512; o.steps = 6; o.lora.rank = 8; o.lr = 1e-3f; o.lora.dropout = 0.1f;
     std::string dir = "build/tmp_qlora_" + std::string(file ? "file" : "synth");
     ql_assert(system(("rm -rf " + dir + " && mkdir -p " + dir).c_str()) == 0, "mkdir");
     if (file) {   // 40 random documents of 1..700 tokens, every third token a target
@@ -255,7 +255,7 @@ static void greedy_vs_cpu() {
         check(false, "shipped data missing (data/base, %s)", val.c_str()); return;
     }
     rcp_table_load("data/rcp_delta.bin");
-    Options o; o.model = base; o.batch = 1; o.seq = 16; o.rank = 8; o.alpha = 16;
+    Options o; o.model = base; o.batch = 1; o.seq = 16; o.lora.rank = 8; o.lora.alpha = 16;
     Trainer t; trainer_init(t, o);
     const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc; int V = c.vocab_size;
     std::vector<float> lora(t.m.n_lora); lora_init(lora.data(), c, lc, 99);
@@ -309,7 +309,7 @@ static void greedy_vs_cpu() {
 // packing must move the gradients by well over that, or the check could not tell the two apart.
 static void packed_vs_cpu() {
     printf("== packed batch (data/base, data/task/reverse.train.tok) vs the CPU reference\n");
-    Options o; o.model = "data/base"; o.batch = 8; o.seq = 64; o.rank = 16; o.alpha = 32;
+    Options o; o.model = "data/base"; o.batch = 8; o.seq = 64; o.lora.rank = 16; o.lora.alpha = 32;
     Trainer t; trainer_init(t, o);
     const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc;
     std::vector<float> lora(t.m.n_lora); lora_init(lora.data(), c, lc, 3);

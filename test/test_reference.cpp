@@ -9,7 +9,7 @@
 // 1e-4 relative is ~10x that: loose enough for any order, tight enough to see a wrong term.
 // For the record it also prints how far PyTorch's own bf16 run is from its fp32 run: the yardstick
 // the GPU trainer's bf16 tolerance is built from.
-#include "../qlora.h"      // defines: Config, safetensors, LoRA layout
+#include "../tools.h"      // defines: Config, safetensors, LoRA layout, bnb_write_checkpoint
 #include "../reference.h"  // defines: RefModel, ref_model_load, ref_forward, ref_backward, ref_adamw
 #include "test.h"          // defines: check_close, test_summary
 

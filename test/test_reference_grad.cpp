@@ -33,16 +33,15 @@ static Config tiny_config(int n_kv_heads, bool tied) {
 static void make_model(RefModel& m, const Config& c) {
     ref_model_alloc(m, c);
     size_t H = c.dim, V = c.vocab_size;
-    fill_uniform(m.embed, V * H, 1, -1.0f, 1.0f);
-    if (!c.tied) fill_uniform(m.lm_head, V * H, 2, -0.3f, 0.3f);
-    fill_uniform(m.final_norm, H, 3, 0.8f, 1.2f);
+    fill_uniform(m.w.at(W_EMBED), V * H, 1, -1.0f, 1.0f);
+    if (!c.tied) fill_uniform(m.w.at(W_LM_HEAD), V * H, 2, -0.3f, 0.3f);
+    fill_uniform(m.w.at(W_FINAL_NORM), H, 3, 0.8f, 1.2f);
     for (int l = 0; l < c.n_layers; l++) {
-        RefModel::Layer& ly = m.layers[l];
-        fill_uniform(ly.attn_norm, H, 10 + 10 * l, 0.8f, 1.2f);
-        fill_uniform(ly.mlp_norm, H, 11 + 10 * l, 0.8f, 1.2f);
+        fill_uniform(m.w.at(W_ATTN_NORM, l), H, 10 + 10 * l, 0.8f, 1.2f);
+        fill_uniform(m.w.at(W_MLP_NORM, l), H, 11 + 10 * l, 0.8f, 1.2f);
         for (int p = 0; p < N_PROJ; p++) {
             float b = 1.0f / sqrtf((float)proj_in(c, p));
-            fill_uniform(ly.w[p], (size_t)proj_out(c, p) * proj_in(c, p), 12 + 10 * l + p, -b, b);
+            fill_uniform(m.w.linear[l][p], (size_t)proj_out(c, p) * proj_in(c, p), 12 + 10 * l + p, -b, b);
         }
     }
 }

@@ -68,8 +68,8 @@ static void toy_successor_model(RefModel& m) {
     Config c; c.dim = 64; c.hidden_dim = 64; c.n_layers = 1; c.n_heads = 1; c.n_kv_heads = 1; c.head_dim = 64; c.vocab_size = 16;
     c.max_seq_len = 32; c.norm_eps = 1e-5f; c.tied = false;
     ref_model_alloc(m, c);
-    for (int x = 0; x < c.vocab_size; x++) { m.embed[x * c.dim + x] = 1.0f; m.lm_head[x * c.dim + (x + c.vocab_size - 1) % c.vocab_size] = 1.0f; }
-    for (int k = 0; k < c.dim; k++) m.final_norm[k] = m.layers[0].attn_norm[k] = m.layers[0].mlp_norm[k] = 1.0f;
+    for (int x = 0; x < c.vocab_size; x++) { m.w.at(W_EMBED)[x * c.dim + x] = 1.0f; m.w.at(W_LM_HEAD)[x * c.dim + (x + c.vocab_size - 1) % c.vocab_size] = 1.0f; }
+    for_each_weight(c, [&](const Weight& w) { if (w.shape.size() == 1) std::fill_n(m.w.at(w.id, w.layer), w.numel(), 1.0f); });   // norms 1
 }
 
 static void test_greedy() {
@@ -93,8 +93,7 @@ static void random_trainer(CpuTrainer& t, int threads) {
     c.max_seq_len = 64; c.norm_eps = 1e-5f; c.tied = true;
     ref_model_alloc(t.m, c);
     for (size_t i = 0; i < t.m.mem.size(); i++) t.m.mem[i] = 0.2f * (2.0f * rng_uniform(11, 0, i) - 1.0f);
-    for (int k = 0; k < c.dim; k++) t.m.final_norm[k] = 1.0f;
-    for (auto& ly : t.m.layers) for (int k = 0; k < c.dim; k++) ly.attn_norm[k] = ly.mlp_norm[k] = 1.0f;
+    for_each_weight(c, [&](const Weight& w) { if (w.shape.size() == 1) std::fill_n(t.m.w.at(w.id, w.layer), w.numel(), 1.0f); });   // norms 1
     t.o.threads = threads; t.o.batch = 4; t.o.seq = 16; t.o.clip = 1.0f; t.o.lr = 1e-2f;
     t.lc.rank = 4;
     size_t n = lora_num_params(c, t.lc);
@@ -192,7 +191,7 @@ static void test_shipped() {
 
     // a short run lowers the validation loss (half the val file, to stay fast)
     CpuTrainer t;
-    Options o; o.model = base; o.batch = 4; o.seq = 64; o.steps = 8; o.warmup = 0; o.lr = 3e-3f; o.threads = 2; o.rank = 8;
+    Options o; o.model = base; o.batch = 4; o.seq = 64; o.steps = 8; o.warmup = 0; o.lr = 3e-3f; o.threads = 2; o.lora.rank = 8;
     trainer_init(t, o);
     std::vector<uint32_t> vt; std::vector<uint8_t> vm; std::vector<uint64_t> vs;
     for (uint64_t d = 0; d < vf.n_docs / 2; d++) { vs.push_back(vt.size()); for (uint64_t i = vf.doc(d); i < vf.doc(d + 1); i++) { vt.push_back(vf.token(i)); vm.push_back(vf.target(i)); } }
@@ -247,9 +246,18 @@ static void test_choose_and_encode() {
 static void test_options() {
     const char* argv[] = {"qlora_cpu", "--model", "m", "--train", "a.tok", "--batch", "3", "--threads", "8", "--targets", "q,v", "--lr", "1e-3"};
     Options o = parse_args(13, (char**)argv);
-    check(o.vocab == "m/vocab.bin" && o.threads == 3 && o.batch == 3 && lora_targets_parse(o.targets) == 5 && o.lr == 1e-3f,
+    check(o.vocab == "m/vocab.bin" && o.threads == 3 && o.batch == 3 && o.lora.targets == 5 && o.lr == 1e-3f,
           "options: vocab defaults to MODEL/vocab.bin, threads capped at the batch, targets q,v");
-    expect_error("option: unknown flag", [] { const char* a[] = {"x", "--bogus"}; parse_args(2, (char**)a); }, {"unknown option --bogus"});
+    expect_error("option: unknown flag", [] { const char* a[] = {"x", "--bogus"}; parse_args(2, (char**)a); }, {"unknown flag --bogus"});
+    expect_error("option: --steps 2.5", [] { const char* a[] = {"x", "--steps", "2.5"}; parse_args(3, (char**)a); },
+                 {"--steps 2.5: expected an integer"});
+    expect_error("option: --targets q,q", [] { lora_targets_parse("q,q"); }, {"q_proj is named twice"});
+    expect_error("option: a GPU flag", [] { const char* a[] = {"x", "--recompute"}; parse_args(2, (char**)a); },
+                 {"--recompute is not a flag of qlora_cpu train on the CPU"});
+    expect_error("option: a quantize flag in training", [] { const char* a[] = {"x", "--blocksize", "64"}; parse_args(3, (char**)a); },
+                 {"--blocksize is not a flag of qlora_cpu train"});
+    expect_error("option: a training flag in merge", [] { const char* a[] = {"merge", "--batch", "4"}; parse_options(3, (char**)a, MERGE, CPU, "qlora_cpu"); },
+                 {"--batch is not a flag of qlora_cpu merge"});
     expect_error("option: bad number", [] { const char* a[] = {"x", "--lr", "fast"}; parse_args(3, (char**)a); }, {"--lr fast: expected a number"});
     expect_error("option: missing value", [] { const char* a[] = {"x", "--steps"}; parse_args(2, (char**)a); }, {"--steps needs a value"});
     expect_error("option: no --train", [] { const char* a[] = {"x", "--steps", "5"}; parse_args(3, (char**)a); }, {"--train FILE is needed", "prepare.py"});

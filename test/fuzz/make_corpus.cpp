@@ -25,17 +25,9 @@ static std::vector<STOut> tiny_tensors(bool tied, int only) {
     static std::vector<uint16_t> bf(64, 0x3f80);   // 1.0 in bf16, enough for the largest tensor
     Config c = fuzz_config_tiny(tied);
     std::vector<STOut> ts;
-    if (only < 0 || only == -2) {
-        ts.push_back({"model.embed_tokens.weight", DT_BF16, {c.vocab_size, c.dim}, bf.data()});
-        ts.push_back({"model.norm.weight", DT_BF16, {c.dim}, bf.data()});
-        if (!tied) ts.push_back({"lm_head.weight", DT_BF16, {c.vocab_size, c.dim}, bf.data()});
-    }
-    for (int l = 0; l < c.n_layers; l++) {
-        if (only != -1 && only != l) continue;
-        ts.push_back({hf_layer_name(l, "input_layernorm"), DT_BF16, {c.dim}, bf.data()});
-        ts.push_back({hf_layer_name(l, "post_attention_layernorm"), DT_BF16, {c.dim}, bf.data()});
-        for (int p = 0; p < N_PROJ; p++) ts.push_back({hf_linear_name(l, p), DT_BF16, {proj_out(c, p), proj_in(c, p)}, bf.data()});
-    }
+    for_each_weight(c, [&](const Weight& w) {
+        if (only == -1 || (only == -2 ? w.layer < 0 : only == w.layer)) ts.push_back({w.name, DT_BF16, w.shape, bf.data()});
+    });
     return ts;
 }
 static std::string written(const std::vector<STOut>& ts, std::map<std::string, std::string> meta = {}) {

@@ -8,7 +8,7 @@
 // reader and were fixed (replayed by make test), open/<target>/ inputs that still break one (not
 // replayed; move them to regress/ with the fix).
 #pragma once
-#include "../../qlora.h"       // defines: json_parse, config_from_json, st_parse, st_parse_index, checkpoint_view
+#include "../../formats.h"     // defines: json_parse, config_from_json, st_parse, st_parse_index, checkpoint_view
 #include "../../dataloader.h"  // defines: token_file_parse, Loader
 #include "../../generate.h"    // defines: Vocab, vocab_parse
 #include <dirent.h>            // defines: opendir (stale scratch directories)
@@ -188,7 +188,7 @@ inline int fuzz_bnb(const uint8_t* data, size_t size) {
         st_parse(st, data, size, "fuzz/model.safetensors");
         Config c = fuzz_config_tiny(!st.find("lm_head.weight"));
         BnbCheckpointView v = bnb_checkpoint_validate(c, st);
-        for (auto& row : v.w)
+        for (auto& row : v.w.linear)
             for (auto& b : row) {
                 Quant4 q; bnb_linear_load(b, q);
                 FUZZ_CHECK(q.n == b.out * b.in && (int64_t)q.packed.size() == (q.n + 1) / 2);
