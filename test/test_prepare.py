@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """test_prepare.py: dev/data/prepare.py on the shipped model and task (needs `tokenizers` and
-`jinja2`; without them it says it skipped and counts nothing, so `make test` passes anywhere).
+`jinja2`: pip install -r dev/requirements.txt; without them it prints "SKIPPED test_prepare.py: why"
+and counts nothing, so `make test` passes anywhere).
   - the three input kinds: prompt/response JSONL and chat JSONL give the same token file; plain
     text gives every token trained, one document per line;
   - the loss mask covers the answer and its end-of-turn token, nothing of the prompt;
@@ -8,11 +9,16 @@
     transformers is importable);
   - bad rows are reported with their line numbers, counted and left out; --strict fails on them;
   - --max-len truncation is counted; the shipped token files and vocab.bin are what prepare.py
-    makes today from the shipped JSONL (the data is reproducible).
+    makes today from the shipped JSONL (the data is reproducible);
+  - every way to call it wrong fails with one line "prepare.py: error: ..." (no traceback, non-zero
+    exit) and writes nothing: a missing package, an empty or all-bad input, --val-fraction outside
+    [0, 1), --max-len < 1, a missing, directory or non-UTF-8 input, a bad --model, a missing --out
+    directory.
 """
 import os, struct, subprocess, sys, tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREPARE = os.path.join(ROOT, "dev/data/prepare.py")
 passed = failed = 0
 
 
@@ -36,16 +42,115 @@ def read_tok(path):
     return tokens, mask, docs, vocab
 
 
-def prepare(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "dev/data/prepare.py"), "--model", os.path.join(ROOT, "data/base"), *args],
-                          capture_output=True, text=True)
+def prepare(*args, model=os.path.join(ROOT, "data/base"), without=None):
+    """Runs prepare.py (from the repository root); without: a package to hide from it, as if not installed."""
+    cmd = [sys.executable, PREPARE]
+    if without:   # None in sys.modules makes `import without` raise ImportError
+        cmd = [sys.executable, "-c", f"import runpy, sys; sys.modules[{without!r}] = None; sys.argv[0] = {PREPARE!r}; "
+                                     f"runpy.run_path({PREPARE!r}, run_name='__main__')"]
+    return subprocess.run(cmd + ["--model", model, *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def refused(r, out, *want, lines=1):
+    """(ok, last stderr line): r exited non-zero without a traceback, its stderr is `lines` lines
+    (None: any) ending in "prepare.py: error: ..." that contains every string of want, and nothing
+    named OUT.* exists."""
+    err = r.stderr.strip().splitlines()
+    last = err[-1] if err else f"(no message; exit {r.returncode})"
+    d, base = os.path.split(out)
+    written = [f for f in os.listdir(d) if f.startswith(base + ".")]
+    ok = (r.returncode != 0 and "Traceback" not in r.stderr and last.startswith("prepare.py: error: ")
+          and all(w in last for w in want) and (lines is None or len(err) == lines) and not written)
+    return ok, last + (f" [wrote {written}]" if written else "")
+
+
+def errors(tmp, task):
+    """Each wrong call: one clear line, a non-zero exit, no file written."""
+    n = [0]
+
+    def out():   # a fresh OUT prefix per case; --vocab beside it, so "nothing written" covers it too
+        n[0] += 1
+        o = f"{tmp}/err{n[0]}"
+        return o, ["--out", o, "--vocab", f"{o}.vocab"]
+
+    val = f"{task}/val.jsonl"
+    for pkg in ("tokenizers", "jinja2"):
+        o, oa = out()
+        r = prepare("--train", val, *oa, without=pkg)
+        ok, last = refused(r, o, pkg, "pip install -r dev/requirements.txt")
+        check(ok and r.returncode == 2, f"{pkg} not installed: exit 2 ({r.returncode}), one line naming it and the requirements file ({last})")
+
+    empty, blank, allbad = f"{tmp}/empty.jsonl", f"{tmp}/blank.txt", f"{tmp}/allbad.jsonl"
+    open(empty, "w").close()
+    open(blank, "w").write("\n  \n\n")
+    open(allbad, "w").write('[1]\n{"prompt": "a"}\n\n{"prompt": "a", "response": ""}\n')
+    for path, want in ((empty, "(empty)"), (blank, "(empty)")):
+        o, oa = out()
+        ok, last = refused(prepare("--train", path, *oa), o, "no examples in --train", os.path.basename(path), want)
+        check(ok, f"{os.path.basename(path)}: no examples is an error ({last})")
+    o, oa = out()
+    ok, last = refused(prepare("--train", val, "--val", empty, *oa), o, "no examples in --val", "empty.jsonl")
+    check(ok, f"an empty --val is an error, not a run without validation ({last})")
+    o, oa = out()
+    ok, last = refused(prepare("--train", allbad, *oa), o, "all 3 rows bad", lines=4)   # 3 bad-row reports, then the error
+    check(ok, f"every row bad is an error ({last})")
+
+    for v in ("1.5", "1.0", "1", "-0.1", "nan", "x"):
+        o, oa = out()
+        r = prepare("--train", val, "--val-fraction", v, *oa)
+        ok, last = refused(r, o, "argument --val-fraction", v, lines=None)
+        check(ok and r.returncode == 2 and "usage:" in r.stderr, f"--val-fraction {v}: argparse error, exit 2 ({last})")
+    two = f"{tmp}/two.jsonl"
+    open(two, "w").write(open(val).readline() * 2)
+    r = prepare("--train", two, "--val-fraction", "0.9", "--out", f"{tmp}/two", "--vocab", f"{tmp}/two.vocab")
+    check(r.returncode == 0 and "two.train.tok: 1 examples" in r.stdout and "two.val.tok: 1 examples" in r.stdout,
+          "--val-fraction 0.9 of 2 examples keeps one to train on (1 + 1)")
+
+    for v in ("0", "-3"):
+        o, oa = out()
+        r = prepare("--train", val, "--max-len", v, *oa)
+        ok, last = refused(r, o, "argument --max-len", v, lines=None)
+        check(ok and r.returncode == 2, f"--max-len {v}: argparse error, exit 2, not the model's 256 ({last})")
+
+    latin = f"{tmp}/latin1.jsonl"
+    open(latin, "wb").write(b'{"prompt": "a", "response": "b"}\n\n{"prompt": "caf\xe9", "response": "b"}\n')
+    for path, want, what in ((f"{tmp}/missing.jsonl", "missing.jsonl: No such file", "a missing input file"),
+                             (tmp, f"{tmp}: Is a directory", "a directory as input"),
+                             (latin, "latin1.jsonl:3: not UTF-8", "non-UTF-8 input (file and line)")):
+        o, oa = out()
+        ok, last = refused(prepare("--train", path, *oa), o, want)
+        check(ok, f"{what}: one line naming it ({last})")
+    o, oa = out()
+    ok, last = refused(prepare("--train", val, "--val", f"{tmp}/missing.txt", *oa), o, "missing.txt: No such file")
+    check(ok, f"a missing --val file: one line naming it, train not written either ({last})")
+
+    nodir, empty_model, bad_model = f"{tmp}/no_model", f"{tmp}/model_empty", f"{tmp}/model_bad"
+    os.makedirs(empty_model); os.makedirs(bad_model)
+    open(f"{bad_model}/tokenizer.json", "w").write('{"version": "1.0", "model": 7}')
+    for model, want, what in ((nodir, "no such directory", "--model: a missing directory"),
+                              (empty_model, "model_empty/tokenizer.json not found", "--model: no tokenizer.json"),
+                              (bad_model, "model_bad/tokenizer.json: not a Hugging Face tokenizer", "--model: a broken tokenizer.json")):
+        o, oa = out()
+        ok, last = refused(prepare("--train", val, *oa, model=model), o, want)
+        check(ok, f"{what}: one line ({last})")
+    bad_cfg = f"{tmp}/model_badcfg"
+    os.makedirs(bad_cfg)
+    open(f"{bad_cfg}/tokenizer.json", "w").write(open(os.path.join(ROOT, "data/base/tokenizer.json")).read())
+    open(f"{bad_cfg}/tokenizer_config.json", "w").write('{"bos_token": "<|bos|>",\n')
+    o, oa = out()
+    ok, last = refused(prepare("--train", val, *oa, model=bad_cfg), o, "model_badcfg/tokenizer_config.json:2: invalid JSON")
+    check(ok, f"--model: a broken tokenizer_config.json: one line with the line number ({last})")
+
+    r = prepare("--train", val, "--out", f"{tmp}/no_such_dir/x", "--vocab", f"{tmp}/nd.vocab")
+    ok, last = refused(r, f"{tmp}/nd", "no_such_dir", "does not exist")
+    check(ok, f"--out in a missing directory: one line, before any work ({last})")
 
 
 def main():
     try:
         import tokenizers, jinja2  # noqa: F401
     except ImportError as e:
-        print(f"skipped test_prepare.py: {e.name} is not installed (pip install tokenizers jinja2)")
+        print(f"SKIPPED test_prepare.py: {e.name} not installed: pip install -r dev/requirements.txt")
         print("0 passed, 0 failed")
         return 0
     sys.path.insert(0, os.path.join(ROOT, "dev/data"))
@@ -124,6 +229,8 @@ def main():
     longest = max(b - a for a, b in zip(docs, docs[1:]))
     check(r.returncode == 0 and longest == 20 and " truncated to 20" in r.stdout and len(docs) - 1 == 180 and "short.val.tok: 20 examples" in r.stdout,
           f"--max-len 20 cuts examples (longest {longest}) and counts them; --val-fraction 0.1 splits 200 into 180 + 20")
+
+    errors(tmp, task)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 

@@ -34,12 +34,51 @@ Vocabulary table (vocab.bin), little-endian, validated by qlora_cpu.cpp's vocab_
   strings              offsets[n] bytes: token i is bytes [offsets[i], offsets[i+1]), the raw bytes it
                        decodes to (byte-level BPE unmapped, sentencepiece's U+2581 as a space,
                        <0xNN> byte fallback as the byte)
-Needs `tokenizers` and `jinja2` (no torch).
+Needs `tokenizers` and `jinja2` (no torch): pip install -r dev/requirements.txt.
+
+Errors (a missing package or input file, an unreadable or non-UTF-8 input, no usable example, a bad
+option) are one line "prepare.py: error: ..." and a non-zero exit, with nothing written.
 """
-import argparse, json, os, random, re, struct, sys
+import argparse, importlib, json, os, random, re, struct, sys
 
 TOKEN_MAGIC, TOKEN_VERSION, TOKEN_HEADER = b"QLTOKENS", 1, 64
 VOCAB_MAGIC, VOCAB_VERSION, VOCAB_HEADER, NONE = b"QLVOCAB\0", 1, 32, 0xFFFFFFFF
+REQUIREMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements.txt")
+
+
+def die(msg, code=1):
+    print(f"prepare.py: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def require_packages():
+    """Both packages up front: a missing jinja2 would otherwise surface as a template error on every row."""
+    for name in ("tokenizers", "jinja2"):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            die(f"cannot import the Python package {name} ({e}): pip install -r {os.path.relpath(REQUIREMENTS)}", 2)
+
+
+def read_text(path):
+    """The whole file as text, or a one-line error naming the file (and the line, for bad UTF-8)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        die(f"{path}: {e.strerror}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        die(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); convert the file to UTF-8")
+
+
+def read_json(path):
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        die(f"{path}:{e.lineno}: invalid JSON: {e.msg}")
 
 
 # ---- the tokenizer and its chat template ----------------------------------------------------------
@@ -47,14 +86,21 @@ VOCAB_MAGIC, VOCAB_VERSION, VOCAB_HEADER, NONE = b"QLVOCAB\0", 1, 32, 0xFFFFFFFF
 class HFTokenizer:
     def __init__(self, model_dir):
         from tokenizers import Tokenizer
+        if not os.path.isdir(model_dir):
+            die(f"--model {model_dir}: no such directory (a model directory with tokenizer.json is needed)")
         path = os.path.join(model_dir, "tokenizer.json")
-        if not os.path.exists(path):
-            sys.exit(f"prepare.py: error: {path} not found (a Hugging Face tokenizer.json is needed)")
-        self.tok = Tokenizer.from_file(path)
+        if not os.path.isfile(path):
+            die(f"{path} not found (a Hugging Face tokenizer.json is needed)")
+        try:
+            self.tok = Tokenizer.from_str(read_text(path))
+        except Exception as e:   # the Rust side's parse errors are plain Exceptions
+            die(f"{path}: not a Hugging Face tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")
-        self.cfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
+        self.cfg = read_json(cfg_path) if os.path.exists(cfg_path) else {}
+        if not isinstance(self.cfg, dict):
+            die(f"{cfg_path}: expected a JSON object")
         tmpl = os.path.join(model_dir, "chat_template.jinja")   # transformers v5 may keep it beside the config
-        self.chat_template = open(tmpl).read() if os.path.exists(tmpl) else self.cfg.get("chat_template")
+        self.chat_template = read_text(tmpl) if os.path.exists(tmpl) else self.cfg.get("chat_template")
         if isinstance(self.chat_template, list):                # [{"name": "default", "template": ...}, ...]
             self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
         self.bos, self.eos = self.special("bos_token"), self.special("eos_token")
@@ -63,7 +109,7 @@ class HFTokenizer:
         self.unk_id = self.tok.token_to_id(self.special("unk_token") or "<unk>")
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         mml = self.cfg.get("model_max_length")
-        self.max_len = int(mml) if isinstance(mml, (int, float)) and mml < 1e7 else None
+        self.max_len = int(mml) if isinstance(mml, (int, float)) and 1 <= mml < 1e7 else None   # 1e30 = "no limit"
         self._template = None
         self._describe()
 
@@ -194,10 +240,9 @@ def example_pieces(tk, row, fmt, use_template):
     return [((tk.bos or "") + prompt, False), (resp + (tk.eos or ""), True)]
 
 
-def read_rows(path, fmt, text_unit):
+def read_rows(text, fmt, text_unit):
     """(line number, row text) for each example; blank lines are not examples."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = text.split("\n")
     if fmt == "text" and text_unit == "paragraph":
         block, start = [], 0
         for n, line in enumerate(lines + [""], 1):
@@ -214,17 +259,16 @@ def read_rows(path, fmt, text_unit):
             yield n, line
 
 
-def detect_format(path):
+def detect_format(path, text):
     if not path.endswith(".jsonl"):
         return "text"
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                return "chat" if isinstance(obj, dict) and "messages" in obj else "prompt"
+    for line in text.split("\n"):
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            return "chat" if isinstance(obj, dict) and "messages" in obj else "prompt"
     return "prompt"
 
 
@@ -234,12 +278,13 @@ class Stats:
 
 
 def tokenize_file(tk, path, a, stats, report):
-    fmt = a.format or detect_format(path)
+    text = read_text(path)
+    fmt = a.format or detect_format(path, text)
     use_template = fmt in ("prompt",) and tk.chat_template is not None and not a.no_chat_template
     if fmt == "chat" and tk.chat_template is None:
-        sys.exit(f"prepare.py: error: {path} is chat JSONL but the tokenizer has no chat_template")
+        die(f"{path} is chat JSONL but the tokenizer has no chat_template")
     out = []
-    for line, row in read_rows(path, fmt, a.text_unit):
+    for line, row in read_rows(text, fmt, a.text_unit):
         try:
             pieces = example_pieces(tk, row, fmt, use_template)
         except BadRow as e:
@@ -268,11 +313,14 @@ def tokenize_file(tk, path, a, stats, report):
 
 def write_atomic(path, data):
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        die(f"cannot write {path}: {e.strerror}")
 
 
 def write_token_file(path, examples, vocab, with_mask):
@@ -288,24 +336,52 @@ def write_token_file(path, examples, vocab, with_mask):
     write_atomic(path, header + body + struct.pack(f"<{len(docs)}Q", *docs))
 
 
+def fraction(s):
+    """--val-fraction: in [0, 1); 1 would leave nothing to train on."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {s!r}")
+    if not 0 <= v < 1:   # also false for nan
+        raise argparse.ArgumentTypeError(f"{s} is not in [0, 1) (the share of --train held out for validation)")
+    return v
+
+
+def positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {s!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{s} is not a positive number of tokens (leave it out for model_max_length)")
+    return v
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="directory with tokenizer.json (and tokenizer_config.json)")
     ap.add_argument("--train", required=True, nargs="+", help="input files (.txt, .jsonl)")
     ap.add_argument("--val", nargs="*", default=[], help="validation input files; else --val-fraction of --train")
-    ap.add_argument("--val-fraction", type=float, default=0.05)
+    ap.add_argument("--val-fraction", type=fraction, default=0.05, help="in [0, 1); ignored with --val")
     ap.add_argument("--out", required=True, help="writes OUT.train.tok and OUT.val.tok")
     ap.add_argument("--vocab", help="vocabulary table to write (default MODEL/vocab.bin)")
     ap.add_argument("--format", choices=["text", "prompt", "chat"], help="default: from the extension and first row")
     ap.add_argument("--text-unit", choices=["line", "paragraph"], default="line")
-    ap.add_argument("--max-len", type=int, help="cut examples to this many tokens (default: model_max_length)")
+    ap.add_argument("--max-len", type=positive_int, help="cut examples to this many tokens (default: model_max_length)")
     ap.add_argument("--train-on-prompt", action="store_true", help="loss on every token, not just the answers")
     ap.add_argument("--no-chat-template", action="store_true", help="prompt/response rows as bos+prompt+response+eos")
     ap.add_argument("--strict", action="store_true", help="any bad row is an error")
     ap.add_argument("--seed", type=int, default=1234, help="for the --val-fraction split")
     a = ap.parse_args()
+    require_packages()
     tk = HFTokenizer(a.model)
-    a.max_len = a.max_len or tk.max_len
+    vocab_path = a.vocab or os.path.join(a.model, "vocab.bin")
+    for p in (a.out, vocab_path):   # fail before the tokenizing, not after it
+        d = os.path.dirname(p) or "."
+        if not os.path.isdir(d):
+            die(f"{p}: the directory {d} does not exist")
+    if a.max_len is None:   # not `or`: a 0 must not mean the default (positive_int refuses it anyway)
+        a.max_len = tk.max_len
     shown = [0]
 
     def report(msg):
@@ -322,10 +398,15 @@ def main():
             fmt, e = tokenize_file(tk, p, a, stats, report)
             fmts.add(fmt); exs += e
         splits[name] = [stats, exs, fmts]
+        if paths and not exs:
+            die(f"no examples in --{name} {' '.join(paths)}"
+                + (f" (all {stats.bad} rows bad; see above)" if stats.bad else " (empty)"))
     if not a.val and a.val_fraction > 0:   # seeded split of the train examples
         exs = splits["train"][1]
         idx = list(range(len(exs))); random.Random(a.seed).shuffle(idx)
-        k = max(1, int(round(len(exs) * a.val_fraction))) if len(exs) > 1 else 0
+        k = min(max(1, int(round(len(exs) * a.val_fraction))), len(exs) - 1)   # at least one of each
+        if k == 0:
+            print(f"note: 1 example, kept for training: no {a.out}.val.tok written", file=sys.stderr)
         vset = set(idx[:k])
         splits["val"][1] = [e for i, e in enumerate(exs) if i in vset]
         splits["train"][1] = [e for i, e in enumerate(exs) if i not in vset]
@@ -347,7 +428,6 @@ def main():
             line += (f" | {stats.truncated} truncated to {a.max_len}, {stats.no_target} without a target, "
                      f"{stats.unknown} with unknown characters, {stats.bad} bad rows left out")
         print(line)
-    vocab_path = a.vocab or os.path.join(a.model, "vocab.bin")
     write_vocab(tk, vocab_path)
     print(f"{vocab_path}: {tk.vocab_size} tokens (bos {tk.bos_id}, eos {tk.eos_id})")
 
