@@ -69,7 +69,10 @@ struct Model {
                                                          // (V, H), norms (H)), linears NF4
     float* inv_freq;                                     // (hd/2) RoPE
     size_t n_lora;
-    float *lora, *grad, *m, *v;                          // (n_lora) fp32: master params, grads, AdamW moments
+    float* lora;                                         // (n_lora) fp32 master LoRA parameters
+    float* grad;                                         // (n_lora) fp32 their gradients
+    float* adam_m;                                       // (n_lora) fp32 AdamW first moments
+    float* adam_v;                                       // (n_lora) fp32 AdamW second moments
     bf16* lora_bf16;                                     // (n_lora) compute copy
 };
 
@@ -78,65 +81,140 @@ struct Model {
 // by re-running the layer's forward in backward. u = x·[A..]ᵀ of a group (k LoRA'd projections:
 // (N, k·r)) is kept from the forward for backward's dB, so backward does not read x again for it.
 struct Acts {
-    int B, T, N;
+    int B, T, N;                          // batch rows, sequence length, N = B·T tokens
     std::vector<bf16*> h;                 // (L+1) x (N, H) residual stream entering layer l; h[L] before the final norm
-    struct Layer { bf16 *n1, *q, *k, *v, *att, *h_mid, *n2, *gate, *up, *uqkv, *uo, *ugu; float *rstd1, *rstd2, *lse; };
-    std::vector<Layer> l;                 // (L), or (1) shared with --recompute; uqkv, uo, ugu (N, k·r) LoRA u of q|k|v, o, gate|up
+    struct Layer {                        // one layer's activations, kept for backward
+        bf16* n1;                         // (N, H)   input_layernorm(h[l]): input of q/k/v_proj
+        bf16* q;                          // (N, qd)  q_proj, then RoPE in place
+        bf16* k;                          // (N, kvd) k_proj, then RoPE in place
+        bf16* v;                          // (N, kvd) v_proj
+        bf16* att;                        // (N, qd)  attention output: input of o_proj
+        bf16* h_mid;                      // (N, H)   h[l] + o_proj(att)
+        bf16* n2;                         // (N, H)   post_attention_layernorm(h_mid): input of gate/up_proj
+        bf16* gate;                       // (N, I)   gate_proj; its gradient in place in backward
+        bf16* up;                         // (N, I)   up_proj; its gradient in place in backward
+        bf16* uqkv;                       // (N, k·r) LoRA u = n1·[A_q|A_k|A_v]ᵀ of the LoRA'd ones among q, k, v
+        bf16* uo;                         // (N, k·r) LoRA u of o_proj
+        bf16* ugu;                        // (N, k·r) LoRA u of gate|up
+        float* rstd1;                     // (N)      1/rms of h[l]
+        float* rstd2;                     // (N)      1/rms of h_mid
+        float* lse;                       // (B, nh, T) attention's log-sum-exp per query row
+    };
+    std::vector<Layer> l;                 // (L), or (1) shared with --recompute
     std::vector<bf16*> udown;             // (L) x (N, k·r) LoRA u of down_proj, per layer also with --recompute (a recompute stops before down_proj)
     std::vector<std::array<bf16*, N_PROJ>> wdq;   // (L) x 7, or (1) x 7 shared with --recompute: dequantized weights (out, in) of the forward
-    bf16* hf; float* rstdf;               // (N, H) final norm output, (N)
+    bf16* hf;                             // (N, H) final norm output
+    float* rstdf;                         // (N)    its 1/rms
     // scratch (one purpose each)
     bf16* delta;                          // (N, H) o_proj / down_proj output before the residual add
-    bf16* act;                            // (N, I) swiglu output
+    bf16* act;                            // (N, I) swiglu output: input of down_proj
     bf16* t;                              // (N, 3r) a group's [dy·B..] in backward
-    bf16 *u, *xdrop;                      // (N, r) one projection's xd·Aᵀ, (N, max in) its dropped-out LoRA input xd (dropout > 0 only)
-    bf16 *dres, *dn, *datt, *dq, *dk, *dv, *dact;         // gradients; d gate and d up overwrite gate and up in place
-    float* attn_scratch; void* ce_scratch; size_t ce_bytes; int ce_rows; void* norm_scratch;
-    int *ids, *targets, *pos, *doc_start; // (N) each: tokens, targets (-1 ignored), positions, row-relative segment starts
+    bf16* u;                              // (N, r) one projection's xd·Aᵀ (dropout > 0 only)
+    bf16* xdrop;                          // (N, max in) its dropped-out LoRA input xd (dropout > 0 only)
+    // gradients; d gate and d up overwrite gate and up in place
+    bf16* dres;                           // (N, H)   of the residual stream
+    bf16* dn;                             // (N, H)   of a norm's output
+    bf16* datt;                           // (N, qd)  of the attention output
+    bf16* dq;                             // (N, qd)
+    bf16* dk;                             // (N, kvd)
+    bf16* dv;                             // (N, kvd)
+    bf16* dact;                           // (N, I)   of the swiglu output
+    float* attn_scratch;                  // attention backward scratch (attention_backward_scratch_bytes)
+    void* ce_scratch;                     // lm_head + CE chunk: ce_rows rows of logits
+    size_t ce_bytes;
+    int ce_rows;
+    void* norm_scratch;                   // grad norm partial sums
+    int* ids;                             // (N) tokens
+    int* targets;                         // (N) targets (-1 ignored)
+    int* pos;                             // (N) positions (packed rows)
+    int* doc_start;                       // (N) row-relative start of each token's document (packed rows)
     int* flags;                           // (2): bad token, bad target
     bool packed = false;                  // this batch has segments (pos, doc_start used)
     bool training = false;                // LoRA dropout only while training, never in evaluation
-    float *losses, *loss_sum, *norm;      // (N), (1), (1)
+    float* losses;                        // (N) per-token loss
+    float* loss_sum;                      // (1)
+    float* norm;                          // (1) the gradient norm
 };
 
-// --profile: where the GPU time goes. mark(t, what) records an event on the stream; the time from
-// it to the next mark is charged to `what` (one stream: the intervals tile the step, idle gaps too).
+// --profile: where the GPU time goes. A ProfileScope charges the GPU time from its start to its end
+// to its kind of op; to() switches the kind for the rest of the scope, an inner scope takes over
+// and hands back. Events on the one stream tile the step, so the time between scopes (launch gaps,
+// uploads) is counted too, as "host gaps, uploads". The first step (plans, caches) is not counted.
 struct Profiler {
-    std::vector<cudaEvent_t> ev; std::vector<const char*> what; size_t n = 0;
-    std::map<std::string, double> ms; int steps = 0; bool warm = false;   // the first step (plans, caches) is not counted
+    bool on = false;
+    cudaStream_t s = 0;
+    std::vector<cudaEvent_t> ev;      // events recorded this step ...
+    std::vector<const char*> kind;    // ... and the kind of the interval that each starts
+    size_t n = 0;
+    std::vector<const char*> open;    // kinds of the open scopes, innermost last
+    std::map<std::string, double> ms;
+    int steps = 0;
+    bool warm = false;
+    void mark(const char* k) {
+        if (n == ev.size()) {
+            ev.emplace_back();
+            cudaCheck(cudaEventCreate(&ev.back()));
+            kind.push_back(nullptr);
+        }
+        cudaCheck(cudaEventRecord(ev[n], s));
+        kind[n++] = k;
+    }
+    // end of a step: close the last interval and add the intervals up
+    void step() {
+        if (!on) return;
+        mark(nullptr);
+        bool count = warm;
+        warm = true;
+        cudaCheck(cudaEventSynchronize(ev[n - 1]));
+        for (size_t i = 0; count && i + 1 < n; i++) {
+            float t;
+            cudaCheck(cudaEventElapsedTime(&t, ev[i], ev[i + 1]));
+            ms[kind[i]] += t;
+        }
+        n = 0;
+        steps += count;
+    }
+    void print() const {
+        if (!on || !steps) return;
+        std::vector<std::pair<double, std::string>> rows;
+        double total = 0;
+        for (auto& kv : ms) {
+            rows.push_back({kv.second / steps, kv.first});
+            total += kv.second / steps;
+        }
+        std::sort(rows.rbegin(), rows.rend());
+        printf("GPU time per step by kind of op (mean of %d steps, CUDA events between ops):\n", steps);
+        for (auto& r : rows) printf("  %-28s %9.2f ms %5.1f%%\n", r.second.c_str(), r.first, 100 * r.first / total);
+        printf("  %-28s %9.2f ms\n", "total", total);
+    }
+};
+struct ProfileScope {
+    Profiler& p;
+    ProfileScope(Profiler& p_, const char* k) : p(p_) {
+        if (!p.on) return;
+        p.open.push_back(k);
+        p.mark(k);
+    }
+    void to(const char* k) {
+        if (!p.on) return;
+        p.open.back() = k;
+        p.mark(k);
+    }
+    ~ProfileScope() {
+        if (!p.on) return;
+        p.open.pop_back();
+        p.mark(p.open.empty() ? "host gaps, uploads" : p.open.back());
+    }
 };
 
-struct Trainer { Model m; Acts a; MatmulCtx mm; cudaStream_t s; Options o; Profiler prof; };
-
-static void mark(Trainer& t, const char* what) {
-    if (!t.o.profile) return;
-    Profiler& p = t.prof;
-    if (p.n == p.ev.size()) { p.ev.emplace_back(); cudaCheck(cudaEventCreate(&p.ev.back())); p.what.push_back(nullptr); }
-    cudaCheck(cudaEventRecord(p.ev[p.n], t.s));
-    p.what[p.n++] = what;
-}
-// end of a step: close the last interval and add the intervals up
-static void profile_step(Trainer& t) {
-    if (!t.o.profile) return;
-    mark(t, nullptr);
-    Profiler& p = t.prof;
-    bool count = p.warm; p.warm = true;
-    cudaCheck(cudaEventSynchronize(p.ev[p.n - 1]));
-    for (size_t i = 0; count && i + 1 < p.n; i++) {
-        float ms; cudaCheck(cudaEventElapsedTime(&ms, p.ev[i], p.ev[i + 1])); p.ms[p.what[i]] += ms;
-    }
-    p.n = 0; p.steps += count;
-}
-static void profile_print(const Trainer& t) {
-    const Profiler& p = t.prof;
-    if (!t.o.profile || !p.steps) return;
-    std::vector<std::pair<double, std::string>> rows; double total = 0;
-    for (auto& kv : p.ms) { rows.push_back({kv.second / p.steps, kv.first}); total += kv.second / p.steps; }
-    std::sort(rows.rbegin(), rows.rend());
-    printf("GPU time per step by kind of op (mean of %d steps, CUDA events between ops):\n", p.steps);
-    for (auto& r : rows) printf("  %-28s %9.2f ms %5.1f%%\n", r.second.c_str(), r.first, 100 * r.first / total);
-    printf("  %-28s %9.2f ms\n", "total", total);
-}
+struct Trainer {
+    Model m;
+    Acts a;
+    MatmulCtx mm;
+    cudaStream_t s;
+    Options o;
+    Profiler prof;
+};
 
 // LoRA pointers of (l, p) inside the flat layout of qlora.h
 static const bf16* lA(const Model& m, int l, int p) { return m.lora_bf16 + lora_slot(m.cfg, m.lc, l, p).a; }
@@ -173,7 +251,7 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
              });
     W.want(&m.inv_freq, (size_t)c.head_dim / 2);
     m.n_lora = lora_num_params(c, m.lc);
-    P.want(&m.lora, m.n_lora); P.want(&m.grad, m.n_lora); P.want(&m.m, m.n_lora); P.want(&m.v, m.n_lora); P.want(&m.lora_bf16, m.n_lora);
+    P.want(&m.lora, m.n_lora); P.want(&m.grad, m.n_lora); P.want(&m.adam_m, m.n_lora); P.want(&m.adam_v, m.n_lora); P.want(&m.lora_bf16, m.n_lora);
     a.B = o.batch; a.T = o.seq; a.N = (int)N;
     a.h.resize(L + 1);
     for (size_t l = 0; l <= L; l++) A.want(&a.h[l], N * H);
@@ -300,7 +378,7 @@ static void set_lora(Trainer& t, const float* host) {
     Model& m = t.m;
     cudaCheck(cudaMemcpy(m.lora, host, m.n_lora * 4, cudaMemcpyHostToDevice));
     cast_f32_to_bf16(m.lora_bf16, m.lora, m.n_lora, t.s);
-    cudaCheck(cudaMemset(m.m, 0, m.n_lora * 4)); cudaCheck(cudaMemset(m.v, 0, m.n_lora * 4));
+    cudaCheck(cudaMemset(m.adam_m, 0, m.n_lora * 4)); cudaCheck(cudaMemset(m.adam_v, 0, m.n_lora * 4));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -310,13 +388,26 @@ static void set_lora(Trainer& t, const float* host) {
 static Acts::Layer& acts(Trainer& t, int l) { return t.a.l[t.o.recompute ? 0 : l]; }
 static bf16* const* wdq(Trainer& t, int l) { return t.a.wdq[t.o.recompute ? 0 : l].data(); }
 
-static void dequant_layer(Trainer& t, int l) {
+// w[p] (out, in) = layer l's seven NF4 linears, dequantized to bf16
+static void dequantize_layer(Trainer& t, bf16* const* w, int l) {
     const Config& c = t.m.cfg;
-    mark(t, "NF4 dequantize");
+    ProfileScope prof(t.prof, "NF4 dequantize");
     for (int p = 0; p < N_PROJ; p++) {
         const QWeight& q = t.m.w.linear[l][p];
-        dequantize_4bit_nested_gpu(wdq(t, l)[p], q.packed, q.absmax_q, q.absmax2, q.offset, (int64_t)proj_out(c, p) * proj_in(c, p), QT_NF4, NF4_BLOCKSIZE, t.s);
+        int64_t n = (int64_t)proj_out(c, p) * proj_in(c, p);
+        dequantize_4bit_nested_gpu(w[p], q.packed, q.absmax_q, q.absmax2, q.offset, n, QT_NF4, NF4_BLOCKSIZE, t.s);
     }
+}
+
+// What the linears of one pass compute with: the training forward/backward, or one decoding step.
+struct LinearRun {
+    int N;              // rows (tokens)
+    bf16* const* w;     // (N_PROJ) the layer's dequantized weights (out, in)
+    bool lora;          // false: the base model alone (generation without an adapter)
+    bool dropout;       // LoRA dropout: only while training
+};
+static LinearRun training_run(Trainer& t, int l) {
+    return {t.a.N, wdq(t, l), true, t.m.lc.dropout > 0 && t.a.training};
 }
 
 // ys[i] (N, out) = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ for each projection of the group (PEFT's
@@ -324,27 +415,33 @@ static void dequant_layer(Trainer& t, int l) {
 // dB. Each y is first written as s·u·Bᵀ by the skinny GEMM, then the frozen GEMM adds x·Wᵀ into it
 // (beta = 1): bf16(bf16(x·Wᵀ) + bf16(s·u·Bᵀ)), PEFT's `result + lora_out` rounding, and y is written
 // once by a memory-bound kernel instead of re-read and re-written after the big one.
-static void linears_forward(Trainer& t, Group g, bf16* const* ys, const bf16* x, bf16* u, int l, uint64_t drop_seed) {
-    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc; const Model& m = t.m;
-    int N = t.a.N, in = proj_in(c, g.first), r = lc.rank, first, k = group_lora(lc, g, &first);
-    bool drop = lc.dropout > 0 && t.a.training;
-    if (k && !drop) { mark(t, "LoRA GEMMs"); matmul(t.mm, u, MM_BF16, x, lA(m, l, first), N, k * r, in, false, true); }  // u = x·[A..]ᵀ (N, k·r)
+static void linears_forward(Trainer& t, const LinearRun& run, Group g, bf16* const* ys, const bf16* x, bf16* u, int l,
+                            uint64_t drop_seed) {
+    const Config& c = t.m.cfg;
+    const LoraConfig& lc = t.m.lc;
+    const Model& m = t.m;
+    int N = run.N, in = proj_in(c, g.first), r = lc.rank, first;
+    int k = run.lora ? group_lora(lc, g, &first) : 0;
+    ProfileScope prof(t.prof, "LoRA GEMMs");
+    if (k && !run.dropout) gemm_forward(t.mm, u, x, lA(m, l, first), N, k * r, in);   // u = x·[A..]ᵀ (N, k·r)
     for (int i = 0, j = 0; i < g.n; i++) {
         int p = g.first + i, out = proj_out(c, p);
-        if (lc.has(p)) {
-            const bf16* uj = u + j * r; int ldu = k * r;   // (N, r) columns j·r.. of u
-            if (drop) {   // each projection its own mask: its own x·Aᵀ
-                mark(t, "LoRA dropout");
+        bool lora = run.lora && lc.has(p);
+        if (lora) {
+            MatIn uj(u + j * r, k * r);   // (N, r): columns j·r.. of u
+            if (run.dropout) {            // each projection its own mask: its own x·Aᵀ
+                prof.to("LoRA dropout");
                 lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);
-                mark(t, "LoRA GEMMs");
-                matmul(t.mm, t.a.u, MM_BF16, t.a.xdrop, lA(m, l, p), N, r, in, false, true); uj = t.a.u; ldu = r;
+                prof.to("LoRA GEMMs");
+                gemm_forward(t.mm, t.a.u, t.a.xdrop, lA(m, l, p), N, r, in);
+                uj = MatIn(t.a.u);
             }
-            mark(t, "LoRA GEMMs");
-            matmul(t.mm, ys[i], MM_BF16, uj, lB(m, l, p), N, out, r, false, true, lc.scale(), 0.0f, ldu);        // y = s·u·Bᵀ
+            prof.to("LoRA GEMMs");
+            gemm_forward(t.mm, ys[i], uj, lB(m, l, p), N, out, r, lc.scale());                   // y = s·u·Bᵀ
             j++;
         }
-        mark(t, "frozen GEMMs");
-        matmul(t.mm, ys[i], MM_BF16, x, wdq(t, l)[p], N, out, in, false, true, 1.0f, lc.has(p) ? 1.0f : 0.0f);  // y += x·Wᵀ
+        prof.to("frozen GEMMs");
+        gemm_forward(t.mm, ys[i], x, run.w[p], N, out, in, 1.0f, lora ? 1.0f : 0.0f);           // y += x·Wᵀ
     }
 }
 
@@ -356,125 +453,156 @@ static void linears_forward(Trainer& t, Group g, bf16* const* ys, const bf16* x,
 // linears_forward kept it (with dropout: each projection's xd·Aᵀ, recomputed), and dA (one GEMM for
 // the group).
 template <class MakeX>
-static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, const bf16* x, const bf16* u, int l, uint64_t drop_seed, MakeX make_x) {
-    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc; const Model& m = t.m;
-    int N = t.a.N, in = proj_in(c, g.first), r = lc.rank, first, k = group_lora(lc, g, &first); float s = lc.scale();
-    bool drop = lc.dropout > 0, fused = k && !drop;
-    mark(t, "LoRA GEMMs");
-    for (int p = g.first, j = 0; p < g.first + g.n; p++)
-        if (lc.has(p)) { matmul(t.mm, t.a.t + j * r, MM_BF16, dys[p - g.first], lB(m, l, p), N, r, proj_out(c, p), false, false, 1.0f, 0.0f, 0, 0, k * r); j++; }  // t_j = dy·B
-    if (fused) matmul(t.mm, dx, MM_BF16, t.a.t, lA(m, l, first), N, in, k * r, false, false, s, 0.0f);                         // dx = s·t·[A..]
-    mark(t, "frozen GEMMs");
-    for (int i = 0; i < g.n; i++)
-        matmul(t.mm, dx, MM_BF16, dys[i], wdq(t, l)[g.first + i], N, in, proj_out(c, g.first + i), false, false, 1.0f, fused || i ? 1.0f : 0.0f);  // dx += dy·W
-    if (drop)   // dropout: per projection, the mask regenerated from the counter
-        for (int p = g.first, j = 0; p < g.first + g.n; p++) {
-            if (!lc.has(p)) continue;
-            mark(t, "LoRA GEMMs");
-            matmul(t.mm, t.a.xdrop, MM_BF16, t.a.t + j * r, lA(m, l, p), N, in, r, false, false, s, 0.0f, k * r);    // s·t·A
-            mark(t, "LoRA dropout");
-            lora_dropout_backward_add(dx, t.a.xdrop, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);    // dx += mask(s·t·A)
-            j++;
-        }
+static void linears_backward(Trainer& t, const LinearRun& run, Group g, bf16* dx, bf16* const* dys, const bf16* x, const bf16* u,
+                             int l, uint64_t drop_seed, MakeX make_x) {
+    const Config& c = t.m.cfg;
+    const LoraConfig& lc = t.m.lc;
+    Model& m = t.m;
+    int N = run.N, in = proj_in(c, g.first), r = lc.rank, first, k = group_lora(lc, g, &first);
+    float scale = lc.scale();
+    bool fused = k && !run.dropout;   // the group's LoRA dx is one GEMM
+    ProfileScope prof(t.prof, "LoRA GEMMs");
+    for (int p = g.first, j = 0; p < g.first + g.n; p++) {
+        if (!lc.has(p)) continue;
+        gemm_input_grad(t.mm, {t.a.t + j * r, k * r}, dys[p - g.first], lB(m, l, p), N, r, proj_out(c, p));   // t_j = dy·B
+        j++;
+    }
+    if (fused) gemm_input_grad(t.mm, dx, t.a.t, lA(m, l, first), N, in, k * r, scale);                        // dx = s·t·[A..]
+    prof.to("frozen GEMMs");
+    for (int i = 0; i < g.n; i++) {   // dx += dy·W
+        int p = g.first + i;
+        gemm_input_grad(t.mm, dx, dys[i], run.w[p], N, in, proj_out(c, p), 1.0f, fused || i ? 1.0f : 0.0f);
+    }
+    for (int p = g.first, j = 0; run.dropout && p < g.first + g.n; p++) {   // dropout: each mask regenerated
+        if (!lc.has(p)) continue;
+        prof.to("LoRA GEMMs");
+        gemm_input_grad(t.mm, t.a.xdrop, {t.a.t + j * r, k * r}, lA(m, l, p), N, in, r, scale);             // s·t·A
+        prof.to("LoRA dropout");
+        lora_dropout_backward_add(dx, t.a.xdrop, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);    // dx += mask(s·t·A)
+        j++;
+    }
     make_x();
     if (!k) return;
-    mark(t, "LoRA GEMMs");
+    prof.to("LoRA GEMMs");
     if (fused) {
-        for (int p = g.first, j = 0; p < g.first + g.n; p++)
-            if (lc.has(p)) { matmul(t.mm, m.grad + lora_slot(c, lc, l, p).b, MM_F32, dys[p - g.first], u + j * r, proj_out(c, p), r, N,
-                                    true, false, s, 1.0f, 0, k * r); j++; }                                              // dB += s·dyᵀ·u
-        matmul(t.mm, m.grad + lora_slot(c, lc, l, first).a, MM_F32, t.a.t, x, k * r, in, N, true, false, s, 1.0f);     // dA.. += s·tᵀ·x
+        for (int p = g.first, j = 0; p < g.first + g.n; p++) {
+            if (!lc.has(p)) continue;
+            float* dB = m.grad + lora_slot(c, lc, l, p).b;
+            gemm_weight_grad(t.mm, dB, dys[p - g.first], {u + j * r, k * r}, proj_out(c, p), r, N, scale);   // dB += s·dyᵀ·u
+            j++;
+        }
+        gemm_weight_grad(t.mm, m.grad + lora_slot(c, lc, l, first).a, t.a.t, x, k * r, in, N, scale);   // dA.. += s·tᵀ·x
         return;
     }
     for (int p = g.first, j = 0; p < g.first + g.n; p++) {
         if (!lc.has(p)) continue;
         LoraSlot sl = lora_slot(c, lc, l, p);
-        mark(t, "LoRA dropout");
-        lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);             // xd = dropout(x)
-        mark(t, "LoRA GEMMs");
-        matmul(t.mm, t.a.u, MM_BF16, t.a.xdrop, lA(m, l, p), N, r, in, false, true);                         // u = xd·Aᵀ
-        matmul(t.mm, m.grad + sl.b, MM_F32, dys[p - g.first], t.a.u, proj_out(c, p), r, N, true, false, s, 1.0f);   // dB += s·dyᵀ·u
-        matmul(t.mm, m.grad + sl.a, MM_F32, t.a.t + j * r, t.a.xdrop, r, in, N, true, false, s, 1.0f, k * r);       // dA += s·tᵀ·xd
+        prof.to("LoRA dropout");
+        lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);          // xd = dropout(x)
+        prof.to("LoRA GEMMs");
+        gemm_forward(t.mm, t.a.u, t.a.xdrop, lA(m, l, p), N, r, in);                                     // u = xd·Aᵀ
+        gemm_weight_grad(t.mm, m.grad + sl.b, dys[p - g.first], t.a.u, proj_out(c, p), r, N, scale);     // dB += s·dyᵀ·u
+        gemm_weight_grad(t.mm, m.grad + sl.a, {t.a.t + j * r, k * r}, t.a.xdrop, r, in, N, scale);       // dA += s·tᵀ·xd
         j++;
     }
 }
-static void linears_backward(Trainer& t, Group g, bf16* dx, bf16* const* dys, const bf16* x, const bf16* u, int l, uint64_t drop_seed) {
-    linears_backward(t, g, dx, dys, x, u, l, drop_seed, [] {});
+static void linears_backward(Trainer& t, const LinearRun& run, Group g, bf16* dx, bf16* const* dys, const bf16* x, const bf16* u,
+                             int l, uint64_t drop_seed) {
+    linears_backward(t, run, g, dx, dys, x, u, l, drop_seed, [] {});
 }
 
 // One decoder layer. fresh: in the forward pass, where the residual h[l] = h_mid[l-1] + mlp_out[l-1]
 // is formed here, fused with input_layernorm; in a recompute (backward) h[l] is already stored.
 static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
-    const Config& c = t.m.cfg; Acts& a = t.a; Acts::Layer& y = acts(t, l); int N = a.N;
-    mark(t, "RMSNorm (+ residual)");
+    const Config& c = t.m.cfg;
+    const Model& m = t.m;
+    Acts& a = t.a;
+    Acts::Layer& y = acts(t, l);
+    int N = a.N;
+    const int* pos = a.packed ? a.pos : nullptr;
+    const int* doc_start = a.packed ? a.doc_start : nullptr;
+    ProfileScope prof(t.prof, "RMSNorm (+ residual)");
     if (l > 0 && fresh)   // h[l] = h_mid + down_proj(...) of layer l-1 (still in delta); n1 = input_layernorm(h[l])
-        rmsnorm_residual_forward(a.h[l], y.n1, y.rstd1, acts(t, l - 1).h_mid, a.delta, t.m.w.at(W_ATTN_NORM, l), N, c.dim, c.norm_eps, t.s);
-    else rmsnorm_forward(y.n1, y.rstd1, a.h[l], t.m.w.at(W_ATTN_NORM, l), N, c.dim, c.norm_eps, t.s);
-    dequant_layer(t, l);
+        rmsnorm_residual_forward(a.h[l], y.n1, y.rstd1, acts(t, l - 1).h_mid, a.delta, m.w.at(W_ATTN_NORM, l), N, c.dim, c.norm_eps, t.s);
+    else
+        rmsnorm_forward(y.n1, y.rstd1, a.h[l], m.w.at(W_ATTN_NORM, l), N, c.dim, c.norm_eps, t.s);
+    dequantize_layer(t, wdq(t, l), l);
+    LinearRun run = training_run(t, l);
     bf16* qkv[3] = {y.q, y.k, y.v};
-    linears_forward(t, G_QKV, qkv, y.n1, y.uqkv, l, drop_seed);      // q, k, v = q_proj(n1), k_proj(n1), v_proj(n1)
-    mark(t, "RoPE");
-    rope_forward(y.q, y.k, t.m.inv_freq, a.packed ? a.pos : nullptr, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
-    mark(t, "attention forward");
-    attention_forward(y.att, y.lse, y.q, y.k, y.v, a.packed ? a.doc_start : nullptr, a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
-    linears_forward(t, G_O, &a.delta, y.att, y.uo, l, drop_seed);    // o_proj(att)
+    linears_forward(t, run, G_QKV, qkv, y.n1, y.uqkv, l, drop_seed);   // q, k, v = q_proj(n1), k_proj(n1), v_proj(n1)
+    prof.to("RoPE");
+    rope_forward(y.q, y.k, m.inv_freq, pos, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+    prof.to("attention forward");
+    attention_forward(y.att, y.lse, y.q, y.k, y.v, doc_start, a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+    linears_forward(t, run, G_O, &a.delta, y.att, y.uo, l, drop_seed);   // o_proj(att)
     // h_mid = h + o_proj(att); n2 = post_attention_layernorm(h_mid)
-    mark(t, "RMSNorm (+ residual)");
-    rmsnorm_residual_forward(y.h_mid, y.n2, y.rstd2, a.h[l], a.delta, t.m.w.at(W_MLP_NORM, l), N, c.dim, c.norm_eps, t.s);
+    prof.to("RMSNorm (+ residual)");
+    rmsnorm_residual_forward(y.h_mid, y.n2, y.rstd2, a.h[l], a.delta, m.w.at(W_MLP_NORM, l), N, c.dim, c.norm_eps, t.s);
     bf16* gu[2] = {y.gate, y.up};
-    linears_forward(t, G_GATE_UP, gu, y.n2, y.ugu, l, drop_seed);    // gate_proj(n2), up_proj(n2)
+    linears_forward(t, run, G_GATE_UP, gu, y.n2, y.ugu, l, drop_seed);   // gate_proj(n2), up_proj(n2)
     if (!fresh) return;   // a recompute stops here: backward forms act itself and needs no down_proj output
-    mark(t, "SwiGLU");
+    prof.to("SwiGLU");
     swiglu_forward(a.act, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);   // silu(gate) * up
-    linears_forward(t, G_DOWN, &a.delta, a.act, a.udown[l], l, drop_seed);   // down_proj(...), added to h_mid by the next op
+    linears_forward(t, run, G_DOWN, &a.delta, a.act, a.udown[l], l, drop_seed);   // down_proj(...), added to h_mid by the next op
 }
 
-// Forward to the loss (and dh of the loss when grad): returns nothing, loss lands in a.loss_sum.
+// Forward to the loss (and dh of the loss when grad): the loss sum lands in a.loss_sum.
 static void forward(Trainer& t, float dloss, bool grad, uint64_t drop_seed) {
-    const Config& c = t.m.cfg; Acts& a = t.a;
+    const Config& c = t.m.cfg;
+    const Model& m = t.m;
+    Acts& a = t.a;
     a.training = grad;
-    mark(t, "embedding");
-    embedding_forward(a.h[0], &a.flags[0], a.ids, t.m.w.at(W_EMBED), a.N, c.dim, c.vocab_size, t.s);   // h0 = embed_tokens(ids)
+    {
+        ProfileScope prof(t.prof, "embedding");
+        embedding_forward(a.h[0], &a.flags[0], a.ids, m.w.at(W_EMBED), a.N, c.dim, c.vocab_size, t.s);   // h0 = embed_tokens(ids)
+    }
     for (int l = 0; l < c.n_layers; l++) layer_forward(t, l, true, drop_seed);
     // h[L] = h_mid + mlp_out of the last layer; hf = norm(h[L]); logits = hf·lm_headᵀ, CE, dh
-    mark(t, "RMSNorm (+ residual)");
-    rmsnorm_residual_forward(a.h[c.n_layers], a.hf, a.rstdf, acts(t, c.n_layers - 1).h_mid, a.delta, t.m.w.at(W_FINAL_NORM), a.N, c.dim, c.norm_eps, t.s);
-    mark(t, "lm_head + cross-entropy");
-    fused_classifier(a.loss_sum, a.losses, grad ? a.dres : nullptr, &a.flags[1], a.hf, t.m.w.lm_head(), a.targets, dloss,
-                     a.N, c.dim, c.vocab_size, a.ce_scratch, a.ce_bytes, a.ce_rows, t.mm);
+    ProfileScope prof(t.prof, "RMSNorm (+ residual)");
+    const bf16* h_mid = acts(t, c.n_layers - 1).h_mid;
+    rmsnorm_residual_forward(a.h[c.n_layers], a.hf, a.rstdf, h_mid, a.delta, m.w.at(W_FINAL_NORM), a.N, c.dim, c.norm_eps, t.s);
+    prof.to("lm_head + cross-entropy");
+    fused_classifier(a.loss_sum, a.losses, grad ? a.dres : nullptr, &a.flags[1], a.hf, m.w.lm_head(), a.targets, dloss, a.N, c.dim,
+                     c.vocab_size, a.ce_scratch, a.ce_bytes, a.ce_rows, t.mm);
 }
 
 static void backward(Trainer& t, uint64_t drop_seed) {
-    const Config& c = t.m.cfg; Acts& a = t.a; int N = a.N;
+    const Config& c = t.m.cfg;
+    const Model& m = t.m;
+    Acts& a = t.a;
+    int N = a.N;
+    const int* pos = a.packed ? a.pos : nullptr;
+    const int* doc_start = a.packed ? a.doc_start : nullptr;
     // d h[L] = final norm backward of dh (dres holds dL/dhf from the classifier)
-    mark(t, "RMSNorm backward");
-    rmsnorm_backward(a.dn, a.dres, a.h[c.n_layers], t.m.w.at(W_FINAL_NORM), a.rstdf, N, c.dim, false, t.s);
+    ProfileScope prof(t.prof, "RMSNorm backward");
+    rmsnorm_backward(a.dn, a.dres, a.h[c.n_layers], m.w.at(W_FINAL_NORM), a.rstdf, N, c.dim, false, t.s);
     std::swap(a.dres, a.dn);
     for (int l = c.n_layers - 1; l >= 0; l--) {
         if (t.o.recompute) layer_forward(t, l, false, drop_seed);   // without, layer l's activations and weights are the forward's
         Acts::Layer& y = acts(t, l);
+        LinearRun run = training_run(t, l);
         // MLP: h[l+1] = h_mid + down(silu(gate(n2)) * up(n2))
         // d act, then d gate and d up (in place over gate and up) and act itself again, which the
         // LoRA of down_proj needs for dA (dB has u from the forward): one pass over gate and up for both
-        linears_backward(t, G_DOWN, a.dact, &a.dres, a.act, a.udown[l], l, drop_seed, [&] {
-            mark(t, "SwiGLU");
+        linears_backward(t, run, G_DOWN, a.dact, &a.dres, a.act, a.udown[l], l, drop_seed, [&] {
+            ProfileScope swiglu(t.prof, "SwiGLU");
             swiglu_backward(y.gate, y.up, a.dact, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s, a.act);
         });
         bf16* dgu[2] = {y.gate, y.up};
-        linears_backward(t, G_GATE_UP, a.dn, dgu, y.n2, y.ugu, l, drop_seed);                       // d n2
-        mark(t, "RMSNorm backward");
-        rmsnorm_backward(a.dres, a.dn, y.h_mid, t.m.w.at(W_MLP_NORM, l), y.rstd2, N, c.dim, true, t.s);     // d h_mid
+        linears_backward(t, run, G_GATE_UP, a.dn, dgu, y.n2, y.ugu, l, drop_seed);   // d n2
+        prof.to("RMSNorm backward");
+        rmsnorm_backward(a.dres, a.dn, y.h_mid, m.w.at(W_MLP_NORM, l), y.rstd2, N, c.dim, true, t.s);   // d h_mid
         // attention: h_mid = h + o_proj(attn(rope(q), rope(k), v))
-        linears_backward(t, G_O, a.datt, &a.dres, y.att, y.uo, l, drop_seed);
-        mark(t, "attention backward");
-        attention_backward(a.dq, a.dk, a.dv, a.attn_scratch, a.datt, y.q, y.k, y.v, y.att, y.lse, a.packed ? a.doc_start : nullptr,
-                           a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
-        mark(t, "RoPE");
-        rope_backward(a.dq, a.dk, t.m.inv_freq, a.packed ? a.pos : nullptr, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+        linears_backward(t, run, G_O, a.datt, &a.dres, y.att, y.uo, l, drop_seed);
+        prof.to("attention backward");
+        attention_backward(a.dq, a.dk, a.dv, a.attn_scratch, a.datt, y.q, y.k, y.v, y.att, y.lse, doc_start, a.B, a.T, c.n_heads,
+                           c.n_kv_heads, c.head_dim, t.s);
+        prof.to("RoPE");
+        rope_backward(a.dq, a.dk, m.inv_freq, pos, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
         bf16* dqkv[3] = {a.dq, a.dk, a.dv};
-        linears_backward(t, G_QKV, a.dn, dqkv, y.n1, y.uqkv, l, drop_seed);                       // d n1
-        mark(t, "RMSNorm backward");
-        rmsnorm_backward(a.dres, a.dn, a.h[l], t.m.w.at(W_ATTN_NORM, l), y.rstd1, N, c.dim, true, t.s);     // d h[l]
+        linears_backward(t, run, G_QKV, a.dn, dqkv, y.n1, y.uqkv, l, drop_seed);   // d n1
+        prof.to("RMSNorm backward");
+        rmsnorm_backward(a.dres, a.dn, a.h[l], m.w.at(W_ATTN_NORM, l), y.rstd1, N, c.dim, true, t.s);   // d h[l]
     }
 }
 
@@ -496,6 +624,8 @@ static void trainer_init(Trainer& t, const Options& o) {
     ql_assert(cudaGetDeviceCount(&ndev) == cudaSuccess && ndev > 0, "no CUDA device found");
     cudaCheck(cudaStreamCreate(&t.s));
     matmul_init(t.mm, t.s);
+    t.prof.on = o.profile;
+    t.prof.s = t.s;
     bool random = o.model.rfind("random:", 0) == 0;
     Config c = random ? random_config(o.model.substr(7)) : load_config(o.model + "/config.json");
     ql_assert(c.head_dim == 64 || c.head_dim == 128, "head_dim %d: the attention kernel supports 64 and 128", c.head_dim);
@@ -601,30 +731,35 @@ static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out
         denom += bs[k].count_targets();
     }
     t.prof.n = 0;   // marks of an evaluation since the last step are not this step's
-    if (step == o.inject_oom) { void* p; cudaCheck(cudaMalloc(&p, (size_t)1 << 50)); }   // test hook: a GPU fault mid-run
-    mark(t, "upload, memset, host gaps");
-    cudaCheck(cudaMemsetAsync(m.grad, 0, m.n_lora * 4, t.s));
-    float loss = 0;
-    for (int k = 0; k < o.grad_accum; k++) {
-        mark(t, "upload, memset, host gaps");
-        upload(t, bs[k]);
-        uint64_t drop_seed = mix64(o.seed ^ ((uint64_t)step * o.grad_accum + k));
-        forward(t, denom ? 1.0f / (float)denom : 0.0f, true, drop_seed);
-        backward(t, drop_seed);
-        mark(t, "upload, memset, host gaps");
-        loss += denom ? read_loss_sum(t, "training", step) / (float)denom : 0.0f;
+    if (step == o.inject_oom) {   // test hook: a GPU fault mid-run
+        void* p;
+        cudaCheck(cudaMalloc(&p, (size_t)1 << 50));
     }
-    if (step >= o.inject_nan && step < o.inject_nan + o.inject_nan_steps && o.inject_nan >= 0)
-        cudaCheck(cudaMemsetAsync(m.grad, 0xff, 4, t.s));                 // one NaN (0xffffffff) gradient
-    AdamWConfig ac; ac.lr = lr; ac.weight_decay = o.weight_decay;
+    float loss = 0;
     int nonfinite = 0;
-    cudaCheck(cudaMemsetAsync(a.flags, 0, 4, t.s));
-    mark(t, "grad norm + AdamW");
-    grad_norm(a.norm, a.flags, m.grad, m.n_lora, a.norm_scratch, t.s);
-    adamw_update(m.lora, m.lora_bf16, m.m, m.v, m.grad, a.norm, o.clip, m.n_lora, ac, step + 1, t.s);
-    cudaCheck(cudaMemcpyAsync(norm_out, a.norm, 4, cudaMemcpyDeviceToHost, t.s));
-    cudaCheck(cudaMemcpyAsync(&nonfinite, a.flags, 4, cudaMemcpyDeviceToHost, t.s));
-    profile_step(t);
+    {
+        ProfileScope prof(t.prof, "host gaps, uploads");
+        cudaCheck(cudaMemsetAsync(m.grad, 0, m.n_lora * 4, t.s));
+        for (int k = 0; k < o.grad_accum; k++) {
+            upload(t, bs[k]);
+            uint64_t drop_seed = mix64(o.seed ^ ((uint64_t)step * o.grad_accum + k));
+            forward(t, denom ? 1.0f / (float)denom : 0.0f, true, drop_seed);
+            backward(t, drop_seed);
+            loss += denom ? read_loss_sum(t, "training", step) / (float)denom : 0.0f;
+        }
+        if (step >= o.inject_nan && step < o.inject_nan + o.inject_nan_steps && o.inject_nan >= 0)
+            cudaCheck(cudaMemsetAsync(m.grad, 0xff, 4, t.s));   // one NaN (0xffffffff) gradient
+        AdamWConfig ac;
+        ac.lr = lr;
+        ac.weight_decay = o.weight_decay;
+        cudaCheck(cudaMemsetAsync(a.flags, 0, 4, t.s));
+        prof.to("grad norm + AdamW");
+        grad_norm(a.norm, a.flags, m.grad, m.n_lora, a.norm_scratch, t.s);
+        adamw_update(m.lora, m.lora_bf16, m.adam_m, m.adam_v, m.grad, a.norm, o.clip, m.n_lora, ac, step + 1, t.s);
+        cudaCheck(cudaMemcpyAsync(norm_out, a.norm, 4, cudaMemcpyDeviceToHost, t.s));
+        cudaCheck(cudaMemcpyAsync(&nonfinite, a.flags, 4, cudaMemcpyDeviceToHost, t.s));
+    }
+    t.prof.step();
     cudaCheck(cudaStreamSynchronize(t.s));
     *ok = !nonfinite && std::isfinite(loss);
     if (!*ok) warn_nonfinite(t, step, loss);
@@ -650,66 +785,90 @@ static float evaluate(Trainer& t, Data& d) {
 
 // Decoding buffers, one allocation for one call of generate(): rows sequences of up to Tmax tokens.
 struct Decoder {
-    int B = 0, Tmax = 0; bool lora = true;   // lora false: the base model alone
+    int B = 0, Tmax = 0;
+    bool lora = true;                     // false: the base model alone
     Arena mem;
-    std::vector<bf16*> kc, vc;           // (L) x (B, Tmax, nkv, hd) keys (after RoPE) and values of every position so far
-    bf16 *x, *n, *q, *k, *v, *att;       // (B, H) residual stream, (B, H) normed, (B, qd), (B, kvd) x 2, (B, qd)
-    bf16 *delta, *gate, *up, *act, *u;   // (B, H), (B, I) x 3, (B, r)
-    bf16* wdq[N_PROJ];                   // one layer's dequantized weights (out, in) (the trainer's stay untouched)
-    float *rstd, *logits;                // (B), (B, V) fp32: the next token's logits
-    int *ids, *pos, *flags;              // (B) token and position of each sequence this step, (1) bad token id
+    std::vector<bf16*> kc, vc;            // (L) x (B, Tmax, nkv, hd) keys (after RoPE) and values of every position so far
+    bf16* x;                              // (B, H)   residual stream
+    bf16* n;                              // (B, H)   normed
+    bf16* q;                              // (B, qd)
+    bf16* k;                              // (B, kvd)
+    bf16* v;                              // (B, kvd)
+    bf16* att;                            // (B, qd)  attention output
+    bf16* delta;                          // (B, H)   o_proj / down_proj output
+    bf16* gate;                           // (B, I)
+    bf16* up;                             // (B, I)
+    bf16* act;                            // (B, I)   silu(gate) * up
+    bf16* u;                              // (B, 3r)  a group's LoRA u = x·[A..]ᵀ
+    bf16* wdq[N_PROJ];                    // one layer's dequantized weights (out, in) (the trainer's stay untouched)
+    float* rstd;                          // (B)
+    float* logits;                        // (B, V) fp32: the next token's logits
+    int* ids;                             // (B) token of each sequence this step
+    int* pos;                             // (B) its position
+    int* flags;                           // (1) bad token id
 };
 
 static void decoder_init(Trainer& t, Decoder& d, int B, int Tmax, bool lora) {
-    const Config& c = t.m.cfg; size_t H = c.dim, I = c.hidden_dim, q = c.q_dim(), kv = c.kv_dim(), r = t.m.lc.rank;
-    d.B = B; d.Tmax = Tmax; d.lora = lora; d.mem = Arena(); d.mem.role = "generation (KV cache, one token per sequence)";
-    d.kc.resize(c.n_layers); d.vc.resize(c.n_layers);
-    for (int l = 0; l < c.n_layers; l++) { d.mem.want(&d.kc[l], (size_t)B * Tmax * kv); d.mem.want(&d.vc[l], (size_t)B * Tmax * kv); }
-    d.mem.want(&d.x, B * H); d.mem.want(&d.n, B * H); d.mem.want(&d.q, B * q); d.mem.want(&d.k, B * kv); d.mem.want(&d.v, B * kv);
-    d.mem.want(&d.att, B * q); d.mem.want(&d.delta, B * H); d.mem.want(&d.gate, B * I); d.mem.want(&d.up, B * I); d.mem.want(&d.act, B * I);
-    d.mem.want(&d.u, B * r);
+    const Config& c = t.m.cfg;
+    size_t H = c.dim, I = c.hidden_dim, q = c.q_dim(), kv = c.kv_dim(), r = t.m.lc.rank;
+    d.B = B;
+    d.Tmax = Tmax;
+    d.lora = lora;
+    d.mem = Arena();
+    d.mem.role = "generation (KV cache, one token per sequence)";
+    d.kc.resize(c.n_layers);
+    d.vc.resize(c.n_layers);
+    for (int l = 0; l < c.n_layers; l++) {
+        d.mem.want(&d.kc[l], (size_t)B * Tmax * kv);
+        d.mem.want(&d.vc[l], (size_t)B * Tmax * kv);
+    }
+    for (bf16** p : {&d.x, &d.n, &d.delta}) d.mem.want(p, B * H);
+    for (bf16** p : {&d.q, &d.att}) d.mem.want(p, B * q);
+    for (bf16** p : {&d.k, &d.v}) d.mem.want(p, B * kv);
+    for (bf16** p : {&d.gate, &d.up, &d.act}) d.mem.want(p, B * I);
+    d.mem.want(&d.u, B * 3 * r);
     for (int p = 0; p < N_PROJ; p++) d.mem.want(&d.wdq[p], (size_t)proj_out(c, p) * proj_in(c, p));
-    d.mem.want(&d.rstd, B); d.mem.want(&d.logits, (size_t)B * c.vocab_size);
-    d.mem.want(&d.ids, B); d.mem.want(&d.pos, B); d.mem.want(&d.flags, 1);
+    d.mem.want(&d.rstd, B);
+    d.mem.want(&d.logits, (size_t)B * c.vocab_size);
+    for (int** p : {&d.ids, &d.pos}) d.mem.want(p, B);
+    d.mem.want(&d.flags, 1);
     d.mem.alloc();
 }
-static void decoder_free(Decoder& d) { if (d.mem.base) cudaCheck(cudaFree(d.mem.base)); d.mem.base = nullptr; }
-
-// y (B, out) = x·Wᵀ + s·(x·Aᵀ)·Bᵀ: PEFT's Linear4bit.forward with the same roundings as
-// linears_forward (bf16(bf16(x·Wᵀ) + bf16(s·u·Bᵀ))); no dropout in generation
-static void decode_linear(Trainer& t, Decoder& d, bf16* y, const bf16* x, int l, int p) {
-    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc; int in = proj_in(c, p), out = proj_out(c, p);
-    matmul(t.mm, y, MM_BF16, x, d.wdq[p], d.B, out, in, false, true);                                  // y = x·Wᵀ
-    if (!d.lora || !lc.has(p)) return;
-    matmul(t.mm, d.u, MM_BF16, x, lA(t.m, l, p), d.B, lc.rank, in, false, true);                        // u = x·Aᵀ
-    matmul(t.mm, y, MM_BF16, d.u, lB(t.m, l, p), d.B, out, lc.rank, false, true, lc.scale(), 1.0f);     // y += s·u·Bᵀ
+static void decoder_free(Decoder& d) {
+    if (d.mem.base) cudaCheck(cudaFree(d.mem.base));
+    d.mem.base = nullptr;
 }
 
 // One step: token d.ids[b] at position d.pos[b] of sequence b goes through every layer (its k, v
-// join the cache) and d.logits (B, V) fp32 become the logits of the token after it.
+// join the cache) and d.logits (B, V) fp32 become the logits of the token after it. The layer is
+// the training forward's for T = 1 (linears_forward, the same norms and RoPE), with the keys and
+// values of earlier positions read from the cache.
 static void decode_step(Trainer& t, Decoder& d) {
-    const Config& c = t.m.cfg; const Model& m = t.m; int B = d.B, L = c.n_layers;
-    embedding_forward(d.x, d.flags, d.ids, m.w.at(W_EMBED), B, c.dim, c.vocab_size, t.s);                     // x = embed_tokens(ids)
-    rmsnorm_forward(d.n, d.rstd, d.x, m.w.at(W_ATTN_NORM, 0), B, c.dim, c.norm_eps, t.s);                      // n = input_layernorm(x)
+    const Config& c = t.m.cfg;
+    const Model& m = t.m;
+    int B = d.B, L = c.n_layers;
+    LinearRun run = {B, d.wdq, d.lora, false};
+    embedding_forward(d.x, d.flags, d.ids, m.w.at(W_EMBED), B, c.dim, c.vocab_size, t.s);   // x = embed_tokens(ids)
+    rmsnorm_forward(d.n, d.rstd, d.x, m.w.at(W_ATTN_NORM, 0), B, c.dim, c.norm_eps, t.s);   // n = input_layernorm(x)
     for (int l = 0; l < L; l++) {
-        for (int p = 0; p < N_PROJ; p++) {
-            const QWeight& w = m.w.linear[l][p];
-            dequantize_4bit_nested_gpu(d.wdq[p], w.packed, w.absmax_q, w.absmax2, w.offset, (int64_t)proj_out(c, p) * proj_in(c, p), QT_NF4, NF4_BLOCKSIZE, t.s);
-        }
-        decode_linear(t, d, d.q, d.n, l, P_Q); decode_linear(t, d, d.k, d.n, l, P_K); decode_linear(t, d, d.v, d.n, l, P_V);
-        rope_forward(d.q, d.k, m.inv_freq, d.pos, B, 1, c.n_heads, c.n_kv_heads, c.head_dim, t.s);     // at each sequence's position
+        dequantize_layer(t, d.wdq, l);
+        bf16* qkv[3] = {d.q, d.k, d.v};
+        linears_forward(t, run, G_QKV, qkv, d.n, d.u, l, 0);   // q, k, v = q_proj(n), k_proj(n), v_proj(n)
+        rope_forward(d.q, d.k, m.inv_freq, d.pos, B, 1, c.n_heads, c.n_kv_heads, c.head_dim, t.s);   // at each sequence's position
         kv_cache_store(d.kc[l], d.vc[l], d.k, d.v, d.pos, B, d.Tmax, c.n_kv_heads, c.head_dim, t.s);
-        decode_attention(d.att, d.q, d.kc[l], d.vc[l], d.pos, B, d.Tmax, c.n_heads, c.n_kv_heads, c.head_dim, t.s);  // over keys 0..pos
-        decode_linear(t, d, d.delta, d.att, l, P_O);
+        decode_attention(d.att, d.q, d.kc[l], d.vc[l], d.pos, B, d.Tmax, c.n_heads, c.n_kv_heads, c.head_dim, t.s);   // keys 0..pos
+        linears_forward(t, run, G_O, &d.delta, d.att, d.u, l, 0);
         // x = x + o_proj(att); n = post_attention_layernorm(x)
         rmsnorm_residual_forward(d.x, d.n, d.rstd, d.x, d.delta, m.w.at(W_MLP_NORM, l), B, c.dim, c.norm_eps, t.s);
-        decode_linear(t, d, d.gate, d.n, l, P_GATE); decode_linear(t, d, d.up, d.n, l, P_UP);
-        swiglu_forward(d.act, d.gate, d.up, (int64_t)B * c.hidden_dim, t.s);                            // silu(gate) * up
-        decode_linear(t, d, d.delta, d.act, l, P_DOWN);
+        bf16* gu[2] = {d.gate, d.up};
+        linears_forward(t, run, G_GATE_UP, gu, d.n, d.u, l, 0);
+        swiglu_forward(d.act, d.gate, d.up, (int64_t)B * c.hidden_dim, t.s);   // silu(gate) * up
+        linears_forward(t, run, G_DOWN, &d.delta, d.act, d.u, l, 0);
         // x = x + down_proj(...); n = the next layer's input_layernorm(x), or the final norm
-        rmsnorm_residual_forward(d.x, d.n, d.rstd, d.x, d.delta, l + 1 < L ? m.w.at(W_ATTN_NORM, l + 1) : m.w.at(W_FINAL_NORM), B, c.dim, c.norm_eps, t.s);
+        const bf16* norm = l + 1 < L ? m.w.at(W_ATTN_NORM, l + 1) : m.w.at(W_FINAL_NORM);
+        rmsnorm_residual_forward(d.x, d.n, d.rstd, d.x, d.delta, norm, B, c.dim, c.norm_eps, t.s);
     }
-    matmul(t.mm, d.logits, MM_F32, d.n, m.w.lm_head(), B, c.vocab_size, c.dim, false, true);               // logits = lm_head(n), fp32
+    gemm_forward(t.mm, d.logits, d.n, m.w.lm_head(), B, c.vocab_size, c.dim);   // logits = lm_head(n), fp32
 }
 
 struct GenSettings {
@@ -891,8 +1050,8 @@ static void save_state(Trainer& t, const Data& d, int step, const std::string& d
     size_t n = t.m.n_lora;
     std::vector<float> p(n), m(n), v(n);
     cudaCheck(cudaMemcpy(p.data(), t.m.lora, n * 4, cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(m.data(), t.m.m, n * 4, cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(v.data(), t.m.v, n * 4, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(m.data(), t.m.adam_m, n * 4, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(v.data(), t.m.adam_v, n * 4, cudaMemcpyDeviceToHost));
     std::map<std::string, std::string> meta = {{"step", std::to_string(step)}, {"signature", run_signature(t)},
         {"epoch", std::to_string(d.loader.st.epoch)}, {"cursor", std::to_string(d.loader.st.cursor)}, {"offset", std::to_string(d.loader.st.offset)}};
     ql_assert(system(("mkdir -p '" + dir + "'").c_str()) == 0, "cannot create %s", dir.c_str());
@@ -909,8 +1068,8 @@ static int load_state(Trainer& t, Data& d, const std::string& dir) {
               path.c_str(), meta("signature").c_str(), run_signature(t).c_str());
     std::vector<float> p = st_f32(st.get("lora", {n}, DT_F32)), m = st_f32(st.get("adam_m", {n}, DT_F32)), v = st_f32(st.get("adam_v", {n}, DT_F32));
     set_lora(t, p.data());
-    cudaCheck(cudaMemcpy(t.m.m, m.data(), n * 4, cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(t.m.v, v.data(), n * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(t.m.adam_m, m.data(), n * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(t.m.adam_v, v.data(), n * 4, cudaMemcpyHostToDevice));
     if (d.file) d.loader.init(&d.train, t.o.seed, true, {strtoull(meta("epoch").c_str(), nullptr, 10),
                               strtoull(meta("cursor").c_str(), nullptr, 10), strtoull(meta("offset").c_str(), nullptr, 10)});
     return atoi(meta("step").c_str());
@@ -988,7 +1147,7 @@ int main(int argc, char** argv) {
     }
     if (!o.val.empty() && !g_stop) report(t, d, te, "after");
     if (!o.out.empty()) { save_state(t, d, step, o.out); printf("adapter and resume state saved to %s (PEFT format)\n", o.out.c_str()); }
-    profile_print(t);
+    t.prof.print();
     if (logf) fclose(logf);
     return 0;
 }

@@ -143,9 +143,9 @@ inline void fused_classifier(float* loss_sum, float* losses, bf16* dh, int* bad_
     bf16* logits = (bf16*)scratch;                        // (rows_per_chunk, V): logits, then dlogits
     for (int r0 = 0; r0 < N; r0 += rows_per_chunk) {
         int rows = N - r0 < rows_per_chunk ? N - r0 : rows_per_chunk;
-        matmul(ctx, logits, MM_BF16, h + (size_t)r0 * C, W, rows, V, C, false, true);        // logits = h·Wᵀ
+        gemm_forward(ctx, logits, h + (size_t)r0 * C, W, rows, V, C);                        // logits = h·Wᵀ
         crossentropy_forward_backward(logits, losses + r0, bad_target, targets + r0, dloss, rows, V, r0, dh != nullptr, ctx.stream);
-        if (dh) matmul(ctx, dh + (size_t)r0 * C, MM_BF16, logits, W, rows, C, V, false, false);  // dh = dlogits·W
+        if (dh) gemm_input_grad(ctx, dh + (size_t)r0 * C, logits, W, rows, C, V);           // dh = dlogits·W
     }
     loss_sum_kernel<<<1, 1024, 0, ctx.stream>>>(loss_sum, losses, N);
     cudaCheck(cudaGetLastError());

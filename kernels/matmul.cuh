@@ -9,14 +9,15 @@
 // its first operand is our B (column-major (N, K) with ld N when !trans_b, or the transpose of the
 // column-major (K, N), ld K, when trans_b), its second is our A likewise, and ld(C) = N. No copies.
 //
-// The callers (N tokens, in/out features, r = LoRA rank, s = LoRA scale):
-//   frozen forward   y  = x·Wᵀ          matmul(y, x, W, N, out, in, false, true)
-//   input grad       dx = dy·W          matmul(dx, dy, W, N, in, out, false, false)
+// The callers (N tokens, in/out features, r = LoRA rank, s = LoRA scale), through the named
+// wrappers at the end of this file:
+//   frozen forward   y  = x·Wᵀ          gemm_forward(y, x, W, N, out, in)
+//   input grad       dx = dy·W          gemm_input_grad(dx, dy, W, N, in, out)
 //   LoRA down        u  = x·Aᵀ          A (r, in): trans_b
 //   LoRA up          y  = s·u·Bᵀ        B (out, r): trans_b, alpha = s; then the frozen GEMM adds
 //                                       x·Wᵀ into it with beta = 1 (u: a column slice, lda = g·r)
-//   grad B           dB += s·dyᵀ·u      (out, r) fp32: trans_a, beta = 1
-//   grad A           dA += s·(dy·B)ᵀ·x  (r, in) fp32: t = dy·B first, then trans_a, beta = 1
+//   grad B           dB += s·dyᵀ·u      (out, r) fp32: gemm_weight_grad (trans_a, beta = 1)
+//   grad A           dA += s·(dy·B)ᵀ·x  (r, in) fp32: t = dy·B first, then gemm_weight_grad
 //
 // Rounding: with a bf16 C and beta != 0, cuBLASLt rounds alpha·op(A)·op(B) to bf16 before adding
 // beta·C (measured on an H100, cuBLAS 13.0: 7104 of 7104 outputs bit-equal to bf16(bf16(a·AB) + C)):
@@ -125,4 +126,34 @@ inline void matmul(MatmulCtx& ctx, void* C, int out, const bf16* A, const bf16* 
     MatmulPlan& p = matmul_plan(ctx, M, N, K, trans_a, trans_b, out, beta != 0.0f, align, lda, ldb, ldc);
     cublasCheck(cublasLtMatmul(ctx.handle, p.op, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c, &p.algo,
                                ctx.workspace, ctx.workspace_bytes, ctx.stream));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The three products of a linear layer y = x·Wᵀ, by name (N rows of tokens; W (out, in) as nn.Linear
+// stores it; fp32 accumulation). Operands are row-major; a column slice of a wider matrix (one
+// projection's u inside the (N, 3r) u of q|k|v) is passed as {pointer, pitch of the wide matrix}.
+struct MatIn {
+    const bf16* p;
+    int ld;   // row pitch in elements, 0: packed
+    MatIn(const bf16* p_, int ld_ = 0) : p(p_), ld(ld_) {}
+};
+struct MatOut {
+    void* p;
+    int ld;     // row pitch in elements, 0: packed
+    int type;   // MM_BF16 or MM_F32, from the pointer's type
+    MatOut(bf16* p_, int ld_ = 0) : p(p_), ld(ld_), type(MM_BF16) {}
+    MatOut(float* p_, int ld_ = 0) : p(p_), ld(ld_), type(MM_F32) {}
+};
+// y (N, out) = alpha·x·Wᵀ + beta·y                x (N, in), W (out, in)
+inline void gemm_forward(MatmulCtx& ctx, MatOut y, MatIn x, MatIn W, int N, int out, int in, float alpha = 1.0f, float beta = 0.0f) {
+    matmul(ctx, y.p, y.type, x.p, W.p, N, out, in, false, true, alpha, beta, x.ld, W.ld, y.ld);
+}
+// dx (N, in) = alpha·dy·W + beta·dx               dy (N, out), W (out, in)
+inline void gemm_input_grad(MatmulCtx& ctx, MatOut dx, MatIn dy, MatIn W, int N, int in, int out, float alpha = 1.0f,
+                            float beta = 0.0f) {
+    matmul(ctx, dx.p, dx.type, dy.p, W.p, N, in, out, false, false, alpha, beta, dy.ld, W.ld, dx.ld);
+}
+// dW (out, in) fp32 += alpha·dyᵀ·x                dy (N, out), x (N, in)
+inline void gemm_weight_grad(MatmulCtx& ctx, float* dW, MatIn dy, MatIn x, int out, int in, int N, float alpha = 1.0f) {
+    matmul(ctx, dW, MM_F32, dy.p, x.p, out, in, N, true, false, alpha, 1.0f, dy.ld, x.ld);
 }

@@ -69,7 +69,7 @@ static std::vector<float> run_steps(Trainer& t, const Debug& d, const SafeTensor
     for (int s = 0; s < n; s++) {
         losses.push_back(step_grads(t, d, g));
         grad_norm(t.a.norm, t.a.flags, t.m.grad, t.m.n_lora, t.a.norm_scratch, t.s);
-        adamw_update(t.m.lora, t.m.lora_bf16, t.m.m, t.m.v, t.m.grad, t.a.norm, clip, t.m.n_lora, ac, s + 1, t.s);
+        adamw_update(t.m.lora, t.m.lora_bf16, t.m.adam_m, t.m.adam_v, t.m.grad, t.a.norm, clip, t.m.n_lora, ac, s + 1, t.s);
         cudaCheck(cudaStreamSynchronize(t.s));
     }
     return losses;
