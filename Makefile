@@ -79,8 +79,13 @@ fuzz: $(patsubst %,build/fuzz_%,$(FUZZ_TARGETS))
 	                      echo "!!! fuzz_$$t found a bug: the input is build/fuzz/$$t-*"; bad="$$bad $$t"; }; done; \
 	[ -z "$$bad" ] || { echo "!!! bugs found by:$$bad"; exit 1; }
 
+# One statement per line (.clang-format) in the central files and the headers beside them
+FORMAT_FILES ?= qlora.cu qlora.h formats.h options.h tools.h
+format:
+	clang-format -i $(FORMAT_FILES)
+
 clean:
 	rm -rf build qlora qlora_cpu
 
-.PHONY: all detect test clean fuzz train
+.PHONY: all detect test clean fuzz train format
 .SECONDARY:
