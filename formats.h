@@ -175,14 +175,23 @@ inline std::string json_quote(const std::string& s) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 6b. config.json -> Config (formats.md §2). Reads `rope_parameters` (transformers v5) first, else
-// rope_theta + rope_scaling; `dtype` or `torch_dtype`. Anything we would compute wrongly is refused.
+// 6b. config.json -> Config (formats.md §2): llama, mistral, qwen2, qwen3, with the defaults of each
+// transformers config class. Reads `rope_parameters` (transformers v5) first, else rope_theta +
+// rope_scaling; `dtype` or `torch_dtype`. Anything we would compute wrongly is refused.
 
 inline int dtype_from_torch_name(const std::string& s) {
     if (s == "bfloat16") return DT_BF16;
     if (s == "float16") return DT_F16;
     if (s == "float32") return DT_F32;
     return DT_NONE;
+}
+// why a model_type we do not support would compute something else than the Llama block
+inline const char* unsupported_model_hint(const std::string& mt) {
+    if (mt == "mixtral" || mt.find("moe") != std::string::npos) return ": its MLP is a mixture of experts, which qlora does not implement";
+    if (mt.rfind("gemma", 0) == 0) return ": Gemma's RMSNorm scales by (1 + weight), its MLP is GeLU and it scales the embeddings; not implemented";
+    if (mt == "phi3") return ": phi3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj, which qlora does not split";
+    if (mt == "olmo2") return ": OLMo 2 normalises q and k over the whole projection and puts its norms after the sublayers; not implemented";
+    return "";
 }
 inline Config config_from_json(const Json& j, const std::string& path) {
     const char* p = path.c_str();
@@ -214,33 +223,65 @@ inline Config config_from_json(const Json& j, const std::string& path) {
         ql_assert(v->type == Json::STR, "%s: \"%s\" must be a string", p, k);
         return v->str;
     };
+    // the families, and what transformers' classes do with each key (formats.md §2.2): Qwen2Attention
+    // hard-codes bias on q/k/v (none on o) and ignores attention_bias; Mistral never has biases;
+    // Llama and Qwen3 put attention_bias on q, k, v and o; only Llama reads mlp_bias.
     std::string mt = str(&j, "model_type");
-    ql_assert(mt == "llama" || mt == "mistral", "%s: model_type \"%s\" is not supported (llama, mistral)%s", p, mt.c_str(),
-              mt == "qwen2" ? ": qwen2 has q/k/v biases, which qlora does not implement yet" : "");
+    bool llama = mt == "llama", mistral = mt == "mistral", qwen2 = mt == "qwen2", qwen3 = mt == "qwen3", qwen = qwen2 || qwen3;
+    ql_assert(llama || mistral || qwen, "%s: model_type \"%s\" is not supported (llama, mistral, qwen2, qwen3)%s", p, mt.c_str(),
+              unsupported_model_hint(mt));
     std::string act = str(&j, "hidden_act");
     ql_assert(act.empty() || act == "silu", "%s: hidden_act \"%s\" is not supported (silu only)", p, act.c_str());
-    ql_assert(!flag("attention_bias", false), "%s: attention_bias = true is not supported (no biases on q/k/v/o)", p);
-    ql_assert(!flag("mlp_bias", false), "%s: mlp_bias = true is not supported (no biases on gate/up/down)", p);
+    bool attention_bias = flag("attention_bias", false);
+    ql_assert(!(llama && flag("mlp_bias", false)), "%s: mlp_bias = true is not supported (no biases on gate/up/down)", p);
     Config c;
+    c.qkv_bias = qwen2 || ((llama || qwen3) && attention_bias);
+    c.o_bias = (llama || qwen3) && attention_bias;
+    c.qk_norm = qwen3;
     c.dim = integer("hidden_size", 4096, true, 1, 1 << 17);
     c.hidden_dim = integer("intermediate_size", 11008, true, 1, 1 << 19);
     c.n_layers = integer("num_hidden_layers", 32, true, 1, 1024);
     c.n_heads = integer("num_attention_heads", 32, true, 1, 4096);
-    c.n_kv_heads = integer("num_key_value_heads", c.n_heads, false, 1, 4096);
+    // num_key_value_heads: null means nh; absent, each class's default (Llama nh, Mistral 8, Qwen 32)
+    c.n_kv_heads = integer("num_key_value_heads", (j.get("num_key_value_heads") || llama) ? c.n_heads : mistral ? 8 : 32, false, 1, 4096);
     ql_assert(c.n_heads % c.n_kv_heads == 0, "%s: num_attention_heads (%d) is not a multiple of num_key_value_heads (%d)", p, c.n_heads, c.n_kv_heads);
-    ql_assert(c.dim % c.n_heads == 0 || j.get("head_dim"), "%s: hidden_size %d not divisible by num_attention_heads %d and no head_dim", p, c.dim, c.n_heads);
-    c.head_dim = integer("head_dim", c.dim / c.n_heads, false, 2, 1024);
+    // head_dim: H/nh when absent or null, except Qwen3, whose class default is 128
+    const Json* hdj = j.get("head_dim");
+    bool hd_given = (hdj && hdj->type != Json::NUL) || qwen3;
+    ql_assert(hd_given || c.dim % c.n_heads == 0, "%s: hidden_size %d not divisible by num_attention_heads %d and no head_dim", p, c.dim, c.n_heads);
+    c.head_dim = integer("head_dim", qwen3 ? 128 : c.dim / c.n_heads, false, 2, 1024);
     ql_assert(c.head_dim % 2 == 0, "%s: head_dim %d must be even (RoPE rotates halves)", p, c.head_dim);
     c.vocab_size = integer("vocab_size", 32000, true, 1, 1 << 24);
-    c.max_seq_len = integer("max_position_embeddings", 2048, false, 1, 1 << 24);
+    c.max_seq_len = integer("max_position_embeddings", qwen ? 32768 : mistral ? 131072 : 2048, false, 1, 1 << 24);
     c.norm_eps = f32(num("rms_norm_eps", 1e-6, false), "rms_norm_eps");
     ql_assert(c.norm_eps > 0 && c.norm_eps < 1, "%s: rms_norm_eps %g out of range", p, c.norm_eps);
     c.tied = flag("tie_word_embeddings", false);
     std::string dt = str(&j, "dtype"); if (dt.empty()) dt = str(&j, "torch_dtype");
     c.dtype = dt.empty() ? DT_BF16 : dtype_from_torch_name(dt);
     ql_assert(c.dtype != DT_NONE, "%s: dtype \"%s\" is not supported (bfloat16, float16, float32)", p, dt.c_str());
-    const Json* sw = j.get("sliding_window");
-    if (sw && sw->type == Json::NUM) c.sliding_window = integer("sliding_window", 0, false, 0, INT32_MAX);
+    // Sliding window: the band of the causal mask (keys t-W < j <= t), which the trainers do not
+    // implement: they refuse --seq > W, below which it changes nothing. Mistral bands every layer when
+    // sliding_window is set (absent: 4096). Qwen2/Qwen3 band only with use_sliding_window, and only the
+    // layers layer_types marks "sliding_attention" (without layer_types: from max_window_layers on).
+    auto window = [&]() -> int {
+        const Json* v = j.get("sliding_window");
+        if (!v) return 4096;   // MistralConfig's and Qwen2/3Config's default
+        return integer("sliding_window", 0, false, 0, INT32_MAX);
+    };
+    if (mistral) c.sliding_window = window();
+    if (qwen && flag("use_sliding_window", false)) {
+        bool any = false;
+        const Json* lt = j.get("layer_types");
+        if (lt && lt->type != Json::NUL) {
+            ql_assert(lt->type == Json::ARR && lt->arr.size() == (size_t)c.n_layers, "%s: \"layer_types\" must be a list of num_hidden_layers (%d) names", p, c.n_layers);
+            for (const Json& t : lt->arr) {
+                ql_assert(t.type == Json::STR && (t.str == "full_attention" || t.str == "sliding_attention"),
+                          "%s: \"layer_types\" holds \"%s\" (full_attention or sliding_attention)", p, t.type == Json::STR ? t.str.c_str() : "a non-string");
+                any = any || t.str == "sliding_attention";
+            }
+        } else any = integer("max_window_layers", 28, false, 0, 1 << 24) < c.n_layers;
+        if (any) c.sliding_window = window();
+    }
     // RoPE: v5 rope_parameters, else rope_theta + rope_scaling ("type" is an alias of "rope_type")
     const Json* rp = j.get("rope_parameters");
     const Json* rs = (rp && rp->type == Json::OBJ) ? rp : j.get("rope_scaling");

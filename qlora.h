@@ -347,7 +347,7 @@ inline void dequantize_weight(float* out, const Quant4& q) { dequantize_4bit(out
 
 // ---------------------------------------------------------------------------------------------
 // ---------------------------------------------------------------------------------------------
-// 6. model configuration (Llama family), filled from config.json by load_config() (formats.h)
+// 6. model configuration (Llama family: llama, mistral, qwen2, qwen3), filled from config.json by load_config() (formats.h)
 
 enum RopeType { ROPE_DEFAULT = 0, ROPE_LINEAR = 1, ROPE_LLAMA3 = 2 };
 enum DType { DT_BF16 = 0, DT_F16 = 1, DT_F32 = 2, DT_U8 = 3, DT_I32 = 4, DT_I64 = 5, DT_NONE = 6 };
@@ -368,15 +368,30 @@ struct Config {
     int rope_orig_max = 8192;                                               // llama3
     bool tied = false;    // tie_word_embeddings: lm_head is embed_tokens
     int dtype = DT_BF16;  // torch_dtype / dtype of the checkpoint
-    int sliding_window = 0; // mistral: > 0 bands the causal mask (only matters beyond the window)
+    int sliding_window = 0; // mistral, qwen2/3: > 0 bands the causal mask (only matters beyond the window)
+    bool qkv_bias = false;  // q_proj, k_proj, v_proj add a bias: qwen2 always; llama/qwen3 attention_bias
+    bool o_bias = false;    // o_proj adds a bias: llama/qwen3 attention_bias (never qwen2)
+    bool qk_norm = false;   // qwen3: q_norm/k_norm, an RMSNorm over head_dim of each head of q and k, before RoPE
     int q_dim() const { return n_heads * head_dim; }
     int kv_dim() const { return n_kv_heads * head_dim; }
 };
+
+// what the model line prints after the sizes: " tied qkv-bias o-bias qk-norm", those that apply
+inline std::string config_tags(const Config& c) {
+    std::string s;
+    if (c.tied) s += " tied";
+    if (c.qkv_bias) s += " qkv-bias";
+    if (c.o_bias) s += " o-bias";
+    if (c.qk_norm) s += " qk-norm";
+    return s;
+}
 
 // the seven decoder linears of a layer, in this order everywhere (layouts, files, loops)
 enum Proj { P_Q = 0, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN, N_PROJ };
 static const char* const PROJ_NAME[N_PROJ] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
 static const char* const PROJ_MODULE[N_PROJ] = {"self_attn", "self_attn", "self_attn", "self_attn", "mlp", "mlp", "mlp"};
+// y = x·Wᵀ + b: which projections carry a bias (qwen2: q, k, v; attention_bias: q, k, v, o; gate/up/down never)
+inline bool proj_has_bias(const Config& c, int p) { return p <= P_V ? c.qkv_bias : p == P_O ? c.o_bias : false; }
 inline int proj_in(const Config& c, int p) { return p == P_O ? c.q_dim() : p == P_DOWN ? c.hidden_dim : c.dim; }
 inline int proj_out(const Config& c, int p) {
     switch (p) { case P_Q: return c.q_dim(); case P_K: case P_V: return c.kv_dim(); case P_O: case P_DOWN: return c.dim; default: return c.hidden_dim; }
@@ -406,19 +421,24 @@ inline void rope_inv_freq(float* inv /* (hd/2) */, const Config& c) {
 // ---------------------------------------------------------------------------------------------
 // 7. the model definition: every weight tensor of the model, listed once
 //
-// for_each_weight(c, fn) calls fn(w) for each weight of the model, in Hugging Face's module order:
-// embed_tokens; per layer its norms and its seven linears; the final norm; lm_head (not when tied).
-// The checkpoint readers and writers, the memory plan, the GPU loader and the CPU reference all walk
-// this one list and keep what it names in a WeightTable. A new tensor (a QK-norm, a bias) is a
-// WeightId and a line in for_each_weight, plus the kernel that reads it.
+// for_each_weight(c, fn) calls fn(w) for each weight of the model: embed_tokens; per layer its norms
+// (with qwen3's q_norm/k_norm), then its seven linears, each followed by its bias if it has one; the
+// final norm; lm_head (not when tied). The checkpoint readers and writers, the memory plan, the GPU
+// loader and the CPU reference all walk this one list and keep what it names in a WeightTable. A new
+// tensor (a QK-norm, a bias) is a WeightId and a line in for_each_weight, plus the ops that read it.
 
 // The dense tensors (kept as stored, in bf16 on the GPU and fp32 on the CPU): the model's own, then
-// each layer's. The decoder linears (frozen, 4-bit, LoRA targets) are the Proj values above.
+// each layer's. The decoder linears (frozen, 4-bit, LoRA targets) are the Proj values above. Biases
+// are dense too: copied as stored, never quantized, never trained (PEFT's bias="none").
 enum WeightId {
-    W_EMBED, W_FINAL_NORM, W_LM_HEAD,   // layer -1
-    W_ATTN_NORM, W_MLP_NORM,            // in every layer
+    W_EMBED, W_FINAL_NORM, W_LM_HEAD,          // layer -1
+    W_ATTN_NORM, W_MLP_NORM,                   // in every layer
+    W_Q_BIAS, W_K_BIAS, W_V_BIAS, W_O_BIAS,    // (q_dim), (kv_dim), (kv_dim), (H): where proj_has_bias
+    W_Q_NORM, W_K_NORM,                        // (hd) each: where qk_norm
     N_WEIGHT_IDS
 };
+inline int proj_bias_id(int p) { return p <= P_O ? W_Q_BIAS + p : -1; }   // the WeightId of projection p's bias
+static_assert(W_Q_BIAS + P_K == W_K_BIAS && W_Q_BIAS + P_V == W_V_BIAS && W_Q_BIAS + P_O == W_O_BIAS, "bias ids follow Proj order");
 
 struct Weight {
     int layer;                    // 0..L-1, or -1: outside the layers
@@ -427,6 +447,7 @@ struct Weight {
     std::string name;             // Hugging Face tensor name
     std::vector<int64_t> shape;   // (out, in) of a linear; (H) of a norm; (V, H) of the embeddings
     bool linear() const { return proj >= 0; }
+    bool bias() const { return id >= W_Q_BIAS && id <= W_O_BIAS; }   // random init: 0 (norms 1, matrices N(0, 0.02))
     int64_t numel() const {
         int64_t n = 1;
         for (int64_t d : shape) n *= d;
@@ -449,8 +470,15 @@ template <class F> void for_each_weight(const Config& c, F fn) {
     for (int l = 0; l < c.n_layers; l++) {
         dense(l, W_ATTN_NORM, "input_layernorm.weight", {H});
         dense(l, W_MLP_NORM, "post_attention_layernorm.weight", {H});
-        for (int p = 0; p < N_PROJ; p++)
+        if (c.qk_norm) {
+            dense(l, W_Q_NORM, "self_attn.q_norm.weight", {c.head_dim});
+            dense(l, W_K_NORM, "self_attn.k_norm.weight", {c.head_dim});
+        }
+        for (int p = 0; p < N_PROJ; p++) {
             fn(Weight{l, -1, p, hf_linear_name(l, p), {proj_out(c, p), proj_in(c, p)}});
+            if (proj_has_bias(c, p))
+                dense(l, proj_bias_id(p), std::string(PROJ_MODULE[p]) + "." + PROJ_NAME[p] + ".bias", {proj_out(c, p)});
+        }
     }
     dense(-1, W_FINAL_NORM, "model.norm.weight", {H});
     if (!c.tied) dense(-1, W_LM_HEAD, "lm_head.weight", {V, H});   // tied: lm_head is embed_tokens

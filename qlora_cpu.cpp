@@ -51,6 +51,8 @@ static void trainer_init(CpuTrainer& t, const Options& o) {
     ref_model_load(t.m, o.model);           // decoder linears NF4-quantized as bitsandbytes does, then dequantized
     const Config& c = t.m.cfg;
     ql_assert(o.seq <= c.max_seq_len, "--seq %d is longer than the model allows (max_position_embeddings %d)", o.seq, c.max_seq_len);
+    ql_assert(c.sliding_window == 0 || o.seq <= c.sliding_window, "--seq %d exceeds the model's sliding_window %d, which qlora does not implement",
+              o.seq, c.sliding_window);
     t.lc = o.lora;
     size_t n = lora_num_params(c, t.lc);
     t.lora.resize(n); lora_init(t.lora.data(), c, t.lc, o.seed);   // B = 0: the adapter starts as the identity
@@ -58,7 +60,7 @@ static void trainer_init(CpuTrainer& t, const Options& o) {
     t.grads.assign(o.threads, std::vector<float>(n));
     t.acts.resize(o.threads);
     printf("model %s: H %d I %d L %d heads %d/%d hd %d V %d%s | NF4 frozen linears | LoRA r %d alpha %g on %s | %.3f M trainable\n",
-           o.model.c_str(), c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.tied ? " tied" : "",
+           o.model.c_str(), c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, config_tags(c).c_str(),
            t.lc.rank, t.lc.alpha, lora_targets_text(t.lc.targets).c_str(), n / 1e6);
 }
 

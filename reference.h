@@ -3,7 +3,7 @@
 //   1. RefModel (frozen fp32 weights), RefBatch (one micro-batch), RefActs (saved activations)
 //   2. ops, each forward next to its backward: matmul, RMSNorm, RoPE, LoRA dropout, LoRA linear,
 //      attention, SwiGLU, cross entropy
-//   3. ref_forward: Llama decoder + PEFT LoRA + causal-LM loss
+//   3. ref_forward: Llama decoder (Qwen2's q/k/v biases, Qwen3's QK-norm) + PEFT LoRA + causal-LM loss
 //   4. ref_backward: gradients of the LoRA parameters (+=, so accumulation is calling it again)
 //   5. ref_clip_grad_norm, ref_adamw: torch.nn.utils.clip_grad_norm_, torch.optim.AdamW
 // Templated on the scalar F of activations, LoRA parameters and gradients: F = float is the spec,
@@ -101,6 +101,10 @@ template <typename F> struct RefActs {
     std::vector<F> resid;   // (L+1, BT, H) residual stream entering layer l; [L] goes to the final norm
     std::vector<F> rstd1;   // (L, BT)      1/rms of resid[l]
     std::vector<F> n1;      // (L, BT, H)   input_layernorm output: input of q/k/v_proj
+    std::vector<F> q_pre;   // (L, BT, qd)  qk_norm only: q_proj output, input of q_norm (else empty)
+    std::vector<F> k_pre;   // (L, BT, kvd) qk_norm only: k_proj output, input of k_norm
+    std::vector<F> rstd_q;  // (L, BT, nh)  qk_norm only: 1/rms of each head of q_pre
+    std::vector<F> rstd_k;  // (L, BT, nkv)
     std::vector<F> q;       // (L, BT, qd)  after RoPE
     std::vector<F> k;       // (L, BT, kvd) after RoPE
     std::vector<F> v;       // (L, BT, kvd)
@@ -125,6 +129,9 @@ void ref_acts_alloc(RefActs<F>& a, const Config& c, const LoraConfig& lc, int B,
     a.B = B; a.T = T;
     a.resid.assign((L + 1) * BT * H, 0); a.rstd1.assign(L * BT, 0); a.n1.assign(L * BT * H, 0);
     a.q.assign(L * BT * c.q_dim(), 0); a.k.assign(L * BT * c.kv_dim(), 0); a.v.assign(L * BT * c.kv_dim(), 0);
+    size_t qk = c.qk_norm ? L * BT : 0;
+    a.q_pre.assign(qk * c.q_dim(), 0); a.k_pre.assign(qk * c.kv_dim(), 0);
+    a.rstd_q.assign(qk * c.n_heads, 0); a.rstd_k.assign(qk * c.n_kv_heads, 0);
     a.att.assign(L * B * c.n_heads * T * T, 0); a.o.assign(L * BT * c.q_dim(), 0);
     a.resid2.assign(L * BT * H, 0); a.rstd2.assign(L * BT, 0); a.n2.assign(L * BT * H, 0);
     a.gate.assign(L * BT * I, 0); a.up.assign(L * BT * I, 0); a.act.assign(L * BT * I, 0);
@@ -167,7 +174,8 @@ void ref_matmul_dw(F* dw, const F* dy, const F* x, int n, int in, int out) {
         }
 }
 
-// y = w * (x * rsqrt(mean(x²) + eps))                               LlamaRMSNorm.forward
+// y = w * (x * rsqrt(mean(x²) + eps)) over rows of H               LlamaRMSNorm.forward
+// (Qwen3's q_norm/k_norm are the same op over rows of hd: (BT, nh*hd) is (BT*nh, hd))
 template <typename F>
 void ref_rmsnorm_forward(F* y, F* rstd, const F* x, const float* w, int n, int H, float eps) {
     for (int i = 0; i < n; i++) {
@@ -223,14 +231,19 @@ void ref_lora_dropout(F* y, const F* x, size_t count, const LoraConfig& lc, int 
     for (size_t i = 0; i < count; i++) y[i] = rng_uniform(seed, stream, i0 + i) >= lc.dropout ? x[i] * (F)keep_scale : (F)0;
 }
 
-// Projection p of layer l, with LoRA if targeted:
-// y (n, out) = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ      result + lora_B(lora_A(dropout(x))) * scaling
+// Projection p of layer l, with its bias if it has one and LoRA if targeted:
+// y (n, out) = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ      result = base_layer(x); result + lora_B(lora_A(dropout(x))) * scaling
 // u (n, r) = dropout(x)·Aᵀ is saved for dB. lora: the flat parameter buffer (lora_slot layout).
 template <typename F>
 void ref_lora_linear_forward(F* y, F* u, const F* x, const RefModel& m, const LoraConfig& lc, const F* lora,
                              int l, int p, int n, uint64_t seed, size_t tok0) {
     int in = proj_in(m.cfg, p), out = proj_out(m.cfg, p), r = lc.rank;
     ref_matmul(y, x, m.w.linear[l][p], n, in, out);
+    if (proj_has_bias(m.cfg, p)) {   // (out) frozen, like W
+        const float* b = m.w.at(proj_bias_id(p), l);
+        for (int i = 0; i < n; i++)
+            for (int o = 0; o < out; o++) y[(size_t)i * out + o] += (F)b[o];
+    }
     if (!lc.has(p)) return;
     LoraSlot s = lora_slot(m.cfg, lc, l, p);
     const F *A = lora + s.a, *Bm = lora + s.b;  // A (r, in), B (out, r)
@@ -244,7 +257,7 @@ void ref_lora_linear_forward(F* y, F* u, const F* x, const RefModel& m, const Lo
             y[(size_t)i * out + o] += b * (F)lc.scale();
         }
 }
-// dx += dy·W + dropout(g·B·A);  dB += gᵀ·u;  dA += (g·B)ᵀ·dropout(x);  with g = s·dy
+// dx += dy·W + dropout(g·B·A);  dB += gᵀ·u;  dA += (g·B)ᵀ·dropout(x);  with g = s·dy  (the bias is frozen: no gradient)
 template <typename F>
 void ref_lora_linear_backward(F* dx, F* dlora, const F* dy, const F* x, const F* u, const RefModel& m,
                               const LoraConfig& lc, const F* lora, int l, int p, int n, uint64_t seed, size_t tok0) {
@@ -407,8 +420,15 @@ F ref_forward(const RefModel& m, const LoraConfig& lc, const F* lora, RefActs<F>
         };
         // n = input_layernorm(h)
         ref_rmsnorm_forward(l_n1, l_rstd1, l_x, m.w.at(W_ATTN_NORM, l), BT, H, c.norm_eps);
-        // q, k, v = q_proj(n), k_proj(n), v_proj(n)
-        proj(P_Q, l_q, l_n1); proj(P_K, l_k, l_n1); proj(P_V, l_v, l_n1);
+        // q, k, v = q_proj(n), k_proj(n), v_proj(n)                      (+ bias: Qwen2; attention_bias)
+        if (c.qk_norm) {
+            F *l_qp = &a.q_pre[(size_t)l * BT * qd], *l_kp = &a.k_pre[(size_t)l * BT * kvd];
+            proj(P_Q, l_qp, l_n1); proj(P_K, l_kp, l_n1);
+            // q, k = q_norm(q.view(.., nh, hd)), k_norm(k.view(.., nkv, hd))   Qwen3Attention: per head, before RoPE
+            ref_rmsnorm_forward(l_q, &a.rstd_q[(size_t)l * BT * c.n_heads], l_qp, m.w.at(W_Q_NORM, l), BT * c.n_heads, hd, c.norm_eps);
+            ref_rmsnorm_forward(l_k, &a.rstd_k[(size_t)l * BT * c.n_kv_heads], l_kp, m.w.at(W_K_NORM, l), BT * c.n_kv_heads, hd, c.norm_eps);
+        } else { proj(P_Q, l_q, l_n1); proj(P_K, l_k, l_n1); }
+        proj(P_V, l_v, l_n1);
         // q, k = apply_rotary_pos_emb(q, k, cos, sin)
         for (int i = 0; i < BT; i++) {
             ref_rope(l_q + (size_t)i * qd, c.n_heads, hd, inv.data(), bt.position(i), (F)1);
@@ -452,6 +472,7 @@ void ref_backward(const RefModel& m, const LoraConfig& lc, const F* lora, const 
     std::vector<F> dn((size_t)BT * H);       // (BT, H) grad of a norm output (hL, n2, n1)
     std::vector<F> dact((size_t)BT * I), dgate((size_t)BT * I), dup((size_t)BT * I);            // (BT, I)
     std::vector<F> dout((size_t)BT * qd), dq((size_t)BT * qd), dk((size_t)BT * kvd), dv((size_t)BT * kvd);
+    std::vector<F> dq_pre(c.qk_norm ? (size_t)BT * qd : 0), dk_pre(c.qk_norm ? (size_t)BT * kvd : 0);   // grads of q_norm/k_norm inputs
     auto zero = [](std::vector<F>& t) { std::fill(t.begin(), t.end(), (F)0); };
 
     // loss = cross_entropy(logits, targets, reduction="sum") / denom
@@ -488,9 +509,19 @@ void ref_backward(const RefModel& m, const LoraConfig& lc, const F* lora, const 
             ref_rope(dq.data() + (size_t)i * qd, c.n_heads, hd, inv.data(), bt.position(i), (F)-1);
             ref_rope(dk.data() + (size_t)i * kvd, c.n_kv_heads, hd, inv.data(), bt.position(i), (F)-1);
         }
+        // q, k = q_norm(q_pre), k_norm(k_pre): weights frozen, gradient to their inputs only
+        const F *dq_in = dq.data(), *dk_in = dk.data();   // grads of the q_proj, k_proj outputs
+        if (c.qk_norm) {
+            zero(dq_pre); zero(dk_pre);
+            ref_rmsnorm_backward(dq_pre.data(), dq.data(), &a.q_pre[(size_t)l * BT * qd], m.w.at(W_Q_NORM, l),
+                                 &a.rstd_q[(size_t)l * BT * c.n_heads], BT * c.n_heads, hd);
+            ref_rmsnorm_backward(dk_pre.data(), dk.data(), &a.k_pre[(size_t)l * BT * kvd], m.w.at(W_K_NORM, l),
+                                 &a.rstd_k[(size_t)l * BT * c.n_kv_heads], BT * c.n_kv_heads, hd);
+            dq_in = dq_pre.data(); dk_in = dk_pre.data();
+        }
         // q, k, v = q_proj(n), k_proj(n), v_proj(n)
         zero(dn);
-        proj_bwd(P_Q, dn.data(), dq.data(), l_n1); proj_bwd(P_K, dn.data(), dk.data(), l_n1); proj_bwd(P_V, dn.data(), dv.data(), l_n1);
+        proj_bwd(P_Q, dn.data(), dq_in, l_n1); proj_bwd(P_K, dn.data(), dk_in, l_n1); proj_bwd(P_V, dn.data(), dv.data(), l_n1);
         // n = input_layernorm(h)
         ref_rmsnorm_backward(dres.data(), dn.data(), l_x, m.w.at(W_ATTN_NORM, l), l_rstd1, BT, H);
     }

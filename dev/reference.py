@@ -2,11 +2,17 @@
 
 Needs a CUDA GPU with torch, transformers, peft and bitsandbytes (bitsandbytes quantizes on the GPU).
 
-    python dev/reference.py --out test/ref
+    python dev/reference.py --out test/ref                          # every variant
+    python dev/reference.py --out test/ref --variants qwen2,qwen3   # only these
 
-For each variant (a small random Llama; both use GQA):
-  tied    H 128, I 256, L 2, nh 2, nkv 1, hd 64, V 512, tie_word_embeddings, default RoPE
-  untied  H 128, I 320, L 2, nh 4, nkv 2, hd 64 (nh*hd != H), V 384, llama3 RoPE scaling
+For each variant (a small random model; all use GQA):
+  tied    llama  H 128, I 256, L 2, nh 2, nkv 1, hd 64, V 512, tie_word_embeddings, default RoPE
+  untied  llama  H 128, I 320, L 2, nh 4, nkv 2, hd 64 (nh*hd != H), V 384, llama3 RoPE scaling
+  qwen2   qwen2  H 256, I 384, L 2, nh 4, nkv 2, hd 64, V 448, tied, theta 1e6: biases on q/k/v (none on o)
+  qwen3   qwen3  H 128, I 320, L 2, nh 4, nkv 2, hd 64 (nh*hd != H), V 384, untied, theta 1e6: q_norm/k_norm
+                 (RMSNorm over each head of q and k, before RoPE), no biases
+transformers initialises biases to 0 and norm weights to 1; the qwen variants draw every bias and norm
+weight at random instead, so that a bias or a norm weight used wrongly (or not at all) shows.
 it writes test/ref/<variant>/:
   config.json, model.safetensors   the Hugging Face checkpoint (bf16, save_pretrained)
   quant.safetensors                 bitsandbytes' NF4 + double-quant tensors of every decoder linear:
@@ -22,16 +28,24 @@ import argparse, json, os, re
 import torch
 from safetensors.torch import save_file
 
-VARIANTS = {
-    "tied": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+VARIANTS = {  # name -> (model_type, config keyword arguments)
+    "tied": ("llama", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=64, vocab_size=512, tie_word_embeddings=True,
-                 rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=256),
-    "untied": dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+                 rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=256)),
+    "untied": ("llama", dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=64, vocab_size=384, tie_word_embeddings=False,
                    rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=256,
                    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                     high_freq_factor=4.0, original_max_position_embeddings=64)),
+                                     high_freq_factor=4.0, original_max_position_embeddings=64))),
+    "qwen2": ("qwen2", dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=448, tie_word_embeddings=True, rope_theta=1000000.0,
+                            rms_norm_eps=1e-6, max_position_embeddings=256)),
+    "qwen3": ("qwen3", dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=64, vocab_size=384, tie_word_embeddings=False,
+                            attention_bias=False, rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=256)),
 }
+CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+           "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HP = dict(rank=4, alpha=8, lr=5e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, clip=1.0, steps=8,
           batch=2, seq=32, seed=1234)
@@ -70,25 +84,37 @@ def torch_dq(absmax, offset, code):
     idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)
     return idx.to(torch.uint8), a2
 
-def build_checkpoint(dirname, spec):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_checkpoint(dirname, model_type, spec):
+    import transformers
+    config_cls, model_cls = (getattr(transformers, n) for n in CLASSES[model_type])
     torch.manual_seed(HP["seed"])
-    cfg = LlamaConfig(**spec)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(dirname)
+    cfg = config_cls(**spec)
+    model = model_cls(cfg)
+    if model_type != "llama":   # random biases (about as large as x.W^T) and norm weights in [0.5, 1.5)
+        g = torch.Generator().manual_seed(HP["seed"] + 3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                elif p.ndim == 1:
+                    p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    model.to(torch.bfloat16).save_pretrained(dirname)
 
 def load_quantized(dirname, dtype):
-    """The checkpoint with every decoder linear replaced by bnb Linear4bit (NF4, double quant)."""
+    """The checkpoint with every decoder linear replaced by bnb Linear4bit (NF4, double quant); a bias
+    (qwen2's q/k/v) stays as stored, unquantized, as transformers' bitsandbytes loading keeps it."""
     import bitsandbytes as bnb
-    from transformers import LlamaForCausalLM
-    model = LlamaForCausalLM.from_pretrained(dirname, dtype=dtype, attn_implementation="eager").cuda()
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(dirname, dtype=dtype, attn_implementation="eager").cuda()
     for _, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear) and cname in TARGETS:
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=dtype,
-                                      compress_statistics=True, quant_type="nf4", device="meta")
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
                 q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
                                              quant_type="nf4", module=q).to("cuda")
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
                 setattr(mod, cname, q)
     model.is_loaded_in_4bit = True
     model.config.quantization_config = None
@@ -165,7 +191,7 @@ def torch_vs_bnb(dirname):
     code = F.create_dynamic_map().float().cuda()
     n_w, bad = 0, []
     for k, w in sd.items():
-        if not any(t in k for t in TARGETS):
+        if not any(k.endswith(t + ".weight") for t in TARGETS):   # the linears' weights, not their biases
             continue
         w = w.cuda()
         q0, st0 = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
@@ -184,14 +210,20 @@ def torch_vs_bnb(dirname):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="test/ref")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     a = ap.parse_args()
+    names = a.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {','.join(unknown)}: choose from {','.join(VARIANTS)}")
     import bitsandbytes, transformers, peft
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    for vname, spec in VARIANTS.items():
+    for vname in names:
+        model_type, spec = VARIANTS[vname]
         d = os.path.join(a.out, vname)
         os.makedirs(d, exist_ok=True)
-        build_checkpoint(d, spec)
+        build_checkpoint(d, model_type, spec)
         g = torch.Generator().manual_seed(HP["seed"] + 2)
         B, T, V = HP["batch"], HP["seq"], spec["vocab_size"]
         inputs = torch.randint(0, V, (B, T), generator=g)

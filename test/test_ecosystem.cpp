@@ -11,6 +11,9 @@
 //   - merge: W' == bf16(dequant(W) + s·B·A) with keys and shapes of the source; re-quantized output ==
 //     quantizing the bf16 output; merging from the 4-bit checkpoint == merging from the bf16 one; the
 //     CPU reference on the merged model gives the logits of NF4 base + adapter.
+//   - Qwen2 (q/k/v biases) and Qwen3 (QK-norm, attention_bias) checkpoints: quantize copies biases and
+//     q/k norms byte for byte and loads back with the same frozen weights; merge keeps them; PEFT
+//     adapter names are those of Llama.
 // It also writes build/ecosystem/ for dev/check_ecosystem.py (an adapter written by qlora, the CPU
 // reference's logits with it, a merged and a quantized checkpoint), and has two modes that script
 // calls on a GPU machine:
@@ -652,6 +655,98 @@ static void test_merge() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Qwen checkpoints: the biases and QK-norms are dense tensors like the norms: never quantized, never
+// trained, copied by quantize and merge
+
+// a tiny random checkpoint of `cfg` (bf16): every tensor of for_each_weight, norms U(0.8, 1.2),
+// biases and matrices U(-0.1, 0.1) (nonzero biases, so that dropping or zeroing one shows)
+static std::string random_checkpoint(const std::string& name, const std::string& cfg) {
+    std::string d = TMP + "/" + name;
+    mkdir_clean(d);
+    write_text_file(d + "/config.json", cfg);
+    Config c = load_config(d + "/config.json");
+    std::vector<OutTensor> ts;
+    uint64_t stream = 0;
+    for_each_weight(c, [&](const Weight& w) {
+        std::vector<float> x((size_t)w.numel());
+        bool norm = w.shape.size() == 1 && !w.bias();
+        for (size_t i = 0; i < x.size(); i++) { float u = rng_uniform(77, stream, i); x[i] = norm ? 0.8f + 0.4f * u : 0.2f * u - 0.1f; }
+        ts.push_back(out_bf16(w.name, w.shape, x.data()));
+        stream++;
+    });
+    st_write_hf(d + "/model.safetensors", ts);
+    return d;
+}
+
+static void test_qwen() {
+    printf("== Qwen2 / Qwen3 checkpoints\n");
+    std::string q2 = random_checkpoint("qwen2", R"({"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 40, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+        "tie_word_embeddings": true, "torch_dtype": "bfloat16", "use_sliding_window": false, "sliding_window": 32768, "max_window_layers": 21})");
+    std::string q3 = random_checkpoint("qwen3", R"({"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 40, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+        "attention_bias": true, "tie_word_embeddings": false, "torch_dtype": "bfloat16"})");
+    for (const std::string& src : {q2, q3}) {
+        Config c = load_config(src + "/config.json");
+        std::string qd = src + "_nf4";
+        bnb_write_checkpoint(src, qd);
+        // linears as quantize_weight makes them, every other tensor (biases, norms, q/k norms) byte for byte
+        check_bnb_against_source(qd, src, QT_NF4, 64, true, (base_name(src) + " quantized").c_str());
+        SafeTensors q = st_open_model(qd), s = st_open_model(src);
+        int dense = 0, same = 0;
+        for_each_weight(c, [&](const Weight& w) { if (!w.linear() && !(c.tied && w.id == W_LM_HEAD)) { dense++; same += same_bytes(q.find(w.name), s.find(w.name)); } });
+        const STensor* kb = q.find("model.layers.1.self_attn.k_proj.bias");
+        check(same == dense && kb && kb->dtype == DT_BF16 && kb->shape == std::vector<int64_t>{c.kv_dim()} && !q.find("model.layers.1.self_attn.k_proj.bias.absmax"),
+              "%s quantized: %d/%d dense tensors (biases%s) copied as stored, k_proj.bias BF16 [%d], never quantized",
+              base_name(src).c_str(), same, dense, c.qk_norm ? ", q/k norms" : "", c.kv_dim());
+        RefModel a, b; ref_model_load(a, src); ref_model_load(b, qd);
+        check(a.mem == b.mem, "%s saved as bitsandbytes 4-bit loads with identical frozen weights, biases%s included (%zu values)",
+              base_name(src).c_str(), c.qk_norm ? " and q/k norms" : "", a.mem.size());
+
+        // merge: linears merged, everything else kept; the merged model computes NF4 base + adapter
+        LoraConfig lc = test_lc();
+        std::vector<float> w = random_lora(c, lc, 5, 0.05f);
+        std::string mg = src + "_merged";
+        merge_write_checkpoint(src, c, lc, w.data(), mg, false);
+        SafeTensors m = st_open_model(mg);
+        checkpoint_view(c, m);
+        same = 0;
+        for_each_weight(c, [&](const Weight& wt) { if (!wt.linear()) same += same_bytes(m.find(wt.name), s.find(wt.name)); });
+        check(m.tensors.size() == s.tensors.size() && same == dense, "%s merged: the source's %zu tensors; biases%s byte for byte (%d/%d dense)",
+              base_name(src).c_str(), s.tensors.size(), c.qk_norm ? ", q/k norms" : "", same, dense);
+        // budget as in test_merge: 3x what rounding the dequantized base to bf16 alone does to the logits
+        RefModel nf4, merged, deqbf16;
+        ref_model_load(nf4, src); ref_model_load_dense(merged, mg); ref_model_load(deqbf16, src);
+        for (auto& ly : deqbf16.w.linear) for (int p = 0; p < N_PROJ; p++) for (size_t i = 0; i < (size_t)proj_out(c, p) * proj_in(c, p); i++) ly[p][i] = bf16_round(ly[p][i]);
+        Inputs in{{}, 2, 8};
+        for (int i = 0; i < in.B * in.T; i++) in.ids.push_back((i * 7 + 3) % c.vocab_size);
+        LoraConfig none; none.targets = 0;
+        std::vector<float> l_ad = ref_logits(nf4, lc, w.data(), in), l_base = ref_logits(nf4, none, nullptr, in);
+        std::vector<float> l_mg = ref_logits(merged, none, nullptr, in), l_bf = ref_logits(deqbf16, none, nullptr, in);
+        double err = max_abs_diff(l_mg, l_ad), yard = max_abs_diff(l_bf, l_base), effect = max_abs_diff(l_ad, l_base);
+        check(err <= 3 * yard + 1e-6 * max_abs(l_ad) && effect >= 10 * err, "%s: logits of the merged model vs NF4 + adapter: max |diff| %.3e <= 3 x %.3e "
+              "(bf16 rounding of the base); adapter effect %.3e (scale %.3e)", base_name(src).c_str(), err, yard, effect, max_abs(l_ad));
+        std::string mq = src + "_merged_requant", mq2 = src + "_merged_then_quantized";
+        merge_write_checkpoint(src, c, lc, w.data(), mq, true);
+        bnb_write_checkpoint(mg, mq2);
+        SafeTensors x = st_open_model(mq), y = st_open_model(mq2);
+        int eq = 0; for (auto& kv : y.tensors) eq += same_bytes(x.find(kv.first), &kv.second);
+        check(x.tensors.size() == y.tensors.size() && eq == (int)y.tensors.size() && same_bytes(x.find("model.layers.0.self_attn.q_proj.bias"), s.find("model.layers.0.self_attn.q_proj.bias")),
+              "%s --requant: all %zu tensors == quantize(merged bf16 checkpoint); q_proj.bias as stored", base_name(src).c_str(), y.tensors.size());
+
+        // a PEFT adapter of a Qwen model: Llama's module names, no bias or norm tensors
+        peft_adapter_write(TMP + "/" + base_name(src) + "_adapter", c, lc, w.data(), src);
+        SafeTensors ad = st_open(TMP + "/" + base_name(src) + "_adapter/adapter_model.safetensors");
+        bool names = ad.find("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight") != nullptr;
+        for (auto& kv : ad.tensors) names = names && kv.first.find("bias") == std::string::npos && kv.first.find("norm") == std::string::npos;
+        LoraConfig back; std::vector<float> wb;
+        peft_adapter_read(TMP + "/" + base_name(src) + "_adapter", c, back, wb);
+        check(names && wb == w && back.targets == lc.targets, "%s adapter: Llama's PEFT names (%zu tensors), no bias/norm keys, reads back equal",
+              base_name(src).c_str(), ad.tensors.size());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // modes for dev/check_ecosystem.py on a GPU machine
 
 // DIR: an adapter PEFT saved, and DIR/logits.safetensors: inputs (B, T) and the logits PEFT computed
@@ -738,5 +833,6 @@ int main(int argc, char** argv) {
     test_peft();
     test_bnb();
     test_merge();
+    test_qwen();
     return test_summary();
 }

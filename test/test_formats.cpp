@@ -1,4 +1,5 @@
-// test_formats.cpp: config.json, safetensors (single and sharded) and JSON, good and hostile.
+// test_formats.cpp: config.json (llama, mistral, qwen2, qwen3), the weights each implies
+// (for_each_weight), safetensors (single and sharded) and JSON, good and hostile.
 // Good files load with the values transformers would use; every broken file must end the process
 // with exit code 1 and a message that names the file and the tensor (or key): never a crash, never
 // a silent wrong number. Each bad case runs in a forked child so its exit can be observed.
@@ -89,13 +90,164 @@ static void test_configs() {
     };
     bad("config: unknown model_type", "\"llama\"", "\"gpt2\"", {"model_type \"gpt2\""});
     bad("config: hidden_act", "\"vocab_size\"", "\"hidden_act\":\"gelu\",\"vocab_size\"", {"hidden_act \"gelu\""});
-    bad("config: attention_bias", "\"vocab_size\"", "\"attention_bias\":true,\"vocab_size\"", {"attention_bias"});
+    bad("config: mlp_bias", "\"vocab_size\"", "\"mlp_bias\":true,\"vocab_size\"", {"mlp_bias"});
     bad("config: rope type yarn", "\"type\":\"llama3\"", "\"type\":\"yarn\"", {"rope type \"yarn\""});
     bad("config: heads vs kv heads", "\"num_attention_heads\":4", "\"num_attention_heads\":4,\"num_key_value_heads\":3", {"num_key_value_heads"});
     bad("config: missing hidden_size", "\"hidden_size\":64,", "", {"missing \"hidden_size\""});
     bad("config: negative size", "\"intermediate_size\":96", "\"intermediate_size\":-96", {"intermediate_size"});
     bad("config: dtype", "\"float16\"", "\"int8\"", {"dtype \"int8\""});
     bad("config: invalid JSON", "}", "", {"invalid JSON"});
+}
+
+// Qwen/Qwen2.5-7B's and Qwen/Qwen3-8B's config.json as published (transformers 4.43 / 4.51 era)
+static const std::string QWEN25_7B = R"({
+  "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
+  "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944,
+  "max_position_embeddings": 131072, "max_window_layers": 28, "model_type": "qwen2", "num_attention_heads": 28,
+  "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+  "sliding_window": 131072, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.43.1",
+  "use_cache": true, "use_mrope": false, "use_sliding_window": false, "vocab_size": 152064
+})";
+static const std::string QWEN3_8B = R"({
+  "architectures": ["Qwen3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 151643,
+  "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+  "intermediate_size": 12288, "max_position_embeddings": 40960, "max_window_layers": 36, "model_type": "qwen3",
+  "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+  "rope_scaling": null, "rope_theta": 1000000, "sliding_window": null, "tie_word_embeddings": false,
+  "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": true, "use_sliding_window": false,
+  "vocab_size": 151936
+})";
+static Config config_of(const std::string& name, const std::string& text) {
+    std::string p = TMP + "/" + name + ".json";
+    write_text(p, text);
+    return load_config(p);
+}
+
+// qwen2/qwen3 configs as transformers reads them: biases, QK-norm, head_dim, the sliding-window keys, the
+// defaults of each class; what other families mean is refused by name
+static void test_qwen_configs() {
+    Config a = config_of("qwen25_7b", QWEN25_7B);
+    check(a.dim == 3584 && a.hidden_dim == 18944 && a.n_layers == 28 && a.n_heads == 28 && a.n_kv_heads == 4 && a.head_dim == 128 &&
+          a.vocab_size == 152064 && !a.tied && a.rope_theta == 1e6f && a.norm_eps == 1e-6f && a.rope_type == ROPE_DEFAULT && a.max_seq_len == 131072,
+          "config Qwen2.5-7B: H 3584 I 18944 L 28 heads 28/4 hd 128 V 152064 untied, theta 1e6, eps 1e-6");
+    check(a.qkv_bias && !a.o_bias && !a.qk_norm && a.sliding_window == 0,
+          "config Qwen2.5-7B: q/k/v biases, none on o, no QK-norm; sliding_window 131072 unused (use_sliding_window false)");
+    Config b = config_of("qwen3_8b", QWEN3_8B);
+    check(b.dim == 4096 && b.hidden_dim == 12288 && b.n_layers == 36 && b.n_heads == 32 && b.n_kv_heads == 8 && b.head_dim == 128 &&
+          b.vocab_size == 151936 && !b.tied && b.rope_theta == 1e6f && b.norm_eps == 1e-6f && b.max_seq_len == 40960,
+          "config Qwen3-8B: H 4096 I 12288 L 36 heads 32/8 hd 128 V 151936 untied, theta 1e6");
+    check(b.qk_norm && !b.qkv_bias && !b.o_bias && b.sliding_window == 0, "config Qwen3-8B: QK-norm, no biases (attention_bias false), no sliding window");
+    auto edit = [&](const char* name, const std::string& base, std::vector<std::pair<std::string, std::string>> subs) {
+        std::string t = base;
+        for (auto& ab : subs) t = replace(t, ab.first, ab.second);
+        return config_of(name, t);
+    };
+    Config c = edit("qwen3_bias", QWEN3_8B, {{"\"attention_bias\": false", "\"attention_bias\": true"}});
+    check(c.qkv_bias && c.o_bias && c.qk_norm, "qwen3 attention_bias true: biases on q, k, v and o");
+    c = edit("qwen3_hd", QWEN3_8B, {{"\"head_dim\": 128, ", ""}, {"\"hidden_size\": 4096", "\"hidden_size\": 1024"}});
+    check(c.head_dim == 128 && c.q_dim() == 4096, "qwen3 without head_dim: 128 (Qwen3Config's default), not H/nh = 32");
+    c = edit("qwen3_nokv", QWEN3_8B, {{"\"num_key_value_heads\": 8, ", ""}});
+    check(c.n_kv_heads == 32, "qwen3 without num_key_value_heads: 32 (the class default)");
+    c = edit("qwen2_attn_bias", QWEN25_7B, {{"\"use_cache\"", "\"attention_bias\": false, \"use_cache\""}});
+    check(c.qkv_bias && !c.o_bias, "qwen2 ignores attention_bias (Qwen2Attention hard-codes q/k/v biases, none on o)");
+    c = edit("llama_bias", QWEN25_7B, {{"\"qwen2\"", "\"llama\""}, {"\"use_cache\"", "\"attention_bias\": true, \"use_cache\""}});
+    check(c.qkv_bias && c.o_bias && !c.qk_norm && c.max_seq_len == 131072, "llama attention_bias true: biases on q, k, v and o");
+    c = edit("mistral_bias", QWEN25_7B, {{"\"qwen2\"", "\"mistral\""}, {"\"use_cache\"", "\"attention_bias\": true, \"use_cache\""}});
+    check(!c.qkv_bias && !c.o_bias && c.sliding_window == 131072, "mistral: no biases whatever attention_bias says; sliding_window applies");
+    c = edit("mistral_nowindow", QWEN25_7B, {{"\"qwen2\"", "\"mistral\""}, {"\"sliding_window\": 131072, ", ""}});
+    check(c.sliding_window == 4096, "mistral without sliding_window: 4096 (MistralConfig's default)");
+    // sliding windows: only with use_sliding_window, only if some layer slides
+    c = edit("qwen2_sw_none", QWEN25_7B, {{"\"use_sliding_window\": false", "\"use_sliding_window\": true"}});
+    check(c.sliding_window == 0, "qwen2 use_sliding_window, max_window_layers 28 of 28 layers: no layer slides");
+    c = edit("qwen2_sw", QWEN25_7B, {{"\"use_sliding_window\": false", "\"use_sliding_window\": true"}, {"\"max_window_layers\": 28", "\"max_window_layers\": 20"},
+                                     {"\"sliding_window\": 131072", "\"sliding_window\": 4096"}});
+    check(c.sliding_window == 4096, "qwen2 use_sliding_window, layers 20..27 slide: window 4096 (the trainer refuses --seq > 4096)");
+    std::string lt = "\"layer_types\": [\"full_attention\"";
+    for (int l = 1; l < 28; l++) lt += l == 27 ? ", \"sliding_attention\"" : ", \"full_attention\"";
+    c = edit("qwen2_lt", QWEN25_7B, {{"\"use_sliding_window\": false", "\"use_sliding_window\": true"}, {"\"use_cache\"", lt + "], \"use_cache\""}});
+    check(c.sliding_window == 131072, "qwen2 layer_types with one sliding_attention layer: window 131072 (layer_types wins over max_window_layers)");
+    c = edit("qwen2_lt_off", QWEN25_7B, {{"\"use_cache\"", lt + "], \"use_cache\""}});
+    check(c.sliding_window == 0, "qwen2 layer_types sliding but use_sliding_window false: no window (Qwen2Config sets it to None)");
+    auto bad = [&](const char* name, const std::string& base, const std::string& a, const std::string& b, std::vector<std::string> want) {
+        std::string p = TMP + "/bad_qwen_" + std::to_string(g_pass + g_fail) + ".json";
+        write_text(p, replace(base, a, b));
+        want.push_back(p);
+        expect_error(name, [p] { load_config(p); }, want);
+    };
+    std::string on = replace(QWEN25_7B, "\"use_sliding_window\": false", "\"use_sliding_window\": true");
+    bad("qwen2: layer_types too short", on, "\"use_cache\"", "\"layer_types\": [\"full_attention\"], \"use_cache\"", {"layer_types", "28"});
+    std::string chunked = "\"layer_types\": [";
+    for (int l = 0; l < 28; l++) chunked += std::string(l ? ", " : "") + (l == 3 ? "\"chunked_attention\"" : "\"full_attention\"");
+    bad("qwen2: layer_types name", on, "\"use_cache\"", chunked + "], \"use_cache\"", {"layer_types", "chunked_attention"});
+    bad("qwen2: use_sliding_window 1", QWEN25_7B, "\"use_sliding_window\": false", "\"use_sliding_window\": 1", {"use_sliding_window", "true or false"});
+    bad("qwen3: odd head_dim", QWEN3_8B, "\"head_dim\": 128", "\"head_dim\": 127", {"head_dim 127"});
+    bad("qwen2_moe refused", QWEN25_7B, "\"qwen2\"", "\"qwen2_moe\"", {"model_type \"qwen2_moe\"", "mixture of experts"});
+    bad("qwen3_moe refused", QWEN3_8B, "\"qwen3\"", "\"qwen3_moe\"", {"model_type \"qwen3_moe\"", "mixture of experts"});
+    bad("gemma2 refused", QWEN25_7B, "\"qwen2\"", "\"gemma2\"", {"model_type \"gemma2\"", "(1 + weight)"});
+    bad("phi3 refused", QWEN25_7B, "\"qwen2\"", "\"phi3\"", {"model_type \"phi3\"", "qkv_proj"});
+    bad("qwen2_vl refused", QWEN25_7B, "\"qwen2\"", "\"qwen2_vl\"", {"model_type \"qwen2_vl\"", "llama, mistral, qwen2, qwen3"});
+}
+
+// The weights each config implies: names and shapes as Hugging Face writes them, biases right after
+// their linear, QK-norms with the layer's norms, nothing extra for Llama
+static void test_weights() {
+    struct Seen { std::vector<Weight> all; int bias = 0, qk = 0, linear = 0; };
+    auto walk = [](const Config& c) { Seen s; for_each_weight(c, [&](const Weight& w) { s.all.push_back(w); s.bias += w.bias(); s.qk += w.id == W_Q_NORM || w.id == W_K_NORM; s.linear += w.linear(); }); return s; };
+    auto find = [](const Seen& s, const std::string& name) -> const Weight* { for (auto& w : s.all) if (w.name == name) return &w; return nullptr; };
+    auto after = [](const Seen& s, const std::string& a, const std::string& b) {   // b comes right after a
+        for (size_t i = 0; i + 1 < s.all.size(); i++) if (s.all[i].name == a) return s.all[i + 1].name == b;
+        return false;
+    };
+    Seen q2 = walk(config_of("w_qwen2", QWEN25_7B));
+    const Weight *qb = find(q2, "model.layers.0.self_attn.q_proj.bias"), *kb = find(q2, "model.layers.27.self_attn.k_proj.bias"),
+                 *vb = find(q2, "model.layers.3.self_attn.v_proj.bias");
+    check(qb && kb && vb && qb->shape == std::vector<int64_t>{3584} && kb->shape == std::vector<int64_t>{512} && vb->shape == std::vector<int64_t>{512} &&
+          qb->id == W_Q_BIAS && kb->id == W_K_BIAS && kb->layer == 27 && vb->id == W_V_BIAS && !find(q2, "model.layers.0.self_attn.o_proj.bias") &&
+          q2.bias == 3 * 28 && q2.qk == 0 && q2.linear == 7 * 28 && q2.all.size() == (size_t)(2 + 28 * (2 + 7 + 3) + 1) &&
+          after(q2, "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.bias"),
+          "Qwen2.5-7B weights: q/k/v_proj.bias [3584]/[512]/[512] after their linear, no o_proj.bias, %zu tensors", q2.all.size());
+    Seen q3 = walk(config_of("w_qwen3", QWEN3_8B));
+    const Weight *qn = find(q3, "model.layers.0.self_attn.q_norm.weight"), *kn = find(q3, "model.layers.35.self_attn.k_norm.weight"),
+                 *qp = find(q3, "model.layers.0.self_attn.q_proj.weight"), *op = find(q3, "model.layers.0.self_attn.o_proj.weight");
+    check(qn && kn && qn->shape == std::vector<int64_t>{128} && kn->shape == std::vector<int64_t>{128} && qn->id == W_Q_NORM && kn->id == W_K_NORM &&
+          qp && qp->shape == (std::vector<int64_t>{4096, 4096}) && op && op->shape == (std::vector<int64_t>{4096, 4096}) &&
+          q3.bias == 0 && q3.qk == 2 * 36 && q3.all.size() == (size_t)(3 + 36 * (2 + 2 + 7)) &&
+          find(q3, "lm_head.weight") && find(q3, "lm_head.weight")->shape == (std::vector<int64_t>{151936, 4096}),
+          "Qwen3-8B weights: q_norm/k_norm.weight [128] per layer, no biases, lm_head [151936, 4096], %zu tensors", q3.all.size());
+    Config cb = config_of("w_qwen3b", replace(QWEN3_8B, "\"attention_bias\": false", "\"attention_bias\": true"));
+    Seen q3b = walk(cb);
+    const Weight* ob = find(q3b, "model.layers.0.self_attn.o_proj.bias");
+    check(ob && ob->shape == std::vector<int64_t>{4096} && ob->id == W_O_BIAS && q3b.bias == 4 * 36 && proj_bias_id(P_O) == W_O_BIAS && proj_bias_id(P_GATE) < 0,
+          "Qwen3 attention_bias: o_proj.bias [4096] too (4 biases a layer); gate/up/down never");
+    Seen ll = walk(load_config("test/ref/untied/config.json"));
+    check(ll.bias == 0 && ll.qk == 0 && ll.all.size() == (size_t)(2 + 2 * 9 + 1), "Llama (test/ref/untied): no bias, no QK-norm, %zu tensors", ll.all.size());
+
+    // checkpoint_view on a tiny qwen3 checkpoint with attention_bias: every tensor found, a missing
+    // k_norm or a bias of the wrong shape refused by name
+    std::string cfg = R"({"model_type": "qwen3", "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 8, "vocab_size": 10, "attention_bias": true, "tie_word_embeddings": true})";
+    Config tc = config_of("tiny_qwen3", cfg);
+    static std::vector<float> zeros(16 * 24, 0.0f);
+    auto tiny = [&](const char* name, std::function<void(std::vector<STOut>&)> ed) {
+        std::string d = TMP + "/" + name;
+        ql_assert(system(("mkdir -p " + d).c_str()) == 0, "mkdir");
+        write_text(d + "/config.json", cfg);
+        std::vector<STOut> ts;
+        for_each_weight(tc, [&](const Weight& w) { ts.push_back({w.name, DT_F32, w.shape, zeros.data()}); });
+        ed(ts);
+        st_write(d + "/model.safetensors", ts);
+        return d;
+    };
+    std::string d = tiny("tiny_qwen3_ok", [](std::vector<STOut>&) {});
+    SafeTensors st = st_open_model(d);
+    CheckpointView v = checkpoint_view(tc, st);
+    check(v.at(W_Q_NORM, 1) == st.find("model.layers.1.self_attn.q_norm.weight") && v.at(W_O_BIAS, 0) == st.find("model.layers.0.self_attn.o_proj.bias") &&
+          v.linear[1][P_K] == st.find("model.layers.1.self_attn.k_proj.weight") && st.tensors.size() == 1 + 2 * (2 + 2 + 7 + 4) + 1,
+          "tiny qwen3 checkpoint: checkpoint_view finds q_norm, o_proj.bias, the linears (%zu tensors)", st.tensors.size());
+    d = tiny("tiny_qwen3_nonorm", [](std::vector<STOut>& ts) { ts.erase(std::remove_if(ts.begin(), ts.end(), [](const STOut& x) { return x.name == "model.layers.1.self_attn.k_norm.weight"; }), ts.end()); });
+    expect_error("qwen3 without k_norm", [d] { load_model(d); }, {"missing tensor \"model.layers.1.self_attn.k_norm.weight\""});
+    d = tiny("tiny_qwen3_badbias", [](std::vector<STOut>& ts) { for (auto& x : ts) if (x.name == "model.layers.0.self_attn.v_proj.bias") x.shape = {16}; });
+    expect_error("qwen3 v_proj.bias of q's shape", [d] { load_model(d); }, {"model.layers.0.self_attn.v_proj.bias", "[16]", "[8]"});
 }
 
 static void test_safetensors() {
@@ -206,6 +358,8 @@ int main() {
     ql_assert(system(("rm -rf " + TMP + " && mkdir -p " + TMP).c_str()) == 0, "cannot create %s", TMP.c_str());
     test_json();
     test_configs();
+    test_qwen_configs();
+    test_weights();
     test_safetensors();
     test_failed_save();
     return test_summary();

@@ -1,9 +1,11 @@
 // test/test_reference_grad.cpp: the CPU reference's backward against central differences of its own
-// forward (run in double), on a tiny random Llama with LoRA on all seven projections; then the
-// properties the trainer relies on: fp32 == fp64 up to roundoff, gradient accumulation, packed ==
-// unpacked sequences, an empty batch, clipping and AdamW as torch computes them, and that it trains.
+// forward (run in double), on a tiny random Llama with LoRA on all seven projections, and on tiny
+// Qwen2-like (q/k/v biases) and Qwen3-like (per-head QK-norm before RoPE, head_dim != H/nh, with and
+// without attention_bias) models; then the properties the trainer relies on: fp32 == fp64 up to
+// roundoff, gradient accumulation, packed == unpacked sequences, an empty batch, QK-norm's per-head
+// scale invariance, clipping and AdamW as torch computes them, and that it trains.
 //   g++ -std=c++17 -O2 -Wall -o /tmp/trg test/test_reference_grad.cpp && /tmp/trg
-#include "../qlora.h"      // defines: Config, LoraConfig, lora_slot, lora_init, lora_num_params, rng_uniform
+#include "../qlora.h"      // defines: Config, for_each_weight, proj_has_bias, LoraConfig, lora_slot, lora_init, rng_uniform
 #include "../reference.h"  // defines: RefModel, RefBatch, RefActs, ref_forward, ref_backward, ref_clip_grad_norm, ref_adamw
 #include "test.h"          // defines: check, check_close, test_summary
 #include <vector>          // defines: std::vector
@@ -30,6 +32,22 @@ static Config tiny_config(int n_kv_heads, bool tied) {
     return c;
 }
 
+// Qwen2: biases on q, k, v (none on o), default RoPE with theta 1e6, tied like the small Qwen2.5s
+static Config qwen2_config() {
+    Config c = tiny_config(2, true);
+    c.qkv_bias = true;
+    c.rope_type = ROPE_DEFAULT; c.rope_theta = 1e6f; c.norm_eps = 1e-6f;
+    return c;
+}
+// Qwen3: q_norm/k_norm over each head, head_dim 12 (nh*hd = 48 != H = 32); attention_bias adds q, k, v and o biases
+static Config qwen3_config(bool attention_bias) {
+    Config c = tiny_config(2, false);
+    c.qk_norm = true; c.head_dim = 12;
+    c.qkv_bias = c.o_bias = attention_bias;
+    c.rope_type = ROPE_DEFAULT; c.rope_theta = 1e6f; c.norm_eps = 1e-6f;
+    return c;
+}
+
 static void make_model(RefModel& m, const Config& c) {
     ref_model_alloc(m, c);
     size_t H = c.dim, V = c.vocab_size;
@@ -44,6 +62,11 @@ static void make_model(RefModel& m, const Config& c) {
             fill_uniform(m.w.linear[l][p], (size_t)proj_out(c, p) * proj_in(c, p), 12 + 10 * l + p, -b, b);
         }
     }
+    // biases about as large as x·Wᵀ, QK-norm weights far from 1, so that a wrong use of either shows
+    for_each_weight(c, [&](const Weight& w) {
+        if (w.bias()) fill_uniform(m.w.at(w.id, w.layer), w.numel(), 200 + 10 * w.layer + w.id, -0.5f, 0.5f);
+        if (w.id == W_Q_NORM || w.id == W_K_NORM) fill_uniform(m.w.at(w.id, w.layer), w.numel(), 300 + 10 * w.layer + w.id, 0.5f, 1.5f);
+    });
 }
 
 // A as PEFT initialises it; B random (not PEFT's 0) so that every dA is nonzero too
@@ -144,7 +167,7 @@ static void accumulation_check(const Config& c, const LoraConfig& lc) {
 // Two documents packed into one row (doc_start + restarted positions) == each run on its own:
 // every row's arithmetic is the same, in the same order, so logits and losses agree to the bit;
 // the gradients differ only in the order of the row sums.
-static void packing_check(const Config& c, const LoraConfig& lc) {
+static void packing_check(const char* name, const Config& c, const LoraConfig& lc) {
     RefModel m;
     make_model(m, c);
     std::vector<float> w = random_lora(c, lc);
@@ -160,13 +183,41 @@ static void packing_check(const Config& c, const LoraConfig& lc) {
     ref_forward(m, lc, w.data(), a1, doc1);
     ref_forward(m, lc, w.data(), a2, doc2);
     size_t V = c.vocab_size;
-    check_close("packed == separate: logits, doc 1", ap.logits.data(), a1.logits.data(), n1 * V, 0, 0);
-    check_close("packed == separate: logits, doc 2", ap.logits.data() + n1 * V, a2.logits.data(), n2 * V, 0, 0);
-    check_close("packed == separate: per-token losses, doc 1", ap.losses.data(), a1.losses.data(), n1, 0, 0);
-    check_close("packed == separate: per-token losses, doc 2", ap.losses.data() + n1, a2.losses.data(), n2, 0, 0);
+    check_close((std::string(name) + " packed == separate: logits, doc 1").c_str(), ap.logits.data(), a1.logits.data(), n1 * V, 0, 0);
+    check_close((std::string(name) + " packed == separate: logits, doc 2").c_str(), ap.logits.data() + n1 * V, a2.logits.data(), n2 * V, 0, 0);
+    check_close((std::string(name) + " packed == separate: losses, doc 1").c_str(), ap.losses.data(), a1.losses.data(), n1, 0, 0);
+    check_close((std::string(name) + " packed == separate: losses, doc 2").c_str(), ap.losses.data() + n1, a2.losses.data(), n2, 0, 0);
     std::vector<float> gp = grads(m, lc, w, packed), g1 = grads(m, lc, w, doc1), g2 = grads(m, lc, w, doc2);
     for (size_t i = 0; i < g1.size(); i++) g1[i] += g2[i];
-    check_close("packed == separate: grads (summed)", gp.data(), g1.data(), gp.size(), 1e-7, 1e-5);
+    check_close((std::string(name) + " packed == separate: grads (summed)").c_str(), gp.data(), g1.data(), gp.size(), 1e-7, 1e-5);
+}
+
+// QK-norm is per head: scaling the q_proj (and k_proj) rows and bias of one head by 3 scales that
+// head's q (k) before q_norm (k_norm), which undoes it (up to eps); without QK-norm the logits move.
+// LoRA on v, o and the MLP only, so the scaled projections are the frozen weights alone.
+static void qk_norm_scale_check(const Config& c, const char* name) {
+    LoraConfig lc; lc.rank = 4; lc.alpha = 8.0f; lc.targets = (1u << P_V) | (1u << P_O) | (1u << P_GATE) | (1u << P_UP) | (1u << P_DOWN);
+    RefModel m0, m1;
+    make_model(m0, c); make_model(m1, c);
+    for (int l = 0; l < c.n_layers; l++)
+        for (int p : {P_Q, P_K}) {
+            int head = p == P_Q ? c.n_heads - 1 : 0, in = proj_in(c, p);   // the last query head, the first KV head
+            for (int r = head * c.head_dim; r < (head + 1) * c.head_dim; r++) {
+                for (int i = 0; i < in; i++) m1.w.linear[l][p][(size_t)r * in + i] *= 3.0f;
+                if (proj_has_bias(c, p)) m1.w.at(proj_bias_id(p), l)[r] *= 3.0f;
+            }
+        }
+    std::vector<double> w(lora_num_params(c, lc));
+    std::vector<float> w32 = random_lora(c, lc);
+    std::copy(w32.begin(), w32.end(), w.begin());
+    RefBatch bt = make_batch(INPUTS, TARGETS, B, T, (float)ref_count_targets(TARGETS, B * T));
+    RefActs<double> a0, a1;
+    ref_acts_alloc(a0, c, lc, B, T); ref_acts_alloc(a1, c, lc, B, T);
+    ref_forward(m0, lc, w.data(), a0, bt); ref_forward(m1, lc, w.data(), a1, bt);
+    double diff = 0, scale = 0;
+    for (size_t i = 0; i < a0.logits.size(); i++) { diff = fmax(diff, fabs(a1.logits[i] - a0.logits[i])); scale = fmax(scale, fabs(a0.logits[i])); }
+    if (c.qk_norm) check(diff <= 1e-5 * scale, "%-44s max |diff| %.2e (logit scale %.2f)", name, diff, scale);
+    else check(diff > 1e-2 * scale, "%-44s max |diff| %.2e (logit scale %.2f)", name, diff, scale);
 }
 
 // A batch with no unmasked target: loss 0 and no gradient
@@ -252,9 +303,15 @@ int main() {
     lcd.dropout = 0.25f; lcd.rslora = true;
     fd_check("gqa dropout rslora", tiny_config(2, false), lcd, make_batch(INPUTS, TARGETS, B, T, denom, nullptr, nullptr, 99));
     fd_check("gqa docs", tiny_config(2, false), lc, make_batch(INPUTS, TARGETS, B, T, denom, POS, DOC_START));
+    fd_check("qwen2 qkv bias", qwen2_config(), lc, make_batch(INPUTS, TARGETS, B, T, denom));
+    fd_check("qwen3 qk-norm hd 12", qwen3_config(false), lc, make_batch(INPUTS, TARGETS, B, T, denom, POS, DOC_START));
+    fd_check("qwen3 qk-norm + attention_bias", qwen3_config(true), lcd, make_batch(INPUTS, TARGETS, B, T, denom, nullptr, nullptr, 99));
+    qk_norm_scale_check(qwen3_config(true), "qk-norm: one head's q/k rows x3: logits same");
+    qk_norm_scale_check(qwen2_config(), "no qk-norm (qwen2): the same change moves them");
 
     accumulation_check(tiny_config(2, false), lc);
-    packing_check(tiny_config(2, false), lc);
+    packing_check("llama", tiny_config(2, false), lc);
+    packing_check("qwen3", qwen3_config(true), lc);
     empty_batch_check(tiny_config(2, false), lc);
     optimizer_check();
     training_check(tiny_config(2, false), lc);

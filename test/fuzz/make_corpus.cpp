@@ -3,7 +3,8 @@
 // header is what the reader parses), plus a complete tiny checkpoint for fuzz_config_tiny() so the
 // fuzzer starts from files that load all the way through checkpoint_view.
 //   g++ -std=c++17 -o build/make_corpus test/fuzz/make_corpus.cpp && build/make_corpus
-#include "targets.h"   // defines: fuzz_config_tiny, FUZZ_SHARD_SEP, st_write, token_file_write
+#include "targets.h"      // defines: fuzz_config_tiny, FUZZ_SHARD_SEP, st_write, token_file_write
+#include "../../tools.h"  // defines: bnb_write_checkpoint
 
 static const std::string OUT = "test/fuzz/corpus";
 
@@ -41,6 +42,14 @@ static std::string written(const std::vector<STOut>& ts, std::map<std::string, s
     return b;
 }
 
+// qwen2 with a sliding window on its last layer (layer_types); qwen3 with attention_bias and no head_dim (128)
+static const char* QWEN2_SEED = "{\"model_type\":\"qwen2\",\"hidden_size\":64,\"intermediate_size\":96,\"num_hidden_layers\":2,\"num_attention_heads\":4,"
+    "\"num_key_value_heads\":2,\"vocab_size\":10,\"use_sliding_window\":true,\"sliding_window\":64,\"max_window_layers\":1,"
+    "\"layer_types\":[\"full_attention\",\"sliding_attention\"],\"rope_theta\":1000000.0,\"rms_norm_eps\":1e-06,\"tie_word_embeddings\":true}";
+static const char* QWEN3_SEED = "{\"model_type\":\"qwen3\",\"hidden_size\":64,\"intermediate_size\":96,\"num_hidden_layers\":2,\"num_attention_heads\":4,"
+    "\"num_key_value_heads\":2,\"vocab_size\":10,\"attention_bias\":true,\"use_sliding_window\":false,\"sliding_window\":null,"
+    "\"rope_theta\":1000000,\"rms_norm_eps\":1e-06,\"max_position_embeddings\":40960}";
+
 int main() {
     ql_assert(system(("mkdir -p build " + OUT + "/json " + OUT + "/config " + OUT + "/safetensors " + OUT + "/index " + OUT + "/tokens " + OUT + "/bnb " + OUT + "/peft " + OUT + "/vocab").c_str()) == 0, "mkdir");
     const char* models[] = {"tied", "untied"};
@@ -54,13 +63,15 @@ int main() {
     put("json", "tied_model_header.json", header_of(slurp("test/ref/tied/model.safetensors")));
     put("json", "escapes.json", "{\"a\": \"\\u00e9\\ud83d\\ude00\\n\\t\\\\\\/\\\"\", \"b\": [1, 2.5, -3e2, 18446744073709551615, 18446744073709551616, -0, 1e999, 0.1e-400], \"c\": null, \"d\": {\"e\": true, \"f\": false}}  ");
 
-    // config: the two reference configs, the older rope_scaling form, mistral, linear RoPE
+    // config: the two reference configs, the older rope_scaling form, mistral, qwen2, qwen3, linear RoPE
     for (auto m : models) put("config", std::string(m) + ".json", slurp(std::string("test/ref/") + m + "/config.json"));
     put("config", "old_form.json", "{\"model_type\":\"llama\",\"hidden_size\":64,\"intermediate_size\":96,\"num_hidden_layers\":1,\"num_attention_heads\":4,"
         "\"vocab_size\":10,\"rope_theta\":500000.0,\"rope_scaling\":{\"type\":\"llama3\",\"factor\":32.0,\"low_freq_factor\":1.0,"
         "\"high_freq_factor\":4.0,\"original_max_position_embeddings\":8192},\"torch_dtype\":\"float16\",\"tie_word_embeddings\":true}");
     put("config", "mistral.json", "{\"model_type\":\"mistral\",\"hidden_size\":64,\"intermediate_size\":96,\"num_hidden_layers\":2,\"num_attention_heads\":4,"
         "\"num_key_value_heads\":2,\"vocab_size\":10,\"sliding_window\":4096,\"rms_norm_eps\":1e-5,\"max_position_embeddings\":32768,\"dtype\":\"float32\"}");
+    put("config", "qwen2.json", QWEN2_SEED);
+    put("config", "qwen3.json", QWEN3_SEED);
     put("config", "linear_rope.json", "{\"model_type\":\"llama\",\"hidden_size\":48,\"head_dim\":8,\"intermediate_size\":96,\"num_hidden_layers\":1,\"num_attention_heads\":4,"
         "\"vocab_size\":10,\"rope_parameters\":{\"rope_type\":\"linear\",\"factor\":2.0,\"rope_theta\":10000},\"hidden_act\":\"silu\",\"attention_bias\":false,\"mlp_bias\":false}");
 
