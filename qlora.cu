@@ -16,6 +16,7 @@
 #include "kernels/swiglu.cuh"         // defines: swiglu_forward, swiglu_backward
 #include "kernels/crossentropy.cuh"   // defines: fused_classifier
 #include "kernels/adamw.cuh"          // defines: grad_norm, adamw_update
+#include "kernels/bias.cuh"           // defines: add_bias (q/k/v biases)
 #include "kernels/lora.cuh"           // defines: lora_dropout_forward, lora_dropout_backward_add, cast_f32_to_bf16
 #include "kernels/decode.cuh"         // defines: kv_cache_store, decode_attention (generation)
 #include "generate.h"                 // defines: Vocab, choose_token, exact_match, print_sample, print_report
@@ -23,19 +24,50 @@
 #include <array>                      // defines: std::array
 #include <signal.h>                   // defines: sigaction (SIGINT/SIGTERM: save and exit)
 
-// Llama-3.x shapes for benchmarks without a checkpoint (the real dimensions; random weights)
+// Real models' shapes for benchmarks without a checkpoint (their dimensions, random weights)
 static Config random_config(const std::string& name) {
-    Config c;
-    c.rope_theta = 500000.0f; c.norm_eps = 1e-5f; c.max_seq_len = 131072; c.vocab_size = 128256;
-    c.rope_type = ROPE_LLAMA3; c.rope_factor = 32.0f; c.rope_low_freq = 1.0f; c.rope_high_freq = 4.0f; c.rope_orig_max = 8192;
-    if (name == "tiny") { c = Config(); c.dim = 256; c.hidden_dim = 768; c.n_layers = 4; c.n_heads = 4; c.n_kv_heads = 2; c.head_dim = 64;
-                          c.vocab_size = 4096; c.max_seq_len = 4096; c.norm_eps = 1e-5f; c.tied = true; }
-    else if (name == "llama3-1b") { c.dim = 2048; c.hidden_dim = 8192; c.n_layers = 16; c.n_heads = 32; c.n_kv_heads = 8; c.head_dim = 64; c.tied = true; }
-    else if (name == "llama3-3b") { c.dim = 3072; c.hidden_dim = 8192; c.n_layers = 28; c.n_heads = 24; c.n_kv_heads = 8; c.head_dim = 128; c.tied = true; }
-    else if (name == "llama3-8b") { c.dim = 4096; c.hidden_dim = 14336; c.n_layers = 32; c.n_heads = 32; c.n_kv_heads = 8; c.head_dim = 128;
-                                    c.rope_factor = 8.0f; c.tied = false; }
-    else ql_fail("--model random:%s: unknown shape (tiny, llama3-1b, llama3-3b, llama3-8b)", name.c_str());
-    return c;
+    struct Shape { const char* name; int dim, hidden, layers, heads, kv_heads, head_dim, vocab; bool tied; };
+    static const Shape shapes[] = {
+        {"tiny", 256, 768, 4, 4, 2, 64, 4096, true},
+        {"llama3-1b", 2048, 8192, 16, 32, 8, 64, 128256, true},
+        {"llama3-3b", 3072, 8192, 28, 24, 8, 128, 128256, true},
+        {"llama3-8b", 4096, 14336, 32, 32, 8, 128, 128256, false},
+        {"llama3-70b", 8192, 28672, 80, 64, 8, 128, 128256, false},
+        {"llama3-405b", 16384, 53248, 126, 128, 8, 128, 128256, false},
+        {"qwen2.5-7b", 3584, 18944, 28, 28, 4, 128, 152064, false},
+        {"qwen3-8b", 4096, 12288, 36, 32, 8, 128, 151936, false},
+    };
+    std::string known;
+    for (const Shape& sh : shapes) {
+        known += std::string(known.empty() ? "" : ", ") + sh.name;
+        if (name != sh.name) continue;
+        Config c;
+        c.dim = sh.dim;
+        c.hidden_dim = sh.hidden;
+        c.n_layers = sh.layers;
+        c.n_heads = sh.heads;
+        c.n_kv_heads = sh.kv_heads;
+        c.head_dim = sh.head_dim;
+        c.vocab_size = sh.vocab;
+        c.tied = sh.tied;
+        c.norm_eps = 1e-5f;
+        if (name == "tiny") {
+            c.max_seq_len = 4096;
+        } else if (name.rfind("llama3", 0) == 0) {   // rope llama3 scaling: 32 for the 1b/3b, 8 for the rest
+            c.max_seq_len = 131072;
+            c.rope_theta = 500000.0f;
+            c.rope_type = ROPE_LLAMA3;
+            c.rope_factor = sh.tied ? 32.0f : 8.0f;
+        } else {                                     // Qwen: theta 1e6, eps 1e-6
+            c.max_seq_len = name == "qwen3-8b" ? 40960 : 131072;
+            c.rope_theta = 1e6f;
+            c.norm_eps = 1e-6f;
+            c.qkv_bias = name == "qwen2.5-7b";
+            c.qk_norm = name == "qwen3-8b";
+        }
+        return c;
+    }
+    ql_fail("--model random:%s: unknown shape (%s)", name.c_str(), known.c_str());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -85,8 +117,12 @@ struct Acts {
     std::vector<bf16*> h;                 // (L+1) x (N, H) residual stream entering layer l; h[L] before the final norm
     struct Layer {                        // one layer's activations, kept for backward
         bf16* n1;                         // (N, H)   input_layernorm(h[l]): input of q/k/v_proj
-        bf16* q;                          // (N, qd)  q_proj, then RoPE in place
-        bf16* k;                          // (N, kvd) k_proj, then RoPE in place
+        bf16* q;                          // (N, qd)  q_proj (or q_norm(q_pre)), then RoPE in place
+        bf16* k;                          // (N, kvd) k_proj (or k_norm(k_pre)), then RoPE in place
+        bf16* q_pre;                      // (N, qd)  QK-norm only: q_proj before q_norm
+        bf16* k_pre;                      // (N, kvd) QK-norm only: k_proj before k_norm
+        float* rstd_q;                    // (N, nh)  QK-norm only: 1/rms of each head of q_pre
+        float* rstd_k;                    // (N, nkv) QK-norm only: 1/rms of each head of k_pre
         bf16* v;                          // (N, kvd) v_proj
         bf16* att;                        // (N, qd)  attention output: input of o_proj
         bf16* h_mid;                      // (N, H)   h[l] + o_proj(att)
@@ -118,6 +154,8 @@ struct Acts {
     bf16* dq;                             // (N, qd)
     bf16* dk;                             // (N, kvd)
     bf16* dv;                             // (N, kvd)
+    bf16* dq_pre;                         // (N, qd)  of q_pre (QK-norm only)
+    bf16* dk_pre;                         // (N, kvd) of k_pre (QK-norm only)
     bf16* dact;                           // (N, I)   of the swiglu output
     float* attn_scratch;                  // attention backward scratch (attention_backward_scratch_bytes)
     void* ce_scratch;                     // lm_head + CE chunk: ce_rows rows of logits
@@ -263,6 +301,14 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
         A.want(&ly.h_mid, N * H); A.want(&ly.n2, N * H); A.want(&ly.gate, N * I); A.want(&ly.up, N * I);
         A.want(&ly.rstd1, N); A.want(&ly.rstd2, N); A.want(&ly.lse, (size_t)o.batch * c.n_heads * o.seq);
         U.want(&ly.uqkv, ku(G_QKV)); U.want(&ly.uo, ku(G_O)); U.want(&ly.ugu, ku(G_GATE_UP));
+        ly.q_pre = ly.k_pre = nullptr;
+        ly.rstd_q = ly.rstd_k = nullptr;
+        if (c.qk_norm) {
+            A.want(&ly.q_pre, N * q);
+            A.want(&ly.k_pre, N * kv);
+            A.want(&ly.rstd_q, N * c.n_heads);
+            A.want(&ly.rstd_k, N * c.n_kv_heads);
+        }
     }
     a.udown.resize(L);
     for (size_t l = 0; l < L; l++) U.want(&a.udown[l], ku(G_DOWN));
@@ -277,6 +323,11 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     S.want(&a.ids, N); S.want(&a.targets, N); S.want(&a.pos, N); S.want(&a.doc_start, N); S.want(&a.flags, 2); S.want(&a.losses, N); S.want(&a.loss_sum, 1); S.want(&a.norm, 1);
     G.want(&a.dres, N * H); G.want(&a.dn, N * H); G.want(&a.datt, N * q); G.want(&a.dq, N * q); G.want(&a.dk, N * kv); G.want(&a.dv, N * kv);
     G.want(&a.dact, N * I);
+    a.dq_pre = a.dk_pre = nullptr;
+    if (c.qk_norm) {
+        G.want(&a.dq_pre, N * q);
+        G.want(&a.dk_pre, N * kv);
+    }
     size_t total = 0; for (auto& x : ar) total += x.bytes;
     size_t free_b = 0, total_b = 0; cudaCheck(cudaMemGetInfo(&free_b, &total_b));
     printf("memory plan (batch %d x seq %d, recompute %s):\n", o.batch, o.seq, o.recompute ? "on" : "off");
@@ -335,7 +386,7 @@ static void load_model(Trainer& t) {
                 fill_normal(dst, n, 0.02f, t.o.seed, w.id == W_EMBED ? 1 : 2, t.s);
                 return;
             }
-            std::vector<uint16_t> h((size_t)n, f32_to_bf16(1.0f));
+            std::vector<uint16_t> h((size_t)n, f32_to_bf16(w.bias() ? 0.0f : 1.0f));   // random: biases 0, norms 1
             if (!random) {
                 std::vector<float> f = st_f32(*(bnb ? bv.w.at(w.id, w.layer) : v.at(w.id, w.layer)));
                 for (int64_t i = 0; i < n; i++) h[i] = f32_to_bf16(f[i]);
@@ -427,6 +478,13 @@ static void linears_forward(Trainer& t, const LinearRun& run, Group g, bf16* con
     for (int i = 0, j = 0; i < g.n; i++) {
         int p = g.first + i, out = proj_out(c, p);
         bool lora = run.lora && lc.has(p);
+        const bf16* bias = proj_has_bias(c, p) ? m.w.at(proj_bias_id(p), l) : nullptr;
+        if (bias) {   // y = bf16(x·Wᵀ) + b first; the LoRA output is added to that (PEFT: result + lora_out)
+            prof.to("frozen GEMMs");
+            gemm_forward(t.mm, ys[i], x, run.w[p], N, out, in);
+            prof.to("bias");
+            add_bias(ys[i], bias, N, out, t.s);
+        }
         if (lora) {
             MatIn uj(u + j * r, k * r);   // (N, r): columns j·r.. of u
             if (run.dropout) {            // each projection its own mask: its own x·Aᵀ
@@ -437,9 +495,10 @@ static void linears_forward(Trainer& t, const LinearRun& run, Group g, bf16* con
                 uj = MatIn(t.a.u);
             }
             prof.to("LoRA GEMMs");
-            gemm_forward(t.mm, ys[i], uj, lB(m, l, p), N, out, r, lc.scale());                   // y = s·u·Bᵀ
+            gemm_forward(t.mm, ys[i], uj, lB(m, l, p), N, out, r, lc.scale(), bias ? 1.0f : 0.0f);   // y (+)= s·u·Bᵀ
             j++;
         }
+        if (bias) continue;
         prof.to("frozen GEMMs");
         gemm_forward(t.mm, ys[i], x, run.w[p], N, out, in, 1.0f, lora ? 1.0f : 0.0f);           // y += x·Wᵀ
     }
@@ -511,6 +570,27 @@ static void linears_backward(Trainer& t, const LinearRun& run, Group g, bf16* dx
     linears_backward(t, run, g, dx, dys, x, u, l, drop_seed, [] {});
 }
 
+// q, k = RoPE(q_norm(q_pre)), RoPE(k_norm(k_pre)) (Qwen3: an RMSNorm over each head's head_dim,
+// rows of hd); without QK-norm the projections wrote q, k themselves and RoPE runs on them in place.
+struct QK {
+    bf16* q;                 // (N, qd)
+    bf16* k;                 // (N, kvd)
+    const bf16* q_pre;       // (N, qd)  QK-norm only
+    const bf16* k_pre;       // (N, kvd) QK-norm only
+    float* rstd_q;           // (N, nh)  QK-norm only
+    float* rstd_k;           // (N, nkv) QK-norm only
+};
+static void qk_norm_rope(Trainer& t, int l, const QK& qk, const int* pos, int N, int T) {
+    const Config& c = t.m.cfg;
+    const Model& m = t.m;
+    ProfileScope prof(t.prof, "RoPE (+ QK-norm)");
+    if (c.qk_norm) {
+        rmsnorm_forward(qk.q, qk.rstd_q, qk.q_pre, m.w.at(W_Q_NORM, l), N * c.n_heads, c.head_dim, c.norm_eps, t.s);
+        rmsnorm_forward(qk.k, qk.rstd_k, qk.k_pre, m.w.at(W_K_NORM, l), N * c.n_kv_heads, c.head_dim, c.norm_eps, t.s);
+    }
+    rope_forward(qk.q, qk.k, m.inv_freq, pos, N, T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+}
+
 // One decoder layer. fresh: in the forward pass, where the residual h[l] = h_mid[l-1] + mlp_out[l-1]
 // is formed here, fused with input_layernorm; in a recompute (backward) h[l] is already stored.
 static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
@@ -528,10 +608,9 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
         rmsnorm_forward(y.n1, y.rstd1, a.h[l], m.w.at(W_ATTN_NORM, l), N, c.dim, c.norm_eps, t.s);
     dequantize_layer(t, wdq(t, l), l);
     LinearRun run = training_run(t, l);
-    bf16* qkv[3] = {y.q, y.k, y.v};
+    bf16* qkv[3] = {c.qk_norm ? y.q_pre : y.q, c.qk_norm ? y.k_pre : y.k, y.v};
     linears_forward(t, run, G_QKV, qkv, y.n1, y.uqkv, l, drop_seed);   // q, k, v = q_proj(n1), k_proj(n1), v_proj(n1)
-    prof.to("RoPE");
-    rope_forward(y.q, y.k, m.inv_freq, pos, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+    qk_norm_rope(t, l, {y.q, y.k, y.q_pre, y.k_pre, y.rstd_q, y.rstd_k}, pos, N, a.T);
     prof.to("attention forward");
     attention_forward(y.att, y.lse, y.q, y.k, y.v, doc_start, a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
     linears_forward(t, run, G_O, &a.delta, y.att, y.uo, l, drop_seed);   // o_proj(att)
@@ -597,9 +676,13 @@ static void backward(Trainer& t, uint64_t drop_seed) {
         prof.to("attention backward");
         attention_backward(a.dq, a.dk, a.dv, a.attn_scratch, a.datt, y.q, y.k, y.v, y.att, y.lse, doc_start, a.B, a.T, c.n_heads,
                            c.n_kv_heads, c.head_dim, t.s);
-        prof.to("RoPE");
+        prof.to("RoPE (+ QK-norm)");
         rope_backward(a.dq, a.dk, m.inv_freq, pos, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
-        bf16* dqkv[3] = {a.dq, a.dk, a.dv};
+        if (c.qk_norm) {   // d q_pre, d k_pre through each head's RMSNorm (its weight is frozen)
+            rmsnorm_backward(a.dq_pre, a.dq, y.q_pre, m.w.at(W_Q_NORM, l), y.rstd_q, N * c.n_heads, c.head_dim, false, t.s);
+            rmsnorm_backward(a.dk_pre, a.dk, y.k_pre, m.w.at(W_K_NORM, l), y.rstd_k, N * c.n_kv_heads, c.head_dim, false, t.s);
+        }
+        bf16* dqkv[3] = {c.qk_norm ? a.dq_pre : a.dq, c.qk_norm ? a.dk_pre : a.dk, a.dv};
         linears_backward(t, run, G_QKV, a.dn, dqkv, y.n1, y.uqkv, l, drop_seed);   // d n1
         prof.to("RMSNorm backward");
         rmsnorm_backward(a.dres, a.dn, a.h[l], m.w.at(W_ATTN_NORM, l), y.rstd1, N, c.dim, true, t.s);   // d h[l]
@@ -643,7 +726,7 @@ static void trainer_init(Trainer& t, const Options& o) {
         t.m.lc.dropout = o.lora.dropout;
     }
     printf("model %s: H %d I %d L %d heads %d/%d hd %d V %d%s | LoRA r %d alpha %g on %s%s | %.1f M trainable\n", o.model.c_str(), c.dim,
-           c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.tied ? " tied" : "", t.m.lc.rank, t.m.lc.alpha,
+           c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, config_tags(c).c_str(), t.m.lc.rank, t.m.lc.alpha,
            lora_targets_text(t.m.lc.targets).c_str(), o.adapter.empty() ? "" : (" from " + o.adapter).c_str(), lora_num_params(c, t.m.lc) / 1e6);
     std::vector<Arena> arenas;
     plan_memory(t, arenas);
@@ -794,6 +877,9 @@ struct Decoder {
     bf16* q;                              // (B, qd)
     bf16* k;                              // (B, kvd)
     bf16* v;                              // (B, kvd)
+    bf16* q_pre;                          // (B, qd)  QK-norm only: q_proj before q_norm
+    bf16* k_pre;                          // (B, kvd) QK-norm only
+    float* rstd_qk;                       // (B, nh + nkv) QK-norm only
     bf16* att;                            // (B, qd)  attention output
     bf16* delta;                          // (B, H)   o_proj / down_proj output
     bf16* gate;                           // (B, I)
@@ -823,8 +909,9 @@ static void decoder_init(Trainer& t, Decoder& d, int B, int Tmax, bool lora) {
         d.mem.want(&d.vc[l], (size_t)B * Tmax * kv);
     }
     for (bf16** p : {&d.x, &d.n, &d.delta}) d.mem.want(p, B * H);
-    for (bf16** p : {&d.q, &d.att}) d.mem.want(p, B * q);
-    for (bf16** p : {&d.k, &d.v}) d.mem.want(p, B * kv);
+    for (bf16** p : {&d.q, &d.att, &d.q_pre}) d.mem.want(p, B * q);
+    for (bf16** p : {&d.k, &d.v, &d.k_pre}) d.mem.want(p, B * kv);
+    d.mem.want(&d.rstd_qk, (size_t)B * (c.n_heads + c.n_kv_heads));
     for (bf16** p : {&d.gate, &d.up, &d.act}) d.mem.want(p, B * I);
     d.mem.want(&d.u, B * 3 * r);
     for (int p = 0; p < N_PROJ; p++) d.mem.want(&d.wdq[p], (size_t)proj_out(c, p) * proj_in(c, p));
@@ -852,9 +939,10 @@ static void decode_step(Trainer& t, Decoder& d) {
     rmsnorm_forward(d.n, d.rstd, d.x, m.w.at(W_ATTN_NORM, 0), B, c.dim, c.norm_eps, t.s);   // n = input_layernorm(x)
     for (int l = 0; l < L; l++) {
         dequantize_layer(t, d.wdq, l);
-        bf16* qkv[3] = {d.q, d.k, d.v};
+        bf16* qkv[3] = {c.qk_norm ? d.q_pre : d.q, c.qk_norm ? d.k_pre : d.k, d.v};
         linears_forward(t, run, G_QKV, qkv, d.n, d.u, l, 0);   // q, k, v = q_proj(n), k_proj(n), v_proj(n)
-        rope_forward(d.q, d.k, m.inv_freq, d.pos, B, 1, c.n_heads, c.n_kv_heads, c.head_dim, t.s);   // at each sequence's position
+        float* rstd_k = d.rstd_qk + (size_t)B * c.n_heads;
+        qk_norm_rope(t, l, {d.q, d.k, d.q_pre, d.k_pre, d.rstd_qk, rstd_k}, d.pos, B, 1);   // at each sequence's position
         kv_cache_store(d.kc[l], d.vc[l], d.k, d.v, d.pos, B, d.Tmax, c.n_kv_heads, c.head_dim, t.s);
         decode_attention(d.att, d.q, d.kc[l], d.vc[l], d.pos, B, d.Tmax, c.n_heads, c.n_kv_heads, c.head_dim, t.s);   // keys 0..pos
         linears_forward(t, run, G_O, &d.delta, d.att, d.u, l, 0);

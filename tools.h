@@ -180,7 +180,7 @@ inline int tool_main(unsigned mode, const Options& o, const std::string& argv0) 
 // argv[1] names a tool mode: run it (exit status), else -1
 inline int tool_dispatch(int argc, char** argv, unsigned binary, const char* prog) {
     if (argc < 2) return -1;
-    unsigned mode = !strcmp(argv[1], "quantize") ? QUANTIZE : !strcmp(argv[1], "merge") ? MERGE : 0;
+    unsigned mode = !strcmp(argv[1], "quantize") ? (unsigned)QUANTIZE : !strcmp(argv[1], "merge") ? (unsigned)MERGE : 0u;
     if (!mode) return -1;
     return tool_main(mode, parse_options(argc - 1, argv + 1, mode, binary, prog), argv[0]);
 }

@@ -20,6 +20,7 @@
 #include "../kernels/crossentropy.cuh"  // defines: fused_classifier, crossentropy_forward_backward
 #include "../kernels/adamw.cuh"         // defines: grad_norm, adamw_update
 #include "../kernels/lora.cuh"          // defines: lora_dropout_forward, lora_dropout_backward_add, cast_f32_to_bf16
+#include "../kernels/bias.cuh"          // defines: add_bias
 #include "../kernels/decode.cuh"        // defines: kv_cache_store, decode_attention
 #include "../formats.h"                 // defines: quantize_weight, f32_to_bf16, rng_uniform, SafeTensors
 #include "../reference.h"               // defines: ref_rmsnorm_*, ref_rope, ref_swiglu_*, ref_cross_entropy_*, ref_lora_dropout
@@ -535,6 +536,18 @@ static void test_swiglu() {
 // ---------------------------------------------------------------------------------------------
 // cross entropy
 
+// add_bias: y = bf16(y + b), b broadcast over rows: exact (one fp32 add of two bf16 values, rounded once)
+static void test_bias() {
+    int N = 300, C = 136;   // C: a multiple of 8, not of the block
+    std::vector<uint16_t> y = rand_bf16((size_t)N * C, 3.0f, 950), b = rand_bf16(C, 1.0f, 951), want(y.size());
+    for (size_t i = 0; i < y.size(); i++) want[i] = f32_to_bf16(bf16_to_f32(y[i]) + bf16_to_f32(b[i % C]));
+    DB16 Y(y), B(b);
+    add_bias(Y.b(), B.b(), N, C, 0);
+    dsync();
+    std::vector<uint16_t> got = Y.down();
+    check_bytes("add_bias: bf16(y + b[col]) over 300 x 136, bit for bit", got.data(), want.data(), 2 * want.size());
+}
+
 static void test_crossentropy(MatmulCtx& ctx) {
     // (a) the row kernel on given bf16 logits, small and Llama-3-sized V
     for (int pass = 0; pass < 2; pass++) {
@@ -807,6 +820,7 @@ int main() {
     test_rmsnorm();
     test_rope();
     test_swiglu();
+    test_bias();
     test_crossentropy(ctx);
     test_adamw();
     test_lora();

@@ -353,10 +353,14 @@ int main() {
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) return test_skip("test_qlora", "no CUDA device");
     variant("test/ref/tied");
     variant("test/ref/untied");
+    variant("test/ref/qwen2");   // q/k/v biases
+    variant("test/ref/qwen3");   // per-head QK-norm, nh·hd != H
     resume_and_determinism(false);
     resume_and_determinism(true);
     decode_vs_forward("test/ref/tied");
     decode_vs_forward("test/ref/untied");
+    decode_vs_forward("test/ref/qwen2");
+    decode_vs_forward("test/ref/qwen3");
     greedy_vs_cpu();
     packed_vs_cpu();
     return test_summary();
