@@ -37,6 +37,7 @@ struct Options {
     LoraConfig lora;                     // --rank --alpha --dropout --rslora --targets; --adapter replaces it
     uint64_t seed = 1234;
     bool recompute = false;
+    double gpu_memory = 0;               // GiB the run may take (0: what the GPU has free)
     bool profile = false;
     double peak_tflops = 700.0;          // measured bf16 GEMM peak for MFU (../shared/bench/gemm_peak.py)
     int threads = 0;                     // CPU trainer: 0 = every core
@@ -150,6 +151,8 @@ inline const std::vector<Flag>& flag_table() {
              [](const Options& o) { return lora_targets_text(o.lora.targets); }},
         QL_NUM("--seed", "S", TRAIN | SAMPLE | BOTH, seed, 0, 1e18, "LoRA init, data order, dropout; sampling"),
         QL_SWITCH("--recompute", TRAIN | GPU, recompute, true, "recompute each layer's activations in backward (less memory)"),
+        QL_NUM("--gpu-memory", "GiB", TRAIN | GPU, gpu_memory, 0, 1e6,
+               "memory budget; recompute is switched on when the run does not fit without it (0: what is free)"),
         QL_NUM("--threads", "N", TRAIN | CPU, threads, 0, 1024, "CPU threads (0: every core)"),
         QL_NUM("--eval-every", "N", TRAIN | BOTH, eval_every, 0, 1e9, "validation report every N steps (0: before and after only)"),
         QL_NUM("--eval-batches", "K", TRAIN | GPU, eval_batches, 0, 1e6, "validation loss over the first K batches (0: all)"),

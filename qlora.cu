@@ -328,14 +328,45 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
         G.want(&a.dq_pre, N * q);
         G.want(&a.dk_pre, N * kv);
     }
-    size_t total = 0; for (auto& x : ar) total += x.bytes;
-    size_t free_b = 0, total_b = 0; cudaCheck(cudaMemGetInfo(&free_b, &total_b));
-    printf("memory plan (batch %d x seq %d, recompute %s):\n", o.batch, o.seq, o.recompute ? "on" : "off");
+}
+
+static size_t arena_total(const std::vector<Arena>& ar) {
+    size_t total = 0;
+    for (const Arena& x : ar) total += x.bytes;
+    return total;
+}
+
+// Plans every allocation within the budget (--gpu-memory GiB, else what the GPU has free, less
+// 768 MiB for cuBLASLt's workspace and the CUDA context): recompute is switched on when the run
+// does not fit without it; prints the plan and what it chose; stops with advice if nothing fits.
+static void plan_and_alloc(Trainer& t, std::vector<Arena>& ar) {
+    const Options& o = t.o;
+    size_t free_b = 0, total_b = 0, headroom = (size_t)768 << 20;
+    cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+    size_t budget = o.gpu_memory > 0 ? (size_t)(o.gpu_memory * 1073741824.0) - headroom : free_b - std::min(free_b, headroom);
+    budget = std::min(budget, free_b - std::min(free_b, headroom));
+    plan_memory(t, ar);
+    std::string why;
+    if (!t.o.recompute && arena_total(ar) > budget) {
+        char b[160];
+        snprintf(b, sizeof b, " (chosen: without it the run needs %.2f GiB, over the budget)", arena_total(ar) / 1073741824.0);
+        why = b;
+        t.o.recompute = true;
+        plan_memory(t, ar);
+    }
+    size_t total = arena_total(ar);
+    printf("memory plan (batch %d x seq %d, recompute %s%s):\n", o.batch, o.seq, t.o.recompute ? "on" : "off", why.c_str());
     for (auto& x : ar) printf("  %-46s %9.2f GiB\n", x.role, x.bytes / 1073741824.0);
-    printf("  %-46s %9.2f GiB (GPU has %.2f GiB free of %.2f)\n", "total", total / 1073741824.0, free_b / 1073741824.0, total_b / 1073741824.0);
-    if (total + (size_t)768 * 1048576 > free_b)   // cuBLASLt workspace, CUDA context headroom
-        ql_fail("this run needs %.2f GiB but the GPU has %.2f GiB free. Try %s--batch %d, or a shorter --seq.", total / 1073741824.0,
-                free_b / 1073741824.0, o.recompute ? "" : "--recompute, ", o.batch > 1 ? o.batch / 2 : 1);
+    printf("  %-46s %9.2f GiB (budget %.2f GiB%s; the GPU has %.2f GiB free of %.2f)\n", "total", total / 1073741824.0,
+           budget / 1073741824.0, o.gpu_memory > 0 ? ", --gpu-memory" : "", free_b / 1073741824.0, total_b / 1073741824.0);
+    if (total > budget) {
+        size_t weights = ar[0].bytes;
+        if (weights + headroom > total_b)
+            ql_fail("the model does not fit one GPU: its 4-bit weights alone need %.2f GiB and this GPU has %.2f GiB; "
+                    "it needs several GPUs, which qlora cannot split a model over yet", weights / 1073741824.0, total_b / 1073741824.0);
+        ql_fail("this run needs %.2f GiB but the budget is %.2f GiB. Try --batch %d, or a shorter --seq.", total / 1073741824.0,
+                budget / 1073741824.0, o.batch > 1 ? o.batch / 2 : 1);
+    }
     for (auto& x : ar) x.alloc();
 }
 
@@ -729,7 +760,7 @@ static void trainer_init(Trainer& t, const Options& o) {
            c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, config_tags(c).c_str(), t.m.lc.rank, t.m.lc.alpha,
            lora_targets_text(t.m.lc.targets).c_str(), o.adapter.empty() ? "" : (" from " + o.adapter).c_str(), lora_num_params(c, t.m.lc) / 1e6);
     std::vector<Arena> arenas;
-    plan_memory(t, arenas);
+    plan_and_alloc(t, arenas);
     load_model(t);
     std::vector<float> init(t.m.n_lora);
     if (!o.adapter.empty()) init = adapter; else lora_init(init.data(), c, t.m.lc, o.seed);
