@@ -127,7 +127,8 @@ inline const std::vector<Flag>& flag_table() {
                "validation token file: loss and task accuracy (greedy, exact match); sample: its prompts"),
         QL_STR("--vocab", "FILE", TRAIN | SAMPLE | BOTH, vocab, "vocabulary table for printed samples (default MODEL/vocab.bin)"),
         QL_STR("--out", "DIR", TRAIN | QUANTIZE | MERGE | BOTH, out,
-               "train: the adapter (PEFT files) and the resume state; quantize, merge: the checkpoint"),
+               "train: the adapter (PEFT files) and the resume state; quantize, merge: the checkpoint. Locked for the run, "
+               "replaced whole at each save"),
         QL_STR("--resume", "DIR", TRAIN | GPU, resume, "continue the run saved in DIR (an earlier --out), bit for bit"),
         QL_NUM("--save-every", "N", TRAIN | GPU, save_every, 0, 1e9, "save --out every N steps (0: at the end only)"),
         QL_STR("--adapter", "DIR", TRAIN | SAMPLE | MERGE | GPU, adapter,
@@ -187,6 +188,16 @@ inline const std::vector<Flag>& flag_table() {
     return t;
 }
 
+// What a resume must share with the run it continues (formats.h §11b: state_write, state_read): the
+// model, the LoRA layout, the batch shape, the seed and the data. Both trainers write the same text,
+// so a state one of them saved resumes in the other.
+inline std::string run_signature(const Options& o, const LoraConfig& lc) {
+    char b[512];
+    snprintf(b, sizeof b, "state v2 (LoRA layout: per layer A's then B's) model=%s rank=%d alpha=%.9g rslora=%d targets=%u batch=%d seq=%d accum=%d seed=%llu train=%s",
+             o.model.c_str(), lc.rank, lc.alpha, (int)lc.rslora, lc.targets, o.batch, o.seq, o.grad_accum, (unsigned long long)o.seed, o.train.c_str());
+    return b;
+}
+
 // whether a flag is taken by this mode of this binary (quantize and merge: either binary)
 inline bool flag_applies(const Flag& f, unsigned mode, unsigned binary) {
     return (f.where & mode) && (mode == QUANTIZE || mode == MERGE || (f.where & binary));
@@ -231,6 +242,9 @@ inline Options parse_options(int argc, char** argv, unsigned mode, unsigned bina
         }
         f->set(o, args);
     }
+    // directories without their trailing slashes: "data/base/" would name "data/base//config.json"
+    for (std::string* d : {&o.model, &o.out, &o.resume, &o.adapter})
+        while (d->size() > 1 && d->back() == '/') d->pop_back();
     if (o.vocab.empty() && o.model.rfind("random:", 0) != 0) o.vocab = o.model + "/vocab.bin";
     return o;
 }
