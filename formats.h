@@ -720,7 +720,8 @@ inline bool is_dir(const std::string& p) { struct stat sb; return stat(p.c_str()
 // DIR holding the whole old set or the whole new one, never a mix (rank-4 weights beside "r": 16).
 // Then the old set goes: what qlora writes is deleted, anything else it held (notes, a log) moves into
 // the new DIR. A kill before that is done leaves the sibling behind; the next out_lock of DIR
-// finishes the job.
+// finishes the job. A DIR that cannot be renamed (a mount point, e.g. a container's volume) gets its
+// files replaced one at a time instead, each whole, with a note.
 
 // the names of the files qlora writes into an output directory (and atomic_write's temporaries)
 inline bool qlora_output_name(const std::string& n) {
@@ -790,6 +791,8 @@ inline void out_recover(const std::string& dir) {
         if (out_sibling_of(e, name, "old") && !file_exists(dir)) rename((parent + "/" + e).c_str(), dir.c_str());
     for (const std::string& e : dir_entries(parent))
         if (out_sibling_of(e, name, "new") || out_sibling_of(e, name, "old")) out_retire(parent + "/" + e, dir);
+    for (const std::string& e : dir_entries(dir))   // a set staged inside DIR (a mount point), never moved in
+        if (out_sibling_of(e, name, "new")) out_retire(dir + "/" + e, dir);
 }
 
 inline std::map<std::string, int>& out_locks() { static std::map<std::string, int> m; return m; }   // canonical DIR -> lock fd
@@ -836,24 +839,56 @@ inline void out_discard_pending() {
 
 // Writes a set of files into DIR as one: write(stage) puts them into the fresh sibling `stage`,
 // which then replaces DIR (see above). Takes DIR's lock if this process does not hold it yet.
+// DIR is the root of a mount (a container's volume, a bind mount): rename() cannot move it, nor move
+// anything into it from another mount
+inline bool out_is_mount_point(const std::string& dir, const std::string& parent) {
+    struct stat sd, sp;
+    if (stat(dir.c_str(), &sd) != 0) return false;
+    if (stat(parent.c_str(), &sp) == 0 && sd.st_dev != sp.st_dev) return true;
+#ifdef STATX_ATTR_MOUNT_ROOT
+    struct statx sx;
+    if (statx(AT_FDCWD, dir.c_str(), 0, STATX_BASIC_STATS, &sx) == 0 && (sx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT))
+        return (sx.stx_attributes & STATX_ATTR_MOUNT_ROOT) != 0;
+#endif
+    return false;
+}
 inline void out_write_set(const std::string& dir, const std::function<void(const std::string& stage)>& write) {
     std::string abs = out_lock(dir), parent = parent_dir(abs), name = base_name(abs);
-    std::string stage = parent + "/." + name + ".new" + unique_suffix();
-    ql_assert(mkdir(stage.c_str(), 0755) == 0, "cannot create %s (is %s writable?)", stage.c_str(), parent.c_str());
+    // DIR a mount point (a container's volume) cannot be renamed: the set is staged inside it and its
+    // files are moved in one by one (each file whole, the set not), with a note
+    bool mount = out_is_mount_point(abs, parent);
+    std::string stage = (mount ? abs : parent) + "/." + name + ".new" + unique_suffix();
+    ql_assert(mkdir(stage.c_str(), 0755) == 0, "cannot create %s (is %s writable?)", stage.c_str(), (mount ? abs : parent).c_str());
     out_pending();   // constructed before the handler is registered, so destroyed after it has run
     static bool at_exit = atexit(out_discard_pending) == 0;   // ql_fail exits: no half-written sibling left behind
     (void)at_exit;
     out_pending() = {stage, dir};
     try { write(stage); } catch (...) { out_discard_pending(); throw; }   // ql_error_mode().throw_instead
     fsync_dir(stage);
+    auto file_by_file = [&] {
+        static bool noted = false;
+        if (!noted) fprintf(stderr, "qlora: note: %s is a mount point: its files are replaced one at a time, not as one set\n", dir.c_str());
+        noted = true;
+        for (const std::string& n : dir_entries(stage))
+            ql_assert(rename((stage + "/" + n).c_str(), (abs + "/" + n).c_str()) == 0, "cannot move %s/%s into %s", stage.c_str(), n.c_str(), abs.c_str());
+        rmdir(stage.c_str());
+        fsync_dir(abs);
+    };
     std::string old = stage;   // after the switch: where the old set is
-    if (!file_exists(abs)) ql_assert(rename(stage.c_str(), abs.c_str()) == 0, "cannot rename %s to %s", stage.c_str(), abs.c_str());
+    if (mount) file_by_file();
+    else if (!file_exists(abs)) ql_assert(rename(stage.c_str(), abs.c_str()) == 0, "cannot rename %s to %s", stage.c_str(), abs.c_str());
     else if (renameat2(AT_FDCWD, stage.c_str(), AT_FDCWD, abs.c_str(), RENAME_EXCHANGE) != 0) {
-        ql_assert(errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP, "cannot switch %s in for %s: %s", stage.c_str(), abs.c_str(), strerror(errno));
-        // a file system without RENAME_EXCHANGE: two renames; between them DIR is missing (out_recover puts the old set back)
-        old = parent + "/." + name + ".old" + unique_suffix();
-        ql_assert(rename(abs.c_str(), old.c_str()) == 0, "cannot rename %s to %s", abs.c_str(), old.c_str());
-        ql_assert(rename(stage.c_str(), abs.c_str()) == 0, "cannot rename %s to %s", stage.c_str(), abs.c_str());
+        if (errno == EBUSY || errno == EXDEV) {   // a mount point out_is_mount_point missed: the new set stays where it is
+            out_pending() = {};
+            ql_fail("cannot switch %s in for %s (%s: a mount point?); the new files are complete in %s", stage.c_str(), abs.c_str(),
+                    strerror(errno), stage.c_str());
+        } else {
+            ql_assert(errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP, "cannot switch %s in for %s: %s", stage.c_str(), abs.c_str(), strerror(errno));
+            // a file system without RENAME_EXCHANGE: two renames; between them DIR is missing (out_recover puts the old set back)
+            old = parent + "/." + name + ".old" + unique_suffix();
+            ql_assert(rename(abs.c_str(), old.c_str()) == 0, "cannot rename %s to %s", abs.c_str(), old.c_str());
+            ql_assert(rename(stage.c_str(), abs.c_str()) == 0, "cannot rename %s to %s", stage.c_str(), abs.c_str());
+        }
     }
     out_pending() = {};
     fsync_dir(parent);

@@ -162,6 +162,7 @@ inline void merge_write_checkpoint(const std::string& src, const Config& c, cons
 inline int tool_main(unsigned mode, const Options& o, const std::string& argv0) {
     ql_assert(o.model.rfind("random:", 0) != 0 && !o.out.empty(), "%s needs --model DIR and --out DIR (see %s --help)",
               mode_name(mode), mode_name(mode));
+    ckpt_prepare_out(o.model, o.out);   // before any work: --out is not the model, not a file, and no other run writes it
     std::string here = argv0.find('/') == std::string::npos ? "." : argv0.substr(0, argv0.rfind('/'));
     if (!rcp_table_load("data/rcp_delta.bin")) rcp_table_load(here + "/data/rcp_delta.bin");   // rcp.approx: bit-exact FP4, fp32 input
     if (mode == QUANTIZE) {
