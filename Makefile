@@ -1,5 +1,10 @@
 # qlora: `make` builds what this machine can build, `make test` runs every test it can run.
 # Every setting can be overridden:  make CXX=clang++ NVCC=/usr/local/cuda/bin/nvcc GPU_ARCH=90
+# Builds run in parallel, one job per core (JOBS=1, or -j N on the command line, to choose).
+JOBS      ?= $(shell nproc 2>/dev/null || echo 1)
+ifeq ($(filter -j%,$(MAKEFLAGS)),)
+MAKEFLAGS += -j$(JOBS)
+endif
 CXX       ?= g++
 CXXFLAGS  ?= -std=c++17 -O2 -Wall -Wextra
 SANFLAGS  ?= -std=c++17 -O1 -g -Wall -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
@@ -22,7 +27,7 @@ all: detect $(CPU_TESTS) $(SAN_TESTS) $(GPU_TESTS) $(GPU_BINS) qlora_cpu
 
 detect:
 	@echo "qlora build: g++ ✓ ($(CXX)) | nvcc $(if $(NVCC),✓ ($(NVCC)),✗ (GPU trainer and GPU tests not built)) | \
-GPU $(if $(GPU_ARCH),✓ sm_$(GPU_ARCH),✗ none found$(if $(NVCC), (building for sm_$(ARCH); set GPU_ARCH=..)))"
+GPU $(if $(GPU_ARCH),✓ sm_$(GPU_ARCH),✗ none found$(if $(NVCC), (building for sm_$(ARCH); set GPU_ARCH=..))) | parallel jobs $(or $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS))),unlimited) (JOBS=N to change)"
 
 build/%: test/%.cpp $(HEADERS) | build
 	$(CXX) $(CXXFLAGS) -o $@ $<
@@ -45,6 +50,7 @@ PY_TESTS   := test/test_prepare.py
 qlora_cpu: qlora_cpu.cpp $(HEADERS)
 	$(CXX) $(CXXFLAGS) -pthread -o $@ $<
 build/test_train_cpu build/test_train_cpu_san: qlora_cpu.cpp
+# the trainer it runs and nothing else: no test, sanitizer or GPU-test build to wait for
 train: detect qlora_cpu $(if $(GPU_ARCH),$(GPU_BINS))
 	@if [ -n "$(GPU_ARCH)" ] && [ -x ./qlora ]; then \
 	  echo "make train: GPU sm_$(GPU_ARCH): ./qlora (bf16 on the GPU; generation with a KV cache)"; \

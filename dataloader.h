@@ -72,6 +72,22 @@ inline void token_file_open(TokenFile& f, const std::string& path, int model_voc
     token_file_parse(f, f.file->data, f.file->size, path, model_vocab);
 }
 
+// The targets a file gives the loss: every token after the first of its document whose mask is 1.
+inline uint64_t token_file_targets(const TokenFile& f) {
+    uint64_t n = 0;
+    for (uint64_t d = 0; d < f.n_docs; d++)
+        for (uint64_t i = f.doc(d) + 1; i < f.doc(d + 1); i++) n += f.target(i);
+    return n;
+}
+// A file with no targets would train at loss 0 (--train) or report a validation loss of 0 (--val), and
+// say nothing: refused, with the file named. what: "--train" or "--val".
+inline void token_file_require_targets(const TokenFile& f, const std::string& path, const char* what) {
+    ql_assert(token_file_targets(f) > 0, "%s %s: no token is a training target (%s), so its loss is 0 and %s; "
+              "re-make it with dev/data/prepare.py (--train-on-prompt puts the loss on every token)", what, path.c_str(),
+              f.mask ? "its loss mask is 0 everywhere after each document's first token" : "every document is a single token",
+              strcmp(what, "--train") == 0 ? "training would change nothing" : "the validation loss would mean nothing");
+}
+
 // Writer (tests, and the reference for dev/data/prepare.py). docs: start offsets, without the final n.
 inline void token_file_write(const std::string& path, const std::vector<uint32_t>& tokens, const std::vector<uint8_t>* mask,
                              const std::vector<uint64_t>& doc_starts, uint32_t vocab) {

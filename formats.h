@@ -5,7 +5,9 @@
 //   7. safetensors reader (single file and sharded) and writer
 //   9. checkpoint_view: every weight of the model definition, shape-checked against the config
 //  10. text as Python writes it (float repr), config.json edited in place
+//  10b. output directories: one writer at a time (a lock), every save switched in whole
 //  11. PEFT LoRA adapters in and out
+//  11b. the trainers' resume state (state.safetensors)
 //  12. bitsandbytes 4-bit checkpoints in (pre-quantized models)
 //  13. Hugging Face checkpoints out: sharded safetensors, bitsandbytes' 4-bit layout
 #pragma once
@@ -336,9 +338,11 @@ struct MappedFile {   // read-only mmap of a whole file
 };
 #include <sys/mman.h>  // defines: mmap
 #include <fcntl.h>     // defines: open
-#include <unistd.h>    // defines: close, fsync
+#include <unistd.h>    // defines: close, fsync, getpid
+#include <atomic>      // defines: std::atomic (unique temporary names; the next checkpoint piece to make)
 inline MappedFile::MappedFile(const std::string& p) : path(p) {
-    int fd = open(p.c_str(), O_RDONLY);
+    require_regular_file(p);   // before the open, which would block on a FIFO
+    int fd = open(p.c_str(), O_RDONLY | O_NONBLOCK);
     ql_assert(fd >= 0, "cannot open %s", p.c_str());
     struct stat sb;   // fd closed before any error: in throw mode (ql_error_mode) a failure must not leak it
     bool regular = fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode);
@@ -521,23 +525,38 @@ inline std::vector<int32_t> st_i32(const STensor& t) {
 }
 
 // Writer: header padded with spaces to a multiple of 8, __metadata__ {"format": "pt"} always, tensors
-// packed back to back in name order. Atomic: written to PATH.tmp, fsynced, renamed over PATH, so a
-// crash or a full disk leaves the previous file intact.
+// packed back to back in name order. Atomic: written to PATH.tmp.PID.N (a name no other writer, in
+// this process or another, uses), fsynced, renamed over PATH, so a crash or a full disk leaves the
+// previous file intact.
 struct STOut { std::string name; int dtype; std::vector<int64_t> shape; const void* data; };
 inline bool write_all(FILE* f, const void* p, size_t n) {
     long long& budget = ql_error_mode().fail_writes_after;
     if (budget >= 0) { size_t k = n < (size_t)budget ? n : (size_t)budget; budget -= (long long)k; if (k < n) { if (k) fwrite(p, 1, k, f); return false; } }
     return n == 0 || fwrite(p, 1, n, f) == n;
 }
+// the sibling being written (and the DIR it is for), deleted if the process exits before the switch
+// (formats.h §10b: out_write_set)
+struct OutPending { std::string stage, dir; };
+inline OutPending& out_pending() { static OutPending p; return p; }
+inline std::string unique_suffix() {   // ".PID.N": N counts this process's calls
+    static std::atomic<unsigned long> n{0};
+    return "." + std::to_string((long)getpid()) + "." + std::to_string(n++);
+}
 inline void atomic_write(const std::string& path, const std::vector<std::pair<const void*, size_t>>& parts) {
-    std::string tmp = path + ".tmp";
+    std::string tmp = path + ".tmp" + unique_suffix();
     FILE* f = fopen(tmp.c_str(), "wb");
     ql_assert(f, "cannot create %s (directory missing or not writable?)", tmp.c_str());
     bool ok = true;
     for (auto& pt : parts) ok = ok && write_all(f, pt.first, pt.second);
     ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
     ok = (fclose(f) == 0) && ok;
-    if (!ok) { remove(tmp.c_str()); ql_fail("writing %s failed (disk full?); the previous %s is unchanged", tmp.c_str(), path.c_str()); }
+    if (!ok) {
+        remove(tmp.c_str());
+        const OutPending& set = out_pending();   // a file of a set being written: the previous set is what stays
+        if (!set.stage.empty() && path.compare(0, set.stage.size() + 1, set.stage + "/") == 0)
+            ql_fail("writing %s failed (disk full?); %s keeps its previous files, unchanged", path.c_str(), set.dir.c_str());
+        ql_fail("writing %s failed (disk full?); the previous %s is unchanged", tmp.c_str(), path.c_str());
+    }
     ql_assert(rename(tmp.c_str(), path.c_str()) == 0, "cannot rename %s to %s", tmp.c_str(), path.c_str());
 }
 inline void st_write(const std::string& path, std::vector<STOut> ts, std::map<std::string, std::string> meta = {}) {
@@ -593,8 +612,8 @@ inline CheckpointView checkpoint_view(const Config& c, const SafeTensors& st) {
 #include <dirent.h>    // defines: opendir (copying tokenizer files)
 #include <limits.h>    // defines: PATH_MAX
 #include <errno.h>     // defines: errno, EEXIST
+#include <sys/file.h>  // defines: flock (one writer per output directory)
 #include <thread>      // defines: std::thread (checkpoint pieces quantized/merged in parallel)
-#include <atomic>      // defines: std::atomic (the next piece to make)
 
 // ---------------------------------------------------------------------------------------------
 // 10. text as Python writes it: float repr, and config.json edited in place
@@ -719,6 +738,203 @@ inline void make_dirs(const std::string& path) {
 }
 inline std::string real_path(const std::string& p) { char b[PATH_MAX]; return realpath(p.c_str(), b) ? std::string(b) : p; }
 inline std::string base_name(const std::string& p) { size_t k = p.rfind('/'); return k == std::string::npos ? p : p.substr(k + 1); }
+inline std::string strip_slashes(std::string p) { while (p.size() > 1 && p.back() == '/') p.pop_back(); return p; }
+inline std::string parent_dir(const std::string& p) {
+    size_t k = p.rfind('/');
+    return k == std::string::npos ? "." : k == 0 ? "/" : p.substr(0, k);
+}
+inline bool is_dir(const std::string& p) { struct stat sb; return stat(p.c_str(), &sb) == 0 && S_ISDIR(sb.st_mode); }
+
+// ---------------------------------------------------------------------------------------------
+// 10b. output directories (--out of the trainers, quantize and merge): one writer at a time, and
+// every save switched in whole.
+//
+// Lock (out_lock): a run that writes DIR holds an flock on PARENT/.NAME.lock from its start to its
+// end. The lock file lives beside DIR, not in it, because DIR is replaced at every save (below): a
+// lock inside would leave with the old set. It holds the owner's pid, which a second writer's error
+// names. The kernel drops the lock when the owner ends, however it ends; the file stays (deleting it
+// would let a third run lock a new file while the second still holds the old one).
+//
+// Switch (out_write_set): a save's files are written into a fresh hidden sibling,
+// PARENT/.NAME.new.PID.N, then switched in by one rename: renameat2(RENAME_EXCHANGE) when DIR exists
+// (the old set is then at the sibling's name), rename() when it does not. A kill at any moment leaves
+// DIR holding the whole old set or the whole new one, never a mix (rank-4 weights beside "r": 16).
+// Then the old set goes: what qlora writes is deleted, anything else it held (notes, a log) moves into
+// the new DIR. A kill before that is done leaves the sibling behind; the next out_lock of DIR
+// finishes the job. A DIR that cannot be renamed (a mount point, e.g. a container's volume) gets its
+// files replaced one at a time instead, each whole, with a note.
+
+// the names of the files qlora writes into an output directory (and atomic_write's temporaries)
+inline bool qlora_output_name(const std::string& n) {
+    static const char* const NAMES[] = {"adapter_model.safetensors", "adapter_config.json", "state.safetensors", "config.json",
+                                        "model.safetensors", "model.safetensors.index.json"};
+    for (const char* x : NAMES) if (n == x) return true;
+    auto digits = [](const std::string& s, size_t b, size_t e) { return e > b && s.find_first_not_of("0123456789", b) >= e; };
+    if (n.size() == 32 && n.compare(0, 6, "model-") == 0 && n.compare(11, 4, "-of-") == 0 && n.compare(20, 12, ".safetensors") == 0 &&
+        digits(n, 6, 11) && digits(n, 15, 20)) return true;   // model-00001-of-00002.safetensors
+    size_t t = n.rfind(".tmp.");                                 // NAME.tmp.PID.N
+    size_t dot = t == std::string::npos ? t : n.find('.', t + 5);
+    return dot != std::string::npos && digits(n, t + 5, dot) && digits(n, dot + 1, n.size());
+}
+// PARENT/.NAME.new.PID.N or PARENT/.NAME.old.PID.N: a sibling a save of DIR left behind
+inline bool out_sibling_of(const std::string& entry, const std::string& name, const char* kind) {
+    std::string pre = "." + name + "." + kind + ".";
+    if (entry.compare(0, pre.size(), pre) != 0) return false;
+    size_t dot = entry.find('.', pre.size());
+    auto digits = [&](size_t b, size_t e) { return e > b && entry.find_first_not_of("0123456789", b) >= e; };
+    return dot != std::string::npos && digits(pre.size(), dot) && digits(dot + 1, entry.size());
+}
+inline std::vector<std::string> dir_entries(const std::string& dir) {
+    std::vector<std::string> names;
+    DIR* d = opendir(dir.c_str());
+    if (!d) return names;
+    while (dirent* e = readdir(d)) if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) names.push_back(e->d_name);
+    closedir(d);
+    std::sort(names.begin(), names.end());
+    return names;
+}
+inline void fsync_dir(const std::string& dir) {
+    int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+    if (fd >= 0) { fsync(fd); close(fd); }
+}
+
+// DIR as an absolute path with symbolic links resolved, whether or not DIR exists yet (its parent must).
+inline std::string out_canonical(const std::string& dir) {
+    std::string d = strip_slashes(dir);
+    char b[PATH_MAX];
+    if (realpath(d.c_str(), b)) return b;
+    std::string name = base_name(d);
+    ql_assert(name != "." && name != "..", "--out %s: name a directory of its own", dir.c_str());
+    ql_assert(realpath(parent_dir(d).c_str(), b), "cannot resolve %s (the directory above --out %s)", parent_dir(d).c_str(), dir.c_str());
+    return std::string(b) + (strcmp(b, "/") ? "/" : "") + name;
+}
+
+// The old set at `old` (after a switch, or left by a killed save): the files qlora writes, and those
+// the new DIR has too, are deleted; anything else moves into DIR. `old` goes when it is empty.
+inline void out_retire(const std::string& old, const std::string& dir) {
+    bool have_dir = is_dir(dir);
+    for (const std::string& n : dir_entries(old)) {
+        std::string from = old + "/" + n, to = dir + "/" + n;
+        struct stat sb;
+        if (lstat(from.c_str(), &sb) != 0) continue;
+        bool superseded = have_dir && file_exists(to);
+        if (!S_ISDIR(sb.st_mode) && (qlora_output_name(n) || superseded)) unlink(from.c_str());
+        else if (have_dir && !superseded) rename(from.c_str(), to.c_str());
+    }
+    if (rmdir(old.c_str()) != 0)
+        fprintf(stderr, "qlora: note: kept %s: it holds files that qlora did not write and could not move into %s\n", old.c_str(), dir.c_str());
+}
+// What killed saves of DIR (canonical) left beside it: an old set whose DIR went missing between the
+// two renames of the fallback below is put back; every other sibling is retired into DIR.
+inline void out_recover(const std::string& dir) {
+    std::string parent = parent_dir(dir), name = base_name(dir);
+    for (const std::string& e : dir_entries(parent))
+        if (out_sibling_of(e, name, "old") && !file_exists(dir)) rename((parent + "/" + e).c_str(), dir.c_str());
+    for (const std::string& e : dir_entries(parent))
+        if (out_sibling_of(e, name, "new") || out_sibling_of(e, name, "old")) out_retire(parent + "/" + e, dir);
+    for (const std::string& e : dir_entries(dir))   // a set staged inside DIR (a mount point), never moved in
+        if (out_sibling_of(e, name, "new")) out_retire(dir + "/" + e, dir);
+}
+
+inline std::map<std::string, int>& out_locks() { static std::map<std::string, int> m; return m; }   // canonical DIR -> lock fd
+// Takes DIR's lock for the rest of the process (once: later calls return at once), after checking
+// that DIR can be an output directory: not a file, not the working directory or above it. Returns
+// DIR's canonical path. A second writer of DIR gets an error naming the first's pid.
+inline std::string out_lock(const std::string& dir) {
+    std::string d = strip_slashes(dir);
+    ql_assert(!d.empty(), "--out: the directory name is empty");
+    struct stat sb;
+    ql_assert(stat(d.c_str(), &sb) != 0 || S_ISDIR(sb.st_mode), "--out %s exists and is not a directory (qlora writes a directory of files there)",
+              dir.c_str());
+    make_dirs(parent_dir(d));
+    std::string abs = out_canonical(d);
+    if (out_locks().count(abs)) return abs;
+    char cwd[PATH_MAX];
+    ql_assert(abs != "/" && (!getcwd(cwd, sizeof cwd) || (std::string(cwd) + "/").compare(0, abs.size() + 1, abs + "/") != 0),
+              "--out %s is the working directory or holds it; qlora replaces --out as a whole at every save: give it a directory of its own",
+              dir.c_str());
+    std::string lock = parent_dir(abs) + "/." + base_name(abs) + ".lock";
+    int fd = open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    ql_assert(fd >= 0, "cannot create the lock file %s (is %s writable?)", lock.c_str(), parent_dir(abs).c_str());
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        char b[32] = {0};
+        long pid = pread(fd, b, sizeof b - 1, 0) > 0 ? atol(b) : 0;
+        close(fd);
+        ql_fail("%s is being written by another qlora run%s, which holds the lock %s: wait for it to finish, or choose another --out",
+                dir.c_str(), pid > 0 ? (" (pid " + std::to_string(pid) + ")").c_str() : "", lock.c_str());
+    }
+    std::string me = std::to_string((long)getpid()) + "\n";
+    ql_assert(ftruncate(fd, 0) == 0 && pwrite(fd, me.data(), me.size(), 0) == (ssize_t)me.size(), "cannot write the lock file %s", lock.c_str());
+    out_locks()[abs] = fd;
+    out_recover(abs);
+    return abs;
+}
+
+inline void out_discard_pending() {
+    std::string& stage = out_pending().stage;
+    if (stage.empty()) return;
+    for (const std::string& n : dir_entries(stage)) unlink((stage + "/" + n).c_str());
+    rmdir(stage.c_str());
+    stage.clear();
+}
+
+// Writes a set of files into DIR as one: write(stage) puts them into the fresh sibling `stage`,
+// which then replaces DIR (see above). Takes DIR's lock if this process does not hold it yet.
+// DIR is the root of a mount (a container's volume, a bind mount): rename() cannot move it, nor move
+// anything into it from another mount
+inline bool out_is_mount_point(const std::string& dir, const std::string& parent) {
+    struct stat sd, sp;
+    if (stat(dir.c_str(), &sd) != 0) return false;
+    if (stat(parent.c_str(), &sp) == 0 && sd.st_dev != sp.st_dev) return true;
+#ifdef STATX_ATTR_MOUNT_ROOT
+    struct statx sx;
+    if (statx(AT_FDCWD, dir.c_str(), 0, STATX_BASIC_STATS, &sx) == 0 && (sx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT))
+        return (sx.stx_attributes & STATX_ATTR_MOUNT_ROOT) != 0;
+#endif
+    return false;
+}
+inline void out_write_set(const std::string& dir, const std::function<void(const std::string& stage)>& write) {
+    std::string abs = out_lock(dir), parent = parent_dir(abs), name = base_name(abs);
+    // DIR a mount point (a container's volume) cannot be renamed: the set is staged inside it and its
+    // files are moved in one by one (each file whole, the set not), with a note
+    bool mount = out_is_mount_point(abs, parent);
+    std::string stage = (mount ? abs : parent) + "/." + name + ".new" + unique_suffix();
+    ql_assert(mkdir(stage.c_str(), 0755) == 0, "cannot create %s (is %s writable?)", stage.c_str(), (mount ? abs : parent).c_str());
+    out_pending();   // constructed before the handler is registered, so destroyed after it has run
+    static bool at_exit = atexit(out_discard_pending) == 0;   // ql_fail exits: no half-written sibling left behind
+    (void)at_exit;
+    out_pending() = {stage, dir};
+    try { write(stage); } catch (...) { out_discard_pending(); throw; }   // ql_error_mode().throw_instead
+    fsync_dir(stage);
+    auto file_by_file = [&] {
+        static bool noted = false;
+        if (!noted) fprintf(stderr, "qlora: note: %s is a mount point: its files are replaced one at a time, not as one set\n", dir.c_str());
+        noted = true;
+        for (const std::string& n : dir_entries(stage))
+            ql_assert(rename((stage + "/" + n).c_str(), (abs + "/" + n).c_str()) == 0, "cannot move %s/%s into %s", stage.c_str(), n.c_str(), abs.c_str());
+        rmdir(stage.c_str());
+        fsync_dir(abs);
+    };
+    std::string old = stage;   // after the switch: where the old set is
+    if (mount) file_by_file();
+    else if (!file_exists(abs)) ql_assert(rename(stage.c_str(), abs.c_str()) == 0, "cannot rename %s to %s", stage.c_str(), abs.c_str());
+    else if (renameat2(AT_FDCWD, stage.c_str(), AT_FDCWD, abs.c_str(), RENAME_EXCHANGE) != 0) {
+        if (errno == EBUSY || errno == EXDEV) {   // a mount point out_is_mount_point missed: the new set stays where it is
+            out_pending() = {};
+            ql_fail("cannot switch %s in for %s (%s: a mount point?); the new files are complete in %s", stage.c_str(), abs.c_str(),
+                    strerror(errno), stage.c_str());
+        } else {
+            ql_assert(errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP, "cannot switch %s in for %s: %s", stage.c_str(), abs.c_str(), strerror(errno));
+            // a file system without RENAME_EXCHANGE: two renames; between them DIR is missing (out_recover puts the old set back)
+            old = parent + "/." + name + ".old" + unique_suffix();
+            ql_assert(rename(abs.c_str(), old.c_str()) == 0, "cannot rename %s to %s", abs.c_str(), old.c_str());
+            ql_assert(rename(stage.c_str(), abs.c_str()) == 0, "cannot rename %s to %s", stage.c_str(), abs.c_str());
+        }
+    }
+    out_pending() = {};
+    fsync_dir(parent);
+    if (old != stage || file_exists(old)) out_retire(old, abs);
+}
 
 // ---------------------------------------------------------------------------------------------
 // 11. PEFT LoRA adapters (formats.md §4.3, §4.4): adapter_model.safetensors with F32 A (r, in) and
@@ -728,8 +944,35 @@ inline std::string base_name(const std::string& p) { size_t k = p.rfind('/'); re
 inline std::string peft_module_name(int l, int p) {   // base_model.model.model.layers.{l}.self_attn.q_proj
     return "base_model.model.model.layers." + std::to_string(l) + "." + PROJ_MODULE[p] + "." + PROJ_NAME[p];
 }
+// The first LoRA tensor (lora_slot layout) holding a NaN or an infinity, as
+// "model.layers.0.self_attn.q_proj.lora_A", and how many such values all of them hold; "" if none.
+inline std::string lora_nonfinite(const Config& c, const LoraConfig& lc, const float* x, size_t* count = nullptr) {
+    std::string first;
+    size_t bad = 0;
+    for (int l = 0; l < c.n_layers; l++)
+        for (int p = 0; p < N_PROJ; p++) {
+            if (!lc.has(p)) continue;
+            LoraSlot s = lora_slot(c, lc, l, p);
+            size_t na = (size_t)lc.rank * proj_in(c, p), nb = (size_t)proj_out(c, p) * lc.rank;
+            for (int isB = 0; isB < 2; isB++) {
+                size_t k = 0, at = isB ? s.b : s.a, n = isB ? nb : na;
+                for (size_t i = 0; i < n; i++) k += !std::isfinite(x[at + i]);
+                if (k && first.empty()) first = hf_layer_prefix(l) + PROJ_MODULE[p] + "." + PROJ_NAME[p] + (isB ? ".lora_B" : ".lora_A");
+                bad += k;
+            }
+        }
+    if (count) *count = bad;
+    return first;
+}
+
+// Writes the adapter's two files into dir as it is (the trainers wrap it in out_write_set). An
+// adapter holding a NaN or an infinity is refused: it would poison every output of the model.
 inline void peft_adapter_write(const std::string& dir, const Config& c, const LoraConfig& lc, const float* lora,
                                const std::string& base_model_name) {
+    size_t bad = 0;
+    std::string where = lora_nonfinite(c, lc, lora, &bad);
+    ql_assert(where.empty(), "not writing the adapter to %s: %s holds non-finite values (%zu NaN/Inf in all); the previous adapter there is unchanged",
+              dir.c_str(), where.c_str(), bad);
     make_dirs(dir);
     std::vector<STOut> ts;
     std::string tm;
@@ -927,7 +1170,12 @@ inline void peft_adapter_read(const std::string& dir, const Config& c, LoraConfi
         if (adapter_name == "?") adapter_name = an;
         ql_assert(an == adapter_name, "%s: tensor \"%s\" names adapter \"%s\", others \"%s\": one adapter per file", wpc, name.c_str(), an.c_str(), adapter_name.c_str());
         LoraSlot sl = lora_slot(c, lc, l, p);
-        st_to_f32(lora_out.data() + (isB ? sl.b : sl.a), t);
+        float* x = lora_out.data() + (isB ? sl.b : sl.a);
+        st_to_f32(x, t);
+        size_t bad = 0;
+        for (int64_t i = 0; i < t.numel(); i++) bad += !std::isfinite(x[i]);
+        ql_assert(!bad, "%s: tensor \"%s\" holds %zu NaN/Inf values: this adapter is broken (a diverged run?); qlora does not "
+                  "train from, sample with or merge it", wpc, name.c_str(), bad);
     }
     for (int l = 0; l < c.n_layers; l++)
         for (int p = 0; p < N_PROJ; p++)
@@ -935,6 +1183,52 @@ inline void peft_adapter_read(const std::string& dir, const Config& c, LoraConfi
                 ql_assert(seen[((size_t)l * N_PROJ + p) * 2 + isB], "%s: missing tensor \"%s.lora_%c.weight\" (target_modules selects %s in every layer)",
                           wpc, peft_module_name(l, p).c_str(), isB ? 'B' : 'A', PROJ_NAME[p]);
     lc_out = lc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11b. the resume state, state.safetensors beside the adapter (both trainers): the fp32 master LoRA
+// weights and both AdamW moments as F32 tensors "lora", "adam_m", "adam_v" (n each, lora_slot layout),
+// bit for bit; in __metadata__ the step, the loader position (epoch, cursor, offset) and the run's
+// signature (options.h: run_signature), which a resume must match.
+
+struct ResumeState {
+    int step = 0;
+    uint64_t epoch = 0, cursor = 0, offset = 0;   // dataloader.h's LoaderState
+    std::vector<float> lora, adam_m, adam_v;      // (n) each
+};
+inline void state_write(const std::string& dir, const ResumeState& s, const std::string& signature) {
+    int64_t n = (int64_t)s.lora.size();
+    ql_assert(s.adam_m.size() == s.lora.size() && s.adam_v.size() == s.lora.size(), "internal: resume state of mismatched sizes");
+    st_write(dir + "/state.safetensors", {{"lora", DT_F32, {n}, s.lora.data()}, {"adam_m", DT_F32, {n}, s.adam_m.data()},
+                                          {"adam_v", DT_F32, {n}, s.adam_v.data()}},
+             {{"step", std::to_string(s.step)}, {"signature", signature}, {"epoch", std::to_string(s.epoch)},
+              {"cursor", std::to_string(s.cursor)}, {"offset", std::to_string(s.offset)}});
+}
+inline ResumeState state_read(const std::string& dir, const std::string& signature, size_t n) {
+    std::string path = dir + "/state.safetensors";
+    ql_assert(file_exists(path), "--resume %s: no state.safetensors there (an --out directory of an earlier run holds one)", dir.c_str());
+    SafeTensors st = st_open(path);
+    auto meta = [&](const char* k) {
+        auto it = st.metadata.find(k);
+        ql_assert(it != st.metadata.end(), "%s: missing \"%s\" (not a qlora resume state?)", path.c_str(), k);
+        return it->second;
+    };
+    auto integer = [&](const char* k, uint64_t hi) {
+        std::string v = meta(k); char* end;
+        unsigned long long x = strtoull(v.c_str(), &end, 10);
+        ql_assert(!v.empty() && *end == 0 && v[0] != '-' && x <= hi, "%s: \"%s\" = \"%s\" is not an integer in [0, %llu]", path.c_str(), k,
+                  v.c_str(), (unsigned long long)hi);
+        return (uint64_t)x;
+    };
+    ql_assert(meta("signature") == signature, "%s was saved by a different run:\n  saved:    %s\n  this run: %s\nresume with the same options",
+              path.c_str(), meta("signature").c_str(), signature.c_str());
+    ResumeState s;
+    s.step = (int)integer("step", 1000000000);
+    s.epoch = integer("epoch", UINT64_MAX); s.cursor = integer("cursor", UINT64_MAX); s.offset = integer("offset", UINT64_MAX);
+    s.lora = st_f32(st.get("lora", {(int64_t)n}, DT_F32));
+    s.adam_m = st_f32(st.get("adam_m", {(int64_t)n}, DT_F32));
+    s.adam_v = st_f32(st.get("adam_v", {(int64_t)n}, DT_F32));
+    return s;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1220,7 +1514,8 @@ inline void ckpt_assign_shards(std::vector<CkptPiece>& pieces, uint64_t max_byte
 // sort_keys=True) as transformers writes it) when there is more than one file or the one file is not
 // model.safetensors. Removes what would shadow the new files: a stale index, or a stale single file
 // (transformers prefers model.safetensors to an index).
-inline void ckpt_write(const std::string& dst, const std::vector<CkptPiece>& pieces) {
+// shown: the directory named in the progress lines (dst is a staging sibling of it: out_write_set).
+inline void ckpt_write(const std::string& dst, const std::vector<CkptPiece>& pieces, const std::string& shown = "") {
     std::vector<std::string> shards;
     for (auto& p : pieces) if (std::find(shards.begin(), shards.end(), p.shard) == shards.end()) shards.push_back(p.shard);
     std::map<std::string, std::string> weight_map;
@@ -1243,7 +1538,7 @@ inline void ckpt_write(const std::string& dst, const std::vector<CkptPiece>& pie
             weight_map[t.name] = sh; total += t.nbytes();
         }
         st_write_hf(dst + "/" + sh, ts);
-        printf("wrote %s/%s (%zu tensors)\n", dst.c_str(), sh.c_str(), ts.size()); fflush(stdout);
+        printf("wrote %s/%s (%zu tensors)\n", (shown.empty() ? dst : shown).c_str(), sh.c_str(), ts.size()); fflush(stdout);
     }
     std::string index = dst + "/model.safetensors.index.json";
     if (shards.size() == 1 && shards[0] == "model.safetensors") { remove(index.c_str()); return; }
@@ -1255,7 +1550,8 @@ inline void ckpt_write(const std::string& dst, const std::vector<CkptPiece>& pie
 }
 
 // Tokenizer, generation config, chat template, README...: every plain file of src except weights,
-// weight indexes and config.json (which the caller writes).
+// weight indexes and config.json (which the caller writes). vocab.bin is copied when it is qlora's
+// vocabulary table (dev/data/prepare.py; generate.h), so that samples of the output decode to text.
 inline void copy_side_files(const std::string& src, const std::string& dst) {
     DIR* d = opendir(src.c_str());
     ql_assert(d, "cannot list %s", src.c_str());
@@ -1264,17 +1560,23 @@ inline void copy_side_files(const std::string& src, const std::string& dst) {
     closedir(d);
     static const char* const SKIP[] = {".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".tmp"};
     for (auto& n : names) {
-        bool skip = n.empty() || n[0] == '.' || n == "config.json";
+        bool skip = n.empty() || n[0] == '.' || n == "config.json" || qlora_output_name(n);
         for (const char* s : SKIP) skip = skip || (n.size() >= strlen(s) && n.compare(n.size() - strlen(s), strlen(s), s) == 0);
         struct stat sb;
-        if (skip || stat((src + "/" + n).c_str(), &sb) != 0 || !S_ISREG(sb.st_mode)) continue;
-        std::vector<uint8_t> b = read_file(src + "/" + n);
+        if (stat((src + "/" + n).c_str(), &sb) != 0 || !S_ISREG(sb.st_mode)) continue;
+        std::vector<uint8_t> b;
+        if (n == "vocab.bin") { b = read_file(src + "/" + n); skip = b.size() < 8 || memcmp(b.data(), "QLVOCAB\0", 8) != 0; }
+        if (skip) continue;
+        if (b.empty()) b = read_file(src + "/" + n);
         atomic_write(dst + "/" + n, {{b.data(), b.size()}});
     }
 }
+// Before anything is read: --out is not the input checkpoint, and this process holds its lock.
 inline void ckpt_prepare_out(const std::string& src, const std::string& dst) {
-    make_dirs(dst);
-    ql_assert(real_path(src) != real_path(dst), "the output directory %s is the input checkpoint; choose another --out", dst.c_str());
+    struct stat a, b;
+    ql_assert(stat(src.c_str(), &a) != 0 || stat(dst.c_str(), &b) != 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino,
+              "the output directory %s is the input checkpoint; choose another --out", dst.c_str());
+    out_lock(dst);
 }
 // embed_tokens, then layer by layer, then the rest, lm_head last: the order of a state dict, which
 // decides what lands in which shard

@@ -7,6 +7,7 @@
 #include "qlora.h"        // defines: ql_assert, read_file, rng_uniform
 #include "dataloader.h"   // defines: Example, rd_u32
 #include <unordered_map>  // defines: std::unordered_map (text -> token id, for encoding)
+#include <ctype.h>        // defines: isspace (prompts of token ids)
 
 // ---------------------------------------------------------------------------------------------
 // the vocabulary table (dev/data/prepare.py's docstring has the format): id -> bytes
@@ -80,6 +81,21 @@ inline void vocab_load(Vocab& v, const std::string& path) {
     vocab_parse(v, b.data(), b.size(), path);
 }
 
+// Prompt text -> ids: through the vocabulary table (bos first, if the table has one), or, without
+// a table, the text is the ids themselves ("1 5 9"). (qlora.cu's encode_prompt is the same.)
+inline std::vector<int> prompt_ids(const std::string& text, const Vocab* vocab) {
+    std::vector<int> ids;
+    if (vocab) {
+        ids = vocab->encode(text);
+        if (vocab->bos != VOCAB_NONE && (ids.empty() || ids[0] != (int)vocab->bos)) ids.insert(ids.begin(), (int)vocab->bos);
+        return ids;
+    }
+    const char* p = text.c_str(); char* end;
+    for (long v; (v = strtol(p, &end, 10)), end != p; p = end) ids.push_back((int)v);
+    ql_assert(*p == 0 || isspace((unsigned char)*p), "--prompt \"%s\": without a vocabulary table (--vocab FILE) a prompt is token ids, e.g. \"1 5 9\"", text.c_str());
+    return ids;
+}
+
 // ---------------------------------------------------------------------------------------------
 // the next token
 
@@ -125,6 +141,16 @@ inline void print_sample(const Vocab* vocab, const std::vector<int>& prompt, con
     if (answer) printf("  (expected %s) %s", sample_text(vocab, *answer).c_str(), got == *answer ? "right" : "wrong");
     printf("\n");
 }
+// The step lines' estimate of the time left: "ETA 1h02m", "ETA 3m05s", "ETA 12s".
+inline std::string eta_text(double seconds) {
+    long s = seconds > 0 && seconds < 1e9 ? (long)(seconds + 0.5) : 0;
+    char b[48];
+    if (s >= 3600) snprintf(b, sizeof b, "ETA %ldh%02ldm", s / 3600, s / 60 % 60);
+    else if (s >= 60) snprintf(b, sizeof b, "ETA %ldm%02lds", s / 60, s % 60);
+    else snprintf(b, sizeof b, "ETA %lds", s);
+    return b;
+}
+
 // `before: val loss 7.4339 | accuracy 0/200 = 0.0% (greedy, exact match) (2.0 s)`
 inline void print_report(const char* when, float val_loss, int right, int total, double seconds) {
     if (!total) printf("%s: val loss %.4f | accuracy: the validation file has no prompts (no loss mask) (%.1f s)\n", when, val_loss, seconds);

@@ -128,10 +128,11 @@ inline const std::vector<Flag>& flag_table() {
                "validation token file: loss and task accuracy (greedy, exact match); sample: its prompts"),
         QL_STR("--vocab", "FILE", TRAIN | SAMPLE | BOTH, vocab, "vocabulary table for printed samples (default MODEL/vocab.bin)"),
         QL_STR("--out", "DIR", TRAIN | QUANTIZE | MERGE | BOTH, out,
-               "train: the adapter (PEFT files) and the resume state; quantize, merge: the checkpoint"),
-        QL_STR("--resume", "DIR", TRAIN | GPU, resume, "continue the run saved in DIR (an earlier --out), bit for bit"),
-        QL_NUM("--save-every", "N", TRAIN | GPU, save_every, 0, 1e9, "save --out every N steps (0: at the end only)"),
-        QL_STR("--adapter", "DIR", TRAIN | SAMPLE | MERGE | GPU, adapter,
+               "train: the adapter (PEFT files) and the resume state; quantize, merge: the checkpoint. Locked for the run, "
+               "replaced whole at each save"),
+        QL_STR("--resume", "DIR", TRAIN | BOTH, resume, "continue the run saved in DIR (an earlier --out), bit for bit"),
+        QL_NUM("--save-every", "N", TRAIN | BOTH, save_every, 0, 1e9, "save --out every N steps (0: at the end only)"),
+        QL_STR("--adapter", "DIR", TRAIN | SAMPLE | MERGE | BOTH, adapter,
                "a PEFT LoRA adapter: start from it (its r, alpha, rslora, targets), sample with it, merge it"),
         QL_NUM("--batch", "N", TRAIN | BOTH, batch, 1, 4096, "sequences per micro-batch"),
         QL_NUM("--seq", "T", TRAIN | BOTH, seq, 2, 1 << 20, "tokens per sequence"),
@@ -153,21 +154,21 @@ inline const std::vector<Flag>& flag_table() {
         QL_SWITCH("--recompute", TRAIN | GPU, recompute, true, "recompute each layer's activations in backward (less memory)"),
         QL_NUM("--gpu-memory", "GiB", TRAIN | GPU, gpu_memory, 0, 1e6,
                "memory budget; recompute is switched on when the run does not fit without it (0: what is free)"),
-        QL_NUM("--threads", "N", TRAIN | CPU, threads, 0, 1024, "CPU threads (0: every core)"),
+        QL_NUM("--threads", "N", TRAIN | SAMPLE | CPU, threads, 0, 1024, "CPU threads (0: every core)"),
         QL_NUM("--eval-every", "N", TRAIN | BOTH, eval_every, 0, 1e9, "validation report every N steps (0: before and after only)"),
         QL_NUM("--eval-batches", "K", TRAIN | GPU, eval_batches, 0, 1e6, "validation loss over the first K batches (0: all)"),
         QL_NUM("--eval-examples", "K", TRAIN | SAMPLE | BOTH, eval_examples, 0, 1e9, "accuracy over the first K prompts (0: all)"),
         QL_NUM("--samples", "K", TRAIN | SAMPLE | BOTH, samples, 0, 1e6, "generations printed"),
         QL_NUM("--log-every", "N", TRAIN | BOTH, log_every, 1, 1e9, "a step line every N steps (and the first and last)"),
         QL_STR("--log", "FILE", TRAIN | GPU, log, "every step line also to FILE"),
-        QL_NUM("--max-bad-steps", "K", TRAIN | GPU, max_bad_steps, 1, 1e6, "stop after K non-finite steps in a row"),
+        QL_NUM("--max-bad-steps", "K", TRAIN | BOTH, max_bad_steps, 1, 1e6, "stop after K non-finite steps in a row"),
         QL_NUM("--peak-tflops", "X", TRAIN | GPU, peak_tflops, 1, 1e6, "the GPU's bf16 GEMM peak, for MFU"),
         QL_SWITCH("--profile", TRAIN | GPU, profile, true, "GPU time per kind of op, printed at the end"),
-        Flag{"--prompt", "TEXT", SAMPLE | GPU, "a prompt to continue (repeatable; special tokens by name, e.g. <|user|>)",
+        Flag{"--prompt", "TEXT", SAMPLE | BOTH, "a prompt to continue (repeatable; special tokens by name, e.g. <|user|>)",
              [](Options& o, Args& a) { o.prompts.push_back(a.value()); }, [](const Options&) { return std::string(); }},
-        QL_NUM("--max-new", "N", SAMPLE | GPU, max_new, 1, 1 << 20, "new tokens at most"),
-        QL_NUM("--temperature", "T", SAMPLE | GPU, temperature, 0, 100, "0: greedy; else nucleus sampling"),
-        QL_NUM("--top-p", "P", SAMPLE | GPU, top_p, 0, 1, "nucleus sampling's probability mass"),
+        QL_NUM("--max-new", "N", SAMPLE | BOTH, max_new, 1, 1 << 20, "new tokens at most"),
+        QL_NUM("--temperature", "T", SAMPLE | BOTH, temperature, 0, 100, "0: greedy; else nucleus sampling"),
+        QL_NUM("--top-p", "P", SAMPLE | BOTH, top_p, 0, 1, "nucleus sampling's probability mass"),
         Flag{"--quant-type", "nf4|fp4", QUANTIZE, "the 4-bit code",
              [](Options& o, Args& a) {
                  std::string v = a.value();
@@ -179,7 +180,7 @@ inline const std::vector<Flag>& flag_table() {
         QL_SWITCH("--no-double-quant", QUANTIZE, double_quant, false, "keep absmax in fp32"),
         QL_SWITCH("--requant", MERGE, requant, true, "write the merged checkpoint in bitsandbytes 4-bit"),
         QL_SWITCH("--onto-original", MERGE, onto_original, true, "merge onto the stored weights, not their NF4 version"),
-        Flag{"--inject-nan", "STEP K", TRAIN | GPU, "(testing) NaN gradients at steps STEP..STEP+K-1",
+        Flag{"--inject-nan", "STEP K", TRAIN | BOTH, "(testing) NaN gradients at steps STEP..STEP+K-1",
              [](Options& o, Args& a) {
                  a.read(o.inject_nan, 0, 1e9);
                  a.read(o.inject_nan_steps, 1, 1e9);
@@ -190,6 +191,16 @@ inline const std::vector<Flag>& flag_table() {
     return t;
 }
 
+// What a resume must share with the run it continues (formats.h §11b: state_write, state_read): the
+// model, the LoRA layout, the batch shape, the seed and the data. Both trainers write the same text,
+// so a state one of them saved resumes in the other.
+inline std::string run_signature(const Options& o, const LoraConfig& lc) {
+    char b[512];
+    snprintf(b, sizeof b, "state v2 (LoRA layout: per layer A's then B's) model=%s rank=%d alpha=%.9g rslora=%d targets=%u batch=%d seq=%d accum=%d seed=%llu train=%s",
+             o.model.c_str(), lc.rank, lc.alpha, (int)lc.rslora, lc.targets, o.batch, o.seq, o.grad_accum, (unsigned long long)o.seed, o.train.c_str());
+    return b;
+}
+
 // whether a flag is taken by this mode of this binary (quantize and merge: either binary)
 inline bool flag_applies(const Flag& f, unsigned mode, unsigned binary) {
     return (f.where & mode) && (mode == QUANTIZE || mode == MERGE || (f.where & binary));
@@ -197,13 +208,12 @@ inline bool flag_applies(const Flag& f, unsigned mode, unsigned binary) {
 
 inline void print_help(const char* prog, unsigned mode, unsigned binary) {
     static const char* what[] = {"", "fine-tune LoRA adapters on a 4-bit base model",
-                                 "continue prompts with a model (+ adapter) on the GPU (KV cache)",
+                                 "continue prompts with a model (+ adapter)",
                                  "", "write a bitsandbytes 4-bit checkpoint, as transformers saves one (CPU)",
                                  "", "", "", "write base + adapter as a bf16 checkpoint (--requant: 4-bit) (CPU)"};
     printf("usage: %s %s[flags]: %s\n", prog, mode == TRAIN ? "" : (std::string(mode_name(mode)) + " ").c_str(), what[mode]);
     if (mode == TRAIN)
-        printf("       %s sample|quantize|merge --help: the other modes%s\n", prog,
-               binary == CPU ? " (sample: ./qlora on a GPU)" : "");
+        printf("       %s sample|quantize|merge --help: the other modes\n", prog);
     Options defaults;
     for (const Flag& f : flag_table()) {
         if (!flag_applies(f, mode, binary)) continue;
@@ -234,6 +244,9 @@ inline Options parse_options(int argc, char** argv, unsigned mode, unsigned bina
         }
         f->set(o, args);
     }
+    // directories without their trailing slashes: "data/base/" would name "data/base//config.json"
+    for (std::string* d : {&o.model, &o.out, &o.resume, &o.adapter})
+        while (d->size() > 1 && d->back() == '/') d->pop_back();
     if (o.vocab.empty() && o.model.rfind("random:", 0) != 0) o.vocab = o.model + "/vocab.bin";
     return o;
 }

@@ -1156,53 +1156,43 @@ static int sample_mode(Options o) {
     return 0;
 }
 
-// The resume state (state.safetensors beside the adapter): fp32 master LoRA weights and AdamW
-// moments, bit for bit, plus the step, the loader position and the options that must not change.
-static std::string run_signature(const Trainer& t) {
-    const Options& o = t.o; char b[512];
-    snprintf(b, sizeof b, "state v2 (LoRA layout: per layer A's then B's) model=%s rank=%d alpha=%.9g rslora=%d targets=%u batch=%d seq=%d accum=%d seed=%llu train=%s",
-             o.model.c_str(), t.m.lc.rank, t.m.lc.alpha, (int)t.m.lc.rslora, t.m.lc.targets, o.batch, o.seq, o.grad_accum,
-             (unsigned long long)o.seed, o.train.c_str());
-    return b;
-}
+// The resume state (formats.h §11b: state.safetensors beside the adapter), and the adapter, written
+// as one set: out_write_set switches the new files in whole, or leaves the previous ones.
 static void save_state(Trainer& t, const Data& d, int step, const std::string& dir) {
     size_t n = t.m.n_lora;
-    std::vector<float> p(n), m(n), v(n);
-    cudaCheck(cudaMemcpy(p.data(), t.m.lora, n * 4, cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(m.data(), t.m.adam_m, n * 4, cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(v.data(), t.m.adam_v, n * 4, cudaMemcpyDeviceToHost));
-    std::map<std::string, std::string> meta = {{"step", std::to_string(step)}, {"signature", run_signature(t)},
-        {"epoch", std::to_string(d.loader.st.epoch)}, {"cursor", std::to_string(d.loader.st.cursor)}, {"offset", std::to_string(d.loader.st.offset)}};
-    ql_assert(system(("mkdir -p '" + dir + "'").c_str()) == 0, "cannot create %s", dir.c_str());
-    save_adapter(t, dir);
-    st_write(dir + "/state.safetensors", {{"lora", DT_F32, {(int64_t)n}, p.data()}, {"adam_m", DT_F32, {(int64_t)n}, m.data()},
-                                           {"adam_v", DT_F32, {(int64_t)n}, v.data()}}, meta);
+    ResumeState s; s.step = step; s.epoch = d.loader.st.epoch; s.cursor = d.loader.st.cursor; s.offset = d.loader.st.offset;
+    s.lora.resize(n); s.adam_m.resize(n); s.adam_v.resize(n);
+    cudaCheck(cudaMemcpy(s.lora.data(), t.m.lora, n * 4, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(s.adam_m.data(), t.m.adam_m, n * 4, cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(s.adam_v.data(), t.m.adam_v, n * 4, cudaMemcpyDeviceToHost));
+    out_write_set(dir, [&](const std::string& stage) {
+        save_adapter(t, stage);
+        state_write(stage, s, run_signature(t.o, t.m.lc));
+    });
 }
 static int load_state(Trainer& t, Data& d, const std::string& dir) {
-    std::string path = dir + "/state.safetensors";
-    SafeTensors st = st_open(path);
-    int64_t n = (int64_t)t.m.n_lora;
-    auto meta = [&](const char* k) { auto it = st.metadata.find(k); ql_assert(it != st.metadata.end(), "%s: missing \"%s\" (not a qlora resume state?)", path.c_str(), k); return it->second; };
-    ql_assert(meta("signature") == run_signature(t), "%s was saved by a different run:\n  saved:   %s\n  this run: %s\nresume with the same options",
-              path.c_str(), meta("signature").c_str(), run_signature(t).c_str());
-    std::vector<float> p = st_f32(st.get("lora", {n}, DT_F32)), m = st_f32(st.get("adam_m", {n}, DT_F32)), v = st_f32(st.get("adam_v", {n}, DT_F32));
-    set_lora(t, p.data());
-    cudaCheck(cudaMemcpy(t.m.adam_m, m.data(), n * 4, cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(t.m.adam_v, v.data(), n * 4, cudaMemcpyHostToDevice));
-    if (d.file) d.loader.init(&d.train, t.o.seed, true, {strtoull(meta("epoch").c_str(), nullptr, 10),
-                              strtoull(meta("cursor").c_str(), nullptr, 10), strtoull(meta("offset").c_str(), nullptr, 10)});
-    return atoi(meta("step").c_str());
+    size_t n = t.m.n_lora;
+    ResumeState s = state_read(dir, run_signature(t.o, t.m.lc), n);
+    set_lora(t, s.lora.data());
+    cudaCheck(cudaMemcpy(t.m.adam_m, s.adam_m.data(), n * 4, cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(t.m.adam_v, s.adam_v.data(), n * 4, cudaMemcpyHostToDevice));
+    if (d.file) d.loader.init(&d.train, t.o.seed, true, {s.epoch, s.cursor, s.offset});
+    return s.step;
 }
 
 // SIGINT/SIGTERM: the first finishes the current step, saves and exits 0; a second exits at once
-// (every file is written to a temporary name and renamed, so nothing is left half-written).
+// (a save is switched in whole, out_write_set: nothing is left half-written).
 static volatile sig_atomic_t g_stop = 0;
 static void on_signal(int) { if (g_stop) _exit(130); g_stop = 1; }
 
 static void data_init(Trainer& t, Data& d) {
     d.file = !t.o.train.empty();
-    if (d.file) { token_file_open(d.train, t.o.train, t.m.cfg.vocab_size); d.loader.init(&d.train, t.o.seed, true); }
-    if (!t.o.val.empty()) token_file_open(d.val, t.o.val, t.m.cfg.vocab_size);
+    if (d.file) {
+        token_file_open(d.train, t.o.train, t.m.cfg.vocab_size);
+        token_file_require_targets(d.train, t.o.train, "--train");
+        d.loader.init(&d.train, t.o.seed, true);
+    }
+    if (!t.o.val.empty()) { token_file_open(d.val, t.o.val, t.m.cfg.vocab_size); token_file_require_targets(d.val, t.o.val, "--val"); }
     printf("data: %s", d.file ? t.o.train.c_str() : "synthetic (random tokens)");
     if (d.file) printf(" (%llu tokens, %llu documents)", (unsigned long long)d.train.n_tokens, (unsigned long long)d.train.n_docs);
     if (!t.o.val.empty()) printf(", validation %s (%llu tokens)", t.o.val.c_str(), (unsigned long long)d.val.n_tokens);
@@ -1215,6 +1205,7 @@ int main(int argc, char** argv) {
     if (rc >= 0) return rc;
     if (argc > 1 && !strcmp(argv[1], "sample")) return sample_mode(parse_options(argc - 1, argv + 1, SAMPLE, GPU, "qlora"));
     Options o = parse_options(argc, argv, TRAIN, GPU, "qlora");
+    if (!o.out.empty()) out_lock(o.out);   // before any work: not a file, and no other run writing it
     Trainer t;
     trainer_init(t, o);
     Data d; data_init(t, d);
@@ -1228,6 +1219,7 @@ int main(int argc, char** argv) {
     size_t free_b, total_b, peak = 0;
     std::vector<double> times;
     int bad = 0, step = start;
+    double run_s = 0;   // this run's steps so far, for the ETA
     auto log = [&](const char* line, bool show = true) {
         if (show) { printf("%s\n", line); fflush(stdout); }
         if (logf) { fprintf(logf, "%s\n", line); fflush(logf); }
@@ -1241,9 +1233,11 @@ int main(int argc, char** argv) {
         cudaCheck(cudaMemGetInfo(&free_b, &total_b));
         peak = std::max(peak, total_b - free_b);
         double tps = tok_per_step / dt, mfu = 100.0 * tps * fpt / (o.peak_tflops * 1e12);
-        char line[320];
-        snprintf(line, sizeof line, "step %5d/%d | loss %.9g | lr %.3e | norm %.4f | %.0f tok/s | MFU %.1f%% | GPU mem %.2f GiB%s",
-                 step + 1, o.steps, loss, lr, norm, tps, mfu, (total_b - free_b) / 1073741824.0, ok ? "" : " | SKIPPED: non-finite loss or gradient");
+        run_s += dt;
+        char line[352];
+        snprintf(line, sizeof line, "step %5d/%d | loss %.9g | lr %.3e | norm %.4f | %.0f tok/s | MFU %.1f%% | GPU mem %.2f GiB | %s%s",
+                 step + 1, o.steps, loss, lr, norm, tps, mfu, (total_b - free_b) / 1073741824.0,
+                 eta_text(run_s / (step + 1 - start) * (o.steps - step - 1)).c_str(), ok ? "" : " | SKIPPED: non-finite loss or gradient");
         log(line, !ok || (step + 1) % o.log_every == 0 || step == start || step + 1 == o.steps);
         bad = ok ? 0 : bad + 1;
         if (bad >= o.max_bad_steps) {

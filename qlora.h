@@ -44,11 +44,21 @@ inline QlErrorMode& ql_error_mode() { static QlErrorMode m; return m; }
                           fprintf(stderr, "\n"); } ql_die(); } while (0)
 #define ql_assert(cond, ...) do { if (!(cond)) ql_fail(__VA_ARGS__); } while (0)
 
+// Refuses anything but a regular file by its stat, before it is opened: opening a FIFO for reading
+// waits for a writer (forever), a directory opens and then sizes as LONG_MAX, a device never ends.
+inline void require_regular_file(const std::string& path) {
+    struct stat sb;
+    ql_assert(stat(path.c_str(), &sb) == 0, "cannot open %s (no such file?)", path.c_str());
+    ql_assert(S_ISREG(sb.st_mode), "%s: not a regular file (%s)", path.c_str(), S_ISDIR(sb.st_mode) ? "a directory" :
+              S_ISFIFO(sb.st_mode) ? "a FIFO: it would block until something writes to it" : "a device, socket or FIFO");
+}
+
 // Whole file into memory.
 inline std::vector<uint8_t> read_file(const std::string& path) {
+    require_regular_file(path);
     std::unique_ptr<FILE, int (*)(FILE*)> f(fopen(path.c_str(), "rb"), fclose);  // closed on a throwing ql_assert too
     ql_assert(f, "cannot open %s", path.c_str());
-    struct stat sb;   // a directory opens, then sizes as LONG_MAX on Linux
+    struct stat sb;   // replaced between the stat and the open: checked again
     ql_assert(fstat(fileno(f.get()), &sb) == 0 && S_ISREG(sb.st_mode), "%s: not a regular file", path.c_str());
     ql_assert(fseek(f.get(), 0, SEEK_END) == 0, "cannot seek %s", path.c_str());
     long n = ftell(f.get());
@@ -57,7 +67,8 @@ inline std::vector<uint8_t> read_file(const std::string& path) {
     ql_assert(n == 0 || fread(buf.data(), 1, (size_t)n, f.get()) == (size_t)n, "short read on %s", path.c_str());
     return buf;
 }
-inline bool file_exists(const std::string& path) { FILE* f = fopen(path.c_str(), "rb"); if (f) fclose(f); return f != nullptr; }
+// Something (file, directory, FIFO, ...) is at path: stat only, never an open (a FIFO would block).
+inline bool file_exists(const std::string& path) { struct stat sb; return stat(path.c_str(), &sb) == 0; }
 
 // ---------------------------------------------------------------------------------------------
 // 2. number formats

@@ -123,21 +123,30 @@ template <typename F> struct RefActs {
     std::vector<F> losses;  // (BT)         -log_softmax(logits)[target] per row, 0 where ignored
 };
 
+// Every activation buffer and its element count for (B, T): ref_acts_alloc allocates exactly these,
+// and qlora_cpu's memory plan adds them up before anything is allocated. Counts in double: the plan
+// must see (and refuse) a --batch x --seq whose attention probabilities would overflow size_t.
+template <typename F> using RefActsSizes = std::vector<std::pair<std::vector<F> RefActs<F>::*, double>>;
+template <typename F> RefActsSizes<F> ref_acts_sizes(const Config& c, const LoraConfig& lc, int B, int T) {
+    double L = c.n_layers, BT = (double)B * T, H = c.dim, I = c.hidden_dim;
+    double qk = c.qk_norm ? L * BT : 0;   // QK-norm's saved inputs and 1/rms, per layer
+    using A = RefActs<F>;
+    return {{&A::resid, (L + 1) * BT * H}, {&A::rstd1, L * BT}, {&A::n1, L * BT * H}, {&A::q, L * BT * c.q_dim()},
+            {&A::k, L * BT * c.kv_dim()}, {&A::v, L * BT * c.kv_dim()}, {&A::att, L * B * c.n_heads * (double)T * T},
+            {&A::o, L * BT * c.q_dim()}, {&A::resid2, L * BT * H}, {&A::rstd2, L * BT}, {&A::n2, L * BT * H},
+            {&A::gate, L * BT * I}, {&A::up, L * BT * I}, {&A::act, L * BT * I}, {&A::lora_u, L * N_PROJ * BT * lc.rank},
+            {&A::rstdf, BT}, {&A::hL, BT * H}, {&A::logits, BT * c.vocab_size}, {&A::losses, BT},
+            {&A::q_pre, qk * c.q_dim()}, {&A::k_pre, qk * c.kv_dim()}, {&A::rstd_q, qk * c.n_heads}, {&A::rstd_k, qk * c.n_kv_heads}};
+}
+template <typename F> double ref_acts_bytes(const Config& c, const LoraConfig& lc, int B, int T) {
+    double n = 0;
+    for (auto& s : ref_acts_sizes<F>(c, lc, B, T)) n += s.second;
+    return n * sizeof(F);
+}
 template <typename F>
 void ref_acts_alloc(RefActs<F>& a, const Config& c, const LoraConfig& lc, int B, int T) {
-    size_t L = c.n_layers, BT = (size_t)B * T, H = c.dim, I = c.hidden_dim;
     a.B = B; a.T = T;
-    a.resid.assign((L + 1) * BT * H, 0); a.rstd1.assign(L * BT, 0); a.n1.assign(L * BT * H, 0);
-    a.q.assign(L * BT * c.q_dim(), 0); a.k.assign(L * BT * c.kv_dim(), 0); a.v.assign(L * BT * c.kv_dim(), 0);
-    size_t qk = c.qk_norm ? L * BT : 0;
-    a.q_pre.assign(qk * c.q_dim(), 0); a.k_pre.assign(qk * c.kv_dim(), 0);
-    a.rstd_q.assign(qk * c.n_heads, 0); a.rstd_k.assign(qk * c.n_kv_heads, 0);
-    a.att.assign(L * B * c.n_heads * T * T, 0); a.o.assign(L * BT * c.q_dim(), 0);
-    a.resid2.assign(L * BT * H, 0); a.rstd2.assign(L * BT, 0); a.n2.assign(L * BT * H, 0);
-    a.gate.assign(L * BT * I, 0); a.up.assign(L * BT * I, 0); a.act.assign(L * BT * I, 0);
-    a.lora_u.assign(L * N_PROJ * BT * lc.rank, 0);
-    a.rstdf.assign(BT, 0); a.hL.assign(BT * H, 0);
-    a.logits.assign(BT * c.vocab_size, 0); a.losses.assign(BT, 0);
+    for (auto& s : ref_acts_sizes<F>(c, lc, B, T)) (a.*s.first).assign((size_t)s.second, 0);
 }
 
 // ---------------------------------------------------------------------------------------------

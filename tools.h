@@ -23,11 +23,11 @@ inline std::map<std::string, Weight> linears_by_name(const Config& c) {
 inline void bnb_write_checkpoint(const std::string& src, const std::string& dst, int qt = QT_NF4, int bs = NF4_BLOCKSIZE, bool nested = true) {
     ql_assert(valid_blocksize_4bit(bs), "blocksize %d: bitsandbytes 4-bit takes 32, 64, 128, ..., 4096", bs);
     std::string cfg_path = src + "/config.json";
+    ckpt_prepare_out(src, dst);
     ql_assert(!config_is_bnb4(cfg_path), "%s is already a bitsandbytes 4-bit checkpoint", src.c_str());
     Config c = load_config(cfg_path);
     SafeTensors st = st_open_model(src);
     checkpoint_view(c, st);                              // every tensor the model needs, shape-checked
-    ckpt_prepare_out(src, dst);
     std::map<std::string, Weight> linear = linears_by_name(c);
     std::vector<CkptPiece> pieces;
     for (auto& kv : st.tensors) {
@@ -45,9 +45,11 @@ inline void bnb_write_checkpoint(const std::string& src, const std::string& dst,
         }
         pieces.push_back(pc);
     }
-    ckpt_write(dst, pieces);
-    write_text_file(dst + "/config.json", config_with_bnb4(text_of_file(cfg_path), cfg_path, qt, nested));
-    copy_side_files(src, dst);
+    out_write_set(dst, [&](const std::string& out) {   // the whole checkpoint, or the previous one if this fails
+        ckpt_write(out, pieces, dst);
+        write_text_file(out + "/config.json", config_with_bnb4(text_of_file(cfg_path), cfg_path, qt, nested));
+        copy_side_files(src, out);
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -95,6 +97,7 @@ inline void lora_merge_into(float* w, const Config& c, const LoraConfig& lc, con
 inline void merge_write_checkpoint(const std::string& src, const Config& c, const LoraConfig& lc, const float* lora, const std::string& dst,
                                    bool requant, bool onto_original = false, uint64_t max_shard_bytes = 5000000000ull) {
     std::string cfg_path = src + "/config.json";
+    ckpt_prepare_out(src, dst);
     int qt = QT_NF4, bs = NF4_BLOCKSIZE; bool nested = true;
     bool pre = config_is_bnb4(cfg_path);
     ql_assert(!(pre && onto_original), "%s is stored in 4 bits: there is no original base to merge onto", src.c_str());
@@ -102,7 +105,6 @@ inline void merge_write_checkpoint(const std::string& src, const Config& c, cons
     BnbCheckpointView bv;
     if (pre) { bv = bnb_checkpoint_validate(c, st); qt = bv.qt; bs = bv.bs; nested = bv.nested; }
     else checkpoint_view(c, st);
-    ckpt_prepare_out(src, dst);
     std::map<std::string, Weight> linear = linears_by_name(c);
     std::vector<std::string> names;
     for (auto& kv : st.tensors) {
@@ -140,7 +142,6 @@ inline void merge_write_checkpoint(const std::string& src, const Config& c, cons
         pieces.push_back(pc);
     }
     ckpt_assign_shards(pieces, max_shard_bytes);
-    ckpt_write(dst, pieces);
     // config.json: dtype bfloat16; quantization_config only when re-quantized
     std::string cfg = text_of_file(cfg_path);
     std::vector<std::string> keys; for (auto& m : json_members(cfg, cfg_path)) keys.push_back(m.key);
@@ -149,8 +150,11 @@ inline void merge_write_checkpoint(const std::string& src, const Config& c, cons
         if (std::find(keys.begin(), keys.end(), k) != keys.end()) { cfg = json_text_set(cfg, k, "\"bfloat16\"", cfg_path); has_dtype = true; }
     if (!has_dtype) cfg = json_text_set(cfg, "torch_dtype", "\"bfloat16\"", cfg_path);
     cfg = requant ? config_with_bnb4(cfg, cfg_path, qt, nested) : json_text_remove(cfg, "quantization_config", cfg_path);
-    write_text_file(dst + "/config.json", cfg);
-    copy_side_files(src, dst);
+    out_write_set(dst, [&](const std::string& out) {   // the whole checkpoint, or the previous one if this fails
+        ckpt_write(out, pieces, dst);
+        write_text_file(out + "/config.json", cfg);
+        copy_side_files(src, out);
+    });
 }
 
 
@@ -158,6 +162,7 @@ inline void merge_write_checkpoint(const std::string& src, const Config& c, cons
 inline int tool_main(unsigned mode, const Options& o, const std::string& argv0) {
     ql_assert(o.model.rfind("random:", 0) != 0 && !o.out.empty(), "%s needs --model DIR and --out DIR (see %s --help)",
               mode_name(mode), mode_name(mode));
+    ckpt_prepare_out(o.model, o.out);   // before any work: --out is not the model, not a file, and no other run writes it
     std::string here = argv0.find('/') == std::string::npos ? "." : argv0.substr(0, argv0.rfind('/'));
     if (!rcp_table_load("data/rcp_delta.bin")) rcp_table_load(here + "/data/rcp_delta.bin");   // rcp.approx: bit-exact FP4, fp32 input
     if (mode == QUANTIZE) {

@@ -635,6 +635,36 @@ static void test_merge() {
         std::vector<float> x = linear_f32(s, c, 0, P_K), g = st_f32(*a.find(hf_linear_name(0, P_K)));
         check(x == g, "onto the original base: an untouched projection is the stored weight itself");
     }
+    // a merge or a quantize that fails half-way (a full disk) leaves --out as it was: the previous
+    // checkpoint whole, not new shards beside an old index or config
+    auto snapshot = [](const std::string& d) {
+        std::vector<std::pair<std::string, std::vector<uint8_t>>> v;
+        for (auto& n : dir_entries(d)) v.push_back({n, read_file(d + "/" + n)});
+        return v;
+    };
+    auto siblings = [](const std::string& d) { int k = 0; for (auto& e : dir_entries(parent_dir(d))) k += out_sibling_of(e, base_name(d), "new"); return k; };
+    std::vector<float> w2 = random_lora(c, lc, 12, 0.05f);
+    std::string mi = TMP + "/merged_interrupted", qi = TMP + "/quantized_interrupted";
+    merge_write_checkpoint(TIED, c, lc, w.data(), mi, false, false, 200000);
+    bnb_write_checkpoint(TIED, qi);
+    auto m0 = snapshot(mi), q0 = snapshot(qi);
+    // room for the weights, not for config.json after them
+    long long merged_bytes = (long long)read_file(mg + "/model.safetensors").size(), quant_bytes = (long long)read_file(qi + "/model.safetensors").size();
+    expect_error("merge fails half-way (disk full)", [&] {
+        ql_error_mode().fail_writes_after = merged_bytes + 10;
+        merge_write_checkpoint(TIED, c, lc, w2.data(), mi, false);
+    }, {"disk full?", mi + " keeps its previous files"});
+    expect_error("quantize fails half-way (disk full)", [&] {
+        ql_error_mode().fail_writes_after = quant_bytes + 10;
+        bnb_write_checkpoint(TIED, qi, QT_FP4);
+    }, {"disk full?", qi + " keeps its previous files"});
+    check(snapshot(mi) == m0 && m0.size() >= 4 && snapshot(qi) == q0 && siblings(mi) == 0 && siblings(qi) == 0,
+          "after a merge and a quantize that failed half-way: both output directories hold their previous checkpoints, byte for byte (%zu and %zu files)",
+          m0.size(), q0.size());
+    merge_write_checkpoint(TIED, c, lc, w2.data(), mi, false);
+    int stale = 0; for (auto& n : dir_entries(mi)) stale += n.rfind("model-", 0) == 0;
+    check(file_exists(mi + "/model.safetensors") && !file_exists(mi + "/model.safetensors.index.json") && stale == 0,
+          "a single-file merge over a sharded one: no stale index or shard is left beside it (%d shards)", stale);
     expect_error("merge onto original from 4-bit", [c, lc, w] { merge_write_checkpoint(TMP + "/q_nf4", c, lc, w.data(), TMP + "/x", false, true); }, {"no original base"});
 
     // files for dev/check_ecosystem.py: a qlora adapter, the CPU reference's logits, a merged and a quantized checkpoint

@@ -349,9 +349,85 @@ static void test_failed_save() {
         }, {"disk full?", "previous", p});
         SafeTensors st = st_open(p);
         std::vector<float> back = st_f32(st.get("lora", {1000}, DT_F32));
-        check(back == v1 && st.metadata["step"] == "100" && !file_exists(p + ".tmp"),
-              "after the failed save: the previous file is intact and loads (step %s), no .tmp left", st.metadata["step"].c_str());
+        bool tmp_left = false;
+        for (const std::string& n : dir_entries(TMP)) tmp_left |= n.rfind("state.safetensors.tmp", 0) == 0;
+        check(back == v1 && st.metadata["step"] == "100" && !tmp_left,
+              "after the failed save: the previous file is intact and loads (step %s), no temporary file left", st.metadata["step"].c_str());
     }
+    // another writer's temporary file, half written: a save of the same file must not touch it (a
+    // fixed name PATH.tmp made two runs write through one file and rename each other's bytes)
+    write_text(p + ".tmp", "another run's half-written bytes");
+    st_write(p, {{"lora", DT_F32, {1000}, v2.data()}}, {{"step", "300"}});
+    check(file_exists(p + ".tmp") && text_of_file(p + ".tmp") == "another run's half-written bytes" && st_open(p).metadata["step"] == "300",
+          "two writers of one file: each has its own temporary name (PATH.tmp.PID.N); the other's stays untouched");
+}
+
+// Non-regular files are refused by their stat, before an open that would block (a FIFO waits for a
+// writer forever). Each case runs with an alarm: a hang fails the test instead of stalling it.
+static void test_special_files() {
+    std::string fifo = TMP + "/fifo", dir = TMP + "/fifo_model";
+    ql_assert(mkfifo(fifo.c_str(), 0644) == 0 && system(("mkdir -p " + dir).c_str()) == 0 && mkfifo((dir + "/config.json").c_str(), 0644) == 0, "mkfifo");
+    expect_error("read_file of a FIFO", [fifo] { alarm(5); read_file(fifo); }, {fifo, "not a regular file", "FIFO"});
+    expect_error("st_open of a FIFO", [fifo] { alarm(5); st_open(fifo); }, {fifo, "not a regular file"});
+    expect_error("config.json is a FIFO", [dir] { alarm(5); load_config(dir + "/config.json"); }, {dir + "/config.json", "not a regular file"});
+    expect_error("a directory as a file", [] { alarm(5); st_open(TMP); }, {"not a regular file (a directory)"});
+    check(file_exists(fifo) && file_exists(TMP), "file_exists: anything at the path (stat only, no open)");
+}
+
+// Output directories (formats.h §10b): one writer per directory, and every save switched in whole.
+static std::string read_text(const std::string& p) { return file_exists(p) ? text_of_file(p) : "(missing)"; }
+static void write_set(const std::string& dir, const std::string& tag) {
+    out_write_set(dir, [&](const std::string& s) { write_text_file(s + "/adapter_config.json", "r " + tag); write_text_file(s + "/adapter_model.safetensors", "w " + tag); });
+}
+static bool no_siblings(const std::string& dir) {
+    bool none = true;
+    for (const std::string& e : dir_entries(parent_dir(dir))) none &= !out_sibling_of(e, base_name(dir), "new") && !out_sibling_of(e, base_name(dir), "old");
+    return none;
+}
+static void test_out_dirs() {
+    std::string d = TMP + "/out/run";
+    write_set(d, "16");
+    write_text(d + "/notes.txt", "the user's notes");
+    write_set(d, "16b");
+    check(read_text(d + "/adapter_config.json") == "r 16b" && read_text(d + "/adapter_model.safetensors") == "w 16b" &&
+          read_text(d + "/notes.txt") == "the user's notes" && no_siblings(d),
+          "a new set replaces the old one whole; a file qlora did not write stays; no sibling left behind");
+    // a save that fails after its first file (a full disk): the previous set, complete
+    expect_error("second file of a save fails", [d] {
+        out_write_set(d, [&](const std::string& s) {
+            write_text_file(s + "/adapter_model.safetensors", "w 4");
+            ql_error_mode().fail_writes_after = 2;
+            write_text_file(s + "/adapter_config.json", "r 4");
+        });
+    }, {"disk full?", d + " keeps its previous files"});
+    check(read_text(d + "/adapter_config.json") == "r 16b" && read_text(d + "/adapter_model.safetensors") == "w 16b" && no_siblings(d),
+          "after a save that failed half-way: DIR holds the whole previous set (not rank-4 weights beside \"r\": 16), no sibling left");
+    // a kill after the switch, before the old set was removed: the next lock finishes the job
+    std::string left = TMP + "/out/.run.new.999999.7";
+    ql_assert(system(("mkdir -p " + left).c_str()) == 0, "mkdir");
+    write_text(left + "/adapter_config.json", "r old"); write_text(left + "/todo.txt", "moved back");
+    for (auto& kv : out_locks()) close(kv.second);   // as a fresh process: the lock taken again (it recovers)
+    out_locks().clear();
+    out_lock(d);
+    check(!file_exists(left) && read_text(d + "/todo.txt") == "moved back" && read_text(d + "/adapter_config.json") == "r 16b",
+          "a sibling a killed save left: retired at the next lock (qlora's files deleted, the user's moved into DIR)");
+    // one writer at a time: a second process is refused, with the first's pid, after any number of switches
+    write_set(d, "x");
+    long me = (long)getpid();
+    expect_error("a second writer of DIR", [d] { out_locks().clear(); out_lock(d); },
+                 {d, "being written by another qlora run", "pid " + std::to_string(me), TMP + "/out/.run.lock"});
+    expect_error("a second writer, other spelling", [d] { out_locks().clear(); out_lock(TMP + "/out/../out/run/"); }, {"pid " + std::to_string(me)});
+    pid_t pid = fork();
+    if (pid == 0) { out_locks().clear(); out_lock(TMP + "/out/free"); _exit(0); }
+    int st = 0; waitpid(pid, &st, 0);
+    out_lock(TMP + "/out/free");
+    check(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the lock goes with the process that held it: DIR can be locked again after it exits");
+    expect_error("--out is a file", [] { write_text(TMP + "/out/file", "x"); out_lock(TMP + "/out/file"); }, {"exists and is not a directory"});
+    expect_error("--out holds the working directory", [] { out_lock("."); }, {"is the working directory or holds it"});
+    // a quote and a command substitution in the name are just characters (no shell)
+    std::string odd = TMP + "/out/it's $(touch " + TMP + "/pwned)";
+    write_set(odd, "q");
+    check(read_text(odd + "/adapter_config.json") == "r q" && !file_exists(TMP + "/pwned"), "an --out name with a quote and $(...): written there, nothing run");
 }
 
 int main() {
@@ -362,5 +438,7 @@ int main() {
     test_weights();
     test_safetensors();
     test_failed_save();
+    test_special_files();
+    test_out_dirs();
     return test_summary();
 }

@@ -6,7 +6,9 @@
 #   - a NaN gradient (--inject-nan) skips that step with a warning and the run goes on;
 #   - K non-finite steps in a row stop the run (exit 1) and the last saved state stays loadable;
 #   - a GPU fault mid-run (--inject-oom: a failing allocation) exits 1 with a clear message, and the
-#     last saved state stays loadable: a run resumes from it.
+#     last saved state stays loadable: a run resumes from it;
+#   - a second run writing the same --out is refused (the lock names the first's pid); a regular
+#     file as --out is refused before training.
 if ! nvidia-smi -L > /dev/null 2>&1 || [ ! -x ./qlora ]; then
   echo "SKIPPED test_resilience: no CUDA device"; echo "0 passed, 0 failed"; exit 0
 fi
@@ -35,5 +37,13 @@ step=$(python3 -c "import json,struct,sys; f=open('$d/nanckpt/state.safetensors'
 step=$(python3 -c "import json,struct,sys; f=open('$d/oomckpt/state.safetensors','rb'); n=struct.unpack('<Q',f.read(8))[0]; print(json.loads(f.read(n))['__metadata__']['step'])" 2>/dev/null)
 [ $rc = 1 ] && grep -q 'ran out of memory' $d/oom.out && [ "$step" = 10 ]; ok $? "GPU out of memory at step 13: exit $rc, a clear message, the state saved at step ${step:-?} intact"
 ./qlora $short --resume $d/oomckpt --out $d/oomckpt > $d/oom2.out 2>&1; ok $? "a run resumes from that state and finishes"
+./qlora $args --out $d/locked --log $d/lock1.log > $d/lock1.out 2>&1 & pid=$!
+for i in $(seq 1 600); do grep -qE '^step' $d/lock1.log 2> /dev/null && break; sleep 0.05; done
+./qlora $short --out $d/locked > $d/lock2.out 2>&1; rc=$?
+kill -INT $pid; wait $pid; rc1=$?
+[ $rc = 1 ] && grep -q "being written by another qlora run (pid $pid)" $d/lock2.out && [ $rc1 = 0 ] && [ -f $d/locked/state.safetensors ]
+ok $? "a second ./qlora writing the same --out is refused, naming the first (pid $pid); the first saves and exits $rc1"
+./qlora $short --out $d/full.log > $d/file.out 2>&1; rc=$?
+[ $rc = 1 ] && grep -q 'exists and is not a directory' $d/file.out && ! grep -qE '^step' $d/file.out; ok $? "--out naming a regular file: refused before training (exit $rc)"
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]

@@ -7,10 +7,16 @@
 //   - evaluation runs without dropout;
 //   - the shipped data: the token files and vocabulary that dev/data/prepare.py made decode to the
 //     task's text, a short run on them lowers the validation loss, and its PEFT adapter reads back
-//     bit for bit (no Python needed).
+//     bit for bit (no Python needed);
+//   - the run as ./qlora_cpu makes it: the memory plan (refused with advice when short), inputs
+//     without targets or that would hang (a FIFO), Ctrl-C + --resume == the straight run bit for
+//     bit, a resume with other options refused, --out locked and replaced whole (a full disk
+//     mid-save leaves the previous set), NaN/Inf steps skipped and K in a row stopping the run, no
+//     NaN adapter written or merged, --adapter, `qlora_cpu sample`, merge's vocab.bin, the ETA.
 #define QLORA_TESTING
 #include "../qlora_cpu.cpp"  // defines: Vocab, vocab_parse, CpuTrainer, train_step, evaluate_loss, generate, accuracy
 #include "test.h"            // defines: check, check_close, expect_error, test_summary
+#include <sys/stat.h>        // defines: mkfifo
 
 static const std::string TMP_DIR = "build/tmp_train_cpu";
 
@@ -264,6 +270,227 @@ static void test_options() {
     expect_error("option: bad target", [] { lora_targets_parse("q,x"); }, {"unknown projection \"x\""});
 }
 
+// ---------------------------------------------------------------------------------------------
+// the run as `./qlora_cpu` makes it (train_run, sample_run): checkpoints, resume, signals, bad steps,
+// the memory plan, bad inputs
+
+// "--flag value ..." (split at spaces) + extra arguments (which may hold spaces) -> Options
+static Options args_of(const std::string& line, std::vector<std::string> extra = {}, unsigned mode = TRAIN) {
+    std::vector<std::string> w = {"qlora_cpu"};
+    for (size_t a = 0, b; a < line.size(); a = b + 1) { b = line.find(' ', a); if (b == std::string::npos) b = line.size(); if (b > a) w.push_back(line.substr(a, b - a)); }
+    w.insert(w.end(), extra.begin(), extra.end());
+    std::vector<char*> p; for (auto& x : w) p.push_back(&x[0]);
+    return parse_args((int)p.size(), p.data(), mode);
+}
+static std::vector<uint8_t> bytes_of(const std::string& p) { return file_exists(p) ? read_file(p) : std::vector<uint8_t>(); }
+static const std::string RUN = "--model data/base --train data/task/reverse.train.tok --batch 2 --seq 32 --rank 4 --lr 3e-3 --warmup 2 "
+                               "--dropout 0.1 --threads 2 --log-every 100 --seed 5";
+static bool no_siblings(const std::string& dir) {
+    bool none = true;
+    for (const std::string& e : dir_entries(parent_dir(dir))) none &= !out_sibling_of(e, base_name(dir), "new") && !out_sibling_of(e, base_name(dir), "old");
+    return none;
+}
+
+// 8 steps straight == 3 steps, Ctrl-C (the step finishes, the run saves and returns 0), --resume, 5
+// steps: every loss and the final adapter and state, bit for bit
+static void test_resume() {
+    std::string full = TMP_DIR + "/full", part = TMP_DIR + "/part";
+    RunResult a, b, c;
+    int rc_a = train_run(args_of(RUN + " --steps 8 --out " + full), &a);
+    int rc_b = train_run(args_of(RUN + " --steps 8 --out " + part), &b, [](int step) { if (step == 2) raise(SIGINT); });
+    SafeTensors st = st_open(part + "/state.safetensors");
+    check(rc_a == 0 && rc_b == 0 && b.step == 3 && b.losses.size() == 3 && st.metadata["step"] == "3" && file_exists(part + "/adapter_model.safetensors"),
+          "SIGINT after step 3 of 8: the run finishes the step, saves adapter + state (step %s) and returns %d", st.metadata["step"].c_str(), rc_b);
+    int rc_c = train_run(args_of(RUN + " --steps 8 --resume " + part + " --out " + part), &c);
+    std::vector<float> joined = b.losses; joined.insert(joined.end(), c.losses.begin(), c.losses.end());
+    check(rc_c == 0 && c.step == 8 && joined.size() == a.losses.size(), "resumed at step 3, ran to step %d", c.step);
+    check_bytes("3 steps + resume + 5 steps == 8 steps: losses", joined.data(), a.losses.data(), 4 * std::min(joined.size(), a.losses.size()));
+    std::vector<uint8_t> fa = bytes_of(full + "/adapter_model.safetensors"), fb = bytes_of(part + "/adapter_model.safetensors");
+    std::vector<uint8_t> sa = bytes_of(full + "/state.safetensors"), sb = bytes_of(part + "/state.safetensors");
+    check(!fa.empty() && fa.size() == fb.size() && !sa.empty() && sa.size() == sb.size(), "both runs wrote an adapter and a state of the same size");
+    if (fa.size() == fb.size() && sa.size() == sb.size()) {
+        check_bytes("resumed == straight: adapter_model.safetensors", fb.data(), fa.data(), fa.size());
+        check_bytes("resumed == straight: state.safetensors", sb.data(), sa.data(), sa.size());
+    }
+    expect_error("resume with another --batch", [part] { exit(train_run(args_of(RUN + " --steps 8 --batch 3 --resume " + part))); },
+                 {part + "/state.safetensors was saved by a different run", "batch=2", "batch=3"});
+    expect_error("resume with another --rank", [part] { exit(train_run(args_of(RUN + " --steps 8 --rank 8 --resume " + part))); },
+                 {"saved by a different run", "rank=4", "rank=8"});
+    expect_error("resume from a directory without state", [] { exit(train_run(args_of(RUN + " --steps 8 --resume data/base"))); },
+                 {"--resume data/base: no state.safetensors"});
+    // a second signal ends the process at once (exit 130)
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) { freopen("/dev/null", "w", stdout); train_run(args_of(RUN + " --steps 8"), nullptr, [](int) { raise(SIGINT); raise(SIGINT); }); _exit(0); }
+    int status = 0; waitpid(pid, &status, 0);
+    check(WIFEXITED(status) && WEXITSTATUS(status) == 130, "a second SIGINT exits at once (status %d)", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+}
+
+// The output directory: checked before any work, locked, and every save switched in whole.
+static void test_out_dir() {
+    std::string d = TMP_DIR + "/disk";
+    check(train_run(args_of(RUN + " --steps 2 --out " + d)) == 0, "a 2-step run, rank 4, saved to %s", d.c_str());
+    const char* files[] = {"adapter_model.safetensors", "adapter_config.json", "state.safetensors"};
+    std::vector<std::vector<uint8_t>> before;
+    for (const char* f : files) before.push_back(bytes_of(d + "/" + f));
+    // the same run at rank 16 on a disk that fills up after the weights: nothing of it may land beside the rank-4 files
+    size_t room = 314888 + 100;   // adapter_model.safetensors of rank 16 on data/base, and a little
+    expect_error("a save fails half-way (disk full)", [d, room] {
+        ql_error_mode().fail_writes_after = (long long)room;
+        exit(train_run(args_of(RUN + " --steps 2 --rank 16 --out " + d)));
+    }, {"disk full?", d + " keeps its previous files"});
+    bool same = true;
+    for (size_t i = 0; i < 3; i++) same &= !before[i].empty() && bytes_of(d + "/" + files[i]) == before[i];
+    check(same && no_siblings(d), "after the failed save: %s holds the previous adapter and state, byte for byte (no rank-16 weights beside \"r\": 4)", d.c_str());
+    LoraConfig lc; std::vector<float> w; Config c = load_config("data/base/config.json");
+    peft_adapter_read(d, c, lc, w);
+    check(lc.rank == 4, "and it loads: r %d", lc.rank);
+    // --out a regular file: refused before any work
+    write_bytes(TMP_DIR + "/a_file", {1, 2, 3});
+    expect_error("--out is a regular file", [] { exit(train_run(args_of(RUN + " --steps 2 --out " + TMP_DIR + "/a_file"))); },
+                 {"--out " + TMP_DIR + "/a_file exists and is not a directory"});
+    // a second run writing the same --out is refused, naming the first
+    out_lock(d);
+    long me = (long)getpid();
+    expect_error("a second run writing --out", [d] { out_locks().clear(); exit(train_run(args_of(RUN + " --steps 2 --out " + d))); },
+                 {d + " is being written by another qlora run (pid " + std::to_string(me) + ")"});
+}
+
+// A non-finite loss or gradient: the update is skipped with a warning naming the tensor; K in a row
+// stop the run with the last good state intact; a non-finite adapter is never written, nor merged.
+static void test_nonfinite() {
+    std::vector<uint32_t> tok; std::vector<uint64_t> starts;
+    for (int d = 0; d < 12; d++) { starts.push_back(tok.size()); for (int i = 0; i < 9; i++) tok.push_back(rng_u32(8, d, i) % 24); }
+    std::string path = TMP_DIR + "/nan.tok";
+    token_file_write(path, tok, nullptr, starts, 24);
+    TokenFile f; token_file_open(f, path, 24);
+    CpuTrainer t; random_trainer(t, 2);
+    t.o.inject_nan = 1; t.o.inject_nan_steps = 1;
+    Loader ld; ld.init(&f, 3, true);
+    Batch b; float norm; bool ok0, ok1, ok2;
+    ld.next(b, 4, 16); train_step(t, b, 0, 1e-2f, &norm, &ok0);
+    std::vector<float> p = t.lora, m = t.adam_m, v = t.adam_v;
+    ld.next(b, 4, 16); train_step(t, b, 1, 1e-2f, &norm, &ok1);
+    bool kept = t.lora == p && t.adam_m == m && t.adam_v == v;
+    ld.next(b, 4, 16); train_step(t, b, 2, 1e-2f, &norm, &ok2);
+    check(ok0 && !ok1 && kept && ok2 && t.lora != p, "a NaN gradient at step 2: ok=%d, update skipped (parameters and moments unchanged: %d), step 3 updates again",
+          (int)ok1, (int)kept);
+    std::string d = TMP_DIR + "/nanrun";
+    expect_error("3 NaN steps in a row", [d] { exit(train_run(args_of(RUN + " --steps 12 --inject-nan 3 100 --max-bad-steps 3 --save-every 2 --out " + d))); },
+                 {"step 4: loss", "non-finite gradient in model.layers.0.self_attn.q_proj.lora_A", "3 steps in a row", "last good state is in " + d});
+    SafeTensors st = st_open(d + "/state.safetensors");
+    std::vector<float> lora = st_f32(*st.find("lora"));
+    bool finite = true; for (float x : lora) finite &= std::isfinite(x);
+    check(st.metadata["step"] == "2" && finite && no_siblings(d), "the state saved at step %s is intact and finite", st.metadata["step"].c_str());
+    RunResult r;
+    check(train_run(args_of(RUN + " --steps 6 --inject-nan 2 1"), &r) == 0 && r.step == 6, "one NaN step: skipped, the run completes");
+
+    // the writer and the readers refuse NaN/Inf, naming the tensor
+    Config c = load_config("data/base/config.json");
+    LoraConfig lc; std::vector<float> w;
+    peft_adapter_read(d, c, lc, w);
+    std::vector<uint8_t> prev = bytes_of(d + "/adapter_model.safetensors");
+    LoraSlot sl = lora_slot(c, lc, 1, P_DOWN);
+    w[sl.b + 5] = INFINITY;
+    expect_error("write an adapter holding Inf", [&] { peft_adapter_write(d, c, lc, w.data(), "data/base"); },
+                 {"not writing the adapter to " + d, "model.layers.1.mlp.down_proj.lora_B", "non-finite"});
+    check(bytes_of(d + "/adapter_model.safetensors") == prev, "the adapter on disk is unchanged");
+    std::string bad = TMP_DIR + "/nan_adapter";   // written past the writer's check, as a diverged run elsewhere might
+    make_dirs(bad);
+    write_text_file(bad + "/adapter_config.json", text_of_file(d + "/adapter_config.json"));
+    SafeTensors a = st_open(d + "/adapter_model.safetensors");
+    std::vector<std::vector<float>> keep; std::vector<STOut> ts;
+    for (auto& kv : a.tensors) {
+        keep.push_back(st_f32(kv.second));
+        if (kv.first.find("layers.1.mlp.down_proj.lora_B") != std::string::npos) keep.back()[5] = NAN;
+        ts.push_back({kv.first, DT_F32, kv.second.shape, keep.back().data()});
+    }
+    st_write(bad + "/adapter_model.safetensors", ts);
+    std::string merged = TMP_DIR + "/nan_merged";
+    expect_error("merge an adapter holding NaN", [bad, merged] {
+        exit(tool_main(MERGE, args_of("--model data/base --adapter " + bad + " --out " + merged, {}, MERGE), "./qlora_cpu"));
+    }, {bad + "/adapter_model.safetensors", "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight", "NaN/Inf", "merge"});
+    check(!file_exists(merged), "nothing merged");
+}
+
+// The memory plan: the sizes ref_acts_alloc allocates, added up first; too much is refused with advice.
+static void test_memory_plan() {
+    Config c = load_config("data/base/config.json");
+    LoraConfig lc; lc.rank = 16;
+    RefActs<float> a; ref_acts_alloc(a, c, lc, 3, 20);
+    size_t n = a.resid.size() + a.rstd1.size() + a.n1.size() + a.q.size() + a.k.size() + a.v.size() + a.att.size() + a.o.size() +
+               a.resid2.size() + a.rstd2.size() + a.n2.size() + a.gate.size() + a.up.size() + a.act.size() + a.lora_u.size() +
+               a.rstdf.size() + a.hL.size() + a.logits.size() + a.losses.size();
+    CpuMemPlan p = cpu_memory_plan(c, lc, 6, 20, 2);
+    check(p.acts == 2.0 * 4 * n && p.rows == 3 && p.model == 4.0 * 407168 && p.lora == 4.0 * 77824 * 6,
+          "memory plan of 2 threads x 3 rows x 20 tokens: activations %.0f bytes = what ref_acts_alloc allocates, model %.0f, LoRA state %.0f",
+          p.acts, p.model, p.lora);
+    CpuMemPlan big = cpu_memory_plan(c, lc, 4096, 256, 2);
+    check(big.total() > 20 * 1073741824.0, "--batch 4096 --seq 256 on data/base: %.1f GiB (the std::bad_alloc of issue 12)", big.total() / 1073741824.0);
+    int fits = 0; for (int bsz = 1; bsz <= 4096; bsz++) if (cpu_memory_plan(c, lc, bsz, 256, 2).total() <= 8 * 1073741824.0) fits = bsz;
+    Options o = args_of("--model data/base --train x --batch 4096 --seq 256 --threads 2");
+    expect_error("a plan above the memory available", [&] { cpu_memory_check(c, lc, o, 8 * 1073741824.0); },
+                 {"needs about", "--batch 4096 --seq 256", "8.00 GiB this machine has available", "--batch " + std::to_string(fits) + " fits"});
+    // end to end, before any weight is read: a config alone, a batch no machine holds
+    std::string d = TMP_DIR + "/config_only";
+    make_dirs(d);
+    write_text_file(d + "/config.json", json_text_set(text_of_file("data/base/config.json"), "max_position_embeddings", "1048576", "config"));
+    expect_error("--batch 4096 --seq 65536", [d] { CpuTrainer t; trainer_init(t, args_of("--model " + d + " --train x --batch 4096 --seq 65536")); },
+                 {"needs about", "not even --batch 1 fits with --seq 65536: lower --seq"});
+}
+
+// Inputs that used to train on nothing, report nothing, or hang.
+static void test_bad_inputs() {
+    std::vector<uint32_t> tok(40); std::vector<uint8_t> zero(40, 0); std::vector<uint64_t> starts = {0, 10, 20, 30};
+    for (int i = 0; i < 40; i++) tok[i] = (uint32_t)(i % 50);
+    std::string nomask = TMP_DIR + "/no_targets.tok", ones = TMP_DIR + "/one_token_docs.tok";
+    token_file_write(nomask, tok, &zero, starts, 104);
+    token_file_write(ones, {5, 6, 7}, nullptr, {0, 1, 2}, 104);
+    expect_error("--train whose loss mask is all 0", [nomask] { exit(train_run(args_of(RUN + " --steps 2 --train " + nomask))); },
+                 {"--train " + nomask + ": no token is a training target", "loss mask is 0"});
+    expect_error("--val without targets", [nomask] { exit(train_run(args_of(RUN + " --steps 2 --val " + nomask))); },
+                 {"--val " + nomask + ": no token is a training target", "validation loss"});
+    expect_error("--val of one-token documents", [ones] { exit(train_run(args_of(RUN + " --steps 2 --val " + ones))); },
+                 {"--val " + ones, "every document is a single token"});
+    std::string fifo = TMP_DIR + "/train.fifo";
+    ql_assert(mkfifo(fifo.c_str(), 0644) == 0, "mkfifo %s", fifo.c_str());
+    expect_error("--train is a FIFO", [fifo] { alarm(20); exit(train_run(args_of(RUN + " --steps 2 --train " + fifo))); },
+                 {fifo, "not a regular file", "FIFO"});
+    Options o = args_of("--model data/base/ --train x --out build/x/ --adapter a//");
+    check(o.model == "data/base" && o.vocab == "data/base/vocab.bin" && o.out == "build/x" && o.adapter == "a",
+          "trailing slashes dropped: --model %s, vocab %s (not data/base//vocab.bin)", o.model.c_str(), o.vocab.c_str());
+}
+
+// --adapter (start from / sample with a PEFT adapter), `qlora_cpu sample`, merge's vocab.bin, the ETA
+static void test_adapter_and_sample() {
+    std::string d = TMP_DIR + "/disk";   // test_out_dir's rank-4 adapter
+    CpuTrainer t; trainer_init(t, args_of("--model data/base --train x --seq 64 --adapter " + d + " --threads 2 --dropout 0.05"));
+    LoraConfig lc; std::vector<float> w; peft_adapter_read(d, t.m.cfg, lc, w);
+    check(t.lc.rank == 4 && t.lc.targets == lc.targets && t.lc.dropout == 0.05f && t.lora == w,
+          "--adapter: training starts from its weights and its r (%d), alpha, targets; dropout from the options", t.lc.rank);
+    std::vector<std::string> prompt = {"--prompt", "<|user|>reverse: abc<|end|><|assistant|>"};
+    Options s = args_of("--model data/base --adapter " + d + " --max-new 6 --temperature 0.8 --top-p 0.9 --seed 3", prompt, SAMPLE);
+    check(sample_run(s) == 0, "qlora_cpu sample --adapter DIR --prompt TEXT --temperature 0.8 --top-p 0.9");
+    check(sample_run(args_of("--model data/base --val data/task/reverse.val.tok --eval-examples 4 --samples 2", {}, SAMPLE)) == 0,
+          "qlora_cpu sample --val FILE (the base model alone): accuracy and samples");
+    Vocab v; vocab_load(v, "data/base/vocab.bin");
+    std::vector<int> ids = prompt_ids(prompt[1], &v);
+    CpuTrainer g; trainer_init(g, args_of("--model data/base --train x --seq 64 --adapter " + d + " --threads 1"));
+    GenSettings gs; gs.temperature = 0.8f; gs.top_p = 0.9f; gs.seed = 3;
+    std::vector<int> x1 = generate(g.m, g.lc, g.lora.data(), g.acts[0], ids, 6, -1, nullptr, gs, 0);
+    std::vector<int> x2 = generate(g.m, g.lc, g.lora.data(), g.acts[0], ids, 6, -1, nullptr, gs, 0);
+    std::vector<int> greedy = generate(g.m, g.lc, g.lora.data(), g.acts[0], ids, 6, -1), t0 = generate(g.m, g.lc, g.lora.data(), g.acts[0], ids, 6, -1, nullptr, GenSettings(), 0);
+    check(x1 == x2 && x1.size() == 6 && greedy == t0 && ids[0] == (int)v.bos, "sampling: the same seed gives the same tokens; temperature 0 is greedy; bos first");
+    expect_error("sample without a prompt", [] { sample_run(args_of("--model data/base", {}, SAMPLE)); }, {"needs --prompt TEXT"});
+    expect_error("a sample flag in training", [] { args_of("--max-new 4"); }, {"--max-new is not a flag of qlora_cpu train"});
+
+    std::string merged = TMP_DIR + "/merged";
+    check(tool_main(MERGE, args_of("--model data/base --adapter " + d + " --out " + merged, {}, MERGE), "./qlora_cpu") == 0 &&
+          bytes_of(merged + "/vocab.bin") == bytes_of("data/base/vocab.bin"), "merge copies vocab.bin beside the merged checkpoint (its samples decode)");
+    check(eta_text(3725) == "ETA 1h02m" && eta_text(185) == "ETA 3m05s" && eta_text(12.4) == "ETA 12s" && eta_text(NAN) == "ETA 0s",
+          "step lines' ETA: %s, %s, %s", eta_text(3725).c_str(), eta_text(185).c_str(), eta_text(12.4).c_str());
+}
+
 int main() {
     ql_assert(system(("rm -rf " + TMP_DIR + " && mkdir -p " + TMP_DIR).c_str()) == 0, "mkdir %s", TMP_DIR.c_str());
     test_options();
@@ -272,5 +499,11 @@ int main() {
     test_choose_and_encode();
     test_loss_and_threads();
     test_shipped();
+    test_memory_plan();
+    test_bad_inputs();
+    test_resume();
+    test_out_dir();
+    test_nonfinite();
+    test_adapter_and_sample();
     return test_summary();
 }

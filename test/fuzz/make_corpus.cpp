@@ -3,8 +3,8 @@
 // header is what the reader parses), plus a complete tiny checkpoint for fuzz_config_tiny() so the
 // fuzzer starts from files that load all the way through checkpoint_view.
 //   g++ -std=c++17 -o build/make_corpus test/fuzz/make_corpus.cpp && build/make_corpus
-#include "targets.h"      // defines: fuzz_config_tiny, FUZZ_SHARD_SEP, st_write, token_file_write
-#include "../../tools.h"  // defines: bnb_write_checkpoint
+#include "targets.h"   // defines: fuzz_config_tiny, FUZZ_SHARD_SEP, st_write, token_file_write
+#include "../../tools.h"  // defines: bnb_write_checkpoint (the bnb seed checkpoint)
 
 static const std::string OUT = "test/fuzz/corpus";
 
