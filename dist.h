@@ -557,8 +557,8 @@ struct Dist {
         cudaCheck(cudaMallocHost(&host, 4 * sizeof(double)));
         sum(0.0, 0, "the first all-reduce");   // connects the ranks now (NCCL does it lazily), before the memory plan reads what is free
         if (rank > 0) ql_assert(freopen("/dev/null", "w", stdout), "rank %d: cannot send stdout to /dev/null", rank);
-        printf("data parallel: %d ranks (%s), one per GPU | rendezvous %s | NCCL %s | LoRA gradients: one fp32 all-reduce per step\n", world,
-               e.from.empty() ? "no launcher" : e.from.c_str(), how.text().c_str(), dist_nccl_version().c_str());
+        printf("data parallel: %d rank%s (%s), one per GPU | rendezvous %s | NCCL %s | LoRA gradients: one fp32 all-reduce per step\n", world,
+               world > 1 ? "s" : "", e.from.empty() ? "no launcher" : e.from.c_str(), how.text().c_str(), dist_nccl_version().c_str());
     }
 
     // x (n) fp32 on the GPU: the sum over ranks, in place, enqueued on s (sync waits for it)

@@ -5,8 +5,11 @@
 //   - the rendezvous, file and TCP, between 2-4 forked processes: every rank gets rank 0's 128-byte
 //     id, whoever starts first; a file left by a crashed run is never taken for the current one;
 //   - a peer that never comes: every rank that did come exits 1 within the timeout, naming what is
-//     missing (not a hang); a world-size mismatch, a taken port, a missing directory.
-#include "../dist.h"   // defines: dist_env, dist_init_parse, dist_init_resolve, rendezvous_file, rendezvous_tcp
+//     missing (not a hang); a world-size mismatch, a taken port, a missing directory;
+//   - each rank's slice of the data (dataloader.h): rank r of W with B rows gets exactly rows
+//     r·B .. r·B + B-1 of what one loader with W·B rows packs, across epochs, and the same position.
+#include "../dist.h"        // defines: dist_env, dist_init_parse, dist_init_resolve, rendezvous_file, rendezvous_tcp
+#include "../dataloader.h"  // defines: Loader, Batch, token_file_write
 #include "test.h"      // defines: check, expect_error, test_summary
 #include <map>         // defines: std::map (a fake environment)
 
@@ -239,6 +242,36 @@ int main() {
         int port = free_port();
         runs = run_ranks(1, [&](int, DistId& id) { rendezvous_tcp(id, "127.0.0.1", port, 0, 1, 1.0); });
         check(runs[0].exited0 && runs[0].id == want, "tcp, world 1: returns at once");
+    }
+
+    printf("each rank's slice of the data\n");
+    {   // 30 documents of 0..40 tokens (about 5 rows of 64 per epoch: the batches below cross several epochs)
+        std::vector<uint32_t> tok; std::vector<uint8_t> mask; std::vector<uint64_t> starts;
+        for (int d = 0; d < 30; d++) {
+            starts.push_back(tok.size());
+            for (int i = 0, n = (int)(rng_u32(3, 1, d) % 41); i < n; i++) { tok.push_back(rng_u32(3, 2, tok.size()) % 100); mask.push_back(rng_u32(3, 3, tok.size()) % 3 != 0); }
+        }
+        token_file_write(TMP_DIR + "/slice.tok", tok, &mask, starts, 100);
+        TokenFile f; token_file_open(f, TMP_DIR + "/slice.tok", 100);
+        for (int W : {2, 3}) {
+            const int B = 2, T = 64, steps = 12;
+            Loader one; one.init(&f, 9, true);
+            std::vector<Loader> ranks(W);
+            for (int r = 0; r < W; r++) { ranks[r].rank = r; ranks[r].world = W; ranks[r].init(&f, 9, true); }
+            bool same = true, same_pos = true;
+            for (int s = 0; s < steps; s++) {
+                Batch all; one.next(all, W * B, T);
+                for (int r = 0; r < W; r++) {
+                    Batch mine; ranks[r].next(mine, B, T);
+                    auto rows = [&](const std::vector<int>& v) { return std::vector<int>(v.begin() + (size_t)r * B * T, v.begin() + (size_t)(r + 1) * B * T); };
+                    same = same && mine.B == B && mine.ids == rows(all.ids) && mine.targets == rows(all.targets) && mine.pos == rows(all.pos) &&
+                           mine.doc_start == rows(all.doc_start);
+                    same_pos = same_pos && ranks[r].st.epoch == one.st.epoch && ranks[r].st.cursor == one.st.cursor && ranks[r].st.offset == one.st.offset;
+                }
+            }
+            check(same && same_pos, "%d ranks x %d rows == one loader x %d rows, row for row, %d batches (to epoch %llu); the same position on every rank", W, B,
+                  W * B, steps, (unsigned long long)one.st.epoch);
+        }
     }
     return test_summary();
 }
