@@ -16,27 +16,43 @@ GENCODE   ?= $(if $(filter 90,$(ARCH)),-gencode arch=compute_90a$(,)code=sm_90a,
 NVCCFLAGS ?= -std=c++17 -O3 -lineinfo $(GENCODE) -Xcompiler -Wall
 NVLIBS    ?= -lcublasLt -lcublas
 , := ,
+# Data parallelism (dist.h): NCCL beside the CUDA Toolkit, in /usr or under NCCL_HOME (NCCL=0: build
+# without, one GPU); MPI, if mpicxx is found, passes the NCCL id under mpirun (MPI=0: without; then
+# --dist-init file:PATH or tcp:HOST:PORT). Only -I/-L/-l of mpicxx's flags reach nvcc.
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+NCCL_HOME ?=
+NCCL      ?= $(if $(and $(NVCC),$(wildcard $(NCCL_HOME)/include/nccl.h $(CUDA_HOME)/include/nccl.h /usr/include/nccl.h)),1,0)
+MPICXX    ?= $(shell command -v mpicxx 2>/dev/null)
+MPI       ?= $(if $(and $(filter 1,$(NCCL)),$(MPICXX)),1,0)
+MPI_SHOW  := $(if $(filter 1,$(MPI)),$(shell $(MPICXX) --showme 2>/dev/null || $(MPICXX) -show 2>/dev/null))
+DIST_FLAGS ?= $(if $(filter 1,$(NCCL)),$(if $(NCCL_HOME),-I$(NCCL_HOME)/include),-DQLORA_NO_NCCL) \
+              $(if $(filter 1,$(MPI)),-DQLORA_MPI $(filter -I%,$(MPI_SHOW)))
+DIST_LIBS  ?= $(if $(filter 1,$(NCCL)),$(if $(NCCL_HOME),-L$(NCCL_HOME)/lib) -lnccl) $(if $(filter 1,$(MPI)),$(filter -L% -l%,$(MPI_SHOW)))
 
 CPU_TESTS := $(patsubst test/%.cpp,build/%,$(wildcard test/test_*.cpp))
 SAN_TESTS := build/test_formats_san build/test_nf4_san build/test_reference_san build/test_dataloader_san build/test_fuzz_regress_san build/test_ecosystem_san build/test_train_cpu_san
 GPU_TESTS := $(if $(NVCC),$(patsubst test/%.cu,build/%,$(wildcard test/test_*.cu)))
 GPU_BINS  := $(if $(NVCC),$(if $(wildcard qlora.cu),qlora))
 HEADERS   := qlora.h formats.h options.h tools.h reference.h dataloader.h generate.h $(wildcard kernels/*.cuh) test/test.h
+HEADERS   += dist.h
+SAN_TESTS += build/test_dist_san
 
 all: detect $(CPU_TESTS) $(SAN_TESTS) $(GPU_TESTS) $(GPU_BINS) qlora_cpu
 
 detect:
 	@echo "qlora build: g++ ✓ ($(CXX)) | nvcc $(if $(NVCC),✓ ($(NVCC)),✗ (GPU trainer and GPU tests not built)) | \
 GPU $(if $(GPU_ARCH),✓ sm_$(GPU_ARCH),✗ none found$(if $(NVCC), (building for sm_$(ARCH); set GPU_ARCH=..))) | parallel jobs $(or $(patsubst -j%,%,$(filter -j%,$(MAKEFLAGS))),unlimited) (JOBS=N to change)"
+	@echo "multi-GPU: NCCL $(if $(filter 1,$(NCCL)),✓ (data parallel under mpirun/srun/torchrun),✗ (one GPU; NCCL_HOME=DIR if it is elsewhere)) | \
+MPI $(if $(filter 1,$(MPI)),✓ (the NCCL id by MPI_Bcast),✗ (--dist-init file:PATH or tcp:HOST:PORT))"
 
 build/%: test/%.cpp $(HEADERS) | build
 	$(CXX) $(CXXFLAGS) -o $@ $<
 build/%_san: test/%.cpp $(HEADERS) | build
 	$(CXX) $(SANFLAGS) -o $@ $<
 build/%: test/%.cu $(HEADERS) | build
-	$(NVCC) $(NVCCFLAGS) -o $@ $< $(NVLIBS)
+	$(NVCC) $(NVCCFLAGS) $(DIST_FLAGS) -o $@ $< $(NVLIBS) $(DIST_LIBS)
 qlora: qlora.cu $(HEADERS)
-	$(NVCC) $(NVCCFLAGS) -o $@ $< $(NVLIBS)
+	$(NVCC) $(NVCCFLAGS) $(DIST_FLAGS) -o $@ $< $(NVLIBS) $(DIST_LIBS)
 build:
 	@mkdir -p build
 
@@ -61,7 +77,7 @@ train: detect qlora_cpu $(if $(GPU_ARCH),$(GPU_BINS))
 # CPU tests (also under AddressSanitizer + UndefinedBehaviorSanitizer), then GPU tests (they skip
 # themselves without a GPU). test/run.sh prints one "N passed, N failed" line for all of them.
 test: all
-	@bash test/run.sh $(CPU_TESTS) $(SAN_TESTS) $(GPU_TESTS) $(if $(NVCC),test/test_resilience.sh) $(PY_TESTS)
+	@bash test/run.sh $(CPU_TESTS) $(SAN_TESTS) $(GPU_TESTS) $(if $(NVCC),test/test_resilience.sh test/test_dist_gpu.sh) $(PY_TESTS)
 
 # Coverage-guided fuzzing of every reader (test/fuzz/targets.h): clang++ with libFuzzer, ASan and
 # UBSan, FUZZ_SECONDS per target; the corpus grows in build/fuzz/<target>/ from the committed seeds,

@@ -17,6 +17,10 @@
 // compute what the segments would compute alone. The target of a token is the next token of its
 // document (even across a split), if that token is a training target; else -1.
 // The loader's position (epoch, cursor, offset) is three integers: it is part of the resume state.
+// Data parallel (dist.h): every rank runs the same loader over the whole file and packs the world's
+// batch, world·B rows, keeping rows rank·B .. rank·B + B-1 (the others it steps past document by
+// document, copying nothing). So the position is the same on every rank, one resume state serves
+// them all, and W ranks of B rows train on exactly the rows one GPU would see with W·B.
 //
 // Evaluation reads a file differently: eval_batches packs whole documents and never splits one
 // across rows (a split answer would lose its prompt), and examples_of cuts each document into the
@@ -115,6 +119,7 @@ struct LoaderState { uint64_t epoch = 0, cursor = 0, offset = 0; };  // resumabl
 struct Loader {
     const TokenFile* f = nullptr;
     uint64_t seed = 0; bool shuffle = true;
+    int rank = 0, world = 1;       // data parallel: this rank's rows of the world's batch
     LoaderState st;
     std::vector<uint64_t> order;   // (n_docs) this epoch's document order
     void init(const TokenFile* file, uint64_t s, bool shuf, LoaderState at = LoaderState()) {
@@ -133,13 +138,13 @@ struct Loader {
     void next(Batch& b, int B, int T) {
         b.B = B; b.T = T;
         b.ids.assign((size_t)B * T, 0); b.targets.assign((size_t)B * T, -1); b.pos.assign((size_t)B * T, 0); b.doc_start.assign((size_t)B * T, 0);
-        for (int r = 0; r < B; r++) {
-            int t = 0;
+        for (int g = 0; g < world * B; g++) {   // g: a row of the world's batch; r: ours, if 0 <= r < B
+            int r = g - rank * B, t = 0;
             while (t < T) {
                 uint64_t d = order[st.cursor], beg = f->doc(d), len = f->doc(d + 1) - beg;
                 if (st.offset >= len) { advance_doc(); continue; }   // empty (or finished) document
                 uint64_t k = std::min<uint64_t>(len - st.offset, (uint64_t)(T - t));
-                for (uint64_t i = 0; i < k; i++) {
+                for (uint64_t i = 0; r >= 0 && r < B && i < k; i++) {
                     size_t at = (size_t)r * T + t + i;
                     uint64_t src = beg + st.offset + i;
                     b.ids[at] = (int)f->token(src);

@@ -41,6 +41,8 @@ struct Options {
     bool profile = false;
     double peak_tflops = 700.0;          // measured bf16 GEMM peak for MFU (../shared/bench/gemm_peak.py)
     int threads = 0;                     // CPU trainer: 0 = every core
+    std::string dist_init;               // data parallel: how the ranks meet (dist.h); "" = by the launcher
+    double dist_timeout = 600;           // data parallel: seconds a rank waits for the others before giving up
     // reports and checkpoints
     int log_every = 1;                   // step lines on stdout every N steps (the --log file gets every step)
     int eval_every = 0;
@@ -155,6 +157,10 @@ inline const std::vector<Flag>& flag_table() {
         QL_NUM("--gpu-memory", "GiB", TRAIN | GPU, gpu_memory, 0, 1e6,
                "memory budget; recompute is switched on when the run does not fit without it (0: what is free)"),
         QL_NUM("--threads", "N", TRAIN | SAMPLE | CPU, threads, 0, 1024, "CPU threads (0: every core)"),
+        QL_STR("--dist-init", "HOW", TRAIN | GPU, dist_init,
+               "data parallel (mpirun/srun/torchrun): how the ranks meet: file:PATH, tcp:HOST:PORT or mpi (default: mpi under mpirun "
+               "if built with MPI, tcp:MASTER_ADDR:MASTER_PORT+1 under torchrun)"),
+        QL_NUM("--dist-timeout", "S", TRAIN | GPU, dist_timeout, 1, 1e7, "data parallel: seconds to wait for the other ranks before giving up"),
         QL_NUM("--eval-every", "N", TRAIN | BOTH, eval_every, 0, 1e9, "validation report every N steps (0: before and after only)"),
         QL_NUM("--eval-batches", "K", TRAIN | GPU, eval_batches, 0, 1e6, "validation loss over the first K batches (0: all)"),
         QL_NUM("--eval-examples", "K", TRAIN | SAMPLE | BOTH, eval_examples, 0, 1e9, "accuracy over the first K prompts (0: all)"),

@@ -20,6 +20,7 @@
 #include "kernels/lora.cuh"           // defines: lora_dropout_forward, lora_dropout_backward_add, cast_f32_to_bf16
 #include "kernels/decode.cuh"         // defines: kv_cache_store, decode_attention (generation)
 #include "generate.h"                 // defines: Vocab, choose_token, exact_match, print_sample, print_report
+#include "dist.h"                     // defines: Dist (data parallel over NCCL: rank, all_reduce, sum, sync)
 #include <chrono>                     // defines: steady_clock (tokens/s)
 #include <array>                      // defines: std::array
 #include <signal.h>                   // defines: sigaction (SIGINT/SIGTERM: save and exit)
@@ -252,6 +253,7 @@ struct Trainer {
     cudaStream_t s;
     Options o;
     Profiler prof;
+    Dist dist;     // data parallel: this process's rank (off: one GPU, every call the single-GPU behaviour)
 };
 
 // LoRA pointers of (l, p) inside the flat layout of qlora.h
@@ -736,6 +738,7 @@ static void trainer_init(Trainer& t, const Options& o) {
     t.o = o;
     int ndev = 0;
     ql_assert(cudaGetDeviceCount(&ndev) == cudaSuccess && ndev > 0, "no CUDA device found");
+    t.dist.init(o.dist_init, o.dist_timeout);   // selects this rank's GPU: before any other CUDA call
     cudaCheck(cudaStreamCreate(&t.s));
     matmul_init(t.mm, t.s);
     t.prof.on = o.profile;
@@ -841,9 +844,11 @@ static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out
     std::vector<Batch> bs(o.grad_accum);
     long denom = 0;   // unmasked targets of the whole step: every micro-batch's loss is divided by it
     for (int k = 0; k < o.grad_accum; k++) {
-        if (d.file) d.loader.next(bs[k], o.batch, o.seq); else synthetic_batch(bs[k], o, m.cfg.vocab_size, (uint64_t)step * o.grad_accum + k);
+        uint64_t micro = ((uint64_t)step * o.grad_accum + k) * t.dist.world + t.dist.rank;   // this rank's rows of the world's batch
+        if (d.file) d.loader.next(bs[k], o.batch, o.seq); else synthetic_batch(bs[k], o, m.cfg.vocab_size, micro);
         denom += bs[k].count_targets();
     }
+    denom = (long)t.dist.sum((double)denom, t.s, "the token count");   // every rank's: the loss is the mean over the world's batch
     t.prof.n = 0;   // marks of an evaluation since the last step are not this step's
     if (step == o.inject_oom) {   // test hook: a GPU fault mid-run
         void* p;
@@ -857,12 +862,18 @@ static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out
         for (int k = 0; k < o.grad_accum; k++) {
             upload(t, bs[k]);
             uint64_t drop_seed = mix64(o.seed ^ ((uint64_t)step * o.grad_accum + k));
+            if (t.dist.rank) drop_seed = mix64(drop_seed ^ (uint64_t)t.dist.rank);   // each rank its own dropout masks
             forward(t, denom ? 1.0f / (float)denom : 0.0f, true, drop_seed);
             backward(t, drop_seed);
             loss += denom ? read_loss_sum(t, "training", step) / (float)denom : 0.0f;
         }
         if (step >= o.inject_nan && step < o.inject_nan + o.inject_nan_steps && o.inject_nan >= 0)
             cudaCheck(cudaMemsetAsync(m.grad, 0xff, 4, t.s));   // one NaN (0xffffffff) gradient
+        if (t.dist.on) {   // the sum over ranks: every rank clips and steps on the same gradients
+            prof.to("gradient all-reduce");
+            t.dist.all_reduce(m.grad, m.n_lora, t.s, "the LoRA gradient all-reduce");
+            t.dist.sync(t.s, "the LoRA gradient all-reduce");   // waits under the deadline (the copies below would wait without one)
+        }
         AdamWConfig ac;
         ac.lr = lr;
         ac.weight_decay = o.weight_decay;
@@ -875,6 +886,7 @@ static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out
     }
     t.prof.step();
     cudaCheck(cudaStreamSynchronize(t.s));
+    loss = (float)t.dist.sum(loss, t.s, "the loss");   // the world's loss; a non-finite one on any rank skips the step on all
     *ok = !nonfinite && std::isfinite(loss);
     if (!*ok) warn_nonfinite(t, step, loss);
     return loss;
@@ -1158,6 +1170,10 @@ static int sample_mode(Options o) {
 
 // The resume state (formats.h §11b: state.safetensors beside the adapter), and the adapter, written
 // as one set: out_write_set switches the new files in whole, or leaves the previous ones.
+static std::string state_signature(const Trainer& t) {   // + the world size of a data-parallel run
+    std::string s = run_signature(t.o, t.m.lc);
+    return t.dist.world > 1 ? s + " world=" + std::to_string(t.dist.world) : s;
+}
 static void save_state(Trainer& t, const Data& d, int step, const std::string& dir) {
     size_t n = t.m.n_lora;
     ResumeState s; s.step = step; s.epoch = d.loader.st.epoch; s.cursor = d.loader.st.cursor; s.offset = d.loader.st.offset;
@@ -1167,12 +1183,12 @@ static void save_state(Trainer& t, const Data& d, int step, const std::string& d
     cudaCheck(cudaMemcpy(s.adam_v.data(), t.m.adam_v, n * 4, cudaMemcpyDeviceToHost));
     out_write_set(dir, [&](const std::string& stage) {
         save_adapter(t, stage);
-        state_write(stage, s, run_signature(t.o, t.m.lc));
+        state_write(stage, s, state_signature(t));
     });
 }
 static int load_state(Trainer& t, Data& d, const std::string& dir) {
     size_t n = t.m.n_lora;
-    ResumeState s = state_read(dir, run_signature(t.o, t.m.lc), n);
+    ResumeState s = state_read(dir, state_signature(t), n);
     set_lora(t, s.lora.data());
     cudaCheck(cudaMemcpy(t.m.adam_m, s.adam_m.data(), n * 4, cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpy(t.m.adam_v, s.adam_v.data(), n * 4, cudaMemcpyHostToDevice));
@@ -1187,6 +1203,8 @@ static void on_signal(int) { if (g_stop) _exit(130); g_stop = 1; }
 
 static void data_init(Trainer& t, Data& d) {
     d.file = !t.o.train.empty();
+    d.loader.rank = t.dist.rank;
+    d.loader.world = t.dist.world;
     if (d.file) {
         token_file_open(d.train, t.o.train, t.m.cfg.vocab_size);
         token_file_require_targets(d.train, t.o.train, "--train");
@@ -1208,6 +1226,7 @@ int main(int argc, char** argv) {
     if (!o.out.empty()) out_lock(o.out);   // before any work: not a file, and no other run writing it
     Trainer t;
     trainer_init(t, o);
+    if (t.dist.rank > 0) { o.log.clear(); o.out.clear(); }   // rank 0 logs and saves for all: the adapters are the same
     Data d; data_init(t, d);
     int start = o.resume.empty() ? 0 : load_state(t, d, o.resume);
     if (start) printf("resumed from %s at step %d\n", o.resume.c_str(), start);
@@ -1224,7 +1243,7 @@ int main(int argc, char** argv) {
         if (show) { printf("%s\n", line); fflush(stdout); }
         if (logf) { fprintf(logf, "%s\n", line); fflush(logf); }
     };
-    for (; step < o.steps && !g_stop; step++) {
+    for (; step < o.steps && !(g_stop = t.dist.any(g_stop, t.s, "the stop flag")); step++) {   // a Ctrl-C on any rank stops all
         auto t0 = std::chrono::steady_clock::now();
         float lr = lr_at(o, step), norm = 0; bool ok;
         float loss = train_step(t, d, step, lr, &norm, &ok);
@@ -1252,6 +1271,8 @@ int main(int argc, char** argv) {
         if (!o.out.empty() && o.save_every && (step + 1) % o.save_every == 0 && ok) save_state(t, d, step + 1, o.out);
     }
     if (g_stop) printf("interrupted: saving at step %d\n", step);
+    ql_assert(t.dist.identical(t.m.lora, t.m.n_lora * sizeof(float), t.s, "comparing the adapters"),
+              "rank %d: the ranks' LoRA weights differ after step %d: a bug in data parallelism, please report it", t.dist.rank, step);
     if (!times.empty()) {
         std::sort(times.begin(), times.end());
         double med = times[times.size() / 2], tps = tok_per_step / med;
@@ -1262,6 +1283,7 @@ int main(int argc, char** argv) {
     if (!o.out.empty()) { save_state(t, d, step, o.out); printf("adapter and resume state saved to %s (PEFT format)\n", o.out.c_str()); }
     t.prof.print();
     if (logf) fclose(logf);
+    t.dist.finish();
     return 0;
 }
 #endif
