@@ -11,9 +11,9 @@
 //  12. bitsandbytes 4-bit checkpoints in (pre-quantized models)
 //  13. Hugging Face checkpoints out: sharded safetensors, bitsandbytes' 4-bit layout
 #pragma once
-#include "qlora.h"    // defines: ql_assert, read_file, Config, Quant4, for_each_weight, WeightTable, LoraConfig
-#include <map>        // defines: std::map (safetensors name index)
-#include <set>        // defines: std::set (duplicate JSON keys, distinct shards)
+#include "qlora.h"   // defines: ql_assert, read_file, Config, Quant4, for_each_weight, WeightTable, LoraConfig
+#include <map>       // defines: std::map (safetensors name index)
+#include <set>       // defines: std::set (duplicate JSON keys, distinct shards)
 
 // ---------------------------------------------------------------------------------------------
 // 5. JSON: a small DOM parser for config.json, safetensors headers, index files, adapter configs.
@@ -23,31 +23,58 @@
 struct Json {
     enum Type { NUL, BOOL, NUM, STR, ARR, OBJ } type = NUL;
     bool b = false;
-    double num = 0; bool is_uint = false; uint64_t u = 0;   // is_uint: a plain non-negative integer literal
+    double num = 0;
+    bool is_uint = false;
+    uint64_t u = 0;   // is_uint: a plain non-negative integer literal
     std::string str;
     std::vector<Json> arr;
-    std::vector<std::pair<std::string, Json>> obj;          // in file order
+    std::vector<std::pair<std::string, Json>> obj;   // in file order
     const Json* get(const char* key) const {
         if (type != OBJ) return nullptr;
-        for (auto& kv : obj) if (kv.first == key) return &kv.second;
+        for (auto& kv : obj)
+            if (kv.first == key) return &kv.second;
         return nullptr;
     }
 };
 
 struct JsonParser {
-    const char* s; size_t n, i = 0; std::string err; size_t values = 0;
+    const char* s;
+    size_t n, i = 0;
+    std::string err;
+    size_t values = 0;
     static const int MAX_DEPTH = 64;
-    static const size_t MAX_VALUES = 1u << 20;  // ~112 bytes each in memory: a 100 MB header of "0,0,.." would take 5.6 GB
-    bool fail(const char* what) { if (err.empty()) { char b[160]; snprintf(b, sizeof b, "%s at byte %zu", what, i); err = b; } return false; }
-    void ws() { while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) i++; }
-    bool lit(const char* w) { size_t k = strlen(w); if (n - i < k || memcmp(s + i, w, k)) return fail("invalid literal"); i += k; return true; }
+    static const size_t MAX_VALUES = 1u << 20;   // ~112 bytes each in memory: a 100 MB header of "0,0,.." would take 5.6 GB
+    bool fail(const char* what) {
+        if (err.empty()) {
+            char b[160];
+            snprintf(b, sizeof b, "%s at byte %zu", what, i);
+            err = b;
+        }
+        return false;
+    }
+    void ws() {
+        while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) i++;
+    }
+    bool lit(const char* w) {
+        size_t k = strlen(w);
+        if (n - i < k || memcmp(s + i, w, k)) return fail("invalid literal");
+        i += k;
+        return true;
+    }
     bool hex4(uint32_t& v) {
         if (n - i < 4) return fail("truncated \\u escape");
         v = 0;
         for (int k = 0; k < 4; k++) {
-            char c = s[i++]; v <<= 4;
-            if (c >= '0' && c <= '9') v |= c - '0'; else if (c >= 'a' && c <= 'f') v |= c - 'a' + 10;
-            else if (c >= 'A' && c <= 'F') v |= c - 'A' + 10; else return fail("bad \\u escape");
+            char c = s[i++];
+            v <<= 4;
+            if (c >= '0' && c <= '9')
+                v |= c - '0';
+            else if (c >= 'a' && c <= 'f')
+                v |= c - 'a' + 10;
+            else if (c >= 'A' && c <= 'F')
+                v |= c - 'A' + 10;
+            else
+                return fail("bad \\u escape");
         }
         return true;
     }
@@ -59,29 +86,68 @@ struct JsonParser {
             unsigned char c = (unsigned char)s[i++];
             if (c == '"') return true;
             if (c < 0x20) return fail("control character in string");
-            if (c != '\\') { out += (char)c; continue; }
+            if (c != '\\') {
+                out += (char)c;
+                continue;
+            }
             if (i >= n) return fail("unterminated escape");
             char e = s[i++];
             switch (e) {
-                case '"': out += '"'; break; case '\\': out += '\\'; break; case '/': out += '/'; break;
-                case 'b': out += '\b'; break; case 'f': out += '\f'; break; case 'n': out += '\n'; break;
-                case 'r': out += '\r'; break; case 't': out += '\t'; break;
+                case '"':
+                    out += '"';
+                    break;
+                case '\\':
+                    out += '\\';
+                    break;
+                case '/':
+                    out += '/';
+                    break;
+                case 'b':
+                    out += '\b';
+                    break;
+                case 'f':
+                    out += '\f';
+                    break;
+                case 'n':
+                    out += '\n';
+                    break;
+                case 'r':
+                    out += '\r';
+                    break;
+                case 't':
+                    out += '\t';
+                    break;
                 case 'u': {
-                    uint32_t cp; if (!hex4(cp)) return false;
-                    if (cp >= 0xd800 && cp < 0xdc00) {                     // surrogate pair
+                    uint32_t cp;
+                    if (!hex4(cp)) return false;
+                    if (cp >= 0xd800 && cp < 0xdc00) {   // surrogate pair
                         uint32_t lo;
                         if (n - i < 2 || s[i] != '\\' || s[i + 1] != 'u') return fail("lone surrogate");
-                        i += 2; if (!hex4(lo)) return false;
+                        i += 2;
+                        if (!hex4(lo)) return false;
                         if (lo < 0xdc00 || lo >= 0xe000) return fail("bad surrogate pair");
                         cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
-                    } else if (cp >= 0xdc00 && cp < 0xe000) return fail("lone surrogate");
-                    if (cp < 0x80) out += (char)cp;
-                    else if (cp < 0x800) { out += (char)(0xc0 | (cp >> 6)); out += (char)(0x80 | (cp & 63)); }
-                    else if (cp < 0x10000) { out += (char)(0xe0 | (cp >> 12)); out += (char)(0x80 | ((cp >> 6) & 63)); out += (char)(0x80 | (cp & 63)); }
-                    else { out += (char)(0xf0 | (cp >> 18)); out += (char)(0x80 | ((cp >> 12) & 63)); out += (char)(0x80 | ((cp >> 6) & 63)); out += (char)(0x80 | (cp & 63)); }
+                    } else if (cp >= 0xdc00 && cp < 0xe000)
+                        return fail("lone surrogate");
+                    if (cp < 0x80)
+                        out += (char)cp;
+                    else if (cp < 0x800) {
+                        out += (char)(0xc0 | (cp >> 6));
+                        out += (char)(0x80 | (cp & 63));
+                    } else if (cp < 0x10000) {
+                        out += (char)(0xe0 | (cp >> 12));
+                        out += (char)(0x80 | ((cp >> 6) & 63));
+                        out += (char)(0x80 | (cp & 63));
+                    } else {
+                        out += (char)(0xf0 | (cp >> 18));
+                        out += (char)(0x80 | ((cp >> 12) & 63));
+                        out += (char)(0x80 | ((cp >> 6) & 63));
+                        out += (char)(0x80 | (cp & 63));
+                    }
                     break;
                 }
-                default: return fail("bad escape");
+                default:
+                    return fail("bad escape");
             }
         }
     }
@@ -89,22 +155,40 @@ struct JsonParser {
         size_t st = i;
         if (i < n && s[i] == '-') i++;
         if (i >= n || !(s[i] >= '0' && s[i] <= '9')) return fail("bad number");
-        if (s[i] == '0') i++; else while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+        if (s[i] == '0')
+            i++;
+        else
+            while (i < n && s[i] >= '0' && s[i] <= '9') i++;
         bool integer = true;
-        if (i < n && s[i] == '.') { integer = false; i++; if (i >= n || !(s[i] >= '0' && s[i] <= '9')) return fail("bad number"); while (i < n && s[i] >= '0' && s[i] <= '9') i++; }
+        if (i < n && s[i] == '.') {
+            integer = false;
+            i++;
+            if (i >= n || !(s[i] >= '0' && s[i] <= '9')) return fail("bad number");
+            while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+        }
         if (i < n && (s[i] == 'e' || s[i] == 'E')) {
-            integer = false; i++;
+            integer = false;
+            i++;
             if (i < n && (s[i] == '+' || s[i] == '-')) i++;
             if (i >= n || !(s[i] >= '0' && s[i] <= '9')) return fail("bad number");
             while (i < n && s[i] >= '0' && s[i] <= '9') i++;
         }
         if (i - st > 400) return fail("number too long");
         std::string t(s + st, i - st);
-        v.type = Json::NUM; v.num = strtod(t.c_str(), nullptr);
+        v.type = Json::NUM;
+        v.num = strtod(t.c_str(), nullptr);
         if (integer && s[st] != '-') {
-            uint64_t u = 0; bool ovf = false;
-            for (char c : t) { uint64_t d = (uint64_t)(c - '0'); if (u > (UINT64_MAX - d) / 10) ovf = true; u = u * 10 + d; }
-            if (!ovf) { v.is_uint = true; v.u = u; }
+            uint64_t u = 0;
+            bool ovf = false;
+            for (char c : t) {
+                uint64_t d = (uint64_t)(c - '0');
+                if (u > (UINT64_MAX - d) / 10) ovf = true;
+                u = u * 10 + d;
+            }
+            if (!ovf) {
+                v.is_uint = true;
+                v.u = u;
+            }
         }
         return true;
     }
@@ -115,38 +199,79 @@ struct JsonParser {
         if (i >= n) return fail("unexpected end");
         char c = s[i];
         if (c == '{') {
-            v.type = Json::OBJ; i++; ws();
-            if (i < n && s[i] == '}') { i++; return true; }
+            v.type = Json::OBJ;
+            i++;
+            ws();
+            if (i < n && s[i] == '}') {
+                i++;
+                return true;
+            }
             std::set<std::string> keys;   // not a scan of v.obj: a hostile header has millions of keys
             while (true) {
-                ws(); std::string k; if (!string(k)) return false;
+                ws();
+                std::string k;
+                if (!string(k)) return false;
                 if (!keys.insert(k).second) return fail(("duplicate key \"" + k.substr(0, 64) + "\"").c_str());
-                ws(); if (i >= n || s[i] != ':') return fail("expected ':'");
+                ws();
+                if (i >= n || s[i] != ':') return fail("expected ':'");
                 i++;
                 v.obj.emplace_back(std::move(k), Json());
                 if (!value(v.obj.back().second, depth + 1)) return false;
-                ws(); if (i >= n) return fail("unterminated object");
-                if (s[i] == ',') { i++; continue; }
-                if (s[i] == '}') { i++; return true; }
+                ws();
+                if (i >= n) return fail("unterminated object");
+                if (s[i] == ',') {
+                    i++;
+                    continue;
+                }
+                if (s[i] == '}') {
+                    i++;
+                    return true;
+                }
                 return fail("expected ',' or '}'");
             }
         }
         if (c == '[') {
-            v.type = Json::ARR; i++; ws();
-            if (i < n && s[i] == ']') { i++; return true; }
+            v.type = Json::ARR;
+            i++;
+            ws();
+            if (i < n && s[i] == ']') {
+                i++;
+                return true;
+            }
             while (true) {
                 v.arr.emplace_back();
                 if (!value(v.arr.back(), depth + 1)) return false;
-                ws(); if (i >= n) return fail("unterminated array");
-                if (s[i] == ',') { i++; continue; }
-                if (s[i] == ']') { i++; return true; }
+                ws();
+                if (i >= n) return fail("unterminated array");
+                if (s[i] == ',') {
+                    i++;
+                    continue;
+                }
+                if (s[i] == ']') {
+                    i++;
+                    return true;
+                }
                 return fail("expected ',' or ']'");
             }
         }
-        if (c == '"') { v.type = Json::STR; return string(v.str); }
-        if (c == 't') { v.type = Json::BOOL; v.b = true; return lit("true"); }
-        if (c == 'f') { v.type = Json::BOOL; v.b = false; return lit("false"); }
-        if (c == 'n') { v.type = Json::NUL; return lit("null"); }
+        if (c == '"') {
+            v.type = Json::STR;
+            return string(v.str);
+        }
+        if (c == 't') {
+            v.type = Json::BOOL;
+            v.b = true;
+            return lit("true");
+        }
+        if (c == 'f') {
+            v.type = Json::BOOL;
+            v.b = false;
+            return lit("false");
+        }
+        if (c == 'n') {
+            v.type = Json::NUL;
+            return lit("null");
+        }
         return number(v);
     }
 };
@@ -154,14 +279,22 @@ struct JsonParser {
 inline bool json_parse(const char* s, size_t n, Json& out, std::string& err) {
     JsonParser p{s, n, 0, {}, 0};
     out = Json();
-    if (!p.value(out, 0)) { err = p.err; return false; }
+    if (!p.value(out, 0)) {
+        err = p.err;
+        return false;
+    }
     p.ws();
-    if (p.i != n) { p.fail("trailing characters"); err = p.err; return false; }
+    if (p.i != n) {
+        p.fail("trailing characters");
+        err = p.err;
+        return false;
+    }
     return true;
 }
 inline Json json_load(const std::string& path) {
     std::vector<uint8_t> b = read_file(path);
-    Json j; std::string err;
+    Json j;
+    std::string err;
     ql_assert(json_parse((const char*)b.data(), b.size(), j, err), "%s: invalid JSON: %s", path.c_str(), err.c_str());
     return j;
 }
@@ -169,9 +302,15 @@ inline Json json_load(const std::string& path) {
 inline std::string json_quote(const std::string& s) {
     std::string o = "\"";
     for (unsigned char c : s) {
-        if (c == '"' || c == '\\') { o += '\\'; o += (char)c; }
-        else if (c < 0x20) { char b[8]; snprintf(b, sizeof b, "\\u%04x", c); o += b; }
-        else o += (char)c;
+        if (c == '"' || c == '\\') {
+            o += '\\';
+            o += (char)c;
+        } else if (c < 0x20) {
+            char b[8];
+            snprintf(b, sizeof b, "\\u%04x", c);
+            o += b;
+        } else
+            o += (char)c;
     }
     return o + "\"";
 }
@@ -189,10 +328,13 @@ inline int dtype_from_torch_name(const std::string& s) {
 }
 // why a model_type we do not support would compute something else than the Llama block
 inline const char* unsupported_model_hint(const std::string& mt) {
-    if (mt == "mixtral" || mt.find("moe") != std::string::npos) return ": its MLP is a mixture of experts, which qlora does not implement";
-    if (mt.rfind("gemma", 0) == 0) return ": Gemma's RMSNorm scales by (1 + weight), its MLP is GeLU and it scales the embeddings; not implemented";
+    if (mt == "mixtral" || mt.find("moe") != std::string::npos)
+        return ": its MLP is a mixture of experts, which qlora does not implement";
+    if (mt.rfind("gemma", 0) == 0)
+        return ": Gemma's RMSNorm scales by (1 + weight), its MLP is GeLU and it scales the embeddings; not implemented";
     if (mt == "phi3") return ": phi3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj, which qlora does not split";
-    if (mt == "olmo2") return ": OLMo 2 normalises q and k over the whole projection and puts its norms after the sublayers; not implemented";
+    if (mt == "olmo2")
+        return ": OLMo 2 normalises q and k over the whole projection and puts its norms after the sublayers; not implemented";
     return "";
 }
 inline Config config_from_json(const Json& j, const std::string& path) {
@@ -200,7 +342,10 @@ inline Config config_from_json(const Json& j, const std::string& path) {
     ql_assert(j.type == Json::OBJ, "%s: expected a JSON object", p);
     auto num = [&](const char* k, double def, bool required) -> double {
         const Json* v = j.get(k);
-        if (!v || v->type == Json::NUL) { ql_assert(!required, "%s: missing \"%s\"", p, k); return def; }
+        if (!v || v->type == Json::NUL) {
+            ql_assert(!required, "%s: missing \"%s\"", p, k);
+            return def;
+        }
         ql_assert(v->type == Json::NUM, "%s: \"%s\" must be a number", p, k);
         return v->num;
     };
@@ -245,12 +390,18 @@ inline Config config_from_json(const Json& j, const std::string& path) {
     c.n_layers = integer("num_hidden_layers", 32, true, 1, 1024);
     c.n_heads = integer("num_attention_heads", 32, true, 1, 4096);
     // num_key_value_heads: null means nh; absent, each class's default (Llama nh, Mistral 8, Qwen 32)
-    c.n_kv_heads = integer("num_key_value_heads", (j.get("num_key_value_heads") || llama) ? c.n_heads : mistral ? 8 : 32, false, 1, 4096);
-    ql_assert(c.n_heads % c.n_kv_heads == 0, "%s: num_attention_heads (%d) is not a multiple of num_key_value_heads (%d)", p, c.n_heads, c.n_kv_heads);
+    c.n_kv_heads = integer("num_key_value_heads",
+                           (j.get("num_key_value_heads") || llama) ? c.n_heads
+                           : mistral                               ? 8
+                                                                   : 32,
+                           false, 1, 4096);
+    ql_assert(c.n_heads % c.n_kv_heads == 0, "%s: num_attention_heads (%d) is not a multiple of num_key_value_heads (%d)", p,
+              c.n_heads, c.n_kv_heads);
     // head_dim: H/nh when absent or null, except Qwen3, whose class default is 128
     const Json* hdj = j.get("head_dim");
     bool hd_given = (hdj && hdj->type != Json::NUL) || qwen3;
-    ql_assert(hd_given || c.dim % c.n_heads == 0, "%s: hidden_size %d not divisible by num_attention_heads %d and no head_dim", p, c.dim, c.n_heads);
+    ql_assert(hd_given || c.dim % c.n_heads == 0, "%s: hidden_size %d not divisible by num_attention_heads %d and no head_dim", p,
+              c.dim, c.n_heads);
     c.head_dim = integer("head_dim", qwen3 ? 128 : c.dim / c.n_heads, false, 2, 1024);
     ql_assert(c.head_dim % 2 == 0, "%s: head_dim %d must be even (RoPE rotates halves)", p, c.head_dim);
     c.vocab_size = integer("vocab_size", 32000, true, 1, 1 << 24);
@@ -258,7 +409,8 @@ inline Config config_from_json(const Json& j, const std::string& path) {
     c.norm_eps = f32(num("rms_norm_eps", 1e-6, false), "rms_norm_eps");
     ql_assert(c.norm_eps > 0 && c.norm_eps < 1, "%s: rms_norm_eps %g out of range", p, c.norm_eps);
     c.tied = flag("tie_word_embeddings", false);
-    std::string dt = str(&j, "dtype"); if (dt.empty()) dt = str(&j, "torch_dtype");
+    std::string dt = str(&j, "dtype");
+    if (dt.empty()) dt = str(&j, "torch_dtype");
     c.dtype = dt.empty() ? DT_BF16 : dtype_from_torch_name(dt);
     ql_assert(c.dtype != DT_NONE, "%s: dtype \"%s\" is not supported (bfloat16, float16, float32)", p, dt.c_str());
     // Sliding window: the band of the causal mask (keys t-W < j <= t), which the trainers do not
@@ -275,13 +427,16 @@ inline Config config_from_json(const Json& j, const std::string& path) {
         bool any = false;
         const Json* lt = j.get("layer_types");
         if (lt && lt->type != Json::NUL) {
-            ql_assert(lt->type == Json::ARR && lt->arr.size() == (size_t)c.n_layers, "%s: \"layer_types\" must be a list of num_hidden_layers (%d) names", p, c.n_layers);
+            ql_assert(lt->type == Json::ARR && lt->arr.size() == (size_t)c.n_layers,
+                      "%s: \"layer_types\" must be a list of num_hidden_layers (%d) names", p, c.n_layers);
             for (const Json& t : lt->arr) {
                 ql_assert(t.type == Json::STR && (t.str == "full_attention" || t.str == "sliding_attention"),
-                          "%s: \"layer_types\" holds \"%s\" (full_attention or sliding_attention)", p, t.type == Json::STR ? t.str.c_str() : "a non-string");
+                          "%s: \"layer_types\" holds \"%s\" (full_attention or sliding_attention)", p,
+                          t.type == Json::STR ? t.str.c_str() : "a non-string");
                 any = any || t.str == "sliding_attention";
             }
-        } else any = integer("max_window_layers", 28, false, 0, 1 << 24) < c.n_layers;
+        } else
+            any = integer("max_window_layers", 28, false, 0, 1 << 24) < c.n_layers;
         if (any) c.sliding_window = window();
     }
     // RoPE: v5 rope_parameters, else rope_theta + rope_scaling ("type" is an alias of "rope_type")
@@ -290,56 +445,85 @@ inline Config config_from_json(const Json& j, const std::string& path) {
     if (rs && rs->type != Json::NUL) ql_assert(rs->type == Json::OBJ, "%s: rope_scaling must be an object or null", p);
     if (rs && rs->type != Json::OBJ) rs = nullptr;
     const Json* th = (rp && rp->type == Json::OBJ && rp->get("rope_theta")) ? rp->get("rope_theta") : j.get("rope_theta");
-    if (th && th->type != Json::NUL) { ql_assert(th->type == Json::NUM && th->num > 1, "%s: bad rope_theta", p); c.rope_theta = f32(th->num, "rope_theta"); }
-    std::string rt = str(rs, "rope_type"); if (rt.empty()) rt = str(rs, "type");
+    if (th && th->type != Json::NUL) {
+        ql_assert(th->type == Json::NUM && th->num > 1, "%s: bad rope_theta", p);
+        c.rope_theta = f32(th->num, "rope_theta");
+    }
+    std::string rt = str(rs, "rope_type");
+    if (rt.empty()) rt = str(rs, "type");
     auto rnum = [&](const char* k, double def) -> double {
         const Json* v = rs ? rs->get(k) : nullptr;
         if (!v || v->type == Json::NUL) return def;
         ql_assert(v->type == Json::NUM, "%s: rope parameter \"%s\" must be a number", p, k);
         return v->num;
     };
-    if (rt.empty() || rt == "default") c.rope_type = ROPE_DEFAULT;
-    else if (rt == "linear") { c.rope_type = ROPE_LINEAR; c.rope_factor = f32(rnum("factor", 1.0), "factor"); }
-    else if (rt == "llama3") {
+    if (rt.empty() || rt == "default")
+        c.rope_type = ROPE_DEFAULT;
+    else if (rt == "linear") {
+        c.rope_type = ROPE_LINEAR;
+        c.rope_factor = f32(rnum("factor", 1.0), "factor");
+    } else if (rt == "llama3") {
         c.rope_type = ROPE_LLAMA3;
-        ql_assert(rs->get("factor") && rs->get("low_freq_factor") && rs->get("high_freq_factor") && rs->get("original_max_position_embeddings"),
+        ql_assert(rs->get("factor") && rs->get("low_freq_factor") && rs->get("high_freq_factor") &&
+                      rs->get("original_max_position_embeddings"),
                   "%s: llama3 rope scaling needs factor, low_freq_factor, high_freq_factor, original_max_position_embeddings", p);
-        c.rope_factor = f32(rnum("factor", 8), "factor"); c.rope_low_freq = f32(rnum("low_freq_factor", 1), "low_freq_factor");
+        c.rope_factor = f32(rnum("factor", 8), "factor");
+        c.rope_low_freq = f32(rnum("low_freq_factor", 1), "low_freq_factor");
         c.rope_high_freq = f32(rnum("high_freq_factor", 4), "high_freq_factor");
         double om = rnum("original_max_position_embeddings", 8192);   // range-checked before the cast to int
-        ql_assert(om == floor(om) && om >= 1 && om <= (1 << 24), "%s: original_max_position_embeddings = %g is not an integer in [1, %d]", p, om, 1 << 24);
+        ql_assert(om == floor(om) && om >= 1 && om <= (1 << 24),
+                  "%s: original_max_position_embeddings = %g is not an integer in [1, %d]", p, om, 1 << 24);
         c.rope_orig_max = (int)om;
         ql_assert(c.rope_high_freq > c.rope_low_freq, "%s: inconsistent llama3 rope scaling", p);
-    } else ql_fail("%s: rope type \"%s\" is not supported (default, linear, llama3)", p, rt.c_str());
+    } else
+        ql_fail("%s: rope type \"%s\" is not supported (default, linear, llama3)", p, rt.c_str());
     ql_assert(c.rope_factor > 0, "%s: rope factor must be positive", p);
     return c;
 }
-inline Config load_config(const std::string& path) { return config_from_json(json_load(path), path); }
+inline Config load_config(const std::string& path) {
+    return config_from_json(json_load(path), path);
+}
 
 // ---------------------------------------------------------------------------------------------
 // 7. safetensors (formats.md §1): `u64 N | N bytes JSON header | data`. Files are memory-mapped;
 // the header is validated like the Rust reader: size limits, known dtypes, nbytes == numel*bits/8,
 // tensors tile the data exactly (no holes, no overlap), nothing after the last tensor.
-struct DTypeInfo { const char* name; int bits; int dt; };
+struct DTypeInfo {
+    const char* name;
+    int bits;
+    int dt;
+};
 static const DTypeInfo ST_DTYPES[] = {
-    {"BF16", 16, DT_BF16}, {"F16", 16, DT_F16}, {"F32", 32, DT_F32}, {"U8", 8, DT_U8}, {"I32", 32, DT_I32},
-    {"I64", 64, DT_I64}, {"BOOL", 8, DT_NONE}, {"I8", 8, DT_NONE}, {"I16", 16, DT_NONE}, {"U16", 16, DT_NONE},
-    {"U32", 32, DT_NONE}, {"U64", 64, DT_NONE}, {"F64", 64, DT_NONE}, {"C64", 64, DT_NONE}, {"F8_E5M2", 8, DT_NONE},
-    {"F8_E4M3", 8, DT_NONE}, {"F8_E8M0", 8, DT_NONE}, {"F8_E4M3FNUZ", 8, DT_NONE}, {"F8_E5M2FNUZ", 8, DT_NONE},
-    {"F4", 4, DT_NONE}, {"F6_E2M3", 6, DT_NONE}, {"F6_E3M2", 6, DT_NONE}};
-inline const char* dtype_name(int dt) { for (auto& d : ST_DTYPES) if (d.dt == dt) return d.name; return "?"; }
-inline int dtype_bytes(int dt) { for (auto& d : ST_DTYPES) if (d.dt == dt) return d.bits / 8; return 0; }
+    {"BF16", 16, DT_BF16},   {"F16", 16, DT_F16},         {"F32", 32, DT_F32},         {"U8", 8, DT_U8},
+    {"I32", 32, DT_I32},     {"I64", 64, DT_I64},         {"BOOL", 8, DT_NONE},        {"I8", 8, DT_NONE},
+    {"I16", 16, DT_NONE},    {"U16", 16, DT_NONE},        {"U32", 32, DT_NONE},        {"U64", 64, DT_NONE},
+    {"F64", 64, DT_NONE},    {"C64", 64, DT_NONE},        {"F8_E5M2", 8, DT_NONE},     {"F8_E4M3", 8, DT_NONE},
+    {"F8_E8M0", 8, DT_NONE}, {"F8_E4M3FNUZ", 8, DT_NONE}, {"F8_E5M2FNUZ", 8, DT_NONE}, {"F4", 4, DT_NONE},
+    {"F6_E2M3", 6, DT_NONE}, {"F6_E3M2", 6, DT_NONE}};
+inline const char* dtype_name(int dt) {
+    for (auto& d : ST_DTYPES)
+        if (d.dt == dt) return d.name;
+    return "?";
+}
+inline int dtype_bytes(int dt) {
+    for (auto& d : ST_DTYPES)
+        if (d.dt == dt) return d.bits / 8;
+    return 0;
+}
 
 struct MappedFile {   // read-only mmap of a whole file
-    std::string path; const uint8_t* data = nullptr; size_t size = 0;
+    std::string path;
+    const uint8_t* data = nullptr;
+    size_t size = 0;
     MappedFile(const std::string& p);
     ~MappedFile();
-    MappedFile(const MappedFile&) = delete; MappedFile& operator=(const MappedFile&) = delete;
+    MappedFile(const MappedFile&) = delete;
+    MappedFile& operator=(const MappedFile&) = delete;
 };
-#include <sys/mman.h>  // defines: mmap
-#include <fcntl.h>     // defines: open
-#include <unistd.h>    // defines: close, fsync, getpid
-#include <atomic>      // defines: std::atomic (unique temporary names; the next checkpoint piece to make)
+#include <sys/mman.h>   // defines: mmap
+#include <fcntl.h>      // defines: open
+#include <unistd.h>     // defines: close, fsync, getpid
+#include <atomic>       // defines: std::atomic (unique temporary names; the next checkpoint piece to make)
 inline MappedFile::MappedFile(const std::string& p) : path(p) {
     require_regular_file(p);   // before the open, which would block on a FIFO
     int fd = open(p.c_str(), O_RDONLY | O_NONBLOCK);
@@ -353,16 +537,27 @@ inline MappedFile::MappedFile(const std::string& p) : path(p) {
     ql_assert(m != MAP_FAILED, "cannot map %s", p.c_str());
     data = (const uint8_t*)m;
 }
-inline MappedFile::~MappedFile() { if (data) munmap((void*)data, size); }
+inline MappedFile::~MappedFile() {
+    if (data) munmap((void*)data, size);
+}
 
 struct STensor {
-    std::string name, file;          // file: the path it lives in, for error messages
-    int dtype = DT_NONE; std::string dtype_str;
+    std::string name, file;   // file: the path it lives in, for error messages
+    int dtype = DT_NONE;
+    std::string dtype_str;
     std::vector<int64_t> shape;
     size_t nbytes = 0;
     const uint8_t* data = nullptr;   // into the mapped file
-    int64_t numel() const { int64_t n = 1; for (int64_t d : shape) n *= d; return n; }
-    std::string shape_str() const { std::string s = "["; for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]); return s + "]"; }
+    int64_t numel() const {
+        int64_t n = 1;
+        for (int64_t d : shape) n *= d;
+        return n;
+    }
+    std::string shape_str() const {
+        std::string s = "[";
+        for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]);
+        return s + "]";
+    }
 };
 
 struct SafeTensors {
@@ -370,16 +565,30 @@ struct SafeTensors {
     std::map<std::string, STensor> tensors;
     std::map<std::string, std::string> metadata;   // __metadata__ of the (first) file
     int n_parsed = 0;                              // files parsed so far (st_parse)
-    const STensor* find(const std::string& name) const { auto it = tensors.find(name); return it == tensors.end() ? nullptr : &it->second; }
+    const STensor* find(const std::string& name) const {
+        auto it = tensors.find(name);
+        return it == tensors.end() ? nullptr : &it->second;
+    }
     // The tensor, which must exist with exactly this shape; dtype one of the float types unless given.
     const STensor& get(const std::string& name, std::vector<int64_t> shape, int want_dtype = -1) const {
         const STensor* t = find(name);
-        ql_assert(t, "checkpoint is missing tensor \"%s\"%s", name.c_str(), files.empty() ? "" : (" (looked in " + files[0]->path + (files.size() > 1 ? " and its shards)" : ")")).c_str());
+        ql_assert(t, "checkpoint is missing tensor \"%s\"%s", name.c_str(),
+                  files.empty() ? "" : (" (looked in " + files[0]->path + (files.size() > 1 ? " and its shards)" : ")")).c_str());
         ql_assert(t->shape == shape, "%s: tensor \"%s\" has shape %s, the config implies [%s]", t->file.c_str(), name.c_str(),
-                  t->shape_str().c_str(), [&] { std::string s; for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]); return s; }().c_str());
-        if (want_dtype >= 0) ql_assert(t->dtype == want_dtype, "%s: tensor \"%s\" has dtype %s, expected %s", t->file.c_str(), name.c_str(), t->dtype_str.c_str(), dtype_name(want_dtype));
-        else ql_assert(t->dtype == DT_BF16 || t->dtype == DT_F16 || t->dtype == DT_F32, "%s: tensor \"%s\" has dtype %s; weights must be BF16, F16 or F32",
-                       t->file.c_str(), name.c_str(), t->dtype_str.c_str());
+                  t->shape_str().c_str(),
+                  [&] {
+                      std::string s;
+                      for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]);
+                      return s;
+                  }()
+                      .c_str());
+        if (want_dtype >= 0)
+            ql_assert(t->dtype == want_dtype, "%s: tensor \"%s\" has dtype %s, expected %s", t->file.c_str(), name.c_str(),
+                      t->dtype_str.c_str(), dtype_name(want_dtype));
+        else
+            ql_assert(t->dtype == DT_BF16 || t->dtype == DT_F16 || t->dtype == DT_F32,
+                      "%s: tensor \"%s\" has dtype %s; weights must be BF16, F16 or F32", t->file.c_str(), name.c_str(),
+                      t->dtype_str.c_str());
         return *t;
     }
 };
@@ -391,23 +600,33 @@ inline void st_parse(SafeTensors& st, const uint8_t* data, size_t size, const st
     const bool first = st.n_parsed++ == 0;
     const char* p = path.c_str();
     ql_assert(size >= 8, "%s: not a safetensors file (%zu bytes, shorter than the 8-byte header length)", p, size);
-    uint64_t hn = 0; for (int k = 7; k >= 0; k--) hn = (hn << 8) | data[k];
+    uint64_t hn = 0;
+    for (int k = 7; k >= 0; k--) hn = (hn << 8) | data[k];
     ql_assert(hn <= 100000000ull, "%s: header length %llu exceeds the 100 MB limit (corrupt file?)", p, (unsigned long long)hn);
-    ql_assert(8 + hn <= size, "%s: header length %llu runs past the end of the %zu-byte file (truncated?)", p, (unsigned long long)hn, size);
+    ql_assert(8 + hn <= size, "%s: header length %llu runs past the end of the %zu-byte file (truncated?)", p,
+              (unsigned long long)hn, size);
     ql_assert(hn >= 2 && data[8] == '{', "%s: header does not start with '{'", p);
-    size_t hlen = (size_t)hn; while (hlen > 0 && data[8 + hlen - 1] == ' ') hlen--;  // trailing space padding
-    Json h; std::string err;
+    size_t hlen = (size_t)hn;
+    while (hlen > 0 && data[8 + hlen - 1] == ' ') hlen--;   // trailing space padding
+    Json h;
+    std::string err;
     ql_assert(json_parse((const char*)data + 8, hlen, h, err), "%s: invalid header JSON: %s", p, err.c_str());
     ql_assert(h.type == Json::OBJ, "%s: header is not a JSON object", p);
     const uint64_t data_size = size - 8 - hn;
-    struct Span { uint64_t b, e; std::string name; };
+    struct Span {
+        uint64_t b, e;
+        std::string name;
+    };
     std::vector<Span> spans;
     for (auto& kv : h.obj) {
-        const std::string& name = kv.first; const Json& t = kv.second;
+        const std::string& name = kv.first;
+        const Json& t = kv.second;
         if (name == "__metadata__") {
             ql_assert(t.type == Json::OBJ, "%s: __metadata__ must be an object", p);
-            for (auto& m : t.obj) { ql_assert(m.second.type == Json::STR, "%s: __metadata__[\"%s\"] must be a string", p, m.first.c_str());
-                                    if (first) st.metadata[m.first] = m.second.str; }
+            for (auto& m : t.obj) {
+                ql_assert(m.second.type == Json::STR, "%s: __metadata__[\"%s\"] must be a string", p, m.first.c_str());
+                if (first) st.metadata[m.first] = m.second.str;
+            }
             continue;
         }
         const char* tn = name.c_str();
@@ -417,9 +636,16 @@ inline void st_parse(SafeTensors& st, const uint8_t* data, size_t size, const st
         ql_assert(js && js->type == Json::ARR, "%s: tensor \"%s\": missing shape", p, tn);
         ql_assert(jo && jo->type == Json::ARR && jo->arr.size() == 2 && jo->arr[0].is_uint && jo->arr[1].is_uint,
                   "%s: tensor \"%s\": data_offsets must be two non-negative integers", p, tn);
-        STensor s; s.name = name; s.file = path; s.dtype_str = jd->str;
+        STensor s;
+        s.name = name;
+        s.file = path;
+        s.dtype_str = jd->str;
         int bits = 0;
-        for (auto& d : ST_DTYPES) if (jd->str == d.name) { bits = d.bits; s.dtype = d.dt; }
+        for (auto& d : ST_DTYPES)
+            if (jd->str == d.name) {
+                bits = d.bits;
+                s.dtype = d.dt;
+            }
         ql_assert(bits, "%s: tensor \"%s\": unknown dtype \"%s\"", p, tn, jd->str.c_str());
         uint64_t numel = 1;
         for (auto& d : js->arr) {
@@ -429,12 +655,14 @@ inline void st_parse(SafeTensors& st, const uint8_t* data, size_t size, const st
             numel *= d.u;
         }
         uint64_t b = jo->arr[0].u, e = jo->arr[1].u;
-        ql_assert(b <= e, "%s: tensor \"%s\": data_offsets [%llu, %llu] are reversed", p, tn, (unsigned long long)b, (unsigned long long)e);
-        ql_assert(numel * bits % 8 == 0, "%s: tensor \"%s\": %llu elements of %s do not fill whole bytes", p, tn, (unsigned long long)numel, jd->str.c_str());
-        ql_assert(e - b == numel * bits / 8, "%s: tensor \"%s\": data_offsets span %llu bytes but shape %s of %s needs %llu",
-                  p, tn, (unsigned long long)(e - b), s.shape_str().c_str(), jd->str.c_str(), (unsigned long long)(numel * bits / 8));
-        ql_assert(e <= data_size, "%s: tensor \"%s\": data_offsets end %llu is past the data (%llu bytes; truncated file?)",
-                  p, tn, (unsigned long long)e, (unsigned long long)data_size);
+        ql_assert(b <= e, "%s: tensor \"%s\": data_offsets [%llu, %llu] are reversed", p, tn, (unsigned long long)b,
+                  (unsigned long long)e);
+        ql_assert(numel * bits % 8 == 0, "%s: tensor \"%s\": %llu elements of %s do not fill whole bytes", p, tn,
+                  (unsigned long long)numel, jd->str.c_str());
+        ql_assert(e - b == numel * bits / 8, "%s: tensor \"%s\": data_offsets span %llu bytes but shape %s of %s needs %llu", p, tn,
+                  (unsigned long long)(e - b), s.shape_str().c_str(), jd->str.c_str(), (unsigned long long)(numel * bits / 8));
+        ql_assert(e <= data_size, "%s: tensor \"%s\": data_offsets end %llu is past the data (%llu bytes; truncated file?)", p, tn,
+                  (unsigned long long)e, (unsigned long long)data_size);
         ql_assert(!st.find(name), "%s: tensor \"%s\" appears in two files", p, tn);
         s.nbytes = (size_t)(e - b);
         s.data = data + 8 + hn + b;
@@ -445,7 +673,8 @@ inline void st_parse(SafeTensors& st, const uint8_t* data, size_t size, const st
     uint64_t at = 0;
     for (auto& sp : spans) {
         ql_assert(sp.b == at, "%s: tensor \"%s\" starts at byte %llu of the data, expected %llu (%s)", p, sp.name.c_str(),
-                  (unsigned long long)sp.b, (unsigned long long)at, sp.b < at ? "overlaps the previous tensor" : "a hole before it");
+                  (unsigned long long)sp.b, (unsigned long long)at,
+                  sp.b < at ? "overlaps the previous tensor" : "a hole before it");
         at = sp.e;
     }
     ql_assert(at == data_size, "%s: %llu bytes after the last tensor (expected none)", p, (unsigned long long)(data_size - at));
@@ -454,7 +683,11 @@ inline void st_add_file(SafeTensors& st, const std::string& path) {
     st.files.emplace_back(new MappedFile(path));
     st_parse(st, st.files.back()->data, st.files.back()->size, path);
 }
-inline SafeTensors st_open(const std::string& path) { SafeTensors st; st_add_file(st, path); return st; }
+inline SafeTensors st_open(const std::string& path) {
+    SafeTensors st;
+    st_add_file(st, path);
+    return st;
+}
 
 // A sharded checkpoint's model.safetensors.index.json: which file holds each tensor.
 struct STIndex {
@@ -462,7 +695,8 @@ struct STIndex {
     std::vector<std::string> shards;                               // distinct shard file names, first-seen order
 };
 inline STIndex st_parse_index(const uint8_t* data, size_t size, const std::string& index) {
-    Json j; std::string err;
+    Json j;
+    std::string err;
     ql_assert(json_parse((const char*)data, size, j, err), "%s: invalid JSON: %s", index.c_str(), err.c_str());
     const Json* wm = j.get("weight_map");
     ql_assert(wm && wm->type == Json::OBJ, "%s: missing \"weight_map\" object", index.c_str());
@@ -482,15 +716,19 @@ inline STIndex st_parse_index(const uint8_t* data, size_t size, const std::strin
 inline void st_check_index(const SafeTensors& st, const STIndex& ix, const std::string& dir, const std::string& index) {
     for (auto& kv : ix.weight_map) {
         const STensor* t = st.find(kv.first);
-        ql_assert(t, "%s: index lists tensor \"%s\" in %s, but that file does not contain it", index.c_str(), kv.first.c_str(), kv.second.c_str());
-        ql_assert(t->file == dir + "/" + kv.second, "%s: tensor \"%s\" is listed in %s but found in %s", index.c_str(), kv.first.c_str(), kv.second.c_str(), t->file.c_str());
+        ql_assert(t, "%s: index lists tensor \"%s\" in %s, but that file does not contain it", index.c_str(), kv.first.c_str(),
+                  kv.second.c_str());
+        ql_assert(t->file == dir + "/" + kv.second, "%s: tensor \"%s\" is listed in %s but found in %s", index.c_str(),
+                  kv.first.c_str(), kv.second.c_str(), t->file.c_str());
     }
 }
 // A Hugging Face model directory: model.safetensors, or model.safetensors.index.json + shards.
 inline SafeTensors st_open_model(const std::string& dir) {
     std::string single = dir + "/model.safetensors", index = dir + "/model.safetensors.index.json";
     if (!file_exists(index)) {
-        ql_assert(file_exists(single), "%s: no model.safetensors or model.safetensors.index.json (is this a Hugging Face checkpoint directory?)", dir.c_str());
+        ql_assert(file_exists(single),
+                  "%s: no model.safetensors or model.safetensors.index.json (is this a Hugging Face checkpoint directory?)",
+                  dir.c_str());
         return st_open(single);
     }
     std::vector<uint8_t> text = read_file(index);
@@ -506,20 +744,37 @@ inline void st_to_f32(float* out, const STensor& t) {
     int64_t n = t.numel();
     for (int64_t i = 0; i < n; i++) {
         const uint8_t* q = t.data + i * dtype_bytes(t.dtype);
-        if (t.dtype == DT_F32) { float v; memcpy(&v, q, 4); out[i] = v; }
-        else if (t.dtype == DT_BF16) out[i] = bf16_to_f32((uint16_t)(q[0] | q[1] << 8));
-        else if (t.dtype == DT_F16) out[i] = f16_to_f32((uint16_t)(q[0] | q[1] << 8));
-        else ql_fail("%s: tensor \"%s\" has dtype %s, expected BF16, F16 or F32", t.file.c_str(), t.name.c_str(), t.dtype_str.c_str());
+        if (t.dtype == DT_F32) {
+            float v;
+            memcpy(&v, q, 4);
+            out[i] = v;
+        } else if (t.dtype == DT_BF16)
+            out[i] = bf16_to_f32((uint16_t)(q[0] | q[1] << 8));
+        else if (t.dtype == DT_F16)
+            out[i] = f16_to_f32((uint16_t)(q[0] | q[1] << 8));
+        else
+            ql_fail("%s: tensor \"%s\" has dtype %s, expected BF16, F16 or F32", t.file.c_str(), t.name.c_str(),
+                    t.dtype_str.c_str());
     }
 }
-inline std::vector<float> st_f32(const STensor& t) { std::vector<float> v((size_t)t.numel()); st_to_f32(v.data(), t); return v; }
+inline std::vector<float> st_f32(const STensor& t) {
+    std::vector<float> v((size_t)t.numel());
+    st_to_f32(v.data(), t);
+    return v;
+}
 inline std::vector<int32_t> st_i32(const STensor& t) {
     std::vector<int32_t> v((size_t)t.numel());
     for (size_t i = 0; i < v.size(); i++) {
-        if (t.dtype == DT_I32) memcpy(&v[i], t.data + 4 * i, 4);
-        else if (t.dtype == DT_I64) { int64_t x; memcpy(&x, t.data + 8 * i, 8);
-            ql_assert(x >= INT32_MIN && x <= INT32_MAX, "%s: tensor \"%s\": value out of int32 range", t.file.c_str(), t.name.c_str()); v[i] = (int32_t)x; }
-        else ql_fail("%s: tensor \"%s\" has dtype %s, expected I32 or I64", t.file.c_str(), t.name.c_str(), t.dtype_str.c_str());
+        if (t.dtype == DT_I32)
+            memcpy(&v[i], t.data + 4 * i, 4);
+        else if (t.dtype == DT_I64) {
+            int64_t x;
+            memcpy(&x, t.data + 8 * i, 8);
+            ql_assert(x >= INT32_MIN && x <= INT32_MAX, "%s: tensor \"%s\": value out of int32 range", t.file.c_str(),
+                      t.name.c_str());
+            v[i] = (int32_t)x;
+        } else
+            ql_fail("%s: tensor \"%s\" has dtype %s, expected I32 or I64", t.file.c_str(), t.name.c_str(), t.dtype_str.c_str());
     }
     return v;
 }
@@ -528,16 +783,33 @@ inline std::vector<int32_t> st_i32(const STensor& t) {
 // packed back to back in name order. Atomic: written to PATH.tmp.PID.N (a name no other writer, in
 // this process or another, uses), fsynced, renamed over PATH, so a crash or a full disk leaves the
 // previous file intact.
-struct STOut { std::string name; int dtype; std::vector<int64_t> shape; const void* data; };
+struct STOut {
+    std::string name;
+    int dtype;
+    std::vector<int64_t> shape;
+    const void* data;
+};
 inline bool write_all(FILE* f, const void* p, size_t n) {
     long long& budget = ql_error_mode().fail_writes_after;
-    if (budget >= 0) { size_t k = n < (size_t)budget ? n : (size_t)budget; budget -= (long long)k; if (k < n) { if (k) fwrite(p, 1, k, f); return false; } }
+    if (budget >= 0) {
+        size_t k = n < (size_t)budget ? n : (size_t)budget;
+        budget -= (long long)k;
+        if (k < n) {
+            if (k) fwrite(p, 1, k, f);
+            return false;
+        }
+    }
     return n == 0 || fwrite(p, 1, n, f) == n;
 }
 // the sibling being written (and the DIR it is for), deleted if the process exits before the switch
 // (formats.h §10b: out_write_set)
-struct OutPending { std::string stage, dir; };
-inline OutPending& out_pending() { static OutPending p; return p; }
+struct OutPending {
+    std::string stage, dir;
+};
+inline OutPending& out_pending() {
+    static OutPending p;
+    return p;
+}
 inline std::string unique_suffix() {   // ".PID.N": N counts this process's calls
     static std::atomic<unsigned long> n{0};
     return "." + std::to_string((long)getpid()) + "." + std::to_string(n++);
@@ -564,12 +836,16 @@ inline void st_write(const std::string& path, std::vector<STOut> ts, std::map<st
     meta["format"] = "pt";
     std::string h = "{\"__metadata__\":{";
     bool first = true;
-    for (auto& m : meta) { h += (first ? "" : ",") + json_quote(m.first) + ":" + json_quote(m.second); first = false; }
+    for (auto& m : meta) {
+        h += (first ? "" : ",") + json_quote(m.first) + ":" + json_quote(m.second);
+        first = false;
+    }
     h += "}";
     uint64_t off = 0;
     std::vector<size_t> sizes;
     for (auto& t : ts) {
-        size_t n = (size_t)dtype_bytes(t.dtype); for (int64_t d : t.shape) n *= (size_t)d;
+        size_t n = (size_t)dtype_bytes(t.dtype);
+        for (int64_t d : t.shape) n *= (size_t)d;
         sizes.push_back(n);
         h += "," + json_quote(t.name) + ":{\"dtype\":\"" + dtype_name(t.dtype) + "\",\"shape\":[";
         for (size_t i = 0; i < t.shape.size(); i++) h += (i ? "," : "") + std::to_string(t.shape[i]);
@@ -578,7 +854,8 @@ inline void st_write(const std::string& path, std::vector<STOut> ts, std::map<st
     }
     h += "}";
     while (h.size() % 8) h += ' ';
-    uint8_t len[8]; for (int k = 0; k < 8; k++) len[k] = (uint8_t)((uint64_t)h.size() >> (8 * k));
+    uint8_t len[8];
+    for (int k = 0; k < 8; k++) len[k] = (uint8_t)((uint64_t)h.size() >> (8 * k));
     std::vector<std::pair<const void*, size_t>> parts = {{len, 8}, {h.data(), h.size()}};
     for (size_t i = 0; i < ts.size(); i++) parts.push_back({ts[i].data, sizes[i]});
     atomic_write(path, parts);
@@ -592,28 +869,29 @@ inline void st_write(const std::string& path, std::vector<STOut> ts, std::map<st
 using CheckpointView = WeightTable<const STensor*, const STensor*>;   // every weight as stored
 inline CheckpointView checkpoint_view(const Config& c, const SafeTensors& st) {
     CheckpointView v;
-    auto find = [&](const Weight& w, const STensor*& t) { t = &st.get(w.name, w.shape); };
+    auto find = [&](const Weight& w, const STensor*& t) {
+        t = &st.get(w.name, w.shape);
+    };
     v.fill(c, find, find);
     return v;
 }
 
-
 // =============================================================================================
 // Ecosystem files (sections 10-13): Python-exact number text, PEFT adapters in and out,
 // bitsandbytes 4-bit checkpoints in and out, Hugging Face checkpoints out.
-#include <charconv>    // defines: std::to_chars (shortest round-trip digits)
+#include <charconv>   // defines: std::to_chars (shortest round-trip digits)
 // GCC 12 with -fsanitize flags std::regex's std::function members as maybe-uninitialized, a false
 // positive reported at lines of these headers: silenced for them only
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <functional>  // defines: std::function (checkpoint pieces made on demand)
-#include <regex>       // defines: std::regex (PEFT's string target_modules is a regex)
+#include <functional>   // defines: std::function (checkpoint pieces made on demand)
+#include <regex>        // defines: std::regex (PEFT's string target_modules is a regex)
 #pragma GCC diagnostic pop
-#include <dirent.h>    // defines: opendir (copying tokenizer files)
-#include <limits.h>    // defines: PATH_MAX
-#include <errno.h>     // defines: errno, EEXIST
-#include <sys/file.h>  // defines: flock (one writer per output directory)
-#include <thread>      // defines: std::thread (checkpoint pieces quantized/merged in parallel)
+#include <dirent.h>     // defines: opendir (copying tokenizer files)
+#include <limits.h>     // defines: PATH_MAX
+#include <errno.h>      // defines: errno, EEXIST
+#include <sys/file.h>   // defines: flock (one writer per output directory)
+#include <thread>       // defines: std::thread (checkpoint pieces quantized/merged in parallel)
 
 // ---------------------------------------------------------------------------------------------
 // 10. text as Python writes it: float repr, and config.json edited in place
@@ -624,21 +902,27 @@ inline CheckpointView checkpoint_view(const Config& c, const SafeTensors& st) {
 // = d.ddd * 10^e) satisfies -4 <= e < 16, else as d.ddde-05 / d.ddde+16 (two exponent digits at
 // least); an integral value in fixed notation keeps ".0". std::to_chars gives the same digits.
 
-template <typename T> inline std::string py_repr_digits(T v) {
+template <typename T>
+inline std::string py_repr_digits(T v) {
     if (v != v) return "nan";
     if (v == (T)INFINITY || v == -(T)INFINITY) return v > 0 ? "inf" : "-inf";
     if (v == 0) return signbit(v) ? "-0.0" : "0.0";
     char buf[64];
     auto r = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific);   // [-]d[.ddd]e(+|-)XX
     std::string s(buf, r.ptr), sign;
-    if (s[0] == '-') { sign = "-"; s.erase(0, 1); }
+    if (s[0] == '-') {
+        sign = "-";
+        s.erase(0, 1);
+    }
     size_t e = s.find('e');
     int exp10 = atoi(s.c_str() + e + 1);
     std::string digits;
-    for (size_t i = 0; i < e; i++) if (s[i] != '.') digits += s[i];
-    int point = exp10 + 1, nd = (int)digits.size();                // digits before the decimal point
+    for (size_t i = 0; i < e; i++)
+        if (s[i] != '.') digits += s[i];
+    int point = exp10 + 1, nd = (int)digits.size();   // digits before the decimal point
     if (exp10 < -4 || exp10 >= 16) {
-        char eb[16]; snprintf(eb, sizeof eb, "e%c%02d", exp10 < 0 ? '-' : '+', abs(exp10));
+        char eb[16];
+        snprintf(eb, sizeof eb, "e%c%02d", exp10 < 0 ? '-' : '+', abs(exp10));
         return sign + digits.substr(0, 1) + (nd > 1 ? "." + digits.substr(1) : "") + eb;
     }
     if (point <= 0) return sign + "0." + std::string((size_t)-point, '0') + digits;
@@ -646,10 +930,14 @@ template <typename T> inline std::string py_repr_digits(T v) {
     return sign + digits.substr(0, (size_t)point) + "." + digits.substr((size_t)point);
 }
 // repr(float(x)) of a double, e.g. 0.061586856842041016, 1e-05, 123456.0
-inline std::string py_float_repr(double v) { return py_repr_digits(v); }
+inline std::string py_float_repr(double v) {
+    return py_repr_digits(v);
+}
 // the shortest text that reads back as this fp32 value (0.05f -> "0.05"), in repr's layout:
 // what a Python config holding the same number as a float literal writes
-inline std::string py_float_repr_f32(float v) { return py_repr_digits(v); }
+inline std::string py_float_repr_f32(float v) {
+    return py_repr_digits(v);
+}
 // json.dumps of a Python float: repr, except NaN and the infinities
 inline std::string py_json_float(double v) {
     if (v != v) return "NaN";
@@ -660,22 +948,33 @@ inline std::string py_json_float(double v) {
 // A top-level member of a JSON object, by byte spans in its text, so that config.json can be
 // edited without reformatting it: every other value keeps its spelling (-1 stays an integer, 1e-05
 // stays as written), which a parse-and-reprint through Json would not guarantee.
-struct JsonMember { std::string key; size_t begin, key_end, value_begin, value_end; };
+struct JsonMember {
+    std::string key;
+    size_t begin, key_end, value_begin, value_end;
+};
 inline std::vector<JsonMember> json_members(const std::string& text, const std::string& what) {
-    Json whole; std::string err;
+    Json whole;
+    std::string err;
     ql_assert(json_parse(text.data(), text.size(), whole, err), "%s: invalid JSON: %s", what.c_str(), err.c_str());
     ql_assert(whole.type == Json::OBJ, "%s: expected a JSON object", what.c_str());
     JsonParser p{text.data(), text.size(), 0, {}};
     std::vector<JsonMember> ms;
-    p.ws(); p.i++;                                                    // '{'
+    p.ws();
+    p.i++;   // '{'
     while (true) {
         p.ws();
         if (text[p.i] == '}') break;
-        JsonMember m; m.begin = p.i;
-        p.string(m.key); m.key_end = p.i;
-        p.ws(); p.i++;                                                // ':'
-        p.ws(); m.value_begin = p.i;
-        Json v; p.value(v, 1); m.value_end = p.i;
+        JsonMember m;
+        m.begin = p.i;
+        p.string(m.key);
+        m.key_end = p.i;
+        p.ws();
+        p.i++;   // ':'
+        p.ws();
+        m.value_begin = p.i;
+        Json v;
+        p.value(v, 1);
+        m.value_end = p.i;
         ms.push_back(m);
         p.ws();
         if (text[p.i] == ',') p.i++;
@@ -685,7 +984,8 @@ inline std::vector<JsonMember> json_members(const std::string& text, const std::
 // The whitespace that precedes the first member ("\n  " for json.dumps(indent=2)), "" if compact.
 inline std::string json_member_indent(const std::string& text, const std::vector<JsonMember>& ms) {
     if (ms.empty()) return text.find('\n') == std::string::npos ? "" : "\n  ";
-    size_t b = ms[0].begin; while (b > 0 && strchr(" \t\r\n", text[b - 1])) b--;
+    size_t b = ms[0].begin;
+    while (b > 0 && strchr(" \t\r\n", text[b - 1])) b--;
     return text.substr(b, ms[0].begin - b);
 }
 // Set top-level `key` to the JSON text `value`: replaced in place if present, else inserted where
@@ -693,16 +993,20 @@ inline std::string json_member_indent(const std::string& text, const std::vector
 // the file's own separators.
 inline std::string json_text_set(std::string text, const std::string& key, const std::string& value, const std::string& what) {
     std::vector<JsonMember> ms = json_members(text, what);
-    for (auto& m : ms) if (m.key == key) return text.replace(m.value_begin, m.value_end - m.value_begin, value);
+    for (auto& m : ms)
+        if (m.key == key) return text.replace(m.value_begin, m.value_end - m.value_begin, value);
     std::string lead = json_member_indent(text, ms);
     if (ms.empty()) {
         size_t b = text.find('{');
-        return text.replace(b, text.find('}', b) - b + 1, "{" + lead + json_quote(key) + ": " + value + (lead.empty() ? "}" : "\n}"));
+        return text.replace(b, text.find('}', b) - b + 1,
+                            "{" + lead + json_quote(key) + ": " + value + (lead.empty() ? "}" : "\n}"));
     }
     std::string member = json_quote(key) + text.substr(ms[0].key_end, ms[0].value_begin - ms[0].key_end) + value;
     bool sorted = true;
     for (size_t i = 1; i < ms.size(); i++) sorted = sorted && ms[i - 1].key < ms[i].key;
-    if (sorted) for (auto& m : ms) if (m.key > key) return text.insert(m.begin, member + "," + lead);
+    if (sorted)
+        for (auto& m : ms)
+            if (m.key > key) return text.insert(m.begin, member + "," + lead);
     return text.insert(ms.back().value_end, "," + lead + member);
 }
 inline std::string json_text_remove(std::string text, const std::string& key, const std::string& what) {
@@ -720,11 +1024,17 @@ inline std::string json_text_remove(std::string text, const std::string& key, co
 inline std::string json_object_text(std::vector<std::pair<std::string, std::string>> kv, const std::string& lead) {
     std::sort(kv.begin(), kv.end());
     std::string inner = lead.empty() ? "" : lead + lead.substr(1), s = "{";
-    for (size_t i = 0; i < kv.size(); i++) s += (i ? "," : "") + (lead.empty() ? std::string(i ? " " : "") : inner) + json_quote(kv[i].first) + ": " + kv[i].second;
+    for (size_t i = 0; i < kv.size(); i++)
+        s += (i ? "," : "") + (lead.empty() ? std::string(i ? " " : "") : inner) + json_quote(kv[i].first) + ": " + kv[i].second;
     return s + (lead.empty() ? "}" : lead + "}");
 }
-inline std::string text_of_file(const std::string& path) { std::vector<uint8_t> b = read_file(path); return std::string(b.begin(), b.end()); }
-inline void write_text_file(const std::string& path, const std::string& s) { atomic_write(path, {{s.data(), s.size()}}); }
+inline std::string text_of_file(const std::string& path) {
+    std::vector<uint8_t> b = read_file(path);
+    return std::string(b.begin(), b.end());
+}
+inline void write_text_file(const std::string& path, const std::string& s) {
+    atomic_write(path, {{s.data(), s.size()}});
+}
 
 // mkdir -p
 inline void make_dirs(const std::string& path) {
@@ -736,14 +1046,26 @@ inline void make_dirs(const std::string& path) {
     struct stat sb;
     ql_assert(stat(path.c_str(), &sb) == 0 && S_ISDIR(sb.st_mode), "%s exists and is not a directory", path.c_str());
 }
-inline std::string real_path(const std::string& p) { char b[PATH_MAX]; return realpath(p.c_str(), b) ? std::string(b) : p; }
-inline std::string base_name(const std::string& p) { size_t k = p.rfind('/'); return k == std::string::npos ? p : p.substr(k + 1); }
-inline std::string strip_slashes(std::string p) { while (p.size() > 1 && p.back() == '/') p.pop_back(); return p; }
+inline std::string real_path(const std::string& p) {
+    char b[PATH_MAX];
+    return realpath(p.c_str(), b) ? std::string(b) : p;
+}
+inline std::string base_name(const std::string& p) {
+    size_t k = p.rfind('/');
+    return k == std::string::npos ? p : p.substr(k + 1);
+}
+inline std::string strip_slashes(std::string p) {
+    while (p.size() > 1 && p.back() == '/') p.pop_back();
+    return p;
+}
 inline std::string parent_dir(const std::string& p) {
     size_t k = p.rfind('/');
     return k == std::string::npos ? "." : k == 0 ? "/" : p.substr(0, k);
 }
-inline bool is_dir(const std::string& p) { struct stat sb; return stat(p.c_str(), &sb) == 0 && S_ISDIR(sb.st_mode); }
+inline bool is_dir(const std::string& p) {
+    struct stat sb;
+    return stat(p.c_str(), &sb) == 0 && S_ISDIR(sb.st_mode);
+}
 
 // ---------------------------------------------------------------------------------------------
 // 10b. output directories (--out of the trainers, quantize and merge): one writer at a time, and
@@ -766,13 +1088,18 @@ inline bool is_dir(const std::string& p) { struct stat sb; return stat(p.c_str()
 
 // the names of the files qlora writes into an output directory (and atomic_write's temporaries)
 inline bool qlora_output_name(const std::string& n) {
-    static const char* const NAMES[] = {"adapter_model.safetensors", "adapter_config.json", "state.safetensors", "config.json",
-                                        "model.safetensors", "model.safetensors.index.json"};
-    for (const char* x : NAMES) if (n == x) return true;
-    auto digits = [](const std::string& s, size_t b, size_t e) { return e > b && s.find_first_not_of("0123456789", b) >= e; };
-    if (n.size() == 32 && n.compare(0, 6, "model-") == 0 && n.compare(11, 4, "-of-") == 0 && n.compare(20, 12, ".safetensors") == 0 &&
-        digits(n, 6, 11) && digits(n, 15, 20)) return true;   // model-00001-of-00002.safetensors
-    size_t t = n.rfind(".tmp.");                                 // NAME.tmp.PID.N
+    static const char* const NAMES[] = {"adapter_model.safetensors", "adapter_config.json",
+                                        "state.safetensors",         "config.json",
+                                        "model.safetensors",         "model.safetensors.index.json"};
+    for (const char* x : NAMES)
+        if (n == x) return true;
+    auto digits = [](const std::string& s, size_t b, size_t e) {
+        return e > b && s.find_first_not_of("0123456789", b) >= e;
+    };
+    if (n.size() == 32 && n.compare(0, 6, "model-") == 0 && n.compare(11, 4, "-of-") == 0 &&
+        n.compare(20, 12, ".safetensors") == 0 && digits(n, 6, 11) && digits(n, 15, 20))
+        return true;               // model-00001-of-00002.safetensors
+    size_t t = n.rfind(".tmp.");   // NAME.tmp.PID.N
     size_t dot = t == std::string::npos ? t : n.find('.', t + 5);
     return dot != std::string::npos && digits(n, t + 5, dot) && digits(n, dot + 1, n.size());
 }
@@ -781,21 +1108,27 @@ inline bool out_sibling_of(const std::string& entry, const std::string& name, co
     std::string pre = "." + name + "." + kind + ".";
     if (entry.compare(0, pre.size(), pre) != 0) return false;
     size_t dot = entry.find('.', pre.size());
-    auto digits = [&](size_t b, size_t e) { return e > b && entry.find_first_not_of("0123456789", b) >= e; };
+    auto digits = [&](size_t b, size_t e) {
+        return e > b && entry.find_first_not_of("0123456789", b) >= e;
+    };
     return dot != std::string::npos && digits(pre.size(), dot) && digits(dot + 1, entry.size());
 }
 inline std::vector<std::string> dir_entries(const std::string& dir) {
     std::vector<std::string> names;
     DIR* d = opendir(dir.c_str());
     if (!d) return names;
-    while (dirent* e = readdir(d)) if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) names.push_back(e->d_name);
+    while (dirent* e = readdir(d))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) names.push_back(e->d_name);
     closedir(d);
     std::sort(names.begin(), names.end());
     return names;
 }
 inline void fsync_dir(const std::string& dir) {
     int fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY);
-    if (fd >= 0) { fsync(fd); close(fd); }
+    if (fd >= 0) {
+        fsync(fd);
+        close(fd);
+    }
 }
 
 // DIR as an absolute path with symbolic links resolved, whether or not DIR exists yet (its parent must).
@@ -805,7 +1138,8 @@ inline std::string out_canonical(const std::string& dir) {
     if (realpath(d.c_str(), b)) return b;
     std::string name = base_name(d);
     ql_assert(name != "." && name != "..", "--out %s: name a directory of its own", dir.c_str());
-    ql_assert(realpath(parent_dir(d).c_str(), b), "cannot resolve %s (the directory above --out %s)", parent_dir(d).c_str(), dir.c_str());
+    ql_assert(realpath(parent_dir(d).c_str(), b), "cannot resolve %s (the directory above --out %s)", parent_dir(d).c_str(),
+              dir.c_str());
     return std::string(b) + (strcmp(b, "/") ? "/" : "") + name;
 }
 
@@ -818,11 +1152,14 @@ inline void out_retire(const std::string& old, const std::string& dir) {
         struct stat sb;
         if (lstat(from.c_str(), &sb) != 0) continue;
         bool superseded = have_dir && file_exists(to);
-        if (!S_ISDIR(sb.st_mode) && (qlora_output_name(n) || superseded)) unlink(from.c_str());
-        else if (have_dir && !superseded) rename(from.c_str(), to.c_str());
+        if (!S_ISDIR(sb.st_mode) && (qlora_output_name(n) || superseded))
+            unlink(from.c_str());
+        else if (have_dir && !superseded)
+            rename(from.c_str(), to.c_str());
     }
     if (rmdir(old.c_str()) != 0)
-        fprintf(stderr, "qlora: note: kept %s: it holds files that qlora did not write and could not move into %s\n", old.c_str(), dir.c_str());
+        fprintf(stderr, "qlora: note: kept %s: it holds files that qlora did not write and could not move into %s\n", old.c_str(),
+                dir.c_str());
 }
 // What killed saves of DIR (canonical) left beside it: an old set whose DIR went missing between the
 // two renames of the fallback below is put back; every other sibling is retired into DIR.
@@ -836,7 +1173,10 @@ inline void out_recover(const std::string& dir) {
         if (out_sibling_of(e, name, "new")) out_retire(dir + "/" + e, dir);
 }
 
-inline std::map<std::string, int>& out_locks() { static std::map<std::string, int> m; return m; }   // canonical DIR -> lock fd
+inline std::map<std::string, int>& out_locks() {
+    static std::map<std::string, int> m;
+    return m;
+}   // canonical DIR -> lock fd
 // Takes DIR's lock for the rest of the process (once: later calls return at once), after checking
 // that DIR can be an output directory: not a file, not the working directory or above it. Returns
 // DIR's canonical path. A second writer of DIR gets an error naming the first's pid.
@@ -844,14 +1184,15 @@ inline std::string out_lock(const std::string& dir) {
     std::string d = strip_slashes(dir);
     ql_assert(!d.empty(), "--out: the directory name is empty");
     struct stat sb;
-    ql_assert(stat(d.c_str(), &sb) != 0 || S_ISDIR(sb.st_mode), "--out %s exists and is not a directory (qlora writes a directory of files there)",
-              dir.c_str());
+    ql_assert(stat(d.c_str(), &sb) != 0 || S_ISDIR(sb.st_mode),
+              "--out %s exists and is not a directory (qlora writes a directory of files there)", dir.c_str());
     make_dirs(parent_dir(d));
     std::string abs = out_canonical(d);
     if (out_locks().count(abs)) return abs;
     char cwd[PATH_MAX];
     ql_assert(abs != "/" && (!getcwd(cwd, sizeof cwd) || (std::string(cwd) + "/").compare(0, abs.size() + 1, abs + "/") != 0),
-              "--out %s is the working directory or holds it; qlora replaces --out as a whole at every save: give it a directory of its own",
+              "--out %s is the working directory or holds it; qlora replaces --out as a whole at every save: give it a directory "
+              "of its own",
               dir.c_str());
     std::string lock = parent_dir(abs) + "/." + base_name(abs) + ".lock";
     int fd = open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
@@ -860,11 +1201,13 @@ inline std::string out_lock(const std::string& dir) {
         char b[32] = {0};
         long pid = pread(fd, b, sizeof b - 1, 0) > 0 ? atol(b) : 0;
         close(fd);
-        ql_fail("%s is being written by another qlora run%s, which holds the lock %s: wait for it to finish, or choose another --out",
-                dir.c_str(), pid > 0 ? (" (pid " + std::to_string(pid) + ")").c_str() : "", lock.c_str());
+        ql_fail(
+            "%s is being written by another qlora run%s, which holds the lock %s: wait for it to finish, or choose another --out",
+            dir.c_str(), pid > 0 ? (" (pid " + std::to_string(pid) + ")").c_str() : "", lock.c_str());
     }
     std::string me = std::to_string((long)getpid()) + "\n";
-    ql_assert(ftruncate(fd, 0) == 0 && pwrite(fd, me.data(), me.size(), 0) == (ssize_t)me.size(), "cannot write the lock file %s", lock.c_str());
+    ql_assert(ftruncate(fd, 0) == 0 && pwrite(fd, me.data(), me.size(), 0) == (ssize_t)me.size(), "cannot write the lock file %s",
+              lock.c_str());
     out_locks()[abs] = fd;
     out_recover(abs);
     return abs;
@@ -904,27 +1247,38 @@ inline void out_write_set(const std::string& dir, const std::function<void(const
     static bool at_exit = atexit(out_discard_pending) == 0;   // ql_fail exits: no half-written sibling left behind
     (void)at_exit;
     out_pending() = {stage, dir};
-    try { write(stage); } catch (...) { out_discard_pending(); throw; }   // ql_error_mode().throw_instead
+    try {
+        write(stage);
+    } catch (...) {
+        out_discard_pending();
+        throw;
+    }   // ql_error_mode().throw_instead
     fsync_dir(stage);
     auto file_by_file = [&] {
         static bool noted = false;
-        if (!noted) fprintf(stderr, "qlora: note: %s is a mount point: its files are replaced one at a time, not as one set\n", dir.c_str());
+        if (!noted)
+            fprintf(stderr, "qlora: note: %s is a mount point: its files are replaced one at a time, not as one set\n",
+                    dir.c_str());
         noted = true;
         for (const std::string& n : dir_entries(stage))
-            ql_assert(rename((stage + "/" + n).c_str(), (abs + "/" + n).c_str()) == 0, "cannot move %s/%s into %s", stage.c_str(), n.c_str(), abs.c_str());
+            ql_assert(rename((stage + "/" + n).c_str(), (abs + "/" + n).c_str()) == 0, "cannot move %s/%s into %s", stage.c_str(),
+                      n.c_str(), abs.c_str());
         rmdir(stage.c_str());
         fsync_dir(abs);
     };
     std::string old = stage;   // after the switch: where the old set is
-    if (mount) file_by_file();
-    else if (!file_exists(abs)) ql_assert(rename(stage.c_str(), abs.c_str()) == 0, "cannot rename %s to %s", stage.c_str(), abs.c_str());
+    if (mount)
+        file_by_file();
+    else if (!file_exists(abs))
+        ql_assert(rename(stage.c_str(), abs.c_str()) == 0, "cannot rename %s to %s", stage.c_str(), abs.c_str());
     else if (renameat2(AT_FDCWD, stage.c_str(), AT_FDCWD, abs.c_str(), RENAME_EXCHANGE) != 0) {
         if (errno == EBUSY || errno == EXDEV) {   // a mount point out_is_mount_point missed: the new set stays where it is
             out_pending() = {};
             ql_fail("cannot switch %s in for %s (%s: a mount point?); the new files are complete in %s", stage.c_str(), abs.c_str(),
                     strerror(errno), stage.c_str());
         } else {
-            ql_assert(errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP, "cannot switch %s in for %s: %s", stage.c_str(), abs.c_str(), strerror(errno));
+            ql_assert(errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP, "cannot switch %s in for %s: %s", stage.c_str(),
+                      abs.c_str(), strerror(errno));
             // a file system without RENAME_EXCHANGE: two renames; between them DIR is missing (out_recover puts the old set back)
             old = parent + "/." + name + ".old" + unique_suffix();
             ql_assert(rename(abs.c_str(), old.c_str()) == 0, "cannot rename %s to %s", abs.c_str(), old.c_str());
@@ -957,7 +1311,8 @@ inline std::string lora_nonfinite(const Config& c, const LoraConfig& lc, const f
             for (int isB = 0; isB < 2; isB++) {
                 size_t k = 0, at = isB ? s.b : s.a, n = isB ? nb : na;
                 for (size_t i = 0; i < n; i++) k += !std::isfinite(x[at + i]);
-                if (k && first.empty()) first = hf_layer_prefix(l) + PROJ_MODULE[p] + "." + PROJ_NAME[p] + (isB ? ".lora_B" : ".lora_A");
+                if (k && first.empty())
+                    first = hf_layer_prefix(l) + PROJ_MODULE[p] + "." + PROJ_NAME[p] + (isB ? ".lora_B" : ".lora_A");
                 bad += k;
             }
         }
@@ -971,12 +1326,15 @@ inline void peft_adapter_write(const std::string& dir, const Config& c, const Lo
                                const std::string& base_model_name) {
     size_t bad = 0;
     std::string where = lora_nonfinite(c, lc, lora, &bad);
-    ql_assert(where.empty(), "not writing the adapter to %s: %s holds non-finite values (%zu NaN/Inf in all); the previous adapter there is unchanged",
-              dir.c_str(), where.c_str(), bad);
+    ql_assert(
+        where.empty(),
+        "not writing the adapter to %s: %s holds non-finite values (%zu NaN/Inf in all); the previous adapter there is unchanged",
+        dir.c_str(), where.c_str(), bad);
     make_dirs(dir);
     std::vector<STOut> ts;
     std::string tm;
-    for (int p = 0; p < N_PROJ; p++) if (lc.has(p)) tm += std::string(tm.empty() ? "" : ",") + "\n    " + json_quote(PROJ_NAME[p]);
+    for (int p = 0; p < N_PROJ; p++)
+        if (lc.has(p)) tm += std::string(tm.empty() ? "" : ",") + "\n    " + json_quote(PROJ_NAME[p]);
     for (int l = 0; l < c.n_layers; l++)
         for (int p = 0; p < N_PROJ; p++) {
             if (!lc.has(p)) continue;
@@ -986,12 +1344,22 @@ inline void peft_adapter_write(const std::string& dir, const Config& c, const Lo
         }
     st_write(dir + "/adapter_model.safetensors", ts);
     // lora_alpha is an int in PEFT's dataclass: integral values are written as integers
-    std::string alpha = lc.alpha == floorf(lc.alpha) && fabsf(lc.alpha) < 1e9f ? std::to_string((long long)lc.alpha) : py_float_repr_f32(lc.alpha);
-    std::string j = "{\n  \"alpha_pattern\": {},\n  \"base_model_name_or_path\": " + json_quote(base_model_name) + ",\n  \"bias\": \"none\",\n"
-                    "  \"fan_in_fan_out\": false,\n  \"inference_mode\": true,\n  \"init_lora_weights\": true,\n  \"lora_alpha\": " + alpha + ",\n"
-                    "  \"lora_dropout\": " + py_float_repr_f32(lc.dropout) + ",\n  \"modules_to_save\": null,\n  \"peft_type\": \"LORA\",\n"
-                    "  \"r\": " + std::to_string(lc.rank) + ",\n  \"rank_pattern\": {},\n  \"revision\": null,\n  \"target_modules\": [" + tm + "\n  ],\n"
-                    "  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": false,\n  \"use_rslora\": " + (lc.rslora ? "true" : "false") + "\n}\n";
+    std::string alpha =
+        lc.alpha == floorf(lc.alpha) && fabsf(lc.alpha) < 1e9f ? std::to_string((long long)lc.alpha) : py_float_repr_f32(lc.alpha);
+    std::string j =
+        "{\n  \"alpha_pattern\": {},\n  \"base_model_name_or_path\": " + json_quote(base_model_name) +
+        ",\n  \"bias\": \"none\",\n"
+        "  \"fan_in_fan_out\": false,\n  \"inference_mode\": true,\n  \"init_lora_weights\": true,\n  \"lora_alpha\": " +
+        alpha +
+        ",\n"
+        "  \"lora_dropout\": " +
+        py_float_repr_f32(lc.dropout) +
+        ",\n  \"modules_to_save\": null,\n  \"peft_type\": \"LORA\",\n"
+        "  \"r\": " +
+        std::to_string(lc.rank) + ",\n  \"rank_pattern\": {},\n  \"revision\": null,\n  \"target_modules\": [" + tm +
+        "\n  ],\n"
+        "  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": false,\n  \"use_rslora\": " +
+        (lc.rslora ? "true" : "false") + "\n}\n";
     write_text_file(dir + "/adapter_config.json", j);
 }
 
@@ -1007,7 +1375,11 @@ inline bool regex_is_tame(const std::string& re) {
     int quantifiers = 0;
     for (size_t i = 0; i < re.size(); i++) {
         char c = re[i];
-        if (c == '\\') { if (i + 1 < re.size() && re[i + 1] >= '0' && re[i + 1] <= '9') return false; i++; continue; }
+        if (c == '\\') {
+            if (i + 1 < re.size() && re[i + 1] >= '0' && re[i + 1] <= '9') return false;
+            i++;
+            continue;
+        }
         if (c == '*' || c == '+' || c == '?' || c == '{') {
             quantifiers++;
             if (i > 0 && re[i - 1] == ')') return false;   // a quantified group
@@ -1015,12 +1387,17 @@ inline bool regex_is_tame(const std::string& re) {
     }
     return quantifiers <= 4;
 }
-struct PeftTargetRule { bool is_regex = false; std::regex re; std::vector<std::string> names; };
+struct PeftTargetRule {
+    bool is_regex = false;
+    std::regex re;
+    std::vector<std::string> names;
+};
 inline bool peft_rule_matches(const PeftTargetRule& r, const std::string& module) {
     if (r.is_regex) return std::regex_match(module, r.re);
     for (auto& n : r.names)
         if (module == n || (module.size() > n.size() && module.compare(module.size() - n.size(), n.size(), n) == 0 &&
-                            module[module.size() - n.size() - 1] == '.')) return true;
+                            module[module.size() - n.size() - 1] == '.'))
+            return true;
     return false;
 }
 
@@ -1032,19 +1409,26 @@ inline void peft_adapter_read(const std::string& dir, const Config& c, LoraConfi
     const char* cpc = cp.c_str();
     ql_assert(file_exists(cp), "%s: no adapter_config.json (is this a PEFT adapter directory?)", dir.c_str());
     if (!file_exists(wp))
-        ql_fail("%s: no adapter_model.safetensors%s", dir.c_str(), file_exists(dir + "/adapter_model.bin") ?
-                " (only adapter_model.bin, a pickle, which qlora does not read: load it with PEFT and save_pretrained it, "
-                "safe_serialization=True writes safetensors)" : "");
+        ql_fail("%s: no adapter_model.safetensors%s", dir.c_str(),
+                file_exists(dir + "/adapter_model.bin")
+                    ? " (only adapter_model.bin, a pickle, which qlora does not read: load it with PEFT and save_pretrained it, "
+                      "safe_serialization=True writes safetensors)"
+                    : "");
     Json j = json_load(cp);
     ql_assert(j.type == Json::OBJ, "%s: expected a JSON object", cpc);
-    auto unset = [](const Json* v) { return !v || v->type == Json::NUL || (v->type == Json::BOOL && !v->b) ||
-                                            (v->type == Json::OBJ && v->obj.empty()) || (v->type == Json::ARR && v->arr.empty()); };
+    auto unset = [](const Json* v) {
+        return !v || v->type == Json::NUL || (v->type == Json::BOOL && !v->b) || (v->type == Json::OBJ && v->obj.empty()) ||
+               (v->type == Json::ARR && v->arr.empty());
+    };
     const Json* pt = j.get("peft_type");
     ql_assert(pt && pt->type == Json::STR, "%s: missing \"peft_type\"", cpc);
     ql_assert(pt->str == "LORA", "%s: peft_type \"%s\": qlora reads LoRA adapters only", cpc, pt->str.c_str());
     // fields that change what the adapter computes; anything else (init options, inference_mode,
     // revision, newer bookkeeping fields) does not matter here
-    static const struct { const char* field; const char* why; } REFUSE[] = {
+    static const struct {
+        const char* field;
+        const char* why;
+    } REFUSE[] = {
         {"use_dora", "DoRA (weight-decomposed LoRA) is not implemented"},
         {"modules_to_save", "fully trained extra modules (modules_to_save) are not supported"},
         {"lora_bias", "LoRA biases (lora_bias) are not supported"},
@@ -1075,7 +1459,7 @@ inline void peft_adapter_read(const std::string& dir, const Config& c, LoraConfi
         return v->num;
     };
     LoraConfig lc;
-    lc.rank = (int)number("r", 8, 1, 4096, true);                 // PEFT's defaults where a field is absent
+    lc.rank = (int)number("r", 8, 1, 4096, true);   // PEFT's defaults where a field is absent
     lc.alpha = (float)number("lora_alpha", 8, 0, 1e6, false);
     lc.dropout = (float)number("lora_dropout", 0, 0, 0.99, false);
     const Json* rs = j.get("use_rslora");
@@ -1085,14 +1469,27 @@ inline void peft_adapter_read(const std::string& dir, const Config& c, LoraConfi
         const Json* v = j.get(k);
         if (!v || v->type == Json::NUL) return false;
         if (v->type == Json::STR) {
-            if (!strcmp(k, "target_modules") && v->str == "all-linear") { r.names.assign(PROJ_NAME, PROJ_NAME + N_PROJ); return true; }
-            ql_assert(regex_is_tame(v->str), "%s: \"%s\": the regular expression \"%.80s\" is too complex for qlora (it accepts up to 256 "
-                      "characters, 4 quantifiers, no quantified groups, no back-references); list the module names instead", cpc, k, v->str.c_str());
-            try { r.re = std::regex(v->str); } catch (const std::regex_error&) { ql_fail("%s: \"%s\": \"%s\" is not a regular expression qlora can read", cpc, k, v->str.c_str()); }
-            r.is_regex = true; return true;
+            if (!strcmp(k, "target_modules") && v->str == "all-linear") {
+                r.names.assign(PROJ_NAME, PROJ_NAME + N_PROJ);
+                return true;
+            }
+            ql_assert(regex_is_tame(v->str),
+                      "%s: \"%s\": the regular expression \"%.80s\" is too complex for qlora (it accepts up to 256 "
+                      "characters, 4 quantifiers, no quantified groups, no back-references); list the module names instead",
+                      cpc, k, v->str.c_str());
+            try {
+                r.re = std::regex(v->str);
+            } catch (const std::regex_error&) {
+                ql_fail("%s: \"%s\": \"%s\" is not a regular expression qlora can read", cpc, k, v->str.c_str());
+            }
+            r.is_regex = true;
+            return true;
         }
         ql_assert(v->type == Json::ARR, "%s: \"%s\" must be a list of module names or a string", cpc, k);
-        for (auto& e : v->arr) { ql_assert(e.type == Json::STR, "%s: \"%s\" entries must be strings", cpc, k); r.names.push_back(e.str); }
+        for (auto& e : v->arr) {
+            ql_assert(e.type == Json::STR, "%s: \"%s\" entries must be strings", cpc, k);
+            r.names.push_back(e.str);
+        }
         return true;
     };
     PeftTargetRule target, exclude;
@@ -1106,7 +1503,8 @@ inline void peft_adapter_read(const std::string& dir, const Config& c, LoraConfi
             others.push_back("model.layers." + std::to_string(l) + (*m ? "." : "") + m);
     for (auto& m : others)
         ql_assert(!peft_rule_matches(target, m) || (has_exclude && peft_rule_matches(exclude, m)),
-                  "%s: target_modules selects \"%s\": qlora puts LoRA on the decoder linears only (q/k/v/o/gate/up/down_proj)", cpc, m.c_str());
+                  "%s: target_modules selects \"%s\": qlora puts LoRA on the decoder linears only (q/k/v/o/gate/up/down_proj)", cpc,
+                  m.c_str());
     lc.targets = 0;
     for (int p = 0; p < N_PROJ; p++) {
         int in_layers = 0;
@@ -1114,19 +1512,25 @@ inline void peft_adapter_read(const std::string& dir, const Config& c, LoraConfi
             std::string m = "model.layers." + std::to_string(l) + "." + PROJ_MODULE[p] + "." + PROJ_NAME[p];
             in_layers += peft_rule_matches(target, m) && !(has_exclude && peft_rule_matches(exclude, m));
         }
-        ql_assert(in_layers == 0 || in_layers == c.n_layers, "%s: target_modules selects %s in %d of %d layers; qlora puts LoRA "
-                  "on the same projections in every layer", cpc, PROJ_NAME[p], in_layers, c.n_layers);
+        ql_assert(in_layers == 0 || in_layers == c.n_layers,
+                  "%s: target_modules selects %s in %d of %d layers; qlora puts LoRA "
+                  "on the same projections in every layer",
+                  cpc, PROJ_NAME[p], in_layers, c.n_layers);
         if (in_layers) lc.targets |= 1u << p;
     }
     ql_assert(lc.targets, "%s: target_modules selects none of this model's decoder linears", cpc);
     if (!target.is_regex)
         for (auto& n : target.names) {
             bool any = false;
-            PeftTargetRule one; one.names = {n};
+            PeftTargetRule one;
+            one.names = {n};
             for (int l = 0; l < c.n_layers && !any; l++)
                 for (int p = 0; p < N_PROJ && !any; p++)
                     any = peft_rule_matches(one, "model.layers." + std::to_string(l) + "." + PROJ_MODULE[p] + "." + PROJ_NAME[p]);
-            if (!any) fprintf(stderr, "qlora: note: %s: target_modules entry \"%s\" matches no module of this model (PEFT skips it too)\n", cpc, n.c_str());
+            if (!any)
+                fprintf(stderr,
+                        "qlora: note: %s: target_modules entry \"%s\" matches no module of this model (PEFT skips it too)\n", cpc,
+                        n.c_str());
         }
 
     // tensors: base_model.model.model.layers.{l}.{self_attn|mlp}.{proj}.lora_{A|B}[.{adapter name}].weight
@@ -1136,52 +1540,75 @@ inline void peft_adapter_read(const std::string& dir, const Config& c, LoraConfi
     std::vector<uint8_t> seen((size_t)c.n_layers * N_PROJ * 2, 0);
     std::string adapter_name = "?";
     for (auto& kv : st.tensors) {
-        const std::string& name = kv.first; const STensor& t = kv.second;
-        std::vector<std::string> tok; size_t a = 0, b;
-        while ((b = name.find('.', a)) != std::string::npos) { tok.push_back(name.substr(a, b - a)); a = b + 1; }
+        const std::string& name = kv.first;
+        const STensor& t = kv.second;
+        std::vector<std::string> tok;
+        size_t a = 0, b;
+        while ((b = name.find('.', a)) != std::string::npos) {
+            tok.push_back(name.substr(a, b - a));
+            a = b + 1;
+        }
         tok.push_back(name.substr(a));
         int p = -1, l = -1, isB = -1;
         bool shaped = (tok.size() == 9 || tok.size() == 10) && tok[0] == "base_model" && tok[1] == "model" && tok[2] == "model" &&
-                      tok[3] == "layers" && !tok[4].empty() && tok[4].size() < 7 && tok[4].find_first_not_of("0123456789") == std::string::npos &&
-                      (tok[7] == "lora_A" || tok[7] == "lora_B") && tok.back() == "weight";
+                      tok[3] == "layers" && !tok[4].empty() && tok[4].size() < 7 &&
+                      tok[4].find_first_not_of("0123456789") == std::string::npos && (tok[7] == "lora_A" || tok[7] == "lora_B") &&
+                      tok.back() == "weight";
         if (shaped) {
-            for (int q = 0; q < N_PROJ; q++) if (tok[5] == PROJ_MODULE[q] && tok[6] == PROJ_NAME[q]) p = q;
-            l = atoi(tok[4].c_str()); isB = tok[7] == "lora_B";
+            for (int q = 0; q < N_PROJ; q++)
+                if (tok[5] == PROJ_MODULE[q] && tok[6] == PROJ_NAME[q]) p = q;
+            l = atoi(tok[4].c_str());
+            isB = tok[7] == "lora_B";
         }
         if (p < 0) {
-            const char* hint = name.find("lora_magnitude_vector") != std::string::npos ? " (a DoRA magnitude: DoRA is not supported)"
-                             : name.find("lora_embedding") != std::string::npos ? " (LoRA on an embedding is not supported)"
-                             : name.find("lm_head") != std::string::npos || name.find("embed_tokens") != std::string::npos ? " (modules_to_save is not supported)"
-                             : name.rfind("base_model.model.", 0) != 0 ? " (PEFT keys start with base_model.model.)" : "";
-            ql_fail("%s: tensor \"%s\" is not the LoRA A or B of a decoder linear "
-                    "(base_model.model.model.layers.N.{self_attn,mlp}.*_proj.lora_{A,B}.weight)%s", wpc, name.c_str(), hint);
+            const char* hint = name.find("lora_magnitude_vector") != std::string::npos
+                                   ? " (a DoRA magnitude: DoRA is not supported)"
+                               : name.find("lora_embedding") != std::string::npos ? " (LoRA on an embedding is not supported)"
+                               : name.find("lm_head") != std::string::npos || name.find("embed_tokens") != std::string::npos
+                                   ? " (modules_to_save is not supported)"
+                               : name.rfind("base_model.model.", 0) != 0 ? " (PEFT keys start with base_model.model.)"
+                                                                         : "";
+            ql_fail(
+                "%s: tensor \"%s\" is not the LoRA A or B of a decoder linear "
+                "(base_model.model.model.layers.N.{self_attn,mlp}.*_proj.lora_{A,B}.weight)%s",
+                wpc, name.c_str(), hint);
         }
-        ql_assert(l < c.n_layers, "%s: tensor \"%s\" is for layer %d, but the model has %d layers (an adapter for another base model?)", wpc, name.c_str(), l, c.n_layers);
-        ql_assert(lc.has(p), "%s: tensor \"%s\" is for %s, which target_modules in adapter_config.json does not select", wpc, name.c_str(), PROJ_NAME[p]);
-        std::vector<int64_t> want = isB ? std::vector<int64_t>{proj_out(c, p), lc.rank} : std::vector<int64_t>{lc.rank, proj_in(c, p)};
-        ql_assert(t.shape == want, "%s: tensor \"%s\" has shape %s, expected [%lld, %lld] (r = %d from adapter_config.json; %s of the base model)",
-                  wpc, name.c_str(), t.shape_str().c_str(), (long long)want[0], (long long)want[1], lc.rank, isB ? "out_features" : "in_features");
-        ql_assert(t.dtype == DT_F32 || t.dtype == DT_BF16 || t.dtype == DT_F16, "%s: tensor \"%s\" has dtype %s; LoRA weights must be F32, BF16 or F16",
-                  wpc, name.c_str(), t.dtype_str.c_str());
+        ql_assert(l < c.n_layers,
+                  "%s: tensor \"%s\" is for layer %d, but the model has %d layers (an adapter for another base model?)", wpc,
+                  name.c_str(), l, c.n_layers);
+        ql_assert(lc.has(p), "%s: tensor \"%s\" is for %s, which target_modules in adapter_config.json does not select", wpc,
+                  name.c_str(), PROJ_NAME[p]);
+        std::vector<int64_t> want =
+            isB ? std::vector<int64_t>{proj_out(c, p), lc.rank} : std::vector<int64_t>{lc.rank, proj_in(c, p)};
+        ql_assert(t.shape == want,
+                  "%s: tensor \"%s\" has shape %s, expected [%lld, %lld] (r = %d from adapter_config.json; %s of the base model)",
+                  wpc, name.c_str(), t.shape_str().c_str(), (long long)want[0], (long long)want[1], lc.rank,
+                  isB ? "out_features" : "in_features");
+        ql_assert(t.dtype == DT_F32 || t.dtype == DT_BF16 || t.dtype == DT_F16,
+                  "%s: tensor \"%s\" has dtype %s; LoRA weights must be F32, BF16 or F16", wpc, name.c_str(), t.dtype_str.c_str());
         uint8_t& s = seen[((size_t)l * N_PROJ + p) * 2 + isB];
         ql_assert(!s, "%s: tensor \"%s\" appears twice (with and without an adapter name?)", wpc, name.c_str());
         s = 1;
         std::string an = tok.size() == 10 ? tok[8] : "";
         if (adapter_name == "?") adapter_name = an;
-        ql_assert(an == adapter_name, "%s: tensor \"%s\" names adapter \"%s\", others \"%s\": one adapter per file", wpc, name.c_str(), an.c_str(), adapter_name.c_str());
+        ql_assert(an == adapter_name, "%s: tensor \"%s\" names adapter \"%s\", others \"%s\": one adapter per file", wpc,
+                  name.c_str(), an.c_str(), adapter_name.c_str());
         LoraSlot sl = lora_slot(c, lc, l, p);
         float* x = lora_out.data() + (isB ? sl.b : sl.a);
         st_to_f32(x, t);
         size_t bad = 0;
         for (int64_t i = 0; i < t.numel(); i++) bad += !std::isfinite(x[i]);
-        ql_assert(!bad, "%s: tensor \"%s\" holds %zu NaN/Inf values: this adapter is broken (a diverged run?); qlora does not "
-                  "train from, sample with or merge it", wpc, name.c_str(), bad);
+        ql_assert(!bad,
+                  "%s: tensor \"%s\" holds %zu NaN/Inf values: this adapter is broken (a diverged run?); qlora does not "
+                  "train from, sample with or merge it",
+                  wpc, name.c_str(), bad);
     }
     for (int l = 0; l < c.n_layers; l++)
         for (int p = 0; p < N_PROJ; p++)
             for (int isB = 0; isB < 2 && lc.has(p); isB++)
-                ql_assert(seen[((size_t)l * N_PROJ + p) * 2 + isB], "%s: missing tensor \"%s.lora_%c.weight\" (target_modules selects %s in every layer)",
-                          wpc, peft_module_name(l, p).c_str(), isB ? 'B' : 'A', PROJ_NAME[p]);
+                ql_assert(seen[((size_t)l * N_PROJ + p) * 2 + isB],
+                          "%s: missing tensor \"%s.lora_%c.weight\" (target_modules selects %s in every layer)", wpc,
+                          peft_module_name(l, p).c_str(), isB ? 'B' : 'A', PROJ_NAME[p]);
     lc_out = lc;
 }
 
@@ -1199,14 +1626,19 @@ struct ResumeState {
 inline void state_write(const std::string& dir, const ResumeState& s, const std::string& signature) {
     int64_t n = (int64_t)s.lora.size();
     ql_assert(s.adam_m.size() == s.lora.size() && s.adam_v.size() == s.lora.size(), "internal: resume state of mismatched sizes");
-    st_write(dir + "/state.safetensors", {{"lora", DT_F32, {n}, s.lora.data()}, {"adam_m", DT_F32, {n}, s.adam_m.data()},
-                                          {"adam_v", DT_F32, {n}, s.adam_v.data()}},
-             {{"step", std::to_string(s.step)}, {"signature", signature}, {"epoch", std::to_string(s.epoch)},
-              {"cursor", std::to_string(s.cursor)}, {"offset", std::to_string(s.offset)}});
+    st_write(
+        dir + "/state.safetensors",
+        {{"lora", DT_F32, {n}, s.lora.data()}, {"adam_m", DT_F32, {n}, s.adam_m.data()}, {"adam_v", DT_F32, {n}, s.adam_v.data()}},
+        {{"step", std::to_string(s.step)},
+         {"signature", signature},
+         {"epoch", std::to_string(s.epoch)},
+         {"cursor", std::to_string(s.cursor)},
+         {"offset", std::to_string(s.offset)}});
 }
 inline ResumeState state_read(const std::string& dir, const std::string& signature, size_t n) {
     std::string path = dir + "/state.safetensors";
-    ql_assert(file_exists(path), "--resume %s: no state.safetensors there (an --out directory of an earlier run holds one)", dir.c_str());
+    ql_assert(file_exists(path), "--resume %s: no state.safetensors there (an --out directory of an earlier run holds one)",
+              dir.c_str());
     SafeTensors st = st_open(path);
     auto meta = [&](const char* k) {
         auto it = st.metadata.find(k);
@@ -1214,17 +1646,21 @@ inline ResumeState state_read(const std::string& dir, const std::string& signatu
         return it->second;
     };
     auto integer = [&](const char* k, uint64_t hi) {
-        std::string v = meta(k); char* end;
+        std::string v = meta(k);
+        char* end;
         unsigned long long x = strtoull(v.c_str(), &end, 10);
-        ql_assert(!v.empty() && *end == 0 && v[0] != '-' && x <= hi, "%s: \"%s\" = \"%s\" is not an integer in [0, %llu]", path.c_str(), k,
-                  v.c_str(), (unsigned long long)hi);
+        ql_assert(!v.empty() && *end == 0 && v[0] != '-' && x <= hi, "%s: \"%s\" = \"%s\" is not an integer in [0, %llu]",
+                  path.c_str(), k, v.c_str(), (unsigned long long)hi);
         return (uint64_t)x;
     };
-    ql_assert(meta("signature") == signature, "%s was saved by a different run:\n  saved:    %s\n  this run: %s\nresume with the same options",
-              path.c_str(), meta("signature").c_str(), signature.c_str());
+    ql_assert(meta("signature") == signature,
+              "%s was saved by a different run:\n  saved:    %s\n  this run: %s\nresume with the same options", path.c_str(),
+              meta("signature").c_str(), signature.c_str());
     ResumeState s;
     s.step = (int)integer("step", 1000000000);
-    s.epoch = integer("epoch", UINT64_MAX); s.cursor = integer("cursor", UINT64_MAX); s.offset = integer("offset", UINT64_MAX);
+    s.epoch = integer("epoch", UINT64_MAX);
+    s.cursor = integer("cursor", UINT64_MAX);
+    s.offset = integer("offset", UINT64_MAX);
     s.lora = st_f32(st.get("lora", {(int64_t)n}, DT_F32));
     s.adam_m = st_f32(st.get("adam_m", {(int64_t)n}, DT_F32));
     s.adam_v = st_f32(st.get("adam_v", {(int64_t)n}, DT_F32));
@@ -1257,17 +1693,26 @@ inline bool config_is_bnb4(const std::string& config_path, int* quant_type = nul
         ql_assert(v->type == Json::STR, "%s: quantization_config.%s must be a string", p, k);
         return v->str;
     };
-    auto flag = [&](const char* k) { const Json* v = q->get(k); return v && v->type == Json::BOOL && v->b; };
+    auto flag = [&](const char* k) {
+        const Json* v = q->get(k);
+        return v && v->type == Json::BOOL && v->b;
+    };
     std::string method = str("quant_method", q->get("load_in_4bit") || q->get("load_in_8bit") ? "bitsandbytes" : "");
-    ql_assert(method == "bitsandbytes", "%s: quantization_config.quant_method \"%s\" is not supported: qlora reads bitsandbytes 4-bit "
-              "checkpoints, or unquantized bf16/fp16/fp32 ones", p, method.c_str());
-    ql_assert(!flag("load_in_8bit") && !flag("_load_in_8bit"), "%s: a bitsandbytes 8-bit checkpoint (load_in_8bit); qlora reads 4-bit ones "
-              "(or start from the unquantized model)", p);
-    ql_assert(flag("load_in_4bit") || flag("_load_in_4bit"), "%s: quantization_config has neither load_in_4bit nor load_in_8bit set", p);
-    std::string qt = str("bnb_4bit_quant_type", "fp4");              // BitsAndBytesConfig's defaults
+    ql_assert(method == "bitsandbytes",
+              "%s: quantization_config.quant_method \"%s\" is not supported: qlora reads bitsandbytes 4-bit "
+              "checkpoints, or unquantized bf16/fp16/fp32 ones",
+              p, method.c_str());
+    ql_assert(!flag("load_in_8bit") && !flag("_load_in_8bit"),
+              "%s: a bitsandbytes 8-bit checkpoint (load_in_8bit); qlora reads 4-bit ones "
+              "(or start from the unquantized model)",
+              p);
+    ql_assert(flag("load_in_4bit") || flag("_load_in_4bit"),
+              "%s: quantization_config has neither load_in_4bit nor load_in_8bit set", p);
+    std::string qt = str("bnb_4bit_quant_type", "fp4");   // BitsAndBytesConfig's defaults
     ql_assert(qt == "nf4" || qt == "fp4", "%s: quantization_config.bnb_4bit_quant_type \"%s\" (nf4 or fp4)", p, qt.c_str());
     std::string storage = str("bnb_4bit_quant_storage", "uint8");
-    ql_assert(storage == "uint8", "%s: quantization_config.bnb_4bit_quant_storage \"%s\" is not supported (uint8 only)", p, storage.c_str());
+    ql_assert(storage == "uint8", "%s: quantization_config.bnb_4bit_quant_storage \"%s\" is not supported (uint8 only)", p,
+              storage.c_str());
     if (quant_type) *quant_type = qt == "nf4" ? QT_NF4 : QT_FP4;
     if (nested) *nested = flag("bnb_4bit_use_double_quant");
     return true;
@@ -1275,90 +1720,126 @@ inline bool config_is_bnb4(const std::string& config_path, int* quant_type = nul
 
 // One pre-quantized decoder linear, validated; the pointers go into the mapped files, nothing copied.
 struct BnbLinear {
-    const STensor* weight = nullptr;            // U8 ((n+1)/2, 1); when dense, the float (out, in) weight
-    const STensor* absmax = nullptr;            // U8 (nb) nested, else F32 (nb)
-    const STensor* quant_map = nullptr;         // F32 (16)
-    const STensor* nested_absmax = nullptr;     // F32 (ceil(nb/256)), nested only
-    const STensor* nested_quant_map = nullptr;  // F32 (256), nested only
-    const STensor* quant_state = nullptr;       // U8 (len) JSON
-    int qt = QT_NF4, bs = NF4_BLOCKSIZE, dtype = DT_BF16;  // dtype: quant_state's "dtype", what bitsandbytes dequantizes to
+    const STensor* weight = nullptr;                        // U8 ((n+1)/2, 1); when dense, the float (out, in) weight
+    const STensor* absmax = nullptr;                        // U8 (nb) nested, else F32 (nb)
+    const STensor* quant_map = nullptr;                     // F32 (16)
+    const STensor* nested_absmax = nullptr;                 // F32 (ceil(nb/256)), nested only
+    const STensor* nested_quant_map = nullptr;              // F32 (256), nested only
+    const STensor* quant_state = nullptr;                   // U8 (len) JSON
+    int qt = QT_NF4, bs = NF4_BLOCKSIZE, dtype = DT_BF16;   // dtype: quant_state's "dtype", what bitsandbytes dequantizes to
     bool nested = true;
-    float offset = 0.0f;                        // nested_offset
+    float offset = 0.0f;   // nested_offset
     int64_t out = 0, in = 0;
     bool dense = false;   // stored unquantized (e.g. in llm_int8_skip_modules); bnb_linear_load quantizes it
 };
 
 // The quant_map a checkpoint stores: get_4bit_type(qt) in code order. For FP4 Python lists code 8 as
 // the integer -0, i.e. +0.0, where the CUDA decode gives -0.0 (nf4.md §1.2).
-inline float bnb_quant_map_value(int qt, int code) { return qt == QT_FP4 && code == 8 ? 0.0f : code4_value(qt, code); }
+inline float bnb_quant_map_value(int qt, int code) {
+    return qt == QT_FP4 && code == 8 ? 0.0f : code4_value(qt, code);
+}
 
 inline BnbLinear bnb_linear_view(const SafeTensors& st, const std::string& wn, int64_t out, int64_t in) {
-    BnbLinear b; b.out = out; b.in = in;
+    BnbLinear b;
+    b.out = out;
+    b.in = in;
     const int64_t n = out * in;
     const STensor* w = st.find(wn);
-    ql_assert(w, "checkpoint is missing tensor \"%s\"%s", wn.c_str(), st.files.empty() ? "" : (" (looked in " + st.files[0]->path + (st.files.size() > 1 ? " and its shards)" : ")")).c_str());
-    const char* f = w->file.c_str(); const char* wc = wn.c_str();
+    ql_assert(
+        w, "checkpoint is missing tensor \"%s\"%s", wn.c_str(),
+        st.files.empty() ? "" : (" (looked in " + st.files[0]->path + (st.files.size() > 1 ? " and its shards)" : ")")).c_str());
+    const char* f = w->file.c_str();
+    const char* wc = wn.c_str();
     std::string pre = wn + ".";
     std::vector<const STensor*> sub;
-    for (auto it = st.tensors.lower_bound(pre); it != st.tensors.end() && it->first.compare(0, pre.size(), pre) == 0; ++it) sub.push_back(&it->second);
+    for (auto it = st.tensors.lower_bound(pre); it != st.tensors.end() && it->first.compare(0, pre.size(), pre) == 0; ++it)
+        sub.push_back(&it->second);
     b.weight = w;
     if (sub.empty() && (w->dtype == DT_BF16 || w->dtype == DT_F16 || w->dtype == DT_F32)) {   // kept unquantized
-        ql_assert(w->shape == (std::vector<int64_t>{out, in}), "%s: tensor \"%s\" has shape %s, the config implies [%lld, %lld]",
-                  f, wc, w->shape_str().c_str(), (long long)out, (long long)in);
-        b.dense = true; b.dtype = w->dtype;
+        ql_assert(w->shape == (std::vector<int64_t>{out, in}), "%s: tensor \"%s\" has shape %s, the config implies [%lld, %lld]", f,
+                  wc, w->shape_str().c_str(), (long long)out, (long long)in);
+        b.dense = true;
+        b.dtype = w->dtype;
         return b;
     }
-    ql_assert(w->dtype == DT_U8, "%s: tensor \"%s\" is %s; a bitsandbytes 4-bit weight is U8 (bnb_4bit_quant_storage other than uint8 is not supported)",
-              f, wc, w->dtype_str.c_str());
-    ql_assert(w->shape == (std::vector<int64_t>{(n + 1) / 2, 1}), "%s: tensor \"%s\" has shape %s; 4-bit codes of a [%lld, %lld] weight are U8 [%lld, 1]",
-              f, wc, w->shape_str().c_str(), (long long)out, (long long)in, (long long)((n + 1) / 2));
+    ql_assert(
+        w->dtype == DT_U8,
+        "%s: tensor \"%s\" is %s; a bitsandbytes 4-bit weight is U8 (bnb_4bit_quant_storage other than uint8 is not supported)", f,
+        wc, w->dtype_str.c_str());
+    ql_assert(w->shape == (std::vector<int64_t>{(n + 1) / 2, 1}),
+              "%s: tensor \"%s\" has shape %s; 4-bit codes of a [%lld, %lld] weight are U8 [%lld, 1]", f, wc,
+              w->shape_str().c_str(), (long long)out, (long long)in, (long long)((n + 1) / 2));
     const std::string qs_pre = pre + "quant_state.bitsandbytes__";
     for (const STensor* t : sub) {
         std::string k = t->name.substr(pre.size());
-        if (k == "absmax") b.absmax = t;
-        else if (k == "quant_map") b.quant_map = t;
-        else if (k == "nested_absmax") b.nested_absmax = t;
-        else if (k == "nested_quant_map") b.nested_quant_map = t;
+        if (k == "absmax")
+            b.absmax = t;
+        else if (k == "quant_map")
+            b.quant_map = t;
+        else if (k == "nested_absmax")
+            b.nested_absmax = t;
+        else if (k == "nested_quant_map")
+            b.nested_quant_map = t;
         else if (t->name.compare(0, qs_pre.size(), qs_pre) == 0) {
             std::string qt = t->name.substr(qs_pre.size());
-            ql_assert(qt == "nf4" || qt == "fp4", "%s: tensor \"%s\": unknown 4-bit type \"%s\" (nf4, fp4)", t->file.c_str(), t->name.c_str(), qt.c_str());
-            ql_assert(!b.quant_state, "%s: \"%s\" has two quant_state tensors (%s and %s)", f, wc, b.quant_state->name.c_str(), t->name.c_str());
-            b.quant_state = t; b.qt = qt == "nf4" ? QT_NF4 : QT_FP4;
-        } else ql_fail("%s: unexpected tensor \"%s\" beside the 4-bit weight \"%s\"", t->file.c_str(), t->name.c_str(), wc);
+            ql_assert(qt == "nf4" || qt == "fp4", "%s: tensor \"%s\": unknown 4-bit type \"%s\" (nf4, fp4)", t->file.c_str(),
+                      t->name.c_str(), qt.c_str());
+            ql_assert(!b.quant_state, "%s: \"%s\" has two quant_state tensors (%s and %s)", f, wc, b.quant_state->name.c_str(),
+                      t->name.c_str());
+            b.quant_state = t;
+            b.qt = qt == "nf4" ? QT_NF4 : QT_FP4;
+        } else
+            ql_fail("%s: unexpected tensor \"%s\" beside the 4-bit weight \"%s\"", t->file.c_str(), t->name.c_str(), wc);
     }
-    ql_assert(b.quant_state, "%s: 4-bit weight \"%s\" has no \"%squant_state.bitsandbytes__nf4\" (or __fp4) tensor", f, wc, pre.c_str());
-    const STensor& qs = *b.quant_state; const char* qn = qs.name.c_str(); const char* qf = qs.file.c_str();
+    ql_assert(b.quant_state, "%s: 4-bit weight \"%s\" has no \"%squant_state.bitsandbytes__nf4\" (or __fp4) tensor", f, wc,
+              pre.c_str());
+    const STensor& qs = *b.quant_state;
+    const char* qn = qs.name.c_str();
+    const char* qf = qs.file.c_str();
     ql_assert(qs.dtype == DT_U8 && qs.shape.size() == 1, "%s: tensor \"%s\" must be a 1-D U8 tensor (JSON bytes)", qf, qn);
-    Json j; std::string err;
-    ql_assert(json_parse((const char*)qs.data, qs.nbytes, j, err) && j.type == Json::OBJ, "%s: tensor \"%s\" is not a JSON object: %s", qf, qn, err.c_str());
-    static const char* const KEYS[] = {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset"};
+    Json j;
+    std::string err;
+    ql_assert(json_parse((const char*)qs.data, qs.nbytes, j, err) && j.type == Json::OBJ,
+              "%s: tensor \"%s\" is not a JSON object: %s", qf, qn, err.c_str());
+    static const char* const KEYS[] = {"quant_type",       "blocksize",    "dtype",        "shape",
+                                       "nested_blocksize", "nested_dtype", "nested_offset"};
     for (auto& kv : j.obj) {
-        bool known = false; for (const char* k : KEYS) known = known || kv.first == k;
+        bool known = false;
+        for (const char* k : KEYS) known = known || kv.first == k;
         ql_assert(known, "%s: tensor \"%s\": unknown quant_state key \"%s\"", qf, qn, kv.first.c_str());
     }
     const Json *jt = j.get("quant_type"), *jb = j.get("blocksize"), *jd = j.get("dtype"), *js = j.get("shape");
-    ql_assert(jt && jt->type == Json::STR && jt->str == quant_type_name(b.qt), "%s: tensor \"%s\": quant_type must be \"%s\" (the key's suffix)", qf, qn, quant_type_name(b.qt));
-    ql_assert(jb && jb->is_uint && valid_blocksize_4bit((int)std::min<uint64_t>(jb->u, 1 << 20)), "%s: tensor \"%s\": blocksize must be 32, 64, ..., 4096", qf, qn);
+    ql_assert(jt && jt->type == Json::STR && jt->str == quant_type_name(b.qt),
+              "%s: tensor \"%s\": quant_type must be \"%s\" (the key's suffix)", qf, qn, quant_type_name(b.qt));
+    ql_assert(jb && jb->is_uint && valid_blocksize_4bit((int)std::min<uint64_t>(jb->u, 1 << 20)),
+              "%s: tensor \"%s\": blocksize must be 32, 64, ..., 4096", qf, qn);
     b.bs = (int)jb->u;
-    ql_assert(jd && jd->type == Json::STR && dtype_from_torch_name(jd->str) != DT_NONE, "%s: tensor \"%s\": dtype must be \"bfloat16\", \"float16\" or \"float32\"", qf, qn);
+    ql_assert(jd && jd->type == Json::STR && dtype_from_torch_name(jd->str) != DT_NONE,
+              "%s: tensor \"%s\": dtype must be \"bfloat16\", \"float16\" or \"float32\"", qf, qn);
     b.dtype = dtype_from_torch_name(jd->str);
     ql_assert(js && js->type == Json::ARR && js->arr.size() == 2 && js->arr[0].is_uint && js->arr[1].is_uint &&
-              (int64_t)js->arr[0].u == out && (int64_t)js->arr[1].u == in,
-              "%s: tensor \"%s\": shape must be [%lld, %lld] (out_features, in_features from the config)", qf, qn, (long long)out, (long long)in);
+                  (int64_t)js->arr[0].u == out && (int64_t)js->arr[1].u == in,
+              "%s: tensor \"%s\": shape must be [%lld, %lld] (out_features, in_features from the config)", qf, qn, (long long)out,
+              (long long)in);
     const Json *nbs = j.get("nested_blocksize"), *ndt = j.get("nested_dtype"), *nof = j.get("nested_offset");
     b.nested = nbs || ndt || nof;
-    ql_assert(!b.nested || (nbs && ndt && nof), "%s: tensor \"%s\": nested_blocksize, nested_dtype and nested_offset come together", qf, qn);
-    ql_assert(b.nested == (b.nested_absmax || b.nested_quant_map), "%s: \"%s\": quant_state %s nested_* keys but the checkpoint %s nested_absmax/nested_quant_map tensors",
-              f, wc, b.nested ? "has" : "lacks", b.nested ? "lacks" : "has");
+    ql_assert(!b.nested || (nbs && ndt && nof), "%s: tensor \"%s\": nested_blocksize, nested_dtype and nested_offset come together",
+              qf, qn);
+    ql_assert(b.nested == (b.nested_absmax || b.nested_quant_map),
+              "%s: \"%s\": quant_state %s nested_* keys but the checkpoint %s nested_absmax/nested_quant_map tensors", f, wc,
+              b.nested ? "has" : "lacks", b.nested ? "lacks" : "has");
     const int64_t nblk = (n + b.bs - 1) / b.bs;
     ql_assert(b.absmax, "%s: 4-bit weight \"%s\" has no \"%sabsmax\"", f, wc, pre.c_str());
     ql_assert(b.quant_map, "%s: 4-bit weight \"%s\" has no \"%squant_map\"", f, wc, pre.c_str());
     ql_assert(b.absmax->dtype == (b.nested ? DT_U8 : DT_F32) && b.absmax->shape == std::vector<int64_t>{nblk},
-              "%s: tensor \"%s\" is %s %s; expected %s [%lld] (%lld blocks of %d)", b.absmax->file.c_str(), b.absmax->name.c_str(), b.absmax->dtype_str.c_str(),
-              b.absmax->shape_str().c_str(), b.nested ? "U8" : "F32", (long long)nblk, (long long)nblk, b.bs);
-    ql_assert(b.quant_map->dtype == DT_F32 && b.quant_map->shape == std::vector<int64_t>{16}, "%s: tensor \"%s\" must be F32 [16]", b.quant_map->file.c_str(), b.quant_map->name.c_str());
+              "%s: tensor \"%s\" is %s %s; expected %s [%lld] (%lld blocks of %d)", b.absmax->file.c_str(), b.absmax->name.c_str(),
+              b.absmax->dtype_str.c_str(), b.absmax->shape_str().c_str(), b.nested ? "U8" : "F32", (long long)nblk, (long long)nblk,
+              b.bs);
+    ql_assert(b.quant_map->dtype == DT_F32 && b.quant_map->shape == std::vector<int64_t>{16}, "%s: tensor \"%s\" must be F32 [16]",
+              b.quant_map->file.c_str(), b.quant_map->name.c_str());
     for (int i = 0; i < 16; i++) {
-        float v; memcpy(&v, b.quant_map->data + 4 * i, 4);
+        float v;
+        memcpy(&v, b.quant_map->data + 4 * i, 4);
         bool ok = f32_bits(v) == f32_bits(bnb_quant_map_value(b.qt, i)) || (b.qt == QT_FP4 && i == 8 && v == 0.0f);
         ql_assert(ok, "%s: tensor \"%s\": entry %d is %.9g, bitsandbytes' %s table has %.9g (a custom code table is not supported)",
                   b.quant_map->file.c_str(), b.quant_map->name.c_str(), i, v, quant_type_name(b.qt), bnb_quant_map_value(b.qt, i));
@@ -1366,17 +1847,22 @@ inline BnbLinear bnb_linear_view(const SafeTensors& st, const std::string& wn, i
     if (b.nested) {
         ql_assert(nbs->is_uint && nbs->u == (uint64_t)DQ_BLOCK, "%s: tensor \"%s\": nested_blocksize must be 256", qf, qn);
         ql_assert(ndt->type == Json::STR && ndt->str == "float32", "%s: tensor \"%s\": nested_dtype must be \"float32\"", qf, qn);
-        ql_assert(nof->type == Json::NUM && std::isfinite(nof->num), "%s: tensor \"%s\": nested_offset must be a finite number", qf, qn);
-        ql_assert(fabs(nof->num) <= 3.4028234663852886e38, "%s: tensor \"%s\": nested_offset %g is outside the fp32 range", qf, qn, nof->num);
+        ql_assert(nof->type == Json::NUM && std::isfinite(nof->num), "%s: tensor \"%s\": nested_offset must be a finite number", qf,
+                  qn);
+        ql_assert(fabs(nof->num) <= 3.4028234663852886e38, "%s: tensor \"%s\": nested_offset %g is outside the fp32 range", qf, qn,
+                  nof->num);
         b.offset = (float)nof->num;
         const int64_t n2 = (nblk + DQ_BLOCK - 1) / DQ_BLOCK;
         ql_assert(b.nested_absmax && b.nested_absmax->dtype == DT_F32 && b.nested_absmax->shape == std::vector<int64_t>{n2},
                   "%s: \"%snested_absmax\" must be F32 [%lld]", f, pre.c_str(), (long long)n2);
-        ql_assert(b.nested_quant_map && b.nested_quant_map->dtype == DT_F32 && b.nested_quant_map->shape == std::vector<int64_t>{256},
-                  "%s: \"%snested_quant_map\" must be F32 [256]", f, pre.c_str());
+        ql_assert(
+            b.nested_quant_map && b.nested_quant_map->dtype == DT_F32 && b.nested_quant_map->shape == std::vector<int64_t>{256},
+            "%s: \"%snested_quant_map\" must be F32 [256]", f, pre.c_str());
         for (int i = 0; i < 256; i++) {
-            uint32_t u; memcpy(&u, b.nested_quant_map->data + 4 * i, 4);
-            ql_assert(u == DYN8_BITS[i], "%s: tensor \"%s\": entry %d differs from bitsandbytes' create_dynamic_map() (a custom map is not supported)",
+            uint32_t u;
+            memcpy(&u, b.nested_quant_map->data + 4 * i, 4);
+            ql_assert(u == DYN8_BITS[i],
+                      "%s: tensor \"%s\": entry %d differs from bitsandbytes' create_dynamic_map() (a custom map is not supported)",
                       b.nested_quant_map->file.c_str(), b.nested_quant_map->name.c_str(), i);
         }
     }
@@ -1387,12 +1873,23 @@ inline BnbLinear bnb_linear_view(const SafeTensors& st, const std::string& wn, i
 // does (nf4.md §3.3). A dense (unquantized) linear is quantized here with the view's qt/bs/nested.
 inline void bnb_linear_load(const BnbLinear& b, Quant4& q) {
     const int64_t n = b.out * b.in;
-    if (b.dense) { std::vector<float> x = st_f32(*b.weight); q = quantize_weight(x.data(), n, b.qt, b.bs, b.nested); return; }
-    q = Quant4(); q.qt = b.qt; q.bs = b.bs; q.nested = b.nested; q.n = n;
+    if (b.dense) {
+        std::vector<float> x = st_f32(*b.weight);
+        q = quantize_weight(x.data(), n, b.qt, b.bs, b.nested);
+        return;
+    }
+    q = Quant4();
+    q.qt = b.qt;
+    q.bs = b.bs;
+    q.nested = b.nested;
+    q.n = n;
     q.packed.assign(b.weight->data, b.weight->data + b.weight->nbytes);
     const int64_t nb = q.n_blocks();
     q.absmax.resize((size_t)nb);
-    if (!b.nested) { memcpy(q.absmax.data(), b.absmax->data, (size_t)nb * 4); return; }
+    if (!b.nested) {
+        memcpy(q.absmax.data(), b.absmax->data, (size_t)nb * 4);
+        return;
+    }
     q.absmax_q.assign(b.absmax->data, b.absmax->data + nb);
     q.absmax2 = st_f32(*b.nested_absmax);
     q.offset = b.offset;
@@ -1400,7 +1897,8 @@ inline void bnb_linear_load(const BnbLinear& b, Quant4& q) {
 }
 // One linear in one call: validate everything about `weight_name` and return its bytes.
 // dtype_out (optional): quant_state's dtype, the dtype bitsandbytes dequantizes to.
-inline void bnb_read_linear(const SafeTensors& st, const std::string& weight_name, int64_t out, int64_t in, Quant4& q, int* dtype_out = nullptr) {
+inline void bnb_read_linear(const SafeTensors& st, const std::string& weight_name, int64_t out, int64_t in, Quant4& q,
+                            int* dtype_out = nullptr) {
     BnbLinear b = bnb_linear_view(st, weight_name, out, in);
     bnb_linear_load(b, q);
     if (dtype_out) *dtype_out = b.dtype;
@@ -1410,28 +1908,50 @@ inline void bnb_read_linear(const SafeTensors& st, const std::string& weight_nam
 // All quantized linears must share one (quant type, blocksize, nested) (the trainer has one format);
 // dense ones (skipped modules) take those settings when bnb_linear_load quantizes them.
 struct BnbCheckpointView {
-    WeightTable<const STensor*, BnbLinear> w;          // dense tensors as stored, linears as bnb views
-    int qt = QT_NF4, bs = NF4_BLOCKSIZE; bool nested = true;
-    int n_dense = 0;                                   // linears stored unquantized
+    WeightTable<const STensor*, BnbLinear> w;   // dense tensors as stored, linears as bnb views
+    int qt = QT_NF4, bs = NF4_BLOCKSIZE;
+    bool nested = true;
+    int n_dense = 0;   // linears stored unquantized
 };
 inline BnbCheckpointView bnb_checkpoint_validate(const Config& c, const SafeTensors& st) {
     BnbCheckpointView v;
     const STensor* lm = st.find("lm_head.weight");
-    ql_assert(c.tied || !lm || lm->dtype != DT_U8 || !st.find("lm_head.weight.absmax"),
-              "%s: lm_head is 4-bit quantized in this checkpoint; qlora needs it unquantized (transformers leaves it so by default)", lm ? lm->file.c_str() : "");
-    v.w.fill(c, [&](const Weight& w, const STensor*& t) { t = &st.get(w.name, w.shape); },
-             [&](const Weight& w, BnbLinear& b) { b = bnb_linear_view(st, w.name, w.shape[0], w.shape[1]); });
+    ql_assert(
+        c.tied || !lm || lm->dtype != DT_U8 || !st.find("lm_head.weight.absmax"),
+        "%s: lm_head is 4-bit quantized in this checkpoint; qlora needs it unquantized (transformers leaves it so by default)",
+        lm ? lm->file.c_str() : "");
+    v.w.fill(
+        c, [&](const Weight& w, const STensor*& t) { t = &st.get(w.name, w.shape); },
+        [&](const Weight& w, BnbLinear& b) { b = bnb_linear_view(st, w.name, w.shape[0], w.shape[1]); });
     const BnbLinear* first = nullptr;
     for (auto& row : v.w.linear)
         for (auto& b : row) {
-            if (b.dense) { v.n_dense++; continue; }
-            if (!first) { first = &b; v.qt = b.qt; v.bs = b.bs; v.nested = b.nested; continue; }
-            ql_assert(b.qt == v.qt && b.bs == v.bs && b.nested == v.nested, "%s: \"%s\" is %s blocksize %d%s but \"%s\" is %s blocksize %d%s: "
-                      "qlora needs one 4-bit format for every linear", b.weight->file.c_str(), b.weight->name.c_str(), quant_type_name(b.qt), b.bs,
-                      b.nested ? " nested" : "", first->weight->name.c_str(), quant_type_name(v.qt), v.bs, v.nested ? " nested" : "");
+            if (b.dense) {
+                v.n_dense++;
+                continue;
+            }
+            if (!first) {
+                first = &b;
+                v.qt = b.qt;
+                v.bs = b.bs;
+                v.nested = b.nested;
+                continue;
+            }
+            ql_assert(b.qt == v.qt && b.bs == v.bs && b.nested == v.nested,
+                      "%s: \"%s\" is %s blocksize %d%s but \"%s\" is %s blocksize %d%s: "
+                      "qlora needs one 4-bit format for every linear",
+                      b.weight->file.c_str(), b.weight->name.c_str(), quant_type_name(b.qt), b.bs, b.nested ? " nested" : "",
+                      first->weight->name.c_str(), quant_type_name(v.qt), v.bs, v.nested ? " nested" : "");
         }
-    ql_assert(first, "%s: the config says bitsandbytes 4-bit, but no decoder linear is stored quantized", st.files.empty() ? "" : st.files[0]->path.c_str());
-    for (auto& row : v.w.linear) for (auto& b : row) if (b.dense) { b.qt = v.qt; b.bs = v.bs; b.nested = v.nested; }
+    ql_assert(first, "%s: the config says bitsandbytes 4-bit, but no decoder linear is stored quantized",
+              st.files.empty() ? "" : st.files[0]->path.c_str());
+    for (auto& row : v.w.linear)
+        for (auto& b : row)
+            if (b.dense) {
+                b.qt = v.qt;
+                b.bs = v.bs;
+                b.nested = v.nested;
+            }
     return v;
 }
 // The same weight in another 4-bit format (e.g. the trainer's NF4, blocksize 64, nested): dequantized
@@ -1440,8 +1960,10 @@ inline Quant4 quant4_convert(const Quant4& q, int dtype, int qt, int bs, bool ne
     if (q.qt == qt && q.bs == bs && q.nested == nested) return q;
     std::vector<float> x((size_t)q.n);
     dequantize_weight(x.data(), q);
-    if (dtype == DT_BF16) for (float& v : x) v = bf16_round(v);
-    if (dtype == DT_F16) for (float& v : x) v = f16_to_f32(f32_to_f16(v));
+    if (dtype == DT_BF16)
+        for (float& v : x) v = bf16_round(v);
+    if (dtype == DT_F16)
+        for (float& v : x) v = f16_to_f32(f32_to_f16(v));
     return quantize_weight(x.data(), q.n, qt, bs, nested);
 }
 
@@ -1453,33 +1975,58 @@ inline Quant4 quant4_convert(const Quant4& q, int dtype, int qt, int bs, bool ne
 // all cores), so a merge of an 8B model holds at most one shard in memory.
 
 struct OutTensor {
-    std::string name; int dtype = DT_NONE; std::vector<int64_t> shape;
-    std::vector<uint8_t> own;             // the bytes, or
-    const uint8_t* borrowed = nullptr;    // bytes in a mapped input file (tensors copied unchanged)
-    size_t nbytes() const { size_t n = (size_t)dtype_bytes(dtype); for (int64_t d : shape) n *= (size_t)d; return n; }
+    std::string name;
+    int dtype = DT_NONE;
+    std::vector<int64_t> shape;
+    std::vector<uint8_t> own;            // the bytes, or
+    const uint8_t* borrowed = nullptr;   // bytes in a mapped input file (tensors copied unchanged)
+    size_t nbytes() const {
+        size_t n = (size_t)dtype_bytes(dtype);
+        for (int64_t d : shape) n *= (size_t)d;
+        return n;
+    }
     const uint8_t* bytes() const { return borrowed ? borrowed : own.data(); }
 };
 inline OutTensor out_tensor(const std::string& name, int dtype, std::vector<int64_t> shape, const void* data) {
-    OutTensor t; t.name = name; t.dtype = dtype; t.shape = std::move(shape);
+    OutTensor t;
+    t.name = name;
+    t.dtype = dtype;
+    t.shape = std::move(shape);
     t.own.assign((const uint8_t*)data, (const uint8_t*)data + t.nbytes());
     return t;
 }
-inline OutTensor out_borrow(const STensor& s) { OutTensor t; t.name = s.name; t.dtype = s.dtype; t.shape = s.shape; t.borrowed = s.data; return t; }
+inline OutTensor out_borrow(const STensor& s) {
+    OutTensor t;
+    t.name = s.name;
+    t.dtype = s.dtype;
+    t.shape = s.shape;
+    t.borrowed = s.data;
+    return t;
+}
 inline OutTensor out_bf16(const std::string& name, std::vector<int64_t> shape, const float* x) {
-    OutTensor t; t.name = name; t.dtype = DT_BF16; t.shape = std::move(shape);
+    OutTensor t;
+    t.name = name;
+    t.dtype = DT_BF16;
+    t.shape = std::move(shape);
     t.own.resize(t.nbytes());
-    for (size_t i = 0; i < t.own.size() / 2; i++) { uint16_t h = f32_to_bf16(x[i]); memcpy(&t.own[2 * i], &h, 2); }
+    for (size_t i = 0; i < t.own.size() / 2; i++) {
+        uint16_t h = f32_to_bf16(x[i]);
+        memcpy(&t.own[2 * i], &h, 2);
+    }
     return t;
 }
 
 inline void st_write_hf(const std::string& path, std::vector<OutTensor>& ts) {
     std::sort(ts.begin(), ts.end(), [](const OutTensor& a, const OutTensor& b) {
-        int x = dtype_bytes(a.dtype), y = dtype_bytes(b.dtype); return x != y ? x > y : a.name < b.name; });
+        int x = dtype_bytes(a.dtype), y = dtype_bytes(b.dtype);
+        return x != y ? x > y : a.name < b.name;
+    });
     std::string h = "{\"__metadata__\":{\"format\":\"pt\"}";
     uint64_t off = 0;
     for (auto& t : ts) {
-        ql_assert(t.dtype != DT_NONE && (t.borrowed || t.own.size() == t.nbytes()), "internal: tensor %s has %zu bytes for shape %s",
-                  t.name.c_str(), t.own.size(), t.shape.size() ? std::to_string(t.shape[0]).c_str() : "[]");
+        ql_assert(t.dtype != DT_NONE && (t.borrowed || t.own.size() == t.nbytes()),
+                  "internal: tensor %s has %zu bytes for shape %s", t.name.c_str(), t.own.size(),
+                  t.shape.size() ? std::to_string(t.shape[0]).c_str() : "[]");
         h += "," + json_quote(t.name) + ":{\"dtype\":\"" + dtype_name(t.dtype) + "\",\"shape\":[";
         for (size_t i = 0; i < t.shape.size(); i++) h += (i ? "," : "") + std::to_string(t.shape[i]);
         h += "],\"data_offsets\":[" + std::to_string(off) + "," + std::to_string(off + t.nbytes()) + "]}";
@@ -1487,7 +2034,8 @@ inline void st_write_hf(const std::string& path, std::vector<OutTensor>& ts) {
     }
     h += "}";
     while (h.size() % 8) h += ' ';
-    uint8_t len[8]; for (int k = 0; k < 8; k++) len[k] = (uint8_t)((uint64_t)h.size() >> (8 * k));
+    uint8_t len[8];
+    for (int k = 0; k < 8; k++) len[k] = (uint8_t)((uint64_t)h.size() >> (8 * k));
     std::vector<std::pair<const void*, size_t>> parts = {{len, 8}, {h.data(), h.size()}};
     for (auto& t : ts) parts.push_back({t.bytes(), t.nbytes()});
     atomic_write(path, parts);
@@ -1499,14 +2047,24 @@ struct CkptPiece {
     std::function<void(std::vector<OutTensor>&)> make;   // appends its tensors
     size_t est_bytes = 0;                                // for ckpt_assign_shards
 };
-inline std::string shard_name(int i, int n) { char b[64]; snprintf(b, sizeof b, "model-%05d-of-%05d.safetensors", i, n); return b; }
+inline std::string shard_name(int i, int n) {
+    char b[64];
+    snprintf(b, sizeof b, "model-%05d-of-%05d.safetensors", i, n);
+    return b;
+}
 // huggingface_hub's split_state_dict_into_shards: pieces in order, a new shard when the next piece
 // would take the current one past max_bytes; one shard is plain model.safetensors.
 inline void ckpt_assign_shards(std::vector<CkptPiece>& pieces, uint64_t max_bytes) {
-    std::vector<int> id(pieces.size()); int cur = 0; uint64_t size = 0;
+    std::vector<int> id(pieces.size());
+    int cur = 0;
+    uint64_t size = 0;
     for (size_t i = 0; i < pieces.size(); i++) {
-        if (size > 0 && size + pieces[i].est_bytes > max_bytes) { cur++; size = 0; }
-        id[i] = cur; size += pieces[i].est_bytes;
+        if (size > 0 && size + pieces[i].est_bytes > max_bytes) {
+            cur++;
+            size = 0;
+        }
+        id[i] = cur;
+        size += pieces[i].est_bytes;
     }
     for (size_t i = 0; i < pieces.size(); i++) pieces[i].shard = cur == 0 ? "model.safetensors" : shard_name(id[i] + 1, cur + 1);
 }
@@ -1517,35 +2075,48 @@ inline void ckpt_assign_shards(std::vector<CkptPiece>& pieces, uint64_t max_byte
 // shown: the directory named in the progress lines (dst is a staging sibling of it: out_write_set).
 inline void ckpt_write(const std::string& dst, const std::vector<CkptPiece>& pieces, const std::string& shown = "") {
     std::vector<std::string> shards;
-    for (auto& p : pieces) if (std::find(shards.begin(), shards.end(), p.shard) == shards.end()) shards.push_back(p.shard);
+    for (auto& p : pieces)
+        if (std::find(shards.begin(), shards.end(), p.shard) == shards.end()) shards.push_back(p.shard);
     std::map<std::string, std::string> weight_map;
     uint64_t total = 0;
     for (auto& sh : shards) {
         std::vector<const CkptPiece*> mine;
-        for (auto& p : pieces) if (p.shard == sh) mine.push_back(&p);
+        for (auto& p : pieces)
+            if (p.shard == sh) mine.push_back(&p);
         std::vector<std::vector<OutTensor>> made(mine.size());
         std::atomic<size_t> next{0};
-        auto worker = [&] { for (size_t i; (i = next++) < mine.size();) mine[i]->make(made[i]); };
+        auto worker = [&] {
+            for (size_t i; (i = next++) < mine.size();) mine[i]->make(made[i]);
+        };
         unsigned nt = std::max(1u, std::min((unsigned)mine.size(), std::thread::hardware_concurrency()));
         std::vector<std::thread> pool;
         for (unsigned k = 1; k < nt; k++) pool.emplace_back(worker);
         worker();
         for (auto& th : pool) th.join();
         std::vector<OutTensor> ts;
-        for (auto& m : made) for (auto& t : m) ts.push_back(std::move(t));
+        for (auto& m : made)
+            for (auto& t : m) ts.push_back(std::move(t));
         for (auto& t : ts) {
             ql_assert(!weight_map.count(t.name), "internal: tensor %s made twice", t.name.c_str());
-            weight_map[t.name] = sh; total += t.nbytes();
+            weight_map[t.name] = sh;
+            total += t.nbytes();
         }
         st_write_hf(dst + "/" + sh, ts);
-        printf("wrote %s/%s (%zu tensors)\n", (shown.empty() ? dst : shown).c_str(), sh.c_str(), ts.size()); fflush(stdout);
+        printf("wrote %s/%s (%zu tensors)\n", (shown.empty() ? dst : shown).c_str(), sh.c_str(), ts.size());
+        fflush(stdout);
     }
     std::string index = dst + "/model.safetensors.index.json";
-    if (shards.size() == 1 && shards[0] == "model.safetensors") { remove(index.c_str()); return; }
+    if (shards.size() == 1 && shards[0] == "model.safetensors") {
+        remove(index.c_str());
+        return;
+    }
     remove((dst + "/model.safetensors").c_str());
     std::string s = "{\n  \"metadata\": {\n    \"total_size\": " + std::to_string(total) + "\n  },\n  \"weight_map\": {";
     bool first = true;
-    for (auto& kv : weight_map) { s += std::string(first ? "" : ",") + "\n    " + json_quote(kv.first) + ": " + json_quote(kv.second); first = false; }
+    for (auto& kv : weight_map) {
+        s += std::string(first ? "" : ",") + "\n    " + json_quote(kv.first) + ": " + json_quote(kv.second);
+        first = false;
+    }
     write_text_file(index, s + "\n  }\n}\n");
 }
 
@@ -1558,14 +2129,18 @@ inline void copy_side_files(const std::string& src, const std::string& dst) {
     std::vector<std::string> names;
     while (dirent* e = readdir(d)) names.push_back(e->d_name);
     closedir(d);
-    static const char* const SKIP[] = {".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".tmp"};
+    static const char* const SKIP[] = {".safetensors", ".index.json", ".bin",     ".pt",   ".pth", ".ckpt",
+                                       ".gguf",        ".h5",         ".msgpack", ".onnx", ".tmp"};
     for (auto& n : names) {
         bool skip = n.empty() || n[0] == '.' || n == "config.json" || qlora_output_name(n);
         for (const char* s : SKIP) skip = skip || (n.size() >= strlen(s) && n.compare(n.size() - strlen(s), strlen(s), s) == 0);
         struct stat sb;
         if (stat((src + "/" + n).c_str(), &sb) != 0 || !S_ISREG(sb.st_mode)) continue;
         std::vector<uint8_t> b;
-        if (n == "vocab.bin") { b = read_file(src + "/" + n); skip = b.size() < 8 || memcmp(b.data(), "QLVOCAB\0", 8) != 0; }
+        if (n == "vocab.bin") {
+            b = read_file(src + "/" + n);
+            skip = b.size() < 8 || memcmp(b.data(), "QLVOCAB\0", 8) != 0;
+        }
         if (skip) continue;
         if (b.empty()) b = read_file(src + "/" + n);
         atomic_write(dst + "/" + n, {{b.data(), b.size()}});
@@ -1581,33 +2156,50 @@ inline void ckpt_prepare_out(const std::string& src, const std::string& dst) {
 // embed_tokens, then layer by layer, then the rest, lm_head last: the order of a state dict, which
 // decides what lands in which shard
 inline bool hf_tensor_order(const std::string& a, const std::string& b) {
-    auto group = [](const std::string& s) { return s.rfind("model.embed_tokens.", 0) == 0 ? 0 : s.rfind("model.layers.", 0) == 0 ? 1 : s.rfind("lm_head.", 0) == 0 ? 3 : 2; };
+    auto group = [](const std::string& s) {
+        return s.rfind("model.embed_tokens.", 0) == 0 ? 0
+               : s.rfind("model.layers.", 0) == 0     ? 1
+               : s.rfind("lm_head.", 0) == 0          ? 3
+                                                      : 2;
+    };
     int ga = group(a), gb = group(b);
     if (ga != gb) return ga < gb;
-    if (ga == 1) { long la = atol(a.c_str() + 13), lb = atol(b.c_str() + 13); if (la != lb) return la < lb; }
+    if (ga == 1) {
+        long la = atol(a.c_str() + 13), lb = atol(b.c_str() + 13);
+        if (la != lb) return la < lb;
+    }
     return a < b;
 }
 
-inline const char* torch_dtype_name(int dt) { return dt == DT_BF16 ? "bfloat16" : dt == DT_F16 ? "float16" : "float32"; }
+inline const char* torch_dtype_name(int dt) {
+    return dt == DT_BF16 ? "bfloat16" : dt == DT_F16 ? "float16" : "float32";
+}
 // The quant_state blob, byte for byte as json.dumps writes QuantState.as_dict(packed=True) (nf4.md §4.2):
 // {"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [128, 256], "nested_blocksize": 256,
 //  "nested_dtype": "float32", "nested_offset": 0.061586856842041016}
 inline std::string bnb_quant_state_json(const Quant4& q, int dtype, int64_t out, int64_t in) {
     std::string s = std::string("{\"quant_type\": \"") + quant_type_name(q.qt) + "\", \"blocksize\": " + std::to_string(q.bs) +
-                    ", \"dtype\": \"" + torch_dtype_name(dtype) + "\", \"shape\": [" + std::to_string(out) + ", " + std::to_string(in) + "]";
-    if (q.nested) s += ", \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": " + py_json_float((double)q.offset);
+                    ", \"dtype\": \"" + torch_dtype_name(dtype) + "\", \"shape\": [" + std::to_string(out) + ", " +
+                    std::to_string(in) + "]";
+    if (q.nested)
+        s += ", \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": " + py_json_float((double)q.offset);
     return s + "}";
 }
 // The tensors Linear4bit._save_to_state_dict writes for one weight (nf4.md §4.1); dtype: the dtype
 // the weight had before quantization (bitsandbytes dequantizes back to it).
-inline void bnb_linear_tensors(std::vector<OutTensor>& ts, const std::string& wn, const Quant4& q, int dtype, int64_t out, int64_t in) {
-    ql_assert(q.n == out * in, "internal: %s quantized with %lld elements, shape [%lld, %lld]", wn.c_str(), (long long)q.n, (long long)out, (long long)in);
+inline void bnb_linear_tensors(std::vector<OutTensor>& ts, const std::string& wn, const Quant4& q, int dtype, int64_t out,
+                               int64_t in) {
+    ql_assert(q.n == out * in, "internal: %s quantized with %lld elements, shape [%lld, %lld]", wn.c_str(), (long long)q.n,
+              (long long)out, (long long)in);
     int64_t nb = q.n_blocks();
-    float qmap[16]; for (int i = 0; i < 16; i++) qmap[i] = bnb_quant_map_value(q.qt, i);
+    float qmap[16];
+    for (int i = 0; i < 16; i++) qmap[i] = bnb_quant_map_value(q.qt, i);
     std::string js = bnb_quant_state_json(q, dtype, out, in);
     ts.push_back(out_tensor(wn, DT_U8, {(q.n + 1) / 2, 1}, q.packed.data()));
-    if (q.nested) ts.push_back(out_tensor(wn + ".absmax", DT_U8, {nb}, q.absmax_q.data()));
-    else ts.push_back(out_tensor(wn + ".absmax", DT_F32, {nb}, q.absmax.data()));
+    if (q.nested)
+        ts.push_back(out_tensor(wn + ".absmax", DT_U8, {nb}, q.absmax_q.data()));
+    else
+        ts.push_back(out_tensor(wn + ".absmax", DT_F32, {nb}, q.absmax.data()));
     ts.push_back(out_tensor(wn + ".quant_map", DT_F32, {16}, qmap));
     if (q.nested) {
         ts.push_back(out_tensor(wn + ".nested_absmax", DT_F32, {(int64_t)q.absmax2.size()}, q.absmax2.data()));
@@ -1618,12 +2210,22 @@ inline void bnb_linear_tensors(std::vector<OutTensor>& ts, const std::string& wn
 // config.json's quantization_config as BitsAndBytesConfig.to_dict() writes it (nf4.md §4.3), compute
 // dtype bf16 (the QLoRA recipe). lead: the file's member indent (json_member_indent).
 inline std::string bnb_quantization_config_text(int qt, bool nested, const std::string& lead) {
-    return json_object_text({{"_load_in_4bit", "true"}, {"_load_in_8bit", "false"}, {"bnb_4bit_compute_dtype", "\"bfloat16\""},
-                             {"bnb_4bit_quant_storage", "\"uint8\""}, {"bnb_4bit_quant_type", std::string("\"") + quant_type_name(qt) + "\""},
-                             {"bnb_4bit_use_double_quant", nested ? "true" : "false"}, {"llm_int8_enable_fp32_cpu_offload", "false"},
-                             {"llm_int8_has_fp16_weight", "false"}, {"llm_int8_skip_modules", "null"}, {"llm_int8_threshold", "6.0"},
-                             {"load_in_4bit", "true"}, {"load_in_8bit", "false"}, {"quant_method", "\"bitsandbytes\""}}, lead);
+    return json_object_text({{"_load_in_4bit", "true"},
+                             {"_load_in_8bit", "false"},
+                             {"bnb_4bit_compute_dtype", "\"bfloat16\""},
+                             {"bnb_4bit_quant_storage", "\"uint8\""},
+                             {"bnb_4bit_quant_type", std::string("\"") + quant_type_name(qt) + "\""},
+                             {"bnb_4bit_use_double_quant", nested ? "true" : "false"},
+                             {"llm_int8_enable_fp32_cpu_offload", "false"},
+                             {"llm_int8_has_fp16_weight", "false"},
+                             {"llm_int8_skip_modules", "null"},
+                             {"llm_int8_threshold", "6.0"},
+                             {"load_in_4bit", "true"},
+                             {"load_in_8bit", "false"},
+                             {"quant_method", "\"bitsandbytes\""}},
+                            lead);
 }
 inline std::string config_with_bnb4(std::string cfg, const std::string& what, int qt, bool nested) {
-    return json_text_set(cfg, "quantization_config", bnb_quantization_config_text(qt, nested, json_member_indent(cfg, json_members(cfg, what))), what);
+    return json_text_set(cfg, "quantization_config",
+                         bnb_quantization_config_text(qt, nested, json_member_indent(cfg, json_members(cfg, what))), what);
 }

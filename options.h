@@ -2,15 +2,12 @@
 // sample, quantize, merge), in one table: each flag's name, where it applies, its help line and the
 // Options field it sets. An Options as constructed holds the defaults, which --help prints.
 #pragma once
-#include "qlora.h"    // defines: ql_assert, LoraConfig, lora_targets_parse, QT_NF4, NF4_BLOCKSIZE
-#include <functional> // defines: std::function (a flag's setter)
+#include "qlora.h"      // defines: ql_assert, LoraConfig, lora_targets_parse, QT_NF4, NF4_BLOCKSIZE
+#include <functional>   // defines: std::function (a flag's setter)
 
 // where a flag applies: the modes, and for train/sample the binaries (quantize and merge are the
 // same code in both)
-enum FlagWhere : unsigned {
-    TRAIN = 1, SAMPLE = 2, QUANTIZE = 4, MERGE = 8,
-    GPU = 16, CPU = 32, BOTH = GPU | CPU
-};
+enum FlagWhere : unsigned { TRAIN = 1, SAMPLE = 2, QUANTIZE = 4, MERGE = 8, GPU = 16, CPU = 32, BOTH = GPU | CPU };
 inline const char* mode_name(unsigned mode) {
     return mode == TRAIN ? "train" : mode == SAMPLE ? "sample" : mode == QUANTIZE ? "quantize" : "merge";
 }
@@ -31,30 +28,30 @@ struct Options {
     int grad_accum = 1;
     int warmup = 0;
     float lr = 2e-4f;
-    float min_lr_frac = 0.1f;            // the cosine ends at min_lr_frac * lr
+    float min_lr_frac = 0.1f;   // the cosine ends at min_lr_frac * lr
     float weight_decay = 0.0f;
     float clip = 1.0f;
-    LoraConfig lora;                     // --rank --alpha --dropout --rslora --targets; --adapter replaces it
+    LoraConfig lora;   // --rank --alpha --dropout --rslora --targets; --adapter replaces it
     uint64_t seed = 1234;
     bool recompute = false;
-    double gpu_memory = 0;               // GiB the run may take (0: what the GPU has free)
+    double gpu_memory = 0;   // GiB the run may take (0: what the GPU has free)
     bool profile = false;
-    double peak_tflops = 700.0;          // measured bf16 GEMM peak for MFU (../shared/bench/gemm_peak.py)
-    int threads = 0;                     // CPU trainer: 0 = every core
-    std::string dist_init;               // data parallel: how the ranks meet (dist.h); "" = by the launcher
-    double dist_timeout = 600;           // data parallel: seconds a rank waits for the others before giving up
+    double peak_tflops = 700.0;   // measured bf16 GEMM peak for MFU (../shared/bench/gemm_peak.py)
+    int threads = 0;              // CPU trainer: 0 = every core
+    std::string dist_init;        // data parallel: how the ranks meet (dist.h); "" = by the launcher
+    double dist_timeout = 600;    // data parallel: seconds a rank waits for the others before giving up
     // reports and checkpoints
-    int log_every = 1;                   // step lines on stdout every N steps (the --log file gets every step)
+    int log_every = 1;   // step lines on stdout every N steps (the --log file gets every step)
     int eval_every = 0;
-    int eval_batches = 0;                // validation loss over the first K batches (0: the whole file)
-    int eval_examples = 0;               // accuracy on the first K examples (0: all)
-    int samples = 3;                     // generations printed before and after
+    int eval_batches = 0;    // validation loss over the first K batches (0: the whole file)
+    int eval_examples = 0;   // accuracy on the first K examples (0: all)
+    int samples = 3;         // generations printed before and after
     int save_every = 0;
     int max_bad_steps = 5;
     // sample
     std::vector<std::string> prompts;
     int max_new = 64;
-    float temperature = 0.0f;            // 0: greedy
+    float temperature = 0.0f;   // 0: greedy
     float top_p = 1.0f;
     // quantize, merge
     int quant_type = QT_NF4;
@@ -63,9 +60,9 @@ struct Options {
     bool requant = false;
     bool onto_original = false;
     // test hooks
-    int inject_nan = -1;                 // NaN gradients from this step ...
-    int inject_nan_steps = 1;            // ... for this many steps
-    int inject_oom = -1;                 // a failing cudaMalloc (out of memory) at this step
+    int inject_nan = -1;        // NaN gradients from this step ...
+    int inject_nan_steps = 1;   // ... for this many steps
+    int inject_oom = -1;        // a failing cudaMalloc (out of memory) at this step
 };
 
 // The command line, read one flag at a time: value() / read() consume the current flag's argument,
@@ -84,8 +81,8 @@ struct Args {
         std::string f = flag(), v = value();
         char* end;
         double d = strtod(v.c_str(), &end);
-        ql_assert(!v.empty() && *end == 0 && d >= lo && d <= hi && (!integer || d == floor(d)),
-                  "%s %s: expected %s in [%g, %g]", f.c_str(), v.c_str(), integer ? "an integer" : "a number", lo, hi);
+        ql_assert(!v.empty() && *end == 0 && d >= lo && d <= hi && (!integer || d == floor(d)), "%s %s: expected %s in [%g, %g]",
+                  f.c_str(), v.c_str(), integer ? "an integer" : "a number", lo, hi);
         return d;
     }
     void read(int& x, double lo, double hi) { x = (int)number(lo, hi, true); }
@@ -94,31 +91,47 @@ struct Args {
     void read(double& x, double lo, double hi) { x = number(lo, hi, false); }
 };
 
-inline std::string show_value(int x) { return std::to_string(x); }
-inline std::string show_value(uint64_t x) { return std::to_string(x); }
+inline std::string show_value(int x) {
+    return std::to_string(x);
+}
+inline std::string show_value(uint64_t x) {
+    return std::to_string(x);
+}
 inline std::string show_value(double x) {
     char b[32];
     snprintf(b, sizeof b, "%g", x);
     return b;
 }
-inline std::string show_value(const std::string& s) { return s.empty() ? "" : s; }
+inline std::string show_value(const std::string& s) {
+    return s.empty() ? "" : s;
+}
 
 struct Flag {
     const char* name;
-    const char* arg;    // the value's name in the help ("" for a switch)
-    unsigned where;     // FlagWhere bits
+    const char* arg;   // the value's name in the help ("" for a switch)
+    unsigned where;    // FlagWhere bits
     const char* help;
     std::function<void(Options&, Args&)> set;
     std::function<std::string(const Options&)> show;   // the default, for --help ("" : none shown)
 };
-#define QL_NUM(name, arg, where, field, lo, hi, help) \
-    Flag{name, arg, where, help, [](Options& o, Args& a) { a.read(o.field, lo, hi); }, \
-         [](const Options& o) { return show_value(o.field); }}
-#define QL_STR(name, arg, where, field, help) \
-    Flag{name, arg, where, help, [](Options& o, Args& a) { o.field = a.value(); }, \
-         [](const Options& o) { return show_value(o.field); }}
-#define QL_SWITCH(name, where, field, value, help) \
-    Flag{name, "", where, help, [](Options& o, Args&) { o.field = value; }, [](const Options&) { return std::string(); }}
+#define QL_NUM(name, arg, where, field, lo, hi, help)                                                        \
+    Flag {                                                                                                   \
+        name, arg, where, help, [](Options& o, Args& a) { a.read(o.field, lo, hi); }, [](const Options& o) { \
+            return show_value(o.field);                                                                      \
+        }                                                                                                    \
+    }
+#define QL_STR(name, arg, where, field, help)                                                            \
+    Flag {                                                                                               \
+        name, arg, where, help, [](Options& o, Args& a) { o.field = a.value(); }, [](const Options& o) { \
+            return show_value(o.field);                                                                  \
+        }                                                                                                \
+    }
+#define QL_SWITCH(name, where, field, value, help)                                              \
+    Flag {                                                                                      \
+        name, "", where, help, [](Options& o, Args&) { o.field = value; }, [](const Options&) { \
+            return std::string();                                                               \
+        }                                                                                       \
+    }
 
 inline const std::vector<Flag>& flag_table() {
     static const std::vector<Flag> t = {
@@ -151,16 +164,20 @@ inline const std::vector<Flag>& flag_table() {
         QL_SWITCH("--rslora", TRAIN | BOTH, lora.rslora, true, "scale alpha/sqrt(r)"),
         Flag{"--targets", "LIST", TRAIN | BOTH, "LoRA on these projections (q,k,v,o,gate,up,down)",
              [](Options& o, Args& a) { o.lora.targets = lora_targets_parse(a.value()); },
-             [](const Options& o) { return lora_targets_text(o.lora.targets); }},
+             [](const Options& o) {
+                 return lora_targets_text(o.lora.targets);
+             }},
         QL_NUM("--seed", "S", TRAIN | SAMPLE | BOTH, seed, 0, 1e18, "LoRA init, data order, dropout; sampling"),
         QL_SWITCH("--recompute", TRAIN | GPU, recompute, true, "recompute each layer's activations in backward (less memory)"),
         QL_NUM("--gpu-memory", "GiB", TRAIN | GPU, gpu_memory, 0, 1e6,
                "memory budget; recompute is switched on when the run does not fit without it (0: what is free)"),
         QL_NUM("--threads", "N", TRAIN | SAMPLE | CPU, threads, 0, 1024, "CPU threads (0: every core)"),
-        QL_STR("--dist-init", "HOW", TRAIN | GPU, dist_init,
-               "data parallel (mpirun/srun/torchrun): how the ranks meet: file:PATH, tcp:HOST:PORT or mpi (default: mpi under mpirun "
-               "if built with MPI, tcp:MASTER_ADDR:MASTER_PORT+1 under torchrun)"),
-        QL_NUM("--dist-timeout", "S", TRAIN | GPU, dist_timeout, 1, 1e7, "data parallel: seconds to wait for the other ranks before giving up"),
+        QL_STR(
+            "--dist-init", "HOW", TRAIN | GPU, dist_init,
+            "data parallel (mpirun/srun/torchrun): how the ranks meet: file:PATH, tcp:HOST:PORT or mpi (default: mpi under mpirun "
+            "if built with MPI, tcp:MASTER_ADDR:MASTER_PORT+1 under torchrun)"),
+        QL_NUM("--dist-timeout", "S", TRAIN | GPU, dist_timeout, 1, 1e7,
+               "data parallel: seconds to wait for the other ranks before giving up"),
         QL_NUM("--eval-every", "N", TRAIN | BOTH, eval_every, 0, 1e9, "validation report every N steps (0: before and after only)"),
         QL_NUM("--eval-batches", "K", TRAIN | GPU, eval_batches, 0, 1e6, "validation loss over the first K batches (0: all)"),
         QL_NUM("--eval-examples", "K", TRAIN | SAMPLE | BOTH, eval_examples, 0, 1e9, "accuracy over the first K prompts (0: all)"),
@@ -171,7 +188,10 @@ inline const std::vector<Flag>& flag_table() {
         QL_NUM("--peak-tflops", "X", TRAIN | GPU, peak_tflops, 1, 1e6, "the GPU's bf16 GEMM peak, for MFU"),
         QL_SWITCH("--profile", TRAIN | GPU, profile, true, "GPU time per kind of op, printed at the end"),
         Flag{"--prompt", "TEXT", SAMPLE | BOTH, "a prompt to continue (repeatable; special tokens by name, e.g. <|user|>)",
-             [](Options& o, Args& a) { o.prompts.push_back(a.value()); }, [](const Options&) { return std::string(); }},
+             [](Options& o, Args& a) { o.prompts.push_back(a.value()); },
+             [](const Options&) {
+                 return std::string();
+             }},
         QL_NUM("--max-new", "N", SAMPLE | BOTH, max_new, 1, 1 << 20, "new tokens at most"),
         QL_NUM("--temperature", "T", SAMPLE | BOTH, temperature, 0, 100, "0: greedy; else nucleus sampling"),
         QL_NUM("--top-p", "P", SAMPLE | BOTH, top_p, 0, 1, "nucleus sampling's probability mass"),
@@ -181,7 +201,9 @@ inline const std::vector<Flag>& flag_table() {
                  ql_assert(v == "nf4" || v == "fp4", "--quant-type %s: nf4 or fp4", v.c_str());
                  o.quant_type = v == "nf4" ? QT_NF4 : QT_FP4;
              },
-             [](const Options& o) { return std::string(quant_type_name(o.quant_type)); }},
+             [](const Options& o) {
+                 return std::string(quant_type_name(o.quant_type));
+             }},
         QL_NUM("--blocksize", "N", QUANTIZE, blocksize, 32, 4096, "elements per absmax block (32, 64, ..., 4096)"),
         QL_SWITCH("--no-double-quant", QUANTIZE, double_quant, false, "keep absmax in fp32"),
         QL_SWITCH("--requant", MERGE, requant, true, "write the merged checkpoint in bitsandbytes 4-bit"),
@@ -191,7 +213,9 @@ inline const std::vector<Flag>& flag_table() {
                  a.read(o.inject_nan, 0, 1e9);
                  a.read(o.inject_nan_steps, 1, 1e9);
              },
-             [](const Options&) { return std::string(); }},
+             [](const Options&) {
+                 return std::string();
+             }},
         QL_NUM("--inject-oom", "STEP", TRAIN | GPU, inject_oom, 0, 1e9, "(testing) a GPU allocation fails at STEP"),
     };
     return t;
@@ -202,8 +226,11 @@ inline const std::vector<Flag>& flag_table() {
 // so a state one of them saved resumes in the other.
 inline std::string run_signature(const Options& o, const LoraConfig& lc) {
     char b[512];
-    snprintf(b, sizeof b, "state v2 (LoRA layout: per layer A's then B's) model=%s rank=%d alpha=%.9g rslora=%d targets=%u batch=%d seq=%d accum=%d seed=%llu train=%s",
-             o.model.c_str(), lc.rank, lc.alpha, (int)lc.rslora, lc.targets, o.batch, o.seq, o.grad_accum, (unsigned long long)o.seed, o.train.c_str());
+    snprintf(b, sizeof b,
+             "state v2 (LoRA layout: per layer A's then B's) model=%s rank=%d alpha=%.9g rslora=%d targets=%u batch=%d seq=%d "
+             "accum=%d seed=%llu train=%s",
+             o.model.c_str(), lc.rank, lc.alpha, (int)lc.rslora, lc.targets, o.batch, o.seq, o.grad_accum,
+             (unsigned long long)o.seed, o.train.c_str());
     return b;
 }
 
@@ -213,13 +240,17 @@ inline bool flag_applies(const Flag& f, unsigned mode, unsigned binary) {
 }
 
 inline void print_help(const char* prog, unsigned mode, unsigned binary) {
-    static const char* what[] = {"", "fine-tune LoRA adapters on a 4-bit base model",
+    static const char* what[] = {"",
+                                 "fine-tune LoRA adapters on a 4-bit base model",
                                  "continue prompts with a model (+ adapter)",
-                                 "", "write a bitsandbytes 4-bit checkpoint, as transformers saves one (CPU)",
-                                 "", "", "", "write base + adapter as a bf16 checkpoint (--requant: 4-bit) (CPU)"};
+                                 "",
+                                 "write a bitsandbytes 4-bit checkpoint, as transformers saves one (CPU)",
+                                 "",
+                                 "",
+                                 "",
+                                 "write base + adapter as a bf16 checkpoint (--requant: 4-bit) (CPU)"};
     printf("usage: %s %s[flags]: %s\n", prog, mode == TRAIN ? "" : (std::string(mode_name(mode)) + " ").c_str(), what[mode]);
-    if (mode == TRAIN)
-        printf("       %s sample|quantize|merge --help: the other modes\n", prog);
+    if (mode == TRAIN) printf("       %s sample|quantize|merge --help: the other modes\n", prog);
     Options defaults;
     for (const Flag& f : flag_table()) {
         if (!flag_applies(f, mode, binary)) continue;
@@ -242,11 +273,14 @@ inline Options parse_options(int argc, char** argv, unsigned mode, unsigned bina
         const Flag* f = nullptr;
         for (const Flag& x : flag_table())
             if (a == x.name) f = &x;
-        ql_assert(f, "unknown flag %s (see %s %s--help)", a.c_str(), prog, mode == TRAIN ? "" : (std::string(mode_name(mode)) + " ").c_str());
+        ql_assert(f, "unknown flag %s (see %s %s--help)", a.c_str(), prog,
+                  mode == TRAIN ? "" : (std::string(mode_name(mode)) + " ").c_str());
         if (!flag_applies(*f, mode, binary)) {
             bool other_binary = (f->where & mode) != 0;
             ql_fail("%s is not a flag of %s %s%s", a.c_str(), prog, mode_name(mode),
-                    other_binary ? (binary == CPU ? " on the CPU (./qlora on a GPU takes it)" : " on the GPU (./qlora_cpu takes it)") : "");
+                    other_binary
+                        ? (binary == CPU ? " on the CPU (./qlora on a GPU takes it)" : " on the GPU (./qlora_cpu takes it)")
+                        : "");
         }
         f->set(o, args);
     }

@@ -2,18 +2,18 @@
 // whose seven decoder linears per layer are NF4 (bitsandbytes' bytes, double quant), on one GPU.
 //   make && ./qlora --model DIR|random:NAME --train FILE|--synthetic-data --batch 4 --seq 2048 --steps 20
 // forward() and backward() mirror reference.h; every op is one launcher call from kernels/.
-#include "qlora.h"                    // defines: Config, for_each_weight, WeightTable, LoraConfig, NF4_BLOCKSIZE
-#include "formats.h"                  // defines: checkpoint_view, bnb_checkpoint_validate, st_f32, peft_adapter_read/write, st_write
-#include "tools.h"                    // defines: Options, parse_options, tool_dispatch (quantize, merge)
-#include "dataloader.h"               // defines: TokenFile, Loader, Batch, eval_batches, Example, examples_of
-#include "kernels/common.cuh"         // defines: bf16, cudaCheck, kernel_assert
-#include "kernels/matmul.cuh"         // defines: MatmulCtx, matmul
-#include "kernels/nf4.cuh"            // defines: quantize_4bit_gpu, quantize_absmax_gpu, dequantize_4bit_nested_gpu
-#include "kernels/embedding.cuh"      // defines: embedding_forward, fill_normal
-#include "kernels/rmsnorm.cuh"        // defines: rmsnorm_forward, rmsnorm_residual_forward, rmsnorm_backward
-#include "kernels/rope.cuh"           // defines: rope_forward, rope_backward
-#include "kernels/attention.cuh"      // defines: attention_forward, attention_backward
-#include "kernels/swiglu.cuh"         // defines: swiglu_forward, swiglu_backward
+#include "qlora.h"                 // defines: Config, for_each_weight, WeightTable, LoraConfig, NF4_BLOCKSIZE
+#include "formats.h"               // defines: checkpoint_view, bnb_checkpoint_validate, st_f32, peft_adapter_read/write, st_write
+#include "tools.h"                 // defines: Options, parse_options, tool_dispatch (quantize, merge)
+#include "dataloader.h"            // defines: TokenFile, Loader, Batch, eval_batches, Example, examples_of
+#include "kernels/common.cuh"      // defines: bf16, cudaCheck, kernel_assert
+#include "kernels/matmul.cuh"      // defines: MatmulCtx, matmul
+#include "kernels/nf4.cuh"         // defines: quantize_4bit_gpu, quantize_absmax_gpu, dequantize_4bit_nested_gpu
+#include "kernels/embedding.cuh"   // defines: embedding_forward, fill_normal
+#include "kernels/rmsnorm.cuh"     // defines: rmsnorm_forward, rmsnorm_residual_forward, rmsnorm_backward
+#include "kernels/rope.cuh"        // defines: rope_forward, rope_backward
+#include "kernels/attention.cuh"   // defines: attention_forward, attention_backward
+#include "kernels/swiglu.cuh"      // defines: swiglu_forward, swiglu_backward
 #include "kernels/crossentropy.cuh"   // defines: fused_classifier
 #include "kernels/adamw.cuh"          // defines: grad_norm, adamw_update
 #include "kernels/bias.cuh"           // defines: add_bias (q/k/v biases)
@@ -27,7 +27,11 @@
 
 // Real models' shapes for benchmarks without a checkpoint (their dimensions, random weights)
 static Config random_config(const std::string& name) {
-    struct Shape { const char* name; int dim, hidden, layers, heads, kv_heads, head_dim, vocab; bool tied; };
+    struct Shape {
+        const char* name;
+        int dim, hidden, layers, heads, kv_heads, head_dim, vocab;
+        bool tied;
+    };
     static const Shape shapes[] = {
         {"tiny", 256, 768, 4, 4, 2, 64, 4096, true},
         {"llama3-1b", 2048, 8192, 16, 32, 8, 64, 128256, true},
@@ -59,7 +63,7 @@ static Config random_config(const std::string& name) {
             c.rope_theta = 500000.0f;
             c.rope_type = ROPE_LLAMA3;
             c.rope_factor = sh.tied ? 32.0f : 8.0f;
-        } else {                                     // Qwen: theta 1e6, eps 1e-6
+        } else {   // Qwen: theta 1e6, eps 1e-6
             c.max_seq_len = name == "qwen3-8b" ? 40960 : 131072;
             c.rope_theta = 1e6f;
             c.norm_eps = 1e-6f;
@@ -75,38 +79,48 @@ static Config random_config(const std::string& name) {
 // device memory: one allocation per role, carved into named buffers from one size table
 
 struct Arena {
-    const char* role; size_t bytes = 0; char* base = nullptr;
+    const char* role;
+    size_t bytes = 0;
+    char* base = nullptr;
     std::vector<std::pair<void**, size_t>> wants;
-    template <class T> void want(T** p, size_t n) { wants.push_back({(void**)p, (n * sizeof(T) + 255) & ~(size_t)255}); bytes += wants.back().second; }
+    template <class T>
+    void want(T** p, size_t n) {
+        wants.push_back({(void**)p, (n * sizeof(T) + 255) & ~(size_t)255});
+        bytes += wants.back().second;
+    }
     void alloc() {
         if (!bytes) return;
         cudaCheck(cudaMalloc(&base, bytes));
         size_t off = 0;
-        for (auto& w : wants) { *w.first = base + off; off += w.second; }
+        for (auto& w : wants) {
+            *w.first = base + off;
+            off += w.second;
+        }
     }
 };
 
 // ---------------------------------------------------------------------------------------------
 // the model on the GPU
 
-struct QWeight {                 // one decoder linear, NF4 blocksize 64 + double quant (bitsandbytes layout)
-    uint8_t* packed;             // (out*in/2)
-    uint8_t* absmax_q;           // (out*in/64) 8-bit codes
-    float* absmax2;              // (ceil(out*in/64/256))
-    float* offset;               // (1)
+struct QWeight {         // one decoder linear, NF4 blocksize 64 + double quant (bitsandbytes layout)
+    uint8_t* packed;     // (out*in/2)
+    uint8_t* absmax_q;   // (out*in/64) 8-bit codes
+    float* absmax2;      // (ceil(out*in/64/256))
+    float* offset;       // (1)
 };
 
 struct Model {
-    Config cfg; LoraConfig lc;
-    WeightTable<bf16*, QWeight> w;                       // every weight of for_each_weight: dense bf16 (embeddings
-                                                         // (V, H), norms (H)), linears NF4
-    float* inv_freq;                                     // (hd/2) RoPE
+    Config cfg;
+    LoraConfig lc;
+    WeightTable<bf16*, QWeight> w;   // every weight of for_each_weight: dense bf16 (embeddings
+                                     // (V, H), norms (H)), linears NF4
+    float* inv_freq;                 // (hd/2) RoPE
     size_t n_lora;
-    float* lora;                                         // (n_lora) fp32 master LoRA parameters
-    float* grad;                                         // (n_lora) fp32 their gradients
-    float* adam_m;                                       // (n_lora) fp32 AdamW first moments
-    float* adam_v;                                       // (n_lora) fp32 AdamW second moments
-    bf16* lora_bf16;                                     // (n_lora) compute copy
+    float* lora;       // (n_lora) fp32 master LoRA parameters
+    float* grad;       // (n_lora) fp32 their gradients
+    float* adam_m;     // (n_lora) fp32 AdamW first moments
+    float* adam_v;     // (n_lora) fp32 AdamW second moments
+    bf16* lora_bf16;   // (n_lora) compute copy
 };
 
 // Per-layer activations and dequantized weights kept for backward. With --recompute only h and
@@ -114,65 +128,67 @@ struct Model {
 // by re-running the layer's forward in backward. u = x·[A..]ᵀ of a group (k LoRA'd projections:
 // (N, k·r)) is kept from the forward for backward's dB, so backward does not read x again for it.
 struct Acts {
-    int B, T, N;                          // batch rows, sequence length, N = B·T tokens
-    std::vector<bf16*> h;                 // (L+1) x (N, H) residual stream entering layer l; h[L] before the final norm
-    struct Layer {                        // one layer's activations, kept for backward
-        bf16* n1;                         // (N, H)   input_layernorm(h[l]): input of q/k/v_proj
-        bf16* q;                          // (N, qd)  q_proj (or q_norm(q_pre)), then RoPE in place
-        bf16* k;                          // (N, kvd) k_proj (or k_norm(k_pre)), then RoPE in place
-        bf16* q_pre;                      // (N, qd)  QK-norm only: q_proj before q_norm
-        bf16* k_pre;                      // (N, kvd) QK-norm only: k_proj before k_norm
-        float* rstd_q;                    // (N, nh)  QK-norm only: 1/rms of each head of q_pre
-        float* rstd_k;                    // (N, nkv) QK-norm only: 1/rms of each head of k_pre
-        bf16* v;                          // (N, kvd) v_proj
-        bf16* att;                        // (N, qd)  attention output: input of o_proj
-        bf16* h_mid;                      // (N, H)   h[l] + o_proj(att)
-        bf16* n2;                         // (N, H)   post_attention_layernorm(h_mid): input of gate/up_proj
-        bf16* gate;                       // (N, I)   gate_proj; its gradient in place in backward
-        bf16* up;                         // (N, I)   up_proj; its gradient in place in backward
-        bf16* uqkv;                       // (N, k·r) LoRA u = n1·[A_q|A_k|A_v]ᵀ of the LoRA'd ones among q, k, v
-        bf16* uo;                         // (N, k·r) LoRA u of o_proj
-        bf16* ugu;                        // (N, k·r) LoRA u of gate|up
-        float* rstd1;                     // (N)      1/rms of h[l]
-        float* rstd2;                     // (N)      1/rms of h_mid
-        float* lse;                       // (B, nh, T) attention's log-sum-exp per query row
+    int B, T, N;            // batch rows, sequence length, N = B·T tokens
+    std::vector<bf16*> h;   // (L+1) x (N, H) residual stream entering layer l; h[L] before the final norm
+    struct Layer {          // one layer's activations, kept for backward
+        bf16* n1;           // (N, H)   input_layernorm(h[l]): input of q/k/v_proj
+        bf16* q;            // (N, qd)  q_proj (or q_norm(q_pre)), then RoPE in place
+        bf16* k;            // (N, kvd) k_proj (or k_norm(k_pre)), then RoPE in place
+        bf16* q_pre;        // (N, qd)  QK-norm only: q_proj before q_norm
+        bf16* k_pre;        // (N, kvd) QK-norm only: k_proj before k_norm
+        float* rstd_q;      // (N, nh)  QK-norm only: 1/rms of each head of q_pre
+        float* rstd_k;      // (N, nkv) QK-norm only: 1/rms of each head of k_pre
+        bf16* v;            // (N, kvd) v_proj
+        bf16* att;          // (N, qd)  attention output: input of o_proj
+        bf16* h_mid;        // (N, H)   h[l] + o_proj(att)
+        bf16* n2;           // (N, H)   post_attention_layernorm(h_mid): input of gate/up_proj
+        bf16* gate;         // (N, I)   gate_proj; its gradient in place in backward
+        bf16* up;           // (N, I)   up_proj; its gradient in place in backward
+        bf16* uqkv;         // (N, k·r) LoRA u = n1·[A_q|A_k|A_v]ᵀ of the LoRA'd ones among q, k, v
+        bf16* uo;           // (N, k·r) LoRA u of o_proj
+        bf16* ugu;          // (N, k·r) LoRA u of gate|up
+        float* rstd1;       // (N)      1/rms of h[l]
+        float* rstd2;       // (N)      1/rms of h_mid
+        float* lse;         // (B, nh, T) attention's log-sum-exp per query row
     };
-    std::vector<Layer> l;                 // (L), or (1) shared with --recompute
-    std::vector<bf16*> udown;             // (L) x (N, k·r) LoRA u of down_proj, per layer also with --recompute (a recompute stops before down_proj)
-    std::vector<std::array<bf16*, N_PROJ>> wdq;   // (L) x 7, or (1) x 7 shared with --recompute: dequantized weights (out, in) of the forward
-    bf16* hf;                             // (N, H) final norm output
-    float* rstdf;                         // (N)    its 1/rms
+    std::vector<Layer> l;   // (L), or (1) shared with --recompute
+    std::vector<bf16*>
+        udown;   // (L) x (N, k·r) LoRA u of down_proj, per layer also with --recompute (a recompute stops before down_proj)
+    std::vector<std::array<bf16*, N_PROJ>>
+        wdq;        // (L) x 7, or (1) x 7 shared with --recompute: dequantized weights (out, in) of the forward
+    bf16* hf;       // (N, H) final norm output
+    float* rstdf;   // (N)    its 1/rms
     // scratch (one purpose each)
-    bf16* delta;                          // (N, H) o_proj / down_proj output before the residual add
-    bf16* act;                            // (N, I) swiglu output: input of down_proj
-    bf16* t;                              // (N, 3r) a group's [dy·B..] in backward
-    bf16* u;                              // (N, r) one projection's xd·Aᵀ (dropout > 0 only)
-    bf16* xdrop;                          // (N, max in) its dropped-out LoRA input xd (dropout > 0 only)
+    bf16* delta;   // (N, H) o_proj / down_proj output before the residual add
+    bf16* act;     // (N, I) swiglu output: input of down_proj
+    bf16* t;       // (N, 3r) a group's [dy·B..] in backward
+    bf16* u;       // (N, r) one projection's xd·Aᵀ (dropout > 0 only)
+    bf16* xdrop;   // (N, max in) its dropped-out LoRA input xd (dropout > 0 only)
     // gradients; d gate and d up overwrite gate and up in place
-    bf16* dres;                           // (N, H)   of the residual stream
-    bf16* dn;                             // (N, H)   of a norm's output
-    bf16* datt;                           // (N, qd)  of the attention output
-    bf16* dq;                             // (N, qd)
-    bf16* dk;                             // (N, kvd)
-    bf16* dv;                             // (N, kvd)
-    bf16* dq_pre;                         // (N, qd)  of q_pre (QK-norm only)
-    bf16* dk_pre;                         // (N, kvd) of k_pre (QK-norm only)
-    bf16* dact;                           // (N, I)   of the swiglu output
-    float* attn_scratch;                  // attention backward scratch (attention_backward_scratch_bytes)
-    void* ce_scratch;                     // lm_head + CE chunk: ce_rows rows of logits
+    bf16* dres;            // (N, H)   of the residual stream
+    bf16* dn;              // (N, H)   of a norm's output
+    bf16* datt;            // (N, qd)  of the attention output
+    bf16* dq;              // (N, qd)
+    bf16* dk;              // (N, kvd)
+    bf16* dv;              // (N, kvd)
+    bf16* dq_pre;          // (N, qd)  of q_pre (QK-norm only)
+    bf16* dk_pre;          // (N, kvd) of k_pre (QK-norm only)
+    bf16* dact;            // (N, I)   of the swiglu output
+    float* attn_scratch;   // attention backward scratch (attention_backward_scratch_bytes)
+    void* ce_scratch;      // lm_head + CE chunk: ce_rows rows of logits
     size_t ce_bytes;
     int ce_rows;
-    void* norm_scratch;                   // grad norm partial sums
-    int* ids;                             // (N) tokens
-    int* targets;                         // (N) targets (-1 ignored)
-    int* pos;                             // (N) positions (packed rows)
-    int* doc_start;                       // (N) row-relative start of each token's document (packed rows)
-    int* flags;                           // (2): bad token, bad target
-    bool packed = false;                  // this batch has segments (pos, doc_start used)
-    bool training = false;                // LoRA dropout only while training, never in evaluation
-    float* losses;                        // (N) per-token loss
-    float* loss_sum;                      // (1)
-    float* norm;                          // (1) the gradient norm
+    void* norm_scratch;      // grad norm partial sums
+    int* ids;                // (N) tokens
+    int* targets;            // (N) targets (-1 ignored)
+    int* pos;                // (N) positions (packed rows)
+    int* doc_start;          // (N) row-relative start of each token's document (packed rows)
+    int* flags;              // (2): bad token, bad target
+    bool packed = false;     // this batch has segments (pos, doc_start used)
+    bool training = false;   // LoRA dropout only while training, never in evaluation
+    float* losses;           // (N) per-token loss
+    float* loss_sum;         // (1)
+    float* norm;             // (1) the gradient norm
 };
 
 // --profile: where the GPU time goes. A ProfileScope charges the GPU time from its start to its end
@@ -182,10 +198,10 @@ struct Acts {
 struct Profiler {
     bool on = false;
     cudaStream_t s = 0;
-    std::vector<cudaEvent_t> ev;      // events recorded this step ...
-    std::vector<const char*> kind;    // ... and the kind of the interval that each starts
+    std::vector<cudaEvent_t> ev;     // events recorded this step ...
+    std::vector<const char*> kind;   // ... and the kind of the interval that each starts
     size_t n = 0;
-    std::vector<const char*> open;    // kinds of the open scopes, innermost last
+    std::vector<const char*> open;   // kinds of the open scopes, innermost last
     std::map<std::string, double> ms;
     int steps = 0;
     bool warm = false;
@@ -253,56 +269,96 @@ struct Trainer {
     cudaStream_t s;
     Options o;
     Profiler prof;
-    Dist dist;     // data parallel: this process's rank (off: one GPU, every call the single-GPU behaviour)
+    Dist dist;   // data parallel: this process's rank (off: one GPU, every call the single-GPU behaviour)
 };
 
 // LoRA pointers of (l, p) inside the flat layout of qlora.h
-static const bf16* lA(const Model& m, int l, int p) { return m.lora_bf16 + lora_slot(m.cfg, m.lc, l, p).a; }
-static const bf16* lB(const Model& m, int l, int p) { return m.lora_bf16 + lora_slot(m.cfg, m.lc, l, p).b; }
+static const bf16* lA(const Model& m, int l, int p) {
+    return m.lora_bf16 + lora_slot(m.cfg, m.lc, l, p).a;
+}
+static const bf16* lB(const Model& m, int l, int p) {
+    return m.lora_bf16 + lora_slot(m.cfg, m.lc, l, p).b;
+}
 
 // The projections that read one input: q|k|v, o, gate|up, down. Their A's are adjacent in the
 // LoRA layout (qlora.h §8), so without dropout x·Aᵀ of a group is one GEMM with k·r columns.
-struct Group { int first, n; };
+struct Group {
+    int first, n;
+};
 static const Group G_QKV = {P_Q, 3}, G_O = {P_O, 1}, G_GATE_UP = {P_GATE, 2}, G_DOWN = {P_DOWN, 1};
 static int group_lora(const LoraConfig& lc, Group g, int* first) {   // LoRA'd projections in g, and the first of them
-    int k = 0; *first = -1;
-    for (int p = g.first; p < g.first + g.n; p++) if (lc.has(p)) { if (!k) *first = p; k++; }
+    int k = 0;
+    *first = -1;
+    for (int p = g.first; p < g.first + g.n; p++)
+        if (lc.has(p)) {
+            if (!k) *first = p;
+            k++;
+        }
     return k;
 }
 
 // plan every allocation; print the table; exit cleanly if it does not fit
 static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
-    const Config& c = t.m.cfg; const Options& o = t.o;
-    size_t H = c.dim, I = c.hidden_dim, V = c.vocab_size, L = c.n_layers, q = c.q_dim(), kv = c.kv_dim(), N = (size_t)o.batch * o.seq, r = t.m.lc.rank;
+    const Config& c = t.m.cfg;
+    const Options& o = t.o;
+    size_t H = c.dim, I = c.hidden_dim, V = c.vocab_size, L = c.n_layers, q = c.q_dim(), kv = c.kv_dim(),
+           N = (size_t)o.batch * o.seq, r = t.m.lc.rank;
     ar.assign(7, Arena());
     Arena &W = ar[0], &D = ar[1], &P = ar[2], &A = ar[3], &U = ar[4], &S = ar[5], &G = ar[6];
-    W.role = "frozen weights (NF4 + bf16 embeddings/norms)"; P.role = "LoRA params, grads, AdamW"; A.role = "activations";
+    W.role = "frozen weights (NF4 + bf16 embeddings/norms)";
+    P.role = "LoRA params, grads, AdamW";
+    A.role = "activations";
     D.role = o.recompute ? "dequantized weights, one layer at a time" : "dequantized weights, all layers, for backward";
     U.role = "LoRA u = x A^T per group, kept for backward";
-    S.role = "scratch (CE, attention)"; G.role = "gradients of activations";
-    Model& m = t.m; Acts& a = t.a;
-    m.w.fill(c, [&](const Weight& w, bf16*& p) { W.want(&p, (size_t)w.numel()); },
-             [&](const Weight& w, QWeight& q) {
-                 size_t n = (size_t)w.numel(), nb = n / NF4_BLOCKSIZE;
-                 W.want(&q.packed, n / 2);
-                 W.want(&q.absmax_q, nb);
-                 W.want(&q.absmax2, (nb + DQ_BLOCK - 1) / DQ_BLOCK);
-                 W.want(&q.offset, 1);
-             });
+    S.role = "scratch (CE, attention)";
+    G.role = "gradients of activations";
+    Model& m = t.m;
+    Acts& a = t.a;
+    m.w.fill(
+        c, [&](const Weight& w, bf16*& p) { W.want(&p, (size_t)w.numel()); },
+        [&](const Weight& w, QWeight& q) {
+            size_t n = (size_t)w.numel(), nb = n / NF4_BLOCKSIZE;
+            W.want(&q.packed, n / 2);
+            W.want(&q.absmax_q, nb);
+            W.want(&q.absmax2, (nb + DQ_BLOCK - 1) / DQ_BLOCK);
+            W.want(&q.offset, 1);
+        });
     W.want(&m.inv_freq, (size_t)c.head_dim / 2);
     m.n_lora = lora_num_params(c, m.lc);
-    P.want(&m.lora, m.n_lora); P.want(&m.grad, m.n_lora); P.want(&m.adam_m, m.n_lora); P.want(&m.adam_v, m.n_lora); P.want(&m.lora_bf16, m.n_lora);
-    a.B = o.batch; a.T = o.seq; a.N = (int)N;
+    P.want(&m.lora, m.n_lora);
+    P.want(&m.grad, m.n_lora);
+    P.want(&m.adam_m, m.n_lora);
+    P.want(&m.adam_v, m.n_lora);
+    P.want(&m.lora_bf16, m.n_lora);
+    a.B = o.batch;
+    a.T = o.seq;
+    a.N = (int)N;
     a.h.resize(L + 1);
     for (size_t l = 0; l <= L; l++) A.want(&a.h[l], N * H);
-    a.l.resize(o.recompute ? 1 : L); a.wdq.resize(o.recompute ? 1 : L);
-    for (auto& w : a.wdq) for (int p = 0; p < N_PROJ; p++) D.want(&w[p], (size_t)proj_out(c, p) * proj_in(c, p));
-    auto ku = [&](Group g) { int first; return N * r * group_lora(m.lc, g, &first); };   // elements of a group's u (N, k·r)
+    a.l.resize(o.recompute ? 1 : L);
+    a.wdq.resize(o.recompute ? 1 : L);
+    for (auto& w : a.wdq)
+        for (int p = 0; p < N_PROJ; p++) D.want(&w[p], (size_t)proj_out(c, p) * proj_in(c, p));
+    auto ku = [&](Group g) {
+        int first;
+        return N * r * group_lora(m.lc, g, &first);
+    };   // elements of a group's u (N, k·r)
     for (auto& ly : a.l) {
-        A.want(&ly.n1, N * H); A.want(&ly.q, N * q); A.want(&ly.k, N * kv); A.want(&ly.v, N * kv); A.want(&ly.att, N * q);
-        A.want(&ly.h_mid, N * H); A.want(&ly.n2, N * H); A.want(&ly.gate, N * I); A.want(&ly.up, N * I);
-        A.want(&ly.rstd1, N); A.want(&ly.rstd2, N); A.want(&ly.lse, (size_t)o.batch * c.n_heads * o.seq);
-        U.want(&ly.uqkv, ku(G_QKV)); U.want(&ly.uo, ku(G_O)); U.want(&ly.ugu, ku(G_GATE_UP));
+        A.want(&ly.n1, N * H);
+        A.want(&ly.q, N * q);
+        A.want(&ly.k, N * kv);
+        A.want(&ly.v, N * kv);
+        A.want(&ly.att, N * q);
+        A.want(&ly.h_mid, N * H);
+        A.want(&ly.n2, N * H);
+        A.want(&ly.gate, N * I);
+        A.want(&ly.up, N * I);
+        A.want(&ly.rstd1, N);
+        A.want(&ly.rstd2, N);
+        A.want(&ly.lse, (size_t)o.batch * c.n_heads * o.seq);
+        U.want(&ly.uqkv, ku(G_QKV));
+        U.want(&ly.uo, ku(G_O));
+        U.want(&ly.ugu, ku(G_GATE_UP));
         ly.q_pre = ly.k_pre = nullptr;
         ly.rstd_q = ly.rstd_k = nullptr;
         if (c.qk_norm) {
@@ -314,16 +370,36 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     }
     a.udown.resize(L);
     for (size_t l = 0; l < L; l++) U.want(&a.udown[l], ku(G_DOWN));
-    A.want(&a.hf, N * H); A.want(&a.rstdf, N);
-    S.want(&a.delta, N * H); S.want(&a.act, N * I); S.want(&a.t, N * r * 3);
-    a.u = a.xdrop = nullptr; if (t.m.lc.dropout > 0) { S.want(&a.u, N * r); S.want(&a.xdrop, N * std::max({I, q, H})); }
+    A.want(&a.hf, N * H);
+    A.want(&a.rstdf, N);
+    S.want(&a.delta, N * H);
+    S.want(&a.act, N * I);
+    S.want(&a.t, N * r * 3);
+    a.u = a.xdrop = nullptr;
+    if (t.m.lc.dropout > 0) {
+        S.want(&a.u, N * r);
+        S.want(&a.xdrop, N * std::max({I, q, H}));
+    }
     S.want(&a.attn_scratch, attention_backward_scratch_bytes(o.batch, o.seq, c.n_heads, c.head_dim) / sizeof(float));
     // lm_head + CE in chunks of ce_rows rows (254 MiB of logits at V = 128256)
     a.ce_rows = ce_default_rows((int)V);
-    a.ce_bytes = ce_scratch_bytes(a.ce_rows, (int)V); S.want((char**)&a.ce_scratch, a.ce_bytes);
+    a.ce_bytes = ce_scratch_bytes(a.ce_rows, (int)V);
+    S.want((char**)&a.ce_scratch, a.ce_bytes);
     S.want((char**)&a.norm_scratch, grad_norm_scratch_bytes());
-    S.want(&a.ids, N); S.want(&a.targets, N); S.want(&a.pos, N); S.want(&a.doc_start, N); S.want(&a.flags, 2); S.want(&a.losses, N); S.want(&a.loss_sum, 1); S.want(&a.norm, 1);
-    G.want(&a.dres, N * H); G.want(&a.dn, N * H); G.want(&a.datt, N * q); G.want(&a.dq, N * q); G.want(&a.dk, N * kv); G.want(&a.dv, N * kv);
+    S.want(&a.ids, N);
+    S.want(&a.targets, N);
+    S.want(&a.pos, N);
+    S.want(&a.doc_start, N);
+    S.want(&a.flags, 2);
+    S.want(&a.losses, N);
+    S.want(&a.loss_sum, 1);
+    S.want(&a.norm, 1);
+    G.want(&a.dres, N * H);
+    G.want(&a.dn, N * H);
+    G.want(&a.datt, N * q);
+    G.want(&a.dq, N * q);
+    G.want(&a.dk, N * kv);
+    G.want(&a.dv, N * kv);
     G.want(&a.dact, N * I);
     a.dq_pre = a.dk_pre = nullptr;
     if (c.qk_norm) {
@@ -364,8 +440,10 @@ static void plan_and_alloc(Trainer& t, std::vector<Arena>& ar) {
     if (total > budget) {
         size_t weights = ar[0].bytes;
         if (weights + headroom > total_b)
-            ql_fail("the model does not fit one GPU: its 4-bit weights alone need %.2f GiB and this GPU has %.2f GiB; "
-                    "it needs several GPUs, which qlora cannot split a model over yet", weights / 1073741824.0, total_b / 1073741824.0);
+            ql_fail(
+                "the model does not fit one GPU: its 4-bit weights alone need %.2f GiB and this GPU has %.2f GiB; "
+                "it needs several GPUs, which qlora cannot split a model over yet",
+                weights / 1073741824.0, total_b / 1073741824.0);
         ql_fail("this run needs %.2f GiB but the budget is %.2f GiB. Try --batch %d, or a shorter --seq.", total / 1073741824.0,
                 budget / 1073741824.0, o.batch > 1 ? o.batch / 2 : 1);
     }
@@ -394,19 +472,23 @@ static void upload_quant4(QWeight& w, const Quant4& q) {
 // Every weight of for_each_weight, from the checkpoint (or random: embeddings N(0, 0.02), norms 1,
 // linears N(0, 0.02) quantized on the GPU).
 static void load_model(Trainer& t) {
-    Model& m = t.m; const Config& c = m.cfg;
+    Model& m = t.m;
+    const Config& c = m.cfg;
     size_t biggest = 0;
     for_each_weight(c, [&](const Weight& w) { biggest = std::max(biggest, (size_t)w.numel()); });
-    void* stage; float* absmax_tmp;   // stage: one tensor in its file dtype (up to fp32)
+    void* stage;
+    float* absmax_tmp;   // stage: one tensor in its file dtype (up to fp32)
     cudaCheck(cudaMalloc(&stage, biggest * sizeof(float)));
     cudaCheck(cudaMalloc(&absmax_tmp, biggest / NF4_BLOCKSIZE * sizeof(float)));
     bool random = t.o.model.rfind("random:", 0) == 0, bnb = !random && config_is_bnb4(t.o.model + "/config.json");
     SafeTensors st;
-    CheckpointView v;         // the checkpoint's tensors (bf16/f16/f32)
-    BnbCheckpointView bv;     // or a bitsandbytes 4-bit checkpoint's
+    CheckpointView v;       // the checkpoint's tensors (bf16/f16/f32)
+    BnbCheckpointView bv;   // or a bitsandbytes 4-bit checkpoint's
     if (!random) st = st_open_model(t.o.model);
-    if (bnb) bv = bnb_checkpoint_validate(c, st);
-    else if (!random) v = checkpoint_view(c, st);
+    if (bnb)
+        bv = bnb_checkpoint_validate(c, st);
+    else if (!random)
+        v = checkpoint_view(c, st);
     bool same = bv.qt == QT_NF4 && bv.bs == NF4_BLOCKSIZE && bv.nested;
     if (bnb)
         printf("pre-quantized checkpoint: %s blocksize %d%s%s\n", quant_type_name(bv.qt), bv.bs, bv.nested ? ", double quant" : "",
@@ -437,12 +519,15 @@ static void load_model(Trainer& t) {
         } else if (random) {
             fill_normal((bf16*)stage, n, 0.02f, t.o.seed, 1000 + (uint64_t)w.layer * N_PROJ + w.proj, t.s);
             quantize_into(q, (const bf16*)stage, n, absmax_tmp, t.s);
-        } else {     // checkpoint_view has checked shape and dtype (BF16, F16 or F32)
+        } else {   // checkpoint_view has checked shape and dtype (BF16, F16 or F32)
             const STensor* ts = v.linear[w.layer][w.proj];
             cudaCheck(cudaMemcpy(stage, ts->data, ts->nbytes, cudaMemcpyHostToDevice));
-            if (ts->dtype == DT_BF16) quantize_into(q, (const bf16*)stage, n, absmax_tmp, t.s);
-            else if (ts->dtype == DT_F16) quantize_into(q, (const __half*)stage, n, absmax_tmp, t.s);
-            else quantize_into(q, (const float*)stage, n, absmax_tmp, t.s);
+            if (ts->dtype == DT_BF16)
+                quantize_into(q, (const bf16*)stage, n, absmax_tmp, t.s);
+            else if (ts->dtype == DT_F16)
+                quantize_into(q, (const __half*)stage, n, absmax_tmp, t.s);
+            else
+                quantize_into(q, (const float*)stage, n, absmax_tmp, t.s);
         }
         cudaCheck(cudaStreamSynchronize(t.s));
         if (!random && w.proj == N_PROJ - 1) {
@@ -451,10 +536,12 @@ static void load_model(Trainer& t) {
         }
     });
     if (!random) printf("\n");
-    std::vector<float> inv((size_t)c.head_dim / 2); rope_inv_freq(inv.data(), c);
+    std::vector<float> inv((size_t)c.head_dim / 2);
+    rope_inv_freq(inv.data(), c);
     cudaCheck(cudaMemcpy(m.inv_freq, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
     cudaCheck(cudaStreamSynchronize(t.s));
-    cudaCheck(cudaFree(stage)); cudaCheck(cudaFree(absmax_tmp));
+    cudaCheck(cudaFree(stage));
+    cudaCheck(cudaFree(absmax_tmp));
 }
 
 // LoRA init (PEFT's: A kaiming-uniform, B = 0) on the host from the counter RNG, then the bf16 copy
@@ -462,15 +549,20 @@ static void set_lora(Trainer& t, const float* host) {
     Model& m = t.m;
     cudaCheck(cudaMemcpy(m.lora, host, m.n_lora * 4, cudaMemcpyHostToDevice));
     cast_f32_to_bf16(m.lora_bf16, m.lora, m.n_lora, t.s);
-    cudaCheck(cudaMemset(m.adam_m, 0, m.n_lora * 4)); cudaCheck(cudaMemset(m.adam_v, 0, m.n_lora * 4));
+    cudaCheck(cudaMemset(m.adam_m, 0, m.n_lora * 4));
+    cudaCheck(cudaMemset(m.adam_v, 0, m.n_lora * 4));
 }
 
 // ---------------------------------------------------------------------------------------------
 // forward and backward
 
 // layer l's buffers: its own without --recompute, the one shared set with it
-static Acts::Layer& acts(Trainer& t, int l) { return t.a.l[t.o.recompute ? 0 : l]; }
-static bf16* const* wdq(Trainer& t, int l) { return t.a.wdq[t.o.recompute ? 0 : l].data(); }
+static Acts::Layer& acts(Trainer& t, int l) {
+    return t.a.l[t.o.recompute ? 0 : l];
+}
+static bf16* const* wdq(Trainer& t, int l) {
+    return t.a.wdq[t.o.recompute ? 0 : l].data();
+}
 
 // w[p] (out, in) = layer l's seven NF4 linears, dequantized to bf16
 static void dequantize_layer(Trainer& t, bf16* const* w, int l) {
@@ -485,10 +577,10 @@ static void dequantize_layer(Trainer& t, bf16* const* w, int l) {
 
 // What the linears of one pass compute with: the training forward/backward, or one decoding step.
 struct LinearRun {
-    int N;              // rows (tokens)
-    bf16* const* w;     // (N_PROJ) the layer's dequantized weights (out, in)
-    bool lora;          // false: the base model alone (generation without an adapter)
-    bool dropout;       // LoRA dropout: only while training
+    int N;            // rows (tokens)
+    bf16* const* w;   // (N_PROJ) the layer's dequantized weights (out, in)
+    bool lora;        // false: the base model alone (generation without an adapter)
+    bool dropout;     // LoRA dropout: only while training
 };
 static LinearRun training_run(Trainer& t, int l) {
     return {t.a.N, wdq(t, l), true, t.m.lc.dropout > 0 && t.a.training};
@@ -533,7 +625,7 @@ static void linears_forward(Trainer& t, const LinearRun& run, Group g, bf16* con
         }
         if (bias) continue;
         prof.to("frozen GEMMs");
-        gemm_forward(t.mm, ys[i], x, run.w[p], N, out, in, 1.0f, lora ? 1.0f : 0.0f);           // y += x·Wᵀ
+        gemm_forward(t.mm, ys[i], x, run.w[p], N, out, in, 1.0f, lora ? 1.0f : 0.0f);   // y += x·Wᵀ
     }
 }
 
@@ -559,7 +651,7 @@ static void linears_backward(Trainer& t, const LinearRun& run, Group g, bf16* dx
         gemm_input_grad(t.mm, {t.a.t + j * r, k * r}, dys[p - g.first], lB(m, l, p), N, r, proj_out(c, p));   // t_j = dy·B
         j++;
     }
-    if (fused) gemm_input_grad(t.mm, dx, t.a.t, lA(m, l, first), N, in, k * r, scale);                        // dx = s·t·[A..]
+    if (fused) gemm_input_grad(t.mm, dx, t.a.t, lA(m, l, first), N, in, k * r, scale);   // dx = s·t·[A..]
     prof.to("frozen GEMMs");
     for (int i = 0; i < g.n; i++) {   // dx += dy·W
         int p = g.first + i;
@@ -568,9 +660,9 @@ static void linears_backward(Trainer& t, const LinearRun& run, Group g, bf16* dx
     for (int p = g.first, j = 0; run.dropout && p < g.first + g.n; p++) {   // dropout: each mask regenerated
         if (!lc.has(p)) continue;
         prof.to("LoRA GEMMs");
-        gemm_input_grad(t.mm, t.a.xdrop, {t.a.t + j * r, k * r}, lA(m, l, p), N, in, r, scale);             // s·t·A
+        gemm_input_grad(t.mm, t.a.xdrop, {t.a.t + j * r, k * r}, lA(m, l, p), N, in, r, scale);   // s·t·A
         prof.to("LoRA dropout");
-        lora_dropout_backward_add(dx, t.a.xdrop, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);    // dx += mask(s·t·A)
+        lora_dropout_backward_add(dx, t.a.xdrop, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);   // dx += mask(s·t·A)
         j++;
     }
     make_x();
@@ -590,11 +682,11 @@ static void linears_backward(Trainer& t, const LinearRun& run, Group g, bf16* dx
         if (!lc.has(p)) continue;
         LoraSlot sl = lora_slot(c, lc, l, p);
         prof.to("LoRA dropout");
-        lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);          // xd = dropout(x)
+        lora_dropout_forward(t.a.xdrop, x, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);   // xd = dropout(x)
         prof.to("LoRA GEMMs");
-        gemm_forward(t.mm, t.a.u, t.a.xdrop, lA(m, l, p), N, r, in);                                     // u = xd·Aᵀ
-        gemm_weight_grad(t.mm, m.grad + sl.b, dys[p - g.first], t.a.u, proj_out(c, p), r, N, scale);     // dB += s·dyᵀ·u
-        gemm_weight_grad(t.mm, m.grad + sl.a, {t.a.t + j * r, k * r}, t.a.xdrop, r, in, N, scale);       // dA += s·tᵀ·xd
+        gemm_forward(t.mm, t.a.u, t.a.xdrop, lA(m, l, p), N, r, in);                                   // u = xd·Aᵀ
+        gemm_weight_grad(t.mm, m.grad + sl.b, dys[p - g.first], t.a.u, proj_out(c, p), r, N, scale);   // dB += s·dyᵀ·u
+        gemm_weight_grad(t.mm, m.grad + sl.a, {t.a.t + j * r, k * r}, t.a.xdrop, r, in, N, scale);     // dA += s·tᵀ·xd
         j++;
     }
 }
@@ -606,12 +698,12 @@ static void linears_backward(Trainer& t, const LinearRun& run, Group g, bf16* dx
 // q, k = RoPE(q_norm(q_pre)), RoPE(k_norm(k_pre)) (Qwen3: an RMSNorm over each head's head_dim,
 // rows of hd); without QK-norm the projections wrote q, k themselves and RoPE runs on them in place.
 struct QK {
-    bf16* q;                 // (N, qd)
-    bf16* k;                 // (N, kvd)
-    const bf16* q_pre;       // (N, qd)  QK-norm only
-    const bf16* k_pre;       // (N, kvd) QK-norm only
-    float* rstd_q;           // (N, nh)  QK-norm only
-    float* rstd_k;           // (N, nkv) QK-norm only
+    bf16* q;             // (N, qd)
+    bf16* k;             // (N, kvd)
+    const bf16* q_pre;   // (N, qd)  QK-norm only
+    const bf16* k_pre;   // (N, kvd) QK-norm only
+    float* rstd_q;       // (N, nh)  QK-norm only
+    float* rstd_k;       // (N, nkv) QK-norm only
 };
 static void qk_norm_rope(Trainer& t, int l, const QK& qk, const int* pos, int N, int T) {
     const Config& c = t.m.cfg;
@@ -636,7 +728,8 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
     const int* doc_start = a.packed ? a.doc_start : nullptr;
     ProfileScope prof(t.prof, "RMSNorm (+ residual)");
     if (l > 0 && fresh)   // h[l] = h_mid + down_proj(...) of layer l-1 (still in delta); n1 = input_layernorm(h[l])
-        rmsnorm_residual_forward(a.h[l], y.n1, y.rstd1, acts(t, l - 1).h_mid, a.delta, m.w.at(W_ATTN_NORM, l), N, c.dim, c.norm_eps, t.s);
+        rmsnorm_residual_forward(a.h[l], y.n1, y.rstd1, acts(t, l - 1).h_mid, a.delta, m.w.at(W_ATTN_NORM, l), N, c.dim, c.norm_eps,
+                                 t.s);
     else
         rmsnorm_forward(y.n1, y.rstd1, a.h[l], m.w.at(W_ATTN_NORM, l), N, c.dim, c.norm_eps, t.s);
     dequantize_layer(t, wdq(t, l), l);
@@ -654,7 +747,7 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
     linears_forward(t, run, G_GATE_UP, gu, y.n2, y.ugu, l, drop_seed);   // gate_proj(n2), up_proj(n2)
     if (!fresh) return;   // a recompute stops here: backward forms act itself and needs no down_proj output
     prof.to("SwiGLU");
-    swiglu_forward(a.act, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);   // silu(gate) * up
+    swiglu_forward(a.act, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);          // silu(gate) * up
     linears_forward(t, run, G_DOWN, &a.delta, a.act, a.udown[l], l, drop_seed);   // down_proj(...), added to h_mid by the next op
 }
 
@@ -746,12 +839,16 @@ static void trainer_init(Trainer& t, const Options& o) {
     bool random = o.model.rfind("random:", 0) == 0;
     Config c = random ? random_config(o.model.substr(7)) : load_config(o.model + "/config.json");
     ql_assert(c.head_dim == 64 || c.head_dim == 128, "head_dim %d: the attention kernel supports 64 and 128", c.head_dim);
-    ql_assert(o.seq <= c.max_seq_len, "--seq %d is longer than the model allows (max_position_embeddings %d)", o.seq, c.max_seq_len);
-    ql_assert(c.sliding_window == 0 || o.seq <= c.sliding_window, "--seq %d exceeds the model's sliding_window %d, which qlora does not implement", o.seq, c.sliding_window);
+    ql_assert(o.seq <= c.max_seq_len, "--seq %d is longer than the model allows (max_position_embeddings %d)", o.seq,
+              c.max_seq_len);
+    ql_assert(c.sliding_window == 0 || o.seq <= c.sliding_window,
+              "--seq %d exceeds the model's sliding_window %d, which qlora does not implement", o.seq, c.sliding_window);
     for (int p = 0; p < N_PROJ; p++)
-        ql_assert(((size_t)proj_out(c, p) * proj_in(c, p)) % NF4_BLOCKSIZE == 0, "%s: %d x %d is not a whole number of %d-element NF4 blocks",
-                  PROJ_NAME[p], proj_out(c, p), proj_in(c, p), NF4_BLOCKSIZE);
-    ql_assert(c.dim % 8 == 0 && c.hidden_dim % 8 == 0 && c.vocab_size % 8 == 0, "hidden_size, intermediate_size and vocab_size must be multiples of 8");
+        ql_assert(((size_t)proj_out(c, p) * proj_in(c, p)) % NF4_BLOCKSIZE == 0,
+                  "%s: %d x %d is not a whole number of %d-element NF4 blocks", PROJ_NAME[p], proj_out(c, p), proj_in(c, p),
+                  NF4_BLOCKSIZE);
+    ql_assert(c.dim % 8 == 0 && c.hidden_dim % 8 == 0 && c.vocab_size % 8 == 0,
+              "hidden_size, intermediate_size and vocab_size must be multiples of 8");
     t.m.cfg = c;
     t.m.lc = o.lora;
     std::vector<float> adapter;   // --adapter: its LoRA configuration replaces the options, its weights the init
@@ -759,27 +856,34 @@ static void trainer_init(Trainer& t, const Options& o) {
         peft_adapter_read(o.adapter, c, t.m.lc, adapter);
         t.m.lc.dropout = o.lora.dropout;
     }
-    printf("model %s: H %d I %d L %d heads %d/%d hd %d V %d%s | LoRA r %d alpha %g on %s%s | %.1f M trainable\n", o.model.c_str(), c.dim,
-           c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, config_tags(c).c_str(), t.m.lc.rank, t.m.lc.alpha,
-           lora_targets_text(t.m.lc.targets).c_str(), o.adapter.empty() ? "" : (" from " + o.adapter).c_str(), lora_num_params(c, t.m.lc) / 1e6);
+    printf("model %s: H %d I %d L %d heads %d/%d hd %d V %d%s | LoRA r %d alpha %g on %s%s | %.1f M trainable\n", o.model.c_str(),
+           c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, config_tags(c).c_str(), t.m.lc.rank,
+           t.m.lc.alpha, lora_targets_text(t.m.lc.targets).c_str(), o.adapter.empty() ? "" : (" from " + o.adapter).c_str(),
+           lora_num_params(c, t.m.lc) / 1e6);
     std::vector<Arena> arenas;
     plan_and_alloc(t, arenas);
     load_model(t);
     std::vector<float> init(t.m.n_lora);
-    if (!o.adapter.empty()) init = adapter; else lora_init(init.data(), c, t.m.lc, o.seed);
+    if (!o.adapter.empty())
+        init = adapter;
+    else
+        lora_init(init.data(), c, t.m.lc, o.seed);
     set_lora(t, init.data());
 }
 
 // model FLOPs per token, as ../shared/bench/hf_qlora.py counts them: forward 2N + input grad 2N over
 // the quantized linears and the head, attention forward + backward (causal)
 static double flops_per_token(const Config& c, int seq) {
-    double lin = 0; for (int p = 0; p < N_PROJ; p++) lin += (double)proj_out(c, p) * proj_in(c, p);
+    double lin = 0;
+    for (int p = 0; p < N_PROJ; p++) lin += (double)proj_out(c, p) * proj_in(c, p);
     lin *= c.n_layers;
     double attn = 4.0 * seq * c.n_heads * c.head_dim * c.n_layers / 2;
     return 4 * (lin + (double)c.vocab_size * c.dim) + 3 * attn;
 }
 
-static float lr_at(const Options& o, int step) { return lr_schedule(step, o.steps, o.warmup, o.lr, o.min_lr_frac); }
+static float lr_at(const Options& o, int step) {
+    return lr_schedule(step, o.steps, o.warmup, o.lr, o.min_lr_frac);
+}
 
 // ---------------------------------------------------------------------------------------------
 // data, evaluation, the resume state, and the training loop
@@ -787,7 +891,12 @@ static float lr_at(const Options& o, int step) { return lr_schedule(step, o.step
 // synthetic data: random tokens, labels = ids (hf_qlora.py's recipe), shifted within each row
 static void synthetic_batch(Batch& b, const Options& o, int V, uint64_t micro) {
     int N = o.batch * o.seq;
-    b.B = o.batch; b.T = o.seq; b.ids.resize(N); b.targets.resize(N); b.pos.clear(); b.doc_start.clear();
+    b.B = o.batch;
+    b.T = o.seq;
+    b.ids.resize(N);
+    b.targets.resize(N);
+    b.pos.clear();
+    b.doc_start.clear();
     for (int i = 0; i < N; i++) b.ids[i] = (int)(rng_u32(o.seed, 77, micro * (uint64_t)N + i) % (uint32_t)V);
     for (int i = 0; i < N; i++) b.targets[i] = (i % o.seq == o.seq - 1) ? -1 : b.ids[i + 1];
 }
@@ -805,23 +914,34 @@ static void upload(Trainer& t, const Batch& b) {
 }
 // the loss sum of the last forward, after checking the ids the kernels flagged
 static float read_loss_sum(Trainer& t, const char* what, int step) {
-    float ls; int flags[2];
+    float ls;
+    int flags[2];
     cudaCheck(cudaMemcpyAsync(&ls, t.a.loss_sum, 4, cudaMemcpyDeviceToHost, t.s));
     cudaCheck(cudaMemcpyAsync(flags, t.a.flags, 8, cudaMemcpyDeviceToHost, t.s));
     cudaCheck(cudaStreamSynchronize(t.s));
-    ql_assert(!flags[0] && !flags[1], "%s at step %d: a token or target id is outside the model's vocabulary (%d)", what, step, t.m.cfg.vocab_size);
+    ql_assert(!flags[0] && !flags[1], "%s at step %d: a token or target id is outside the model's vocabulary (%d)", what, step,
+              t.m.cfg.vocab_size);
     return ls;
 }
 
-struct Data { TokenFile train, val; Loader loader; bool file = false; };
+struct Data {
+    TokenFile train, val;
+    Loader loader;
+    bool file = false;
+};
 
 // Name what went non-finite: the loss, or the first LoRA gradient tensor holding a NaN/inf.
 static void warn_nonfinite(Trainer& t, int step, float loss) {
-    const Config& c = t.m.cfg; const LoraConfig& lc = t.m.lc;
+    const Config& c = t.m.cfg;
+    const LoraConfig& lc = t.m.lc;
     std::vector<float> g(t.m.n_lora);
     cudaCheck(cudaMemcpy(g.data(), t.m.grad, g.size() * 4, cudaMemcpyDeviceToHost));
     size_t bad = 0, first = g.size();
-    for (size_t i = 0; i < g.size(); i++) if (!std::isfinite(g[i])) { bad++; if (first == g.size()) first = i; }
+    for (size_t i = 0; i < g.size(); i++)
+        if (!std::isfinite(g[i])) {
+            bad++;
+            if (first == g.size()) first = i;
+        }
     std::string where = "no gradient (the loss itself)";
     for (int l = 0; l < c.n_layers && bad; l++)
         for (int p = 0; p < N_PROJ; p++) {
@@ -830,7 +950,8 @@ static void warn_nonfinite(Trainer& t, int step, float loss) {
             bool in_a = first >= s.a && first < s.a + (size_t)lc.rank * proj_in(c, p);
             bool in_b = first >= s.b && first < s.b + (size_t)proj_out(c, p) * lc.rank;
             if (in_a || in_b) {
-                std::string k = hf_linear_name(l, p); k.resize(k.size() - 7);
+                std::string k = hf_linear_name(l, p);
+                k.resize(k.size() - 7);
                 where = k + (in_a ? ".lora_A" : ".lora_B") + " (" + std::to_string(bad) + " non-finite values in all)";
             }
         }
@@ -840,16 +961,22 @@ static void warn_nonfinite(Trainer& t, int step, float loss) {
 // one optimizer step over grad_accum micro-batches; returns the loss (mean over unmasked targets);
 // *ok = false if the gradients were not finite (the update is skipped)
 static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out, bool* ok) {
-    const Options& o = t.o; Model& m = t.m; Acts& a = t.a;
+    const Options& o = t.o;
+    Model& m = t.m;
+    Acts& a = t.a;
     std::vector<Batch> bs(o.grad_accum);
     long denom = 0;   // unmasked targets of the whole step: every micro-batch's loss is divided by it
     for (int k = 0; k < o.grad_accum; k++) {
-        uint64_t micro = ((uint64_t)step * o.grad_accum + k) * t.dist.world + t.dist.rank;   // this rank's rows of the world's batch
-        if (d.file) d.loader.next(bs[k], o.batch, o.seq); else synthetic_batch(bs[k], o, m.cfg.vocab_size, micro);
+        uint64_t micro =
+            ((uint64_t)step * o.grad_accum + k) * t.dist.world + t.dist.rank;   // this rank's rows of the world's batch
+        if (d.file)
+            d.loader.next(bs[k], o.batch, o.seq);
+        else
+            synthetic_batch(bs[k], o, m.cfg.vocab_size, micro);
         denom += bs[k].count_targets();
     }
     denom = (long)t.dist.sum((double)denom, t.s, "the token count");   // every rank's: the loss is the mean over the world's batch
-    t.prof.n = 0;   // marks of an evaluation since the last step are not this step's
+    t.prof.n = 0;                 // marks of an evaluation since the last step are not this step's
     if (step == o.inject_oom) {   // test hook: a GPU fault mid-run
         void* p;
         cudaCheck(cudaMalloc(&p, (size_t)1 << 50));
@@ -872,7 +999,8 @@ static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out
         if (t.dist.on) {   // the sum over ranks: every rank clips and steps on the same gradients
             prof.to("gradient all-reduce");
             t.dist.all_reduce(m.grad, m.n_lora, t.s, "the LoRA gradient all-reduce");
-            t.dist.sync(t.s, "the LoRA gradient all-reduce");   // waits under the deadline (the copies below would wait without one)
+            t.dist.sync(t.s,
+                        "the LoRA gradient all-reduce");   // waits under the deadline (the copies below would wait without one)
         }
         AdamWConfig ac;
         ac.lr = lr;
@@ -896,11 +1024,14 @@ static float train_step(Trainer& t, Data& d, int step, float lr, float* norm_out
 // Whole documents per row (eval_batches: none split across rows, so every answer keeps its prompt
 // and the loss is each document's own, as the CPU reference computes it).
 static float evaluate(Trainer& t, Data& d) {
-    double sum = 0; long n = 0; int i = 0;
+    double sum = 0;
+    long n = 0;
+    int i = 0;
     for (const Batch& b : eval_batches(d.val, t.o.batch, t.o.seq, t.o.eval_batches)) {
         upload(t, b);
         forward(t, 1.0f, false, 0);
-        sum += read_loss_sum(t, "evaluation", i++); n += b.count_targets();
+        sum += read_loss_sum(t, "evaluation", i++);
+        n += b.count_targets();
     }
     return n ? (float)(sum / n) : 0.0f;
 }
@@ -912,29 +1043,29 @@ static float evaluate(Trainer& t, Data& d) {
 // Decoding buffers, one allocation for one call of generate(): rows sequences of up to Tmax tokens.
 struct Decoder {
     int B = 0, Tmax = 0;
-    bool lora = true;                     // false: the base model alone
+    bool lora = true;   // false: the base model alone
     Arena mem;
-    std::vector<bf16*> kc, vc;            // (L) x (B, Tmax, nkv, hd) keys (after RoPE) and values of every position so far
-    bf16* x;                              // (B, H)   residual stream
-    bf16* n;                              // (B, H)   normed
-    bf16* q;                              // (B, qd)
-    bf16* k;                              // (B, kvd)
-    bf16* v;                              // (B, kvd)
-    bf16* q_pre;                          // (B, qd)  QK-norm only: q_proj before q_norm
-    bf16* k_pre;                          // (B, kvd) QK-norm only
-    float* rstd_qk;                       // (B, nh + nkv) QK-norm only
-    bf16* att;                            // (B, qd)  attention output
-    bf16* delta;                          // (B, H)   o_proj / down_proj output
-    bf16* gate;                           // (B, I)
-    bf16* up;                             // (B, I)
-    bf16* act;                            // (B, I)   silu(gate) * up
-    bf16* u;                              // (B, 3r)  a group's LoRA u = x·[A..]ᵀ
-    bf16* wdq[N_PROJ];                    // one layer's dequantized weights (out, in) (the trainer's stay untouched)
-    float* rstd;                          // (B)
-    float* logits;                        // (B, V) fp32: the next token's logits
-    int* ids;                             // (B) token of each sequence this step
-    int* pos;                             // (B) its position
-    int* flags;                           // (1) bad token id
+    std::vector<bf16*> kc, vc;   // (L) x (B, Tmax, nkv, hd) keys (after RoPE) and values of every position so far
+    bf16* x;                     // (B, H)   residual stream
+    bf16* n;                     // (B, H)   normed
+    bf16* q;                     // (B, qd)
+    bf16* k;                     // (B, kvd)
+    bf16* v;                     // (B, kvd)
+    bf16* q_pre;                 // (B, qd)  QK-norm only: q_proj before q_norm
+    bf16* k_pre;                 // (B, kvd) QK-norm only
+    float* rstd_qk;              // (B, nh + nkv) QK-norm only
+    bf16* att;                   // (B, qd)  attention output
+    bf16* delta;                 // (B, H)   o_proj / down_proj output
+    bf16* gate;                  // (B, I)
+    bf16* up;                    // (B, I)
+    bf16* act;                   // (B, I)   silu(gate) * up
+    bf16* u;                     // (B, 3r)  a group's LoRA u = x·[A..]ᵀ
+    bf16* wdq[N_PROJ];           // one layer's dequantized weights (out, in) (the trainer's stay untouched)
+    float* rstd;                 // (B)
+    float* logits;               // (B, V) fp32: the next token's logits
+    int* ids;                    // (B) token of each sequence this step
+    int* pos;                    // (B) its position
+    int* flags;                  // (1) bad token id
 };
 
 static void decoder_init(Trainer& t, Decoder& d, int B, int Tmax, bool lora) {
@@ -1003,34 +1134,46 @@ static void decode_step(Trainer& t, Decoder& d) {
 }
 
 struct GenSettings {
-    float temperature = 0.0f, top_p = 1.0f; uint64_t seed = 0;   // temperature 0: greedy
-    int eos = -1;                                                 // stop after this token (-1: never)
-    bool lora = true;                                             // false: the base model alone
+    float temperature = 0.0f, top_p = 1.0f;
+    uint64_t seed = 0;   // temperature 0: greedy
+    int eos = -1;        // stop after this token (-1: never)
+    bool lora = true;    // false: the base model alone
 };
 
 // Continues every prompt by up to max_new[i] tokens: stops after gs.eos, or at max_position_embeddings
 // (as qlora_cpu's generate). Sequences run rows at a time, each fed one token per step (its prompt,
 // then its own choices), all at the same position, so a step is one decode_step. logits_out (tests):
 // for each prompt, the logits (fp32, V per token) each of its new tokens was chosen from.
-static std::vector<std::vector<int>> generate(Trainer& t, const std::vector<std::vector<int>>& prompts, const std::vector<int>& max_new,
-                                              const GenSettings& gs, std::vector<std::vector<float>>* logits_out = nullptr) {
-    const Config& c = t.m.cfg; int V = c.vocab_size, n = (int)prompts.size();
+static std::vector<std::vector<int>> generate(Trainer& t, const std::vector<std::vector<int>>& prompts,
+                                              const std::vector<int>& max_new, const GenSettings& gs,
+                                              std::vector<std::vector<float>>* logits_out = nullptr) {
+    const Config& c = t.m.cfg;
+    int V = c.vocab_size, n = (int)prompts.size();
     std::vector<std::vector<int>> out(n);
     if (logits_out) logits_out->assign(n, {});
     // a sequence fills positions 0 .. len + max_new - 2 (the last new token is not fed back)
-    auto last_pos = [&](int i) { return std::min((int)prompts[i].size() + max_new[i] - 1, c.max_seq_len - 1); };
+    auto last_pos = [&](int i) {
+        return std::min((int)prompts[i].size() + max_new[i] - 1, c.max_seq_len - 1);
+    };
     std::vector<int> todo;
     int Tmax = 1;
     for (int i = 0; i < n; i++)
-        if (!prompts[i].empty() && (int)prompts[i].size() < c.max_seq_len && max_new[i] > 0) { todo.push_back(i); Tmax = std::max(Tmax, last_pos(i)); }
+        if (!prompts[i].empty() && (int)prompts[i].size() < c.max_seq_len && max_new[i] > 0) {
+            todo.push_back(i);
+            Tmax = std::max(Tmax, last_pos(i));
+        }
     if (todo.empty()) return out;
     // rows per pass: all prompts, or as many as fit in half the free memory (the KV cache dominates)
-    size_t free_b, total_b; cudaCheck(cudaMemGetInfo(&free_b, &total_b));
-    size_t per_row = 2 * (size_t)c.n_layers * Tmax * c.kv_dim() * 2 + (size_t)V * 4 + 8 * (size_t)(c.dim + c.hidden_dim + c.q_dim());
-    size_t weights = 0; for (int p = 0; p < N_PROJ; p++) weights += (size_t)proj_out(c, p) * proj_in(c, p) * 2;
+    size_t free_b, total_b;
+    cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+    size_t per_row =
+        2 * (size_t)c.n_layers * Tmax * c.kv_dim() * 2 + (size_t)V * 4 + 8 * (size_t)(c.dim + c.hidden_dim + c.q_dim());
+    size_t weights = 0;
+    for (int p = 0; p < N_PROJ; p++) weights += (size_t)proj_out(c, p) * proj_in(c, p) * 2;
     int rows = (int)std::min<size_t>(todo.size(), 4096);
     while (rows > 1 && weights + rows * per_row > free_b / 2) rows /= 2;
-    Decoder d; decoder_init(t, d, rows, Tmax, gs.lora);
+    Decoder d;
+    decoder_init(t, d, rows, Tmax, gs.lora);
     std::vector<int> ids(rows), pos(rows);
     std::vector<float> logits((size_t)rows * V);
     for (size_t r0 = 0; r0 < todo.size(); r0 += rows) {
@@ -1060,7 +1203,8 @@ static std::vector<std::vector<int>> generate(Trainer& t, const std::vector<std:
                 int next = choose_token(z, V, gs.temperature, gs.top_p, rng_uniform(gs.seed, 7000 + (uint64_t)i, out[i].size()));
                 out[i].push_back(next);
                 if (logits_out) (*logits_out)[i].insert((*logits_out)[i].end(), z, z + V);
-                done[b] = next == gs.eos || (int)out[i].size() == max_new[i] || (int)(prompts[i].size() + out[i].size()) >= c.max_seq_len;
+                done[b] =
+                    next == gs.eos || (int)out[i].size() == max_new[i] || (int)(prompts[i].size() + out[i].size()) >= c.max_seq_len;
             }
         }
     }
@@ -1070,24 +1214,32 @@ static std::vector<std::vector<int>> generate(Trainer& t, const std::vector<std:
 
 // What `make train` reports on the validation prompts: the examples, and the table to print them.
 struct TaskEval {
-    std::vector<Example> ex;             // the --val file's prompts and answers (the first --eval-examples)
-    Vocab vocab; bool have_vocab = false;
+    std::vector<Example> ex;   // the --val file's prompts and answers (the first --eval-examples)
+    Vocab vocab;
+    bool have_vocab = false;
     const Vocab* v() const { return have_vocab ? &vocab : nullptr; }
 };
 static void task_eval_init(Trainer& t, Data& d, TaskEval& e) {
     e.ex = examples_of(d.val);
     if (t.o.eval_examples && (int)e.ex.size() > t.o.eval_examples) e.ex.resize(t.o.eval_examples);
     e.have_vocab = !t.o.vocab.empty() && file_exists(t.o.vocab);
-    if (e.have_vocab) vocab_load(e.vocab, t.o.vocab);
-    else if (t.o.samples) printf("note: no vocabulary table %s (dev/data/prepare.py writes it): samples shown as token ids\n",
-                                 t.o.vocab.empty() ? "(--vocab FILE)" : t.o.vocab.c_str());
+    if (e.have_vocab)
+        vocab_load(e.vocab, t.o.vocab);
+    else if (t.o.samples)
+        printf("note: no vocabulary table %s (dev/data/prepare.py writes it): samples shown as token ids\n",
+               t.o.vocab.empty() ? "(--vocab FILE)" : t.o.vocab.c_str());
 }
 
 // Exact-match accuracy: each prompt's greedy continuation, |answer| tokens long, is its answer.
 static int accuracy(Trainer& t, const std::vector<Example>& ex, bool lora = true) {
-    std::vector<std::vector<int>> prompts; std::vector<int> max_new;
-    for (const Example& x : ex) { prompts.push_back(x.prompt); max_new.push_back((int)x.answer.size()); }
-    GenSettings gs; gs.lora = lora;
+    std::vector<std::vector<int>> prompts;
+    std::vector<int> max_new;
+    for (const Example& x : ex) {
+        prompts.push_back(x.prompt);
+        max_new.push_back((int)x.answer.size());
+    }
+    GenSettings gs;
+    gs.lora = lora;
     std::vector<std::vector<int>> got = generate(t, prompts, max_new, gs);
     int right = 0;
     for (size_t i = 0; i < ex.size(); i++) right += exact_match(got[i], ex[i].answer);
@@ -1096,17 +1248,28 @@ static int accuracy(Trainer& t, const std::vector<Example>& ex, bool lora = true
 
 // The first k examples continued greedily (up to |answer| + 8 tokens, to the end of turn), printed.
 static void print_samples(Trainer& t, const TaskEval& e, int k, const GenSettings& gs) {
-    std::vector<std::vector<int>> prompts; std::vector<int> max_new;
-    for (int i = 0; i < k && i < (int)e.ex.size(); i++) { prompts.push_back(e.ex[i].prompt); max_new.push_back((int)e.ex[i].answer.size() + 8); }
+    std::vector<std::vector<int>> prompts;
+    std::vector<int> max_new;
+    for (int i = 0; i < k && i < (int)e.ex.size(); i++) {
+        prompts.push_back(e.ex[i].prompt);
+        max_new.push_back((int)e.ex[i].answer.size() + 8);
+    }
     std::vector<std::vector<int>> got = generate(t, prompts, max_new, gs);
     for (size_t i = 0; i < got.size(); i++) print_sample(e.v(), prompts[i], got[i], &e.ex[i].answer);
 }
 
 // Validation loss and exact-match accuracy (greedy) on the --val file, timed.
-struct Report { float loss; int right, total; double seconds; };
+struct Report {
+    float loss;
+    int right, total;
+    double seconds;
+};
 static Report task_report(Trainer& t, Data& d, const TaskEval& e) {
     auto t0 = std::chrono::steady_clock::now();
-    Report r; r.loss = evaluate(t, d); r.right = accuracy(t, e.ex); r.total = (int)e.ex.size();
+    Report r;
+    r.loss = evaluate(t, d);
+    r.right = accuracy(t, e.ex);
+    r.total = (int)e.ex.size();
     r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return r;
 }
@@ -1114,7 +1277,8 @@ static Report task_report(Trainer& t, Data& d, const TaskEval& e) {
 static void report(Trainer& t, Data& d, const TaskEval& e, const char* when) {
     Report r = task_report(t, d, e);
     print_report(when, r.loss, r.right, r.total, r.seconds);
-    GenSettings gs; gs.eos = e.have_vocab && e.vocab.eos != VOCAB_NONE ? (int)e.vocab.eos : -1;
+    GenSettings gs;
+    gs.eos = e.have_vocab && e.vocab.eos != VOCAB_NONE ? (int)e.vocab.eos : -1;
     print_samples(t, e, t.o.samples, gs);
     fflush(stdout);
 }
@@ -1128,9 +1292,11 @@ static std::vector<int> encode_prompt(const std::string& text, const Vocab* voca
         if (vocab->bos != VOCAB_NONE && (ids.empty() || ids[0] != (int)vocab->bos)) ids.insert(ids.begin(), (int)vocab->bos);
         return ids;
     }
-    const char* p = text.c_str(); char* end;
+    const char* p = text.c_str();
+    char* end;
     for (long v; (v = strtol(p, &end, 10)), end != p; p = end) ids.push_back((int)v);
-    ql_assert(*p == 0 || isspace((unsigned char)*p), "--prompt \"%s\": without a vocabulary table (--vocab FILE) a prompt is token ids, e.g. \"1 5 9\"", text.c_str());
+    ql_assert(*p == 0 || isspace((unsigned char)*p),
+              "--prompt \"%s\": without a vocabulary table (--vocab FILE) a prompt is token ids, e.g. \"1 5 9\"", text.c_str());
     return ids;
 }
 
@@ -1138,31 +1304,49 @@ static std::vector<int> encode_prompt(const std::string& text, const Vocab* voca
 // --val file (first --samples K, with their expected answers; greedy: the accuracy over
 // --eval-examples too).
 static int sample_mode(Options o) {
-    ql_assert(o.prompts.empty() != o.val.empty(), "qlora sample needs --prompt TEXT (one or more) or --val FILE, not both (see --help)");
-    o.batch = 1; o.seq = 1; o.steps = 0; o.train.clear(); o.recompute = true;   // the trainer's buffers at their smallest (one layer's weights): generation has its own
-    Trainer t; trainer_init(t, o);
-    Vocab vocab; bool have_vocab = !o.vocab.empty() && file_exists(o.vocab);
+    ql_assert(o.prompts.empty() != o.val.empty(),
+              "qlora sample needs --prompt TEXT (one or more) or --val FILE, not both (see --help)");
+    o.batch = 1;
+    o.seq = 1;
+    o.steps = 0;
+    o.train.clear();
+    o.recompute = true;   // the trainer's buffers at their smallest (one layer's weights): generation has its own
+    Trainer t;
+    trainer_init(t, o);
+    Vocab vocab;
+    bool have_vocab = !o.vocab.empty() && file_exists(o.vocab);
     if (have_vocab) vocab_load(vocab, o.vocab);
     const Vocab* v = have_vocab ? &vocab : nullptr;
-    GenSettings gs; gs.temperature = o.temperature; gs.top_p = o.top_p; gs.seed = o.seed; gs.lora = !o.adapter.empty();
+    GenSettings gs;
+    gs.temperature = o.temperature;
+    gs.top_p = o.top_p;
+    gs.seed = o.seed;
+    gs.lora = !o.adapter.empty();
     gs.eos = v && vocab.eos != VOCAB_NONE ? (int)vocab.eos : -1;
     char how[96] = "greedy";
-    if (o.temperature > 0) snprintf(how, sizeof how, "temperature %g, top-p %g, seed %llu", o.temperature, o.top_p, (unsigned long long)o.seed);
-    printf("sample: %s%s | %s | up to %d new tokens%s\n", o.model.c_str(), gs.lora ? (" + " + o.adapter).c_str() : " (base model alone)",
-           how, o.max_new, v ? "" : " | no vocabulary table: token ids");
-    std::vector<std::vector<int>> prompts; std::vector<Example> ex;
+    if (o.temperature > 0)
+        snprintf(how, sizeof how, "temperature %g, top-p %g, seed %llu", o.temperature, o.top_p, (unsigned long long)o.seed);
+    printf("sample: %s%s | %s | up to %d new tokens%s\n", o.model.c_str(),
+           gs.lora ? (" + " + o.adapter).c_str() : " (base model alone)", how, o.max_new,
+           v ? "" : " | no vocabulary table: token ids");
+    std::vector<std::vector<int>> prompts;
+    std::vector<Example> ex;
     if (!o.val.empty()) {
-        TokenFile f; token_file_open(f, o.val, t.m.cfg.vocab_size);
+        TokenFile f;
+        token_file_open(f, o.val, t.m.cfg.vocab_size);
         ex = examples_of(f);
         ql_assert(!ex.empty(), "%s has no prompts (no loss mask): use --prompt TEXT", o.val.c_str());
         if (o.temperature == 0) {
-            std::vector<Example> scored(ex.begin(), ex.begin() + (o.eval_examples ? std::min<size_t>(o.eval_examples, ex.size()) : ex.size()));
+            std::vector<Example> scored(ex.begin(),
+                                        ex.begin() + (o.eval_examples ? std::min<size_t>(o.eval_examples, ex.size()) : ex.size()));
             int right = accuracy(t, scored, gs.lora);
-            printf("accuracy %d/%zu = %.1f%% (greedy, exact match) on %s\n", right, scored.size(), 100.0 * right / scored.size(), o.val.c_str());
+            printf("accuracy %d/%zu = %.1f%% (greedy, exact match) on %s\n", right, scored.size(), 100.0 * right / scored.size(),
+                   o.val.c_str());
         }
         ex.resize(std::min<size_t>(o.samples, ex.size()));
         for (const Example& x : ex) prompts.push_back(x.prompt);
-    } else for (const std::string& p : o.prompts) prompts.push_back(encode_prompt(p, v));
+    } else
+        for (const std::string& p : o.prompts) prompts.push_back(encode_prompt(p, v));
     std::vector<std::vector<int>> got = generate(t, prompts, std::vector<int>(prompts.size(), o.max_new), gs);
     for (size_t i = 0; i < got.size(); i++) print_sample(v, prompts[i], got[i], ex.empty() ? nullptr : &ex[i].answer);
     return 0;
@@ -1176,8 +1360,14 @@ static std::string state_signature(const Trainer& t) {   // + the world size of 
 }
 static void save_state(Trainer& t, const Data& d, int step, const std::string& dir) {
     size_t n = t.m.n_lora;
-    ResumeState s; s.step = step; s.epoch = d.loader.st.epoch; s.cursor = d.loader.st.cursor; s.offset = d.loader.st.offset;
-    s.lora.resize(n); s.adam_m.resize(n); s.adam_v.resize(n);
+    ResumeState s;
+    s.step = step;
+    s.epoch = d.loader.st.epoch;
+    s.cursor = d.loader.st.cursor;
+    s.offset = d.loader.st.offset;
+    s.lora.resize(n);
+    s.adam_m.resize(n);
+    s.adam_v.resize(n);
     cudaCheck(cudaMemcpy(s.lora.data(), t.m.lora, n * 4, cudaMemcpyDeviceToHost));
     cudaCheck(cudaMemcpy(s.adam_m.data(), t.m.adam_m, n * 4, cudaMemcpyDeviceToHost));
     cudaCheck(cudaMemcpy(s.adam_v.data(), t.m.adam_v, n * 4, cudaMemcpyDeviceToHost));
@@ -1199,7 +1389,10 @@ static int load_state(Trainer& t, Data& d, const std::string& dir) {
 // SIGINT/SIGTERM: the first finishes the current step, saves and exits 0; a second exits at once
 // (a save is switched in whole, out_write_set: nothing is left half-written).
 static volatile sig_atomic_t g_stop = 0;
-static void on_signal(int) { if (g_stop) _exit(130); g_stop = 1; }
+static void on_signal(int) {
+    if (g_stop) _exit(130);
+    g_stop = 1;
+}
 
 static void data_init(Trainer& t, Data& d) {
     d.file = !t.o.train.empty();
@@ -1210,7 +1403,10 @@ static void data_init(Trainer& t, Data& d) {
         token_file_require_targets(d.train, t.o.train, "--train");
         d.loader.init(&d.train, t.o.seed, true);
     }
-    if (!t.o.val.empty()) { token_file_open(d.val, t.o.val, t.m.cfg.vocab_size); token_file_require_targets(d.val, t.o.val, "--val"); }
+    if (!t.o.val.empty()) {
+        token_file_open(d.val, t.o.val, t.m.cfg.vocab_size);
+        token_file_require_targets(d.val, t.o.val, "--val");
+    }
     printf("data: %s", d.file ? t.o.train.c_str() : "synthetic (random tokens)");
     if (d.file) printf(" (%llu tokens, %llu documents)", (unsigned long long)d.train.n_tokens, (unsigned long long)d.train.n_docs);
     if (!t.o.val.empty()) printf(", validation %s (%llu tokens)", t.o.val.c_str(), (unsigned long long)d.val.n_tokens);
@@ -1226,26 +1422,44 @@ int main(int argc, char** argv) {
     if (!o.out.empty()) out_lock(o.out);   // before any work: not a file, and no other run writing it
     Trainer t;
     trainer_init(t, o);
-    if (t.dist.rank > 0) { o.log.clear(); o.out.clear(); }   // rank 0 logs and saves for all: the adapters are the same
-    Data d; data_init(t, d);
+    if (t.dist.rank > 0) {
+        o.log.clear();
+        o.out.clear();
+    }   // rank 0 logs and saves for all: the adapters are the same
+    Data d;
+    data_init(t, d);
     int start = o.resume.empty() ? 0 : load_state(t, d, o.resume);
     if (start) printf("resumed from %s at step %d\n", o.resume.c_str(), start);
-    TaskEval te; if (!o.val.empty()) { task_eval_init(t, d, te); report(t, d, te, start ? "at resume" : "before"); }
+    TaskEval te;
+    if (!o.val.empty()) {
+        task_eval_init(t, d, te);
+        report(t, d, te, start ? "at resume" : "before");
+    }
     FILE* logf = o.log.empty() ? nullptr : fopen(o.log.c_str(), start ? "a" : "w");
     ql_assert(o.log.empty() || logf, "cannot open log file %s", o.log.c_str());
-    struct sigaction sa = {}; sa.sa_handler = on_signal; sigaction(SIGINT, &sa, nullptr); sigaction(SIGTERM, &sa, nullptr);
+    struct sigaction sa = {};
+    sa.sa_handler = on_signal;
+    sigaction(SIGINT, &sa, nullptr);
+    sigaction(SIGTERM, &sa, nullptr);
     double fpt = flops_per_token(t.m.cfg, o.seq), tok_per_step = (double)o.batch * o.seq * o.grad_accum;
     size_t free_b, total_b, peak = 0;
     std::vector<double> times;
     int bad = 0, step = start;
     double run_s = 0;   // this run's steps so far, for the ETA
     auto log = [&](const char* line, bool show = true) {
-        if (show) { printf("%s\n", line); fflush(stdout); }
-        if (logf) { fprintf(logf, "%s\n", line); fflush(logf); }
+        if (show) {
+            printf("%s\n", line);
+            fflush(stdout);
+        }
+        if (logf) {
+            fprintf(logf, "%s\n", line);
+            fflush(logf);
+        }
     };
     for (; step < o.steps && !(g_stop = t.dist.any(g_stop, t.s, "the stop flag")); step++) {   // a Ctrl-C on any rank stops all
         auto t0 = std::chrono::steady_clock::now();
-        float lr = lr_at(o, step), norm = 0; bool ok;
+        float lr = lr_at(o, step), norm = 0;
+        bool ok;
         float loss = train_step(t, d, step, lr, &norm, &ok);
         double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         if (step > start || o.steps - start == 1) times.push_back(dt);   // the first step is warm-up, unless it is the only one
@@ -1254,33 +1468,44 @@ int main(int argc, char** argv) {
         double tps = tok_per_step / dt, mfu = 100.0 * tps * fpt / (o.peak_tflops * 1e12);
         run_s += dt;
         char line[352];
-        snprintf(line, sizeof line, "step %5d/%d | loss %.9g | lr %.3e | norm %.4f | %.0f tok/s | MFU %.1f%% | GPU mem %.2f GiB | %s%s",
-                 step + 1, o.steps, loss, lr, norm, tps, mfu, (total_b - free_b) / 1073741824.0,
-                 eta_text(run_s / (step + 1 - start) * (o.steps - step - 1)).c_str(), ok ? "" : " | SKIPPED: non-finite loss or gradient");
+        snprintf(line, sizeof line,
+                 "step %5d/%d | loss %.9g | lr %.3e | norm %.4f | %.0f tok/s | MFU %.1f%% | GPU mem %.2f GiB | %s%s", step + 1,
+                 o.steps, loss, lr, norm, tps, mfu, (total_b - free_b) / 1073741824.0,
+                 eta_text(run_s / (step + 1 - start) * (o.steps - step - 1)).c_str(),
+                 ok ? "" : " | SKIPPED: non-finite loss or gradient");
         log(line, !ok || (step + 1) % o.log_every == 0 || step == start || step + 1 == o.steps);
         bad = ok ? 0 : bad + 1;
         if (bad >= o.max_bad_steps) {
-            fprintf(stderr, "qlora: error: %d steps in a row with non-finite loss or gradients (last: step %d); stopping. "
-                    "The last good state is in %s\n", bad, step + 1, o.out.empty() ? "(no --out given)" : o.out.c_str());
+            fprintf(stderr,
+                    "qlora: error: %d steps in a row with non-finite loss or gradients (last: step %d); stopping. "
+                    "The last good state is in %s\n",
+                    bad, step + 1, o.out.empty() ? "(no --out given)" : o.out.c_str());
             return 1;
         }
         if (o.eval_every && !o.val.empty() && (step + 1) % o.eval_every == 0 && step + 1 < o.steps) {
             Report r = task_report(t, d, te);
-            snprintf(line, sizeof line, "eval  %5d | val loss %.4f | accuracy %d/%d (%.1f s)", step + 1, r.loss, r.right, r.total, r.seconds); log(line);
+            snprintf(line, sizeof line, "eval  %5d | val loss %.4f | accuracy %d/%d (%.1f s)", step + 1, r.loss, r.right, r.total,
+                     r.seconds);
+            log(line);
         }
         if (!o.out.empty() && o.save_every && (step + 1) % o.save_every == 0 && ok) save_state(t, d, step + 1, o.out);
     }
     if (g_stop) printf("interrupted: saving at step %d\n", step);
     ql_assert(t.dist.identical(t.m.lora, t.m.n_lora * sizeof(float), t.s, "comparing the adapters"),
-              "rank %d: the ranks' LoRA weights differ after step %d: a bug in data parallelism, please report it", t.dist.rank, step);
+              "rank %d: the ranks' LoRA weights differ after step %d: a bug in data parallelism, please report it", t.dist.rank,
+              step);
     if (!times.empty()) {
         std::sort(times.begin(), times.end());
         double med = times[times.size() / 2], tps = tok_per_step / med;
         printf("median step %.4f s | %.0f tok/s | MFU %.1f%% of %.0f TFLOP/s | peak GPU memory (driver) %.2f GiB%s\n", med, tps,
-               100.0 * tps * fpt / (o.peak_tflops * 1e12), o.peak_tflops, peak / 1073741824.0, o.steps - start == 1 ? " (one step, warm-up included)" : "");
+               100.0 * tps * fpt / (o.peak_tflops * 1e12), o.peak_tflops, peak / 1073741824.0,
+               o.steps - start == 1 ? " (one step, warm-up included)" : "");
     }
     if (!o.val.empty() && !g_stop) report(t, d, te, "after");
-    if (!o.out.empty()) { save_state(t, d, step, o.out); printf("adapter and resume state saved to %s (PEFT format)\n", o.out.c_str()); }
+    if (!o.out.empty()) {
+        save_state(t, d, step, o.out);
+        printf("adapter and resume state saved to %s (PEFT format)\n", o.out.c_str());
+    }
     t.prof.print();
     if (logf) fclose(logf);
     t.dist.finish();
