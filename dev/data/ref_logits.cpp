@@ -18,7 +18,7 @@ static void load_dense(RefModel& m, const std::string& dir) {
     ref_model_alloc(m, c);
     ref_model_fill_dense(m, c, v);
     for (int l = 0; l < c.n_layers; l++)
-        for (int p = 0; p < N_PROJ; p++) st_to_f32(m.layers[l].w[p], *v.w[l][p]);
+        for (int p = 0; p < N_PROJ; p++) st_to_f32(m.w.linear[l][p], *v.linear[l][p]);
 }
 
 int main(int argc, char** argv) {
