@@ -16,7 +16,6 @@
 #include "kernels/swiglu.cuh"      // defines: swiglu_forward, swiglu_backward
 #include "kernels/crossentropy.cuh"   // defines: fused_classifier
 #include "kernels/adamw.cuh"          // defines: grad_norm, adamw_update
-#include "kernels/bias.cuh"           // defines: add_bias (q/k/v biases)
 #include "kernels/lora.cuh"           // defines: lora_dropout_forward, lora_dropout_backward_add, cast_f32_to_bf16
 #include "kernels/decode.cuh"         // defines: kv_cache_store, decode_attention (generation)
 #include "generate.h"                 // defines: Vocab, choose_token, exact_match, print_sample, print_report
@@ -604,11 +603,9 @@ static void linears_forward(Trainer& t, const LinearRun& run, Group g, bf16* con
         int p = g.first + i, out = proj_out(c, p);
         bool lora = run.lora && lc.has(p);
         const bf16* bias = proj_has_bias(c, p) ? m.w.at(proj_bias_id(p), l) : nullptr;
-        if (bias) {   // y = bf16(x·Wᵀ) + b first; the LoRA output is added to that (PEFT: result + lora_out)
+        if (bias) {   // y = bf16(x·Wᵀ + b) first (F.linear: the bias in the fp32 epilogue); LoRA's term is added to it
             prof.to("frozen GEMMs");
-            gemm_forward(t.mm, ys[i], x, run.w[p], N, out, in);
-            prof.to("bias");
-            add_bias(ys[i], bias, N, out, t.s);
+            gemm_forward(t.mm, ys[i], x, run.w[p], N, out, in, 1.0f, 0.0f, bias);
         }
         if (lora) {
             MatIn uj(u + j * r, k * r);   // (N, r): columns j·r.. of u

@@ -45,7 +45,7 @@ struct MatmulCtx {
     void* workspace = nullptr;                // (32 MiB) split-K partials
     size_t workspace_bytes = 0;
     cudaStream_t stream = 0;
-    std::map<std::tuple<int, int, int, int, int, int, int, int, int, int, int>, MatmulPlan> plans;
+    std::map<std::tuple<int, int, int, int, int, int, int, int, int, int, int, int>, MatmulPlan> plans;
 };
 static const size_t MATMUL_WORKSPACE_BYTES = 32u << 20;
 
@@ -76,8 +76,8 @@ inline uint32_t matmul_alignment(const void* p, int ld, int esize) {
 }
 
 inline MatmulPlan& matmul_plan(MatmulCtx& ctx, int M, int N, int K, bool trans_a, bool trans_b, int out, bool accumulate,
-                               uint32_t align, int lda, int ldb, int ldc) {
-    auto key = std::make_tuple(M, N, K, (int)trans_a, (int)trans_b, out, (int)accumulate, (int)align, lda, ldb, ldc);
+                               uint32_t align, int lda, int ldb, int ldc, bool bias) {
+    auto key = std::make_tuple(M, N, K, (int)trans_a, (int)trans_b, out, (int)accumulate, (int)align, lda, ldb, ldc, (int)bias);
     auto it = ctx.plans.find(key);
     if (it != ctx.plans.end()) return it->second;
     MatmulPlan p;
@@ -86,6 +86,12 @@ inline MatmulPlan& matmul_plan(MatmulCtx& ctx, int M, int N, int K, bool trans_a
     cublasOperation_t opa = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, opb = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasCheck(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa)));
     cublasCheck(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb)));
+    if (bias) {   // + a bias per output feature (cuBLAS's rows), in the fp32 epilogue before the one rounding
+        cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+        cudaDataType_t bt = CUDA_R_16BF;
+        cublasCheck(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+        cublasCheck(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof(bt)));
+    }
     // column-major shapes of the stored matrices: our B is (N, K) [or (K, N) when trans_b], our A is
     // (K, M) [or (M, K) when trans_a], C is (N, M)
     cublasCheck(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, trans_b ? K : N, trans_b ? N : K, ldb));
@@ -112,8 +118,10 @@ inline MatmulPlan& matmul_plan(MatmulCtx& ctx, int M, int N, int K, bool trans_a
 // C (M, N) [bf16 or fp32, by out] = alpha * op(A) · op(B) + beta * C; A, B bf16. See the top of the file.
 // lda, ldb, ldc: row pitches in elements of the stored matrices, 0 = packed (a column slice of a
 // wider matrix, e.g. one projection's u inside the (N, 3r) u of q|k|v, passes the wide pitch).
+// bias (N) bf16, optional: added to each row of alpha·op(A)·op(B) in fp32, before the rounding (F.linear's bias).
 inline void matmul(MatmulCtx& ctx, void* C, int out, const bf16* A, const bf16* B, int M, int N, int K,
-                   bool trans_a, bool trans_b, float alpha = 1.0f, float beta = 0.0f, int lda = 0, int ldb = 0, int ldc = 0) {
+                   bool trans_a, bool trans_b, float alpha = 1.0f, float beta = 0.0f, int lda = 0, int ldb = 0, int ldc = 0,
+                   const bf16* bias = nullptr) {
     kernel_assert(M > 0 && N > 0 && K > 0, "matmul: empty shape M=%d N=%d K=%d", M, N, K);
     kernel_assert(out == MM_BF16 || out == MM_F32, "matmul: unknown output type %d", out);
     int pa = trans_a ? M : K, pb = trans_b ? K : N;   // packed pitches
@@ -123,7 +131,8 @@ inline void matmul(MatmulCtx& ctx, void* C, int out, const bf16* A, const bf16* 
     uint32_t ab = matmul_alignment(B, ldb, 2), ac = matmul_alignment(C, ldc, out == MM_F32 ? 4 : 2);
     align = align < ab ? align : ab; align = align < ac ? align : ac;
     kernel_assert(align >= 2, "matmul: operands must be at least element-aligned");
-    MatmulPlan& p = matmul_plan(ctx, M, N, K, trans_a, trans_b, out, beta != 0.0f, align, lda, ldb, ldc);
+    MatmulPlan& p = matmul_plan(ctx, M, N, K, trans_a, trans_b, out, beta != 0.0f, align, lda, ldb, ldc, bias != nullptr);
+    if (bias) cublasCheck(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
     cublasCheck(cublasLtMatmul(ctx.handle, p.op, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c, &p.algo,
                                ctx.workspace, ctx.workspace_bytes, ctx.stream));
 }
@@ -144,9 +153,10 @@ struct MatOut {
     MatOut(bf16* p_, int ld_ = 0) : p(p_), ld(ld_), type(MM_BF16) {}
     MatOut(float* p_, int ld_ = 0) : p(p_), ld(ld_), type(MM_F32) {}
 };
-// y (N, out) = alpha·x·Wᵀ + beta·y                x (N, in), W (out, in)
-inline void gemm_forward(MatmulCtx& ctx, MatOut y, MatIn x, MatIn W, int N, int out, int in, float alpha = 1.0f, float beta = 0.0f) {
-    matmul(ctx, y.p, y.type, x.p, W.p, N, out, in, false, true, alpha, beta, x.ld, W.ld, y.ld);
+// y (N, out) = alpha·x·Wᵀ (+ bias, in fp32 before the rounding) + beta·y      x (N, in), W (out, in), bias (out)
+inline void gemm_forward(MatmulCtx& ctx, MatOut y, MatIn x, MatIn W, int N, int out, int in, float alpha = 1.0f, float beta = 0.0f,
+                         const bf16* bias = nullptr) {
+    matmul(ctx, y.p, y.type, x.p, W.p, N, out, in, false, true, alpha, beta, x.ld, W.ld, y.ld, bias);
 }
 // dx (N, in) = alpha·dy·W + beta·dx               dy (N, out), W (out, in)
 inline void gemm_input_grad(MatmulCtx& ctx, MatOut dx, MatIn dy, MatIn W, int N, int in, int out, float alpha = 1.0f,

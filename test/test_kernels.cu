@@ -20,7 +20,6 @@
 #include "../kernels/crossentropy.cuh"  // defines: fused_classifier, crossentropy_forward_backward
 #include "../kernels/adamw.cuh"         // defines: grad_norm, adamw_update
 #include "../kernels/lora.cuh"          // defines: lora_dropout_forward, lora_dropout_backward_add, cast_f32_to_bf16
-#include "../kernels/bias.cuh"          // defines: add_bias
 #include "../kernels/decode.cuh"        // defines: kv_cache_store, decode_attention
 #include "../formats.h"                 // defines: quantize_weight, f32_to_bf16, rng_uniform, SafeTensors
 #include "../reference.h"               // defines: ref_rmsnorm_*, ref_rope, ref_swiglu_*, ref_cross_entropy_*, ref_lora_dropout
@@ -536,16 +535,32 @@ static void test_swiglu() {
 // ---------------------------------------------------------------------------------------------
 // cross entropy
 
-// add_bias: y = bf16(y + b), b broadcast over rows: exact (one fp32 add of two bf16 values, rounded once)
-static void test_bias() {
-    int N = 300, C = 136;   // C: a multiple of 8, not of the block
-    std::vector<uint16_t> y = rand_bf16((size_t)N * C, 3.0f, 950), b = rand_bf16(C, 1.0f, 951), want(y.size());
-    for (size_t i = 0; i < y.size(); i++) want[i] = f32_to_bf16(bf16_to_f32(y[i]) + bf16_to_f32(b[i % C]));
-    DB16 Y(y), B(b);
-    add_bias(Y.b(), B.b(), N, C, 0);
+// gemm_forward with a bias (Qwen2's q/k/v_proj): y (N, out) = bf16(x·Wᵀ + b), the bias added in the
+// fp32 epilogue before the one rounding, as F.linear; then PEFT's LoRA term on top (beta = 1)
+static void test_bias(MatmulCtx& ctx) {
+    int N = 45, out = 136, in = 256;
+    std::vector<uint16_t> x = rand_bf16((size_t)N * in, 1.0f, 950), w = rand_bf16((size_t)out * in, 0.1f, 951),
+                          b = rand_bf16(out, 2.0f, 952);
+    DB16 X(x), W(w), B(b), Y((size_t)N * out);
+    Y.poison();
+    gemm_forward(ctx, Y.b(), X.b(), W.b(), N, out, in, 1.0f, 0.0f, B.b());
     dsync();
-    std::vector<uint16_t> got = Y.down();
-    check_bytes("add_bias: bf16(y + b[col]) over 300 x 136, bit for bit", got.data(), want.data(), 2 * want.size());
+    std::vector<uint16_t> y = Y.down();
+    std::vector<double> got(y.size()), ref(y.size()), bound(y.size());
+    for (int i = 0; i < N; i++)
+        for (int o = 0; o < out; o++) {
+            double s = bf16_to_f32(b[o]), sa = fabs(s);
+            for (int k = 0; k < in; k++) {
+                double p = (double)bf16_to_f32(x[(size_t)i * in + k]) * bf16_to_f32(w[(size_t)o * in + k]);
+                s += p;
+                sa += fabs(p);
+            }
+            size_t j = (size_t)i * out + o;
+            ref[j] = s;
+            got[j] = bf16_to_f32(y[j]);
+            bound[j] = BF16 * fabs(s) + 2 * FP32_ULP * (in + 2) * sa;   // one bf16 rounding, fp32 sums
+        }
+    check_within("gemm_forward + bias: bf16(x·Wᵀ + b), one rounding (45 x 136 x 256)", got, ref, bound);
 }
 
 static void test_crossentropy(MatmulCtx& ctx) {
@@ -820,7 +835,7 @@ int main() {
     test_rmsnorm();
     test_rope();
     test_swiglu();
-    test_bias();
+    test_bias(ctx);
     test_crossentropy(ctx);
     test_adamw();
     test_lora();
