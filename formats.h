@@ -52,6 +52,24 @@ struct JsonParser {
         }
         return false;
     }
+    // at '{' or '[': v becomes an object or array; true if it is empty (its `close` read too)
+    bool opened_empty(Json& v, Json::Type type, char close) {
+        v.type = type;
+        i++;
+        ws();
+        if (i < n && s[i] == close) {
+            i++;
+            return true;
+        }
+        return false;
+    }
+    // after a member of an object or array: ',' (1: another member), `close` (0: the end), else fail (-1)
+    int separator(char close, const char* what) {
+        ws();
+        if (i < n && (s[i] == ',' || s[i] == close)) return s[i++] == ',' ? 1 : 0;
+        fail((i >= n ? std::string("unterminated ") + what : std::string("expected ',' or '") + close + "'").c_str());
+        return -1;
+    }
     void ws() {
         while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) i++;
     }
@@ -199,13 +217,7 @@ struct JsonParser {
         if (i >= n) return fail("unexpected end");
         char c = s[i];
         if (c == '{') {
-            v.type = Json::OBJ;
-            i++;
-            ws();
-            if (i < n && s[i] == '}') {
-                i++;
-                return true;
-            }
+            if (opened_empty(v, Json::OBJ, '}')) return true;
             std::set<std::string> keys;   // not a scan of v.obj: a hostile header has millions of keys
             while (true) {
                 ws();
@@ -217,41 +229,17 @@ struct JsonParser {
                 i++;
                 v.obj.emplace_back(std::move(k), Json());
                 if (!value(v.obj.back().second, depth + 1)) return false;
-                ws();
-                if (i >= n) return fail("unterminated object");
-                if (s[i] == ',') {
-                    i++;
-                    continue;
-                }
-                if (s[i] == '}') {
-                    i++;
-                    return true;
-                }
-                return fail("expected ',' or '}'");
+                int next = separator('}', "object");
+                if (next <= 0) return next == 0;
             }
         }
         if (c == '[') {
-            v.type = Json::ARR;
-            i++;
-            ws();
-            if (i < n && s[i] == ']') {
-                i++;
-                return true;
-            }
+            if (opened_empty(v, Json::ARR, ']')) return true;
             while (true) {
                 v.arr.emplace_back();
                 if (!value(v.arr.back(), depth + 1)) return false;
-                ws();
-                if (i >= n) return fail("unterminated array");
-                if (s[i] == ',') {
-                    i++;
-                    continue;
-                }
-                if (s[i] == ']') {
-                    i++;
-                    return true;
-                }
-                return fail("expected ',' or ']'");
+                int next = separator(']', "array");
+                if (next <= 0) return next == 0;
             }
         }
         if (c == '"') {

@@ -82,7 +82,7 @@ inline void vocab_load(Vocab& v, const std::string& path) {
 }
 
 // Prompt text -> ids: through the vocabulary table (bos first, if the table has one), or, without
-// a table, the text is the ids themselves ("1 5 9"). (qlora.cu's encode_prompt is the same.)
+// a table, the text is the ids themselves ("1 5 9").
 inline std::vector<int> prompt_ids(const std::string& text, const Vocab* vocab) {
     std::vector<int> ids;
     if (vocab) {

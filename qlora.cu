@@ -342,16 +342,11 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
         int first;
         return N * r * group_lora(m.lc, g, &first);
     };   // elements of a group's u (N, k·r)
+    using Rows = std::initializer_list<std::pair<bf16**, size_t>>;   // (buffer, its row width): N rows each
     for (auto& ly : a.l) {
-        A.want(&ly.n1, N * H);
-        A.want(&ly.q, N * q);
-        A.want(&ly.k, N * kv);
-        A.want(&ly.v, N * kv);
-        A.want(&ly.att, N * q);
-        A.want(&ly.h_mid, N * H);
-        A.want(&ly.n2, N * H);
-        A.want(&ly.gate, N * I);
-        A.want(&ly.up, N * I);
+        for (auto [p, width] : Rows{{&ly.n1, H}, {&ly.q, q}, {&ly.k, kv}, {&ly.v, kv}, {&ly.att, q}, {&ly.h_mid, H}, {&ly.n2, H},
+                                    {&ly.gate, I}, {&ly.up, I}})
+            A.want(p, N * width);
         A.want(&ly.rstd1, N);
         A.want(&ly.rstd2, N);
         A.want(&ly.lse, (size_t)o.batch * c.n_heads * o.seq);
@@ -393,13 +388,8 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     S.want(&a.losses, N);
     S.want(&a.loss_sum, 1);
     S.want(&a.norm, 1);
-    G.want(&a.dres, N * H);
-    G.want(&a.dn, N * H);
-    G.want(&a.datt, N * q);
-    G.want(&a.dq, N * q);
-    G.want(&a.dk, N * kv);
-    G.want(&a.dv, N * kv);
-    G.want(&a.dact, N * I);
+    for (auto [p, width] : Rows{{&a.dres, H}, {&a.dn, H}, {&a.datt, q}, {&a.dq, q}, {&a.dk, kv}, {&a.dv, kv}, {&a.dact, I}})
+        G.want(p, N * width);
     a.dq_pre = a.dk_pre = nullptr;
     if (c.qk_norm) {
         G.want(&a.dq_pre, N * q);
@@ -1280,23 +1270,6 @@ static void report(Trainer& t, Data& d, const TaskEval& e, const char* when) {
     fflush(stdout);
 }
 
-// Prompt text -> ids: through the vocabulary table (bos first, if the table has one), or, without
-// a table, the text is the ids themselves ("1 5 9").
-static std::vector<int> encode_prompt(const std::string& text, const Vocab* vocab) {
-    std::vector<int> ids;
-    if (vocab) {
-        ids = vocab->encode(text);
-        if (vocab->bos != VOCAB_NONE && (ids.empty() || ids[0] != (int)vocab->bos)) ids.insert(ids.begin(), (int)vocab->bos);
-        return ids;
-    }
-    const char* p = text.c_str();
-    char* end;
-    for (long v; (v = strtol(p, &end, 10)), end != p; p = end) ids.push_back((int)v);
-    ql_assert(*p == 0 || isspace((unsigned char)*p),
-              "--prompt \"%s\": without a vocabulary table (--vocab FILE) a prompt is token ids, e.g. \"1 5 9\"", text.c_str());
-    return ids;
-}
-
 // qlora sample: the base model (or base + --adapter) continues --prompt texts or the prompts of a
 // --val file (first --samples K, with their expected answers; greedy: the accuracy over
 // --eval-examples too).
@@ -1343,7 +1316,7 @@ static int sample_mode(Options o) {
         ex.resize(std::min<size_t>(o.samples, ex.size()));
         for (const Example& x : ex) prompts.push_back(x.prompt);
     } else
-        for (const std::string& p : o.prompts) prompts.push_back(encode_prompt(p, v));
+        for (const std::string& p : o.prompts) prompts.push_back(prompt_ids(p, v));
     std::vector<std::vector<int>> got = generate(t, prompts, std::vector<int>(prompts.size(), o.max_new), gs);
     for (size_t i = 0; i < got.size(); i++) print_sample(v, prompts[i], got[i], ex.empty() ? nullptr : &ex[i].answer);
     return 0;

@@ -77,6 +77,18 @@ inline void ref_model_load(RefModel& m, const std::string& dir) {
         }
 }
 
+// The checkpoint with its linears exactly as stored (no NF4 round trip), for checks against dense
+// models (merge, a converted checkpoint's logits).
+inline void ref_model_load_dense(RefModel& m, const std::string& dir) {
+    Config c = load_config(dir + "/config.json");
+    SafeTensors st = st_open_model(dir);
+    CheckpointView v = checkpoint_view(c, st);
+    ref_model_alloc(m, c);
+    ref_model_fill_dense(m, c, v);
+    for (int l = 0; l < c.n_layers; l++)
+        for (int p = 0; p < N_PROJ; p++) st_to_f32(m.w.linear[l][p], *v.linear[l][p]);
+}
+
 // One micro-batch. Rows are r = b*T + t.
 struct RefBatch {
     const int* inputs = nullptr;     // (B, T) token ids

@@ -513,16 +513,6 @@ static void test_bnb() {
 // ---------------------------------------------------------------------------------------------
 // merge
 
-// the model with its linears exactly as stored (no quantization), embeddings and norms as stored
-static void ref_model_load_dense(RefModel& m, const std::string& dir) {
-    Config c = load_config(dir + "/config.json");
-    SafeTensors st = st_open_model(dir);
-    CheckpointView v = checkpoint_view(c, st);
-    ref_model_alloc(m, c);
-    ref_model_fill_dense(m, c, v);
-    for (int l = 0; l < c.n_layers; l++)
-        for (int p = 0; p < N_PROJ; p++) st_to_f32(m.w.linear[l][p], *v.linear[l][p]);
-}
 struct Inputs { std::vector<int32_t> ids; int B, T; };
 static Inputs ref_inputs() {
     SafeTensors d = st_open(TIED + "/debug_fp32.safetensors");

@@ -10,17 +10,6 @@
 #include <cstdio>        // defines: fopen, fread, fwrite
 #include <cstring>       // defines: strcmp
 
-// The checkpoint's weights as stored: no NF4 round trip.
-static void load_dense(RefModel& m, const std::string& dir) {
-    Config c = load_config(dir + "/config.json");
-    SafeTensors st = st_open_model(dir);
-    CheckpointView v = checkpoint_view(c, st);
-    ref_model_alloc(m, c);
-    ref_model_fill_dense(m, c, v);
-    for (int l = 0; l < c.n_layers; l++)
-        for (int p = 0; p < N_PROJ; p++) st_to_f32(m.w.linear[l][p], *v.linear[l][p]);
-}
-
 int main(int argc, char** argv) {
     if (argc < 4 || argc > 5 || (argc == 5 && strcmp(argv[4], "--dense"))) {
         fprintf(stderr, "usage: ref_logits MODEL IDS.bin OUT.bin [--dense]\n");
@@ -28,7 +17,7 @@ int main(int argc, char** argv) {
     }
     bool dense = argc == 5;
     RefModel m;
-    if (dense) load_dense(m, argv[1]);
+    if (dense) ref_model_load_dense(m, argv[1]);
     else { rcp_table_load("data/rcp_delta.bin"); ref_model_load(m, argv[1]); }
     const Config& c = m.cfg;
 
