@@ -136,7 +136,8 @@ struct Flag {
 inline const std::vector<Flag>& flag_table() {
     static const std::vector<Flag> t = {
         QL_STR("--model", "DIR|random:NAME", TRAIN | SAMPLE | QUANTIZE | MERGE | BOTH, model,
-               "Hugging Face checkpoint; random:NAME: random weights of a real shape (GPU; tiny, llama3-1b/3b/8b/70b/405b, qwen2.5-7b, qwen3-8b)"),
+               "Hugging Face checkpoint; random:NAME: random weights of a real shape (GPU; tiny, llama3-1b/3b/8b/70b/405b, "
+               "qwen2.5-7b, qwen3-8b)"),
         QL_STR("--train", "FILE", TRAIN | BOTH, train, "token file (dev/data/prepare.py); ./qlora without it: random tokens"),
         QL_SWITCH("--synthetic-data", TRAIN | GPU, train, "", "random tokens (the default without --train)"),
         QL_STR("--val", "FILE", TRAIN | SAMPLE | BOTH, val,

@@ -341,11 +341,18 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     auto ku = [&](Group g) {
         int first;
         return N * r * group_lora(m.lc, g, &first);
-    };   // elements of a group's u (N, k·r)
+    };                                                               // elements of a group's u (N, k·r)
     using Rows = std::initializer_list<std::pair<bf16**, size_t>>;   // (buffer, its row width): N rows each
     for (auto& ly : a.l) {
-        for (auto [p, width] : Rows{{&ly.n1, H}, {&ly.q, q}, {&ly.k, kv}, {&ly.v, kv}, {&ly.att, q}, {&ly.h_mid, H}, {&ly.n2, H},
-                                    {&ly.gate, I}, {&ly.up, I}})
+        for (auto [p, width] : Rows{{&ly.n1, H},
+                                    {&ly.q, q},
+                                    {&ly.k, kv},
+                                    {&ly.v, kv},
+                                    {&ly.att, q},
+                                    {&ly.h_mid, H},
+                                    {&ly.n2, H},
+                                    {&ly.gate, I},
+                                    {&ly.up, I}})
             A.want(p, N * width);
         A.want(&ly.rstd1, N);
         A.want(&ly.rstd2, N);
@@ -1471,7 +1478,7 @@ int main(int argc, char** argv) {
                100.0 * tps * fpt / (o.peak_tflops * 1e12), o.peak_tflops, peak / 1073741824.0,
                o.steps - start == 1 ? " (one step, warm-up included)" : "");
     }
-    if (!o.val.empty() && !g_stop) report(t, d, te, "after");
+    if (!o.val.empty() && !g_stop && step > start) report(t, d, te, "after");   // --steps 0: "before" is the report
     if (!o.out.empty()) {
         save_state(t, d, step, o.out);
         printf("adapter and resume state saved to %s (PEFT format)\n", o.out.c_str());

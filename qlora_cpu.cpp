@@ -355,7 +355,7 @@ static int train_run(const Options& o, RunResult* res = nullptr, const std::func
     if (res) res->step = step;
     if (g_stop) printf("interrupted: saving at step %d\n", step);
     if (step > start) printf("trained %d steps in %.1f s (%.0f tok/s)\n", step - start, seconds, tokens / seconds);
-    if (!o.val.empty() && !g_stop) report(t, "after", val, ex, have_vocab ? &vocab : nullptr);
+    if (!o.val.empty() && !g_stop && step > start) report(t, "after", val, ex, have_vocab ? &vocab : nullptr);   // --steps 0: "before" is the report
     if (!o.out.empty()) {
         save_state(t, loader, step, o.out);
         printf("adapter and resume state saved to %s (PEFT format)\n", o.out.c_str());
