@@ -528,6 +528,13 @@ inline MappedFile::MappedFile(const std::string& p) : path(p) {
 inline MappedFile::~MappedFile() {
     if (data) munmap((void*)data, size);
 }
+// Drops the pages of [p, p + n) from this process's memory once they have been read (a 70B
+// checkpoint is larger than the host's RAM): they are clean, file-backed and read-only, so a later
+// read just maps them again. Advice only: a failure changes nothing but the memory use.
+inline void mapped_release(const void* p, size_t n) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), a = (size_t)p / page * page, e = (size_t)p + n;
+    if (n) madvise((void*)a, e - a, MADV_DONTNEED);
+}
 
 struct STensor {
     std::string name, file;   // file: the path it lives in, for error messages

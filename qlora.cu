@@ -129,6 +129,18 @@ struct Model {
 struct Acts {
     int B, T, N;            // batch rows, sequence length, N = B·T tokens
     std::vector<bf16*> h;   // (L+1) x (N, H) residual stream entering layer l; h[L] before the final norm
+    // --offload: h[0..L-1] are kept in pinned host memory; on the GPU h[l] is ring[l % 2], which holds
+    // layer l's checkpoint while layer l runs (forward: written there and copied out on the copy stream
+    // while the next layer computes; backward: copied back in while layer l+1 runs). h[L] stays.
+    struct Offload {
+        bool on = false;
+        bf16* host = nullptr;        // (L, N, H) pinned
+        bf16* ring[2];               // 2 x (N, H) on the GPU: a.h[l] == ring[l % 2]
+        int holds[2] = {-1, -1};     // the layer whose h each slot holds
+        cudaStream_t copy;           // the copies' own stream
+        cudaEvent_t used[2];         // compute stream: done with the slot's content
+        cudaEvent_t copied[2];       // copy stream: the slot's last copy (out or in) is done
+    } off;
     struct Layer {          // one layer's activations, kept for backward
         bf16* n1;           // (N, H)   input_layernorm(h[l]): input of q/k/v_proj
         bf16* q;            // (N, qd)  q_proj (or q_norm(q_pre)), then RoPE in place
@@ -306,7 +318,7 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     Arena &W = ar[0], &D = ar[1], &P = ar[2], &A = ar[3], &U = ar[4], &S = ar[5], &G = ar[6];
     W.role = "frozen weights (NF4 + bf16 embeddings/norms)";
     P.role = "LoRA params, grads, AdamW";
-    A.role = "activations";
+    A.role = o.offload ? "activations (residual stream: 2 layers + the last)" : "activations";
     D.role = o.recompute ? "dequantized weights, one layer at a time" : "dequantized weights, all layers, for backward";
     U.role = "LoRA u = x A^T per group, kept for backward";
     S.role = "scratch (CE, attention)";
@@ -333,7 +345,13 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     a.T = o.seq;
     a.N = (int)N;
     a.h.resize(L + 1);
-    for (size_t l = 0; l <= L; l++) A.want(&a.h[l], N * H);
+    a.off.on = o.offload;
+    if (o.offload) {   // two slots and h[L] on the GPU; the (L, N, H) checkpoints in host memory (host_bytes)
+        A.want(&a.off.ring[0], N * H);
+        A.want(&a.off.ring[1], N * H);
+        A.want(&a.h[L], N * H);
+    } else
+        for (size_t l = 0; l <= L; l++) A.want(&a.h[l], N * H);
     a.l.resize(o.recompute ? 1 : L);
     a.wdq.resize(o.recompute ? 1 : L);
     for (auto& w : a.wdq)
@@ -410,29 +428,62 @@ static size_t arena_total(const std::vector<Arena>& ar) {
     return total;
 }
 
+// --offload: the residual stream checkpoints h[0..L-1] in pinned host memory
+static size_t offload_host_bytes(const Trainer& t) {
+    return (size_t)t.m.cfg.n_layers * t.o.batch * t.o.seq * t.m.cfg.dim * sizeof(bf16);
+}
+static void offload_alloc(Trainer& t) {
+    Acts& a = t.a;
+    auto t0 = std::chrono::steady_clock::now();
+    cudaCheck(cudaHostAlloc((void**)&a.off.host, offload_host_bytes(t), cudaHostAllocDefault));
+    cudaCheck(cudaStreamCreateWithFlags(&a.off.copy, cudaStreamNonBlocking));
+    for (int s = 0; s < 2; s++) {
+        cudaCheck(cudaEventCreateWithFlags(&a.off.used[s], cudaEventDisableTiming));
+        cudaCheck(cudaEventCreateWithFlags(&a.off.copied[s], cudaEventDisableTiming));
+    }
+    for (int l = 0; l < t.m.cfg.n_layers; l++) a.h[l] = a.off.ring[l % 2];
+    printf("offload: %.2f GiB of pinned host memory for the residual stream (%.1f s)\n", offload_host_bytes(t) / 1073741824.0,
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+}
+
 // Plans every allocation within the budget (--gpu-memory GiB, else what the GPU has free, less
-// 768 MiB for cuBLASLt's workspace and the CUDA context): recompute is switched on when the run
-// does not fit without it; prints the plan and what it chose; stops with advice if nothing fits.
+// 768 MiB for cuBLASLt's workspace and the CUDA context). What does not fit is traded for time, in
+// this order: recompute (each layer re-run in backward), then offload (the residual stream's
+// checkpoints to pinned host memory, if the host has room); prints the plan and what it chose and
+// why; stops with advice if nothing fits.
 static void plan_and_alloc(Trainer& t, std::vector<Arena>& ar) {
-    const Options& o = t.o;
+    Options& o = t.o;
     size_t free_b = 0, total_b = 0, headroom = (size_t)768 << 20;
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
     size_t budget = o.gpu_memory > 0 ? (size_t)(o.gpu_memory * 1073741824.0) - headroom : free_b - std::min(free_b, headroom);
     budget = std::min(budget, free_b - std::min(free_b, headroom));
+    double host_avail = memory_available();
+    if (o.offload) o.recompute = true;   // the checkpoints are what a recompute starts from
     plan_memory(t, ar);
     std::string why;
-    if (!t.o.recompute && arena_total(ar) > budget) {
-        char b[160];
-        snprintf(b, sizeof b, " (chosen: without it the run needs %.2f GiB, over the budget)", arena_total(ar) / 1073741824.0);
-        why = b;
-        t.o.recompute = true;
+    char b[200];
+    if (!o.recompute && arena_total(ar) > budget) {
+        snprintf(b, sizeof b, "; recompute chosen: without it the run needs %.2f GiB", arena_total(ar) / 1073741824.0);
+        why += b;
+        o.recompute = true;
+        plan_memory(t, ar);
+    }
+    if (!o.offload && arena_total(ar) > budget && offload_host_bytes(t) < 0.8 * host_avail) {
+        snprintf(b, sizeof b, "; offload chosen: with the residual stream on the GPU the run needs %.2f GiB",
+                 arena_total(ar) / 1073741824.0);
+        why += b;
+        o.offload = true;
         plan_memory(t, ar);
     }
     size_t total = arena_total(ar);
-    printf("memory plan (batch %d x seq %d, recompute %s%s):\n", o.batch, o.seq, t.o.recompute ? "on" : "off", why.c_str());
-    for (auto& x : ar) printf("  %-46s %9.2f GiB\n", x.role, x.bytes / 1073741824.0);
-    printf("  %-46s %9.2f GiB (budget %.2f GiB%s; the GPU has %.2f GiB free of %.2f)\n", "total", total / 1073741824.0,
+    printf("memory plan (batch %d x seq %d, recompute %s, offload %s%s):\n", o.batch, o.seq, o.recompute ? "on" : "off",
+           o.offload ? "on" : "off", why.c_str());
+    for (auto& x : ar) printf("  %-52s %9.2f GiB\n", x.role, x.bytes / 1073741824.0);
+    printf("  %-52s %9.2f GiB (budget %.2f GiB%s; the GPU has %.2f GiB free of %.2f)\n", "total on the GPU", total / 1073741824.0,
            budget / 1073741824.0, o.gpu_memory > 0 ? ", --gpu-memory" : "", free_b / 1073741824.0, total_b / 1073741824.0);
+    if (o.offload)
+        printf("  %-52s %9.2f GiB (the host has %.2f GiB available)\n", "residual stream checkpoints, pinned host memory",
+               offload_host_bytes(t) / 1073741824.0, host_avail / 1073741824.0);
     if (total > budget) {
         size_t weights = ar[0].bytes;
         if (weights + headroom > total_b)
@@ -440,10 +491,16 @@ static void plan_and_alloc(Trainer& t, std::vector<Arena>& ar) {
                 "the model does not fit one GPU: its 4-bit weights alone need %.2f GiB and this GPU has %.2f GiB; "
                 "it needs several GPUs, which qlora cannot split a model over yet",
                 weights / 1073741824.0, total_b / 1073741824.0);
-        ql_fail("this run needs %.2f GiB but the budget is %.2f GiB. Try --batch %d, or a shorter --seq.", total / 1073741824.0,
-                budget / 1073741824.0, o.batch > 1 ? o.batch / 2 : 1);
+        ql_fail("this run needs %.2f GiB but the budget is %.2f GiB. Try --batch %d, or a shorter --seq%s.", total / 1073741824.0,
+                budget / 1073741824.0, o.batch > 1 ? o.batch / 2 : 1,
+                o.offload ? "" : " (--offload needs more host memory than is available)");
     }
+    ql_assert(!o.offload || offload_host_bytes(t) < 0.9 * host_avail,
+              "--offload needs %.2f GiB of pinned host memory and the host has %.2f GiB available: try a smaller --batch or "
+              "--seq, or run without --offload",
+              offload_host_bytes(t) / 1073741824.0, host_avail / 1073741824.0);
     for (auto& x : ar) x.alloc();
+    if (o.offload) offload_alloc(t);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -468,12 +525,15 @@ static void upload_quant4(QWeight& w, const Quant4& q) {
 // Every weight of for_each_weight, from the checkpoint (or random: embeddings N(0, 0.02), norms 1,
 // linears N(0, 0.02) quantized on the GPU).
 static void load_model(Trainer& t) {
+    auto t0 = std::chrono::steady_clock::now();
     Model& m = t.m;
     const Config& c = m.cfg;
     size_t biggest = 0;
-    for_each_weight(c, [&](const Weight& w) { biggest = std::max(biggest, (size_t)w.numel()); });
+    for_each_weight(c, [&](const Weight& w) {
+        if (w.linear()) biggest = std::max(biggest, (size_t)w.numel());
+    });
     void* stage;
-    float* absmax_tmp;   // stage: one tensor in its file dtype (up to fp32)
+    float* absmax_tmp;   // stage: one linear in its file dtype (up to fp32); dense tensors go to their place
     cudaCheck(cudaMalloc(&stage, biggest * sizeof(float)));
     cudaCheck(cudaMalloc(&absmax_tmp, biggest / NF4_BLOCKSIZE * sizeof(float)));
     bool random = t.o.model.rfind("random:", 0) == 0, bnb = !random && config_is_bnb4(t.o.model + "/config.json");
@@ -499,8 +559,10 @@ static void load_model(Trainer& t) {
             }
             std::vector<uint16_t> h((size_t)n, f32_to_bf16(w.bias() ? 0.0f : 1.0f));   // random: biases 0, norms 1
             if (!random) {
-                std::vector<float> f = st_f32(*(bnb ? bv.w.at(w.id, w.layer) : v.at(w.id, w.layer)));
+                const STensor* ts = bnb ? bv.w.at(w.id, w.layer) : v.at(w.id, w.layer);
+                std::vector<float> f = st_f32(*ts);
                 for (int64_t i = 0; i < n; i++) h[i] = f32_to_bf16(f[i]);
+                mapped_release(ts->data, ts->nbytes);
             }
             cudaCheck(cudaMemcpy(dst, h.data(), n * 2, cudaMemcpyHostToDevice));
             return;
@@ -526,12 +588,15 @@ static void load_model(Trainer& t) {
                 quantize_into(q, (const float*)stage, n, absmax_tmp, t.s);
         }
         cudaCheck(cudaStreamSynchronize(t.s));
+        if (!random && !bnb) mapped_release(v.linear[w.layer][w.proj]->data, v.linear[w.layer][w.proj]->nbytes);
         if (!random && w.proj == N_PROJ - 1) {
             printf("\rloading %s: layer %d/%d", t.o.model.c_str(), w.layer + 1, c.n_layers);
             fflush(stdout);
         }
     });
-    if (!random) printf("\n");
+    if (!random)
+        printf("\nloaded in %.1f s; host memory peak so far %.2f GiB\n",
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), host_peak_rss() / 1073741824.0);
     std::vector<float> inv((size_t)c.head_dim / 2);
     rope_inv_freq(inv.data(), c);
     cudaCheck(cudaMemcpy(m.inv_freq, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
@@ -558,6 +623,40 @@ static Acts::Layer& acts(Trainer& t, int l) {
 }
 static bf16* const* wdq(Trainer& t, int l) {
     return t.a.wdq[t.o.recompute ? 0 : l].data();
+}
+
+// --offload, the ring of two residual slots (a.h[l] == ring[l % 2] for l < L). Every copy runs on
+// the copy stream between two events: it starts once the compute stream is done with the slot
+// (used), and the compute stream waits for it (copied) before touching the slot again.
+static void offload_copy(Trainer& t, int l, cudaMemcpyKind dir) {
+    Acts::Offload& f = t.a.off;
+    int s = l % 2;
+    size_t n = (size_t)t.a.N * t.m.cfg.dim;
+    bf16* host = f.host + (size_t)l * n;
+    cudaCheck(cudaEventRecord(f.used[s], t.s));
+    cudaCheck(cudaStreamWaitEvent(f.copy, f.used[s]));
+    cudaCheck(cudaMemcpyAsync(dir == cudaMemcpyDeviceToHost ? (void*)host : (void*)f.ring[s],
+                              dir == cudaMemcpyDeviceToHost ? (const void*)f.ring[s] : (const void*)host, n * sizeof(bf16), dir,
+                              f.copy));
+    cudaCheck(cudaEventRecord(f.copied[s], f.copy));
+    f.holds[s] = l;
+}
+// forward: before h[l] is written into its slot, the slot's last copy (h[l-2] going out) is done
+static void offload_before_write(Trainer& t, int l) {
+    if (t.a.off.on && l < t.m.cfg.n_layers) cudaCheck(cudaStreamWaitEvent(t.s, t.a.off.copied[l % 2]));
+}
+// forward: layer l is done with h[l]: it goes out while the next layer computes
+static void offload_out(Trainer& t, int l) {
+    if (t.a.off.on) offload_copy(t, l, cudaMemcpyDeviceToHost);
+}
+// backward, before layer l: h[l] in its slot (normally prefetched), and h[l-1] on its way into the
+// other slot, whose last reader (layer l+1's backward) is done
+static void offload_in(Trainer& t, int l) {
+    Acts::Offload& f = t.a.off;
+    if (!f.on) return;
+    if (f.holds[l % 2] != l) offload_copy(t, l, cudaMemcpyHostToDevice);
+    cudaCheck(cudaStreamWaitEvent(t.s, f.copied[l % 2]));
+    if (l > 0 && f.holds[(l - 1) % 2] != l - 1) offload_copy(t, l - 1, cudaMemcpyHostToDevice);
 }
 
 // w[p] (out, in) = layer l's seven NF4 linears, dequantized to bf16
@@ -721,6 +820,7 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
     const int* pos = a.packed ? a.pos : nullptr;
     const int* doc_start = a.packed ? a.doc_start : nullptr;
     ProfileScope prof(t.prof, "RMSNorm (+ residual)");
+    if (l > 0 && fresh) offload_before_write(t, l);
     if (l > 0 && fresh)   // h[l] = h_mid + down_proj(...) of layer l-1 (still in delta); n1 = input_layernorm(h[l])
         rmsnorm_residual_forward(a.h[l], y.n1, y.rstd1, acts(t, l - 1).h_mid, a.delta, m.w.at(W_ATTN_NORM, l), N, c.dim, c.norm_eps,
                                  t.s);
@@ -737,6 +837,7 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
     // h_mid = h + o_proj(att); n2 = post_attention_layernorm(h_mid)
     prof.to("RMSNorm (+ residual)");
     rmsnorm_residual_forward(y.h_mid, y.n2, y.rstd2, a.h[l], a.delta, m.w.at(W_MLP_NORM, l), N, c.dim, c.norm_eps, t.s);
+    if (fresh) offload_out(t, l);   // the forward's last read of h[l]
     bf16* gu[2] = {y.gate, y.up};
     linears_forward(t, run, G_GATE_UP, gu, y.n2, y.ugu, l, drop_seed);   // gate_proj(n2), up_proj(n2)
     if (!fresh) return;   // a recompute stops here: backward forms act itself and needs no down_proj output
@@ -753,6 +854,7 @@ static void forward(Trainer& t, float dloss, bool grad, uint64_t drop_seed) {
     a.training = grad;
     {
         ProfileScope prof(t.prof, "embedding");
+        offload_before_write(t, 0);
         embedding_forward(a.h[0], &a.flags[0], a.ids, m.w.at(W_EMBED), a.N, c.dim, c.vocab_size, t.s);   // h0 = embed_tokens(ids)
     }
     for (int l = 0; l < c.n_layers; l++) layer_forward(t, l, true, drop_seed);
@@ -777,6 +879,7 @@ static void backward(Trainer& t, uint64_t drop_seed) {
     rmsnorm_backward(a.dn, a.dres, a.h[c.n_layers], m.w.at(W_FINAL_NORM), a.rstdf, N, c.dim, false, t.s);
     std::swap(a.dres, a.dn);
     for (int l = c.n_layers - 1; l >= 0; l--) {
+        offload_in(t, l);   // --offload: h[l] back in its slot, h[l-1] on its way
         if (t.o.recompute) layer_forward(t, l, false, drop_seed);   // without, layer l's activations and weights are the forward's
         Acts::Layer& y = acts(t, l);
         LinearRun run = training_run(t, l);
@@ -833,8 +936,11 @@ static void trainer_init(Trainer& t, const Options& o) {
     bool random = o.model.rfind("random:", 0) == 0;
     Config c = random ? random_config(o.model.substr(7)) : load_config(o.model + "/config.json");
     ql_assert(c.head_dim == 64 || c.head_dim == 128, "head_dim %d: the attention kernel supports 64 and 128", c.head_dim);
-    ql_assert(o.seq <= c.max_seq_len, "--seq %d is longer than the model allows (max_position_embeddings %d)", o.seq,
+    ql_assert(o.seq <= c.max_seq_len || random, "--seq %d is longer than the model allows (max_position_embeddings %d)", o.seq,
               c.max_seq_len);
+    if (o.seq > c.max_seq_len)   // random weights were never trained at any length: a benchmark of memory and speed
+        printf("note: --seq %d is beyond %s's %d positions (allowed for random weights only: RoPE goes on as it is)\n", o.seq,
+               o.model.c_str(), c.max_seq_len);
     ql_assert(c.sliding_window == 0 || o.seq <= c.sliding_window,
               "--seq %d exceeds the model's sliding_window %d, which qlora does not implement", o.seq, c.sliding_window);
     for (int p = 0; p < N_PROJ; p++)

@@ -19,6 +19,7 @@
 #include <array>        // defines: std::array (WeightTable)
 #include <memory>       // defines: std::unique_ptr
 #include <sys/stat.h>   // defines: fstat, stat, S_ISREG
+#include <unistd.h>     // defines: sysconf
 #include <algorithm>    // defines: std::sort, std::find
 
 #ifdef __CUDACC__
@@ -89,6 +90,39 @@ inline std::vector<uint8_t> read_file(const std::string& path) {
 inline bool file_exists(const std::string& path) {
     struct stat sb;
     return stat(path.c_str(), &sb) == 0;
+}
+
+// Bytes this process may still allocate on the host: /proc/meminfo's MemAvailable, or less under a
+// cgroup (v2) limit. Both trainers plan their host memory against it.
+inline double memory_available() {
+    double avail = (double)sysconf(_SC_AVPHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    if (FILE* f = fopen("/proc/meminfo", "r")) {
+        char line[256];
+        unsigned long long kb;
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) avail = 1024.0 * kb;
+        fclose(f);
+    }
+    unsigned long long max_b = 0, cur_b = 0;
+    FILE* m = fopen("/sys/fs/cgroup/memory.max", "r");
+    FILE* c = fopen("/sys/fs/cgroup/memory.current", "r");
+    if (m && c && fscanf(m, "%llu", &max_b) == 1 && fscanf(c, "%llu", &cur_b) == 1 && max_b > cur_b)
+        avail = std::min(avail, (double)(max_b - cur_b));
+    if (m) fclose(m);
+    if (c) fclose(c);
+    return avail;
+}
+// This process's peak resident host memory so far (VmHWM), in bytes; 0 if unknown.
+inline double host_peak_rss() {
+    double b = 0;
+    if (FILE* f = fopen("/proc/self/status", "r")) {
+        char line[256];
+        unsigned long long kb;
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "VmHWM: %llu kB", &kb) == 1) b = 1024.0 * kb;
+        fclose(f);
+    }
+    return b;
 }
 
 // ---------------------------------------------------------------------------------------------

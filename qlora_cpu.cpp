@@ -70,22 +70,6 @@ static CpuMemPlan cpu_memory_plan(const Config& c, const LoraConfig& lc, int bat
     p.batch = 16.0 * batch * seq;
     return p;
 }
-// Bytes this process may still allocate: /proc/meminfo's MemAvailable, or less under a cgroup limit.
-static double memory_available() {
-    double avail = (double)sysconf(_SC_AVPHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
-    if (FILE* f = fopen("/proc/meminfo", "r")) {
-        char line[256]; unsigned long long kb;
-        while (fgets(line, sizeof line, f)) if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) avail = 1024.0 * kb;
-        fclose(f);
-    }
-    unsigned long long max_b = 0, cur_b = 0;
-    FILE* m = fopen("/sys/fs/cgroup/memory.max", "r");
-    FILE* c = fopen("/sys/fs/cgroup/memory.current", "r");
-    if (m && c && fscanf(m, "%llu", &max_b) == 1 && fscanf(c, "%llu", &cur_b) == 1 && max_b > cur_b) avail = std::min(avail, (double)(max_b - cur_b));
-    if (m) fclose(m);
-    if (c) fclose(c);
-    return avail;
-}
 static std::string gib(double b) {
     char s[32];
     if (b >= 1073741824.0) snprintf(s, sizeof s, "%.2f GiB", b / 1073741824.0); else snprintf(s, sizeof s, "%.1f MiB", b / 1048576.0);

@@ -8,7 +8,8 @@
 #   - a GPU fault mid-run (--inject-oom: a failing allocation) exits 1 with a clear message, and the
 #     last saved state stays loadable: a run resumes from it;
 #   - a second run writing the same --out is refused (the lock names the first's pid); a regular
-#     file as --out is refused before training.
+#     file as --out is refused before training;
+#   - a --gpu-memory budget that recompute alone does not meet switches on --offload, and says so.
 if ! nvidia-smi -L > /dev/null 2>&1 || [ ! -x ./qlora ]; then
   echo "SKIPPED test_resilience: no CUDA device"; echo "0 passed, 0 failed"; exit 0
 fi
@@ -45,5 +46,18 @@ kill -INT $pid; wait $pid; rc1=$?
 ok $? "a second ./qlora writing the same --out is refused, naming the first (pid $pid); the first saves and exits $rc1"
 ./qlora $short --out $d/full.log > $d/file.out 2>&1; rc=$?
 [ $rc = 1 ] && grep -q 'exists and is not a directory' $d/file.out && ! grep -qE '^step' $d/file.out; ok $? "--out naming a regular file: refused before training (exit $rc)"
+# the memory plan under --gpu-memory: a budget between the plan with the residual stream on the GPU
+# (--recompute) and the plan with it in host memory (--offload) chooses offload, says so, and the step
+# stays within the budget as the driver sees it (llama3-1b, 1 x 16384 tokens: 1.1 GiB of checkpoints)
+big="--model random:llama3-1b --batch 1 --seq 16384 --steps 2"
+total() { grep -oE 'total on the GPU +[0-9.]+' "$1" | grep -oE '[0-9.]+$'; }
+./qlora $big --recompute > $d/plan_rc.out 2>&1; r1=$?
+./qlora $big --offload > $d/plan_off.out 2>&1; r2=$?
+g=$(python3 -c "print(round(($(total $d/plan_rc.out) + $(total $d/plan_off.out)) / 2 + 0.75, 2))" 2>/dev/null)
+./qlora $big --gpu-memory "${g:-0}" > $d/plan_auto.out 2>&1; r3=$?
+peak=$(grep -oE 'peak GPU memory \(driver\) [0-9.]+' $d/plan_auto.out | grep -oE '[0-9.]+$')
+[ $r1 = 0 ] && [ $r2 = 0 ] && [ $r3 = 0 ] && grep -q 'recompute on, offload on; recompute chosen.*; offload chosen' $d/plan_auto.out \
+  && [ "$(grep -c 'offload: .* pinned host memory' $d/plan_off.out)" = 1 ]
+ok $? "--gpu-memory ${g:-?} (between the two plans, $(total $d/plan_rc.out) and $(total $d/plan_off.out) GiB): offload chosen and said so; peak ${peak:-?} GiB (driver)"
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]
