@@ -981,6 +981,15 @@ static double flops_per_token(const Config& c, int seq) {
     return 4 * (lin + (double)c.vocab_size * c.dim) + 3 * attn;
 }
 
+// what --recompute adds on top (hardware FLOPs, not model FLOPs): the re-run forward of every linear
+// but down_proj (the recompute stops before it) and of attention
+static double recompute_flops_per_token(const Config& c, int seq) {
+    double lin = 0;
+    for (int p = 0; p < N_PROJ; p++)
+        if (p != P_DOWN) lin += (double)proj_out(c, p) * proj_in(c, p);
+    return 2 * lin * c.n_layers + 4.0 * seq * c.n_heads * c.head_dim * c.n_layers / 2;
+}
+
 static float lr_at(const Options& o, int step) {
     return lr_schedule(step, o.steps, o.warmup, o.lr, o.min_lr_frac);
 }
@@ -1580,9 +1589,11 @@ int main(int argc, char** argv) {
     if (!times.empty()) {
         std::sort(times.begin(), times.end());
         double med = times[times.size() / 2], tps = tok_per_step / med;
-        printf("median step %.4f s | %.0f tok/s | MFU %.1f%% of %.0f TFLOP/s | peak GPU memory (driver) %.2f GiB%s\n", med, tps,
-               100.0 * tps * fpt / (o.peak_tflops * 1e12), o.peak_tflops, peak / 1073741824.0,
-               o.steps - start == 1 ? " (one step, warm-up included)" : "");
+        double hfpt = fpt + (t.o.recompute ? recompute_flops_per_token(t.m.cfg, o.seq) : 0);
+        printf("median step %.4f s | %.0f tok/s | MFU %.1f%% of %.0f TFLOP/s (HFU %.1f%%, recompute counted) | peak GPU memory "
+               "(driver) %.2f GiB%s\n",
+               med, tps, 100.0 * tps * fpt / (o.peak_tflops * 1e12), o.peak_tflops, 100.0 * tps * hfpt / (o.peak_tflops * 1e12),
+               peak / 1073741824.0, o.steps - start == 1 ? " (one step, warm-up included)" : "");
     }
     if (!o.val.empty() && !g_stop && step > start) report(t, d, te, "after");   // --steps 0: "before" is the report
     if (!o.out.empty()) {
