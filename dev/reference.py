@@ -24,9 +24,15 @@ it writes test/ref/<variant>/:
                                     q.{l}.{proj}.packed/absmax_q/absmax2/offset/absmax/deq
   debug_fp32.safetensors            fp32 compute: inputs, targets, lora.{l}.{proj}.A/B (initial),
   debug_bf16.safetensors            logits, loss, grad.{l}.{proj}.A/B, losses (N AdamW steps),
-                                    grad_norms; hyper-parameters in __metadata__
-The bf16 run keeps the model in bf16, LoRA master weights in fp32 and runs under torch.autocast(bf16):
-the regime qlora's GPU trainer implements. A pure-PyTorch NF4 quantizer (IEEE reciprocal, the kernel
+  debug_bf16_sdpa.safetensors       grad_norms; hyper-parameters in __metadata__
+The bf16 runs keep the model in bf16, LoRA master weights in fp32 and run under torch.autocast(bf16):
+the regime qlora's GPU trainer implements. fp32 and bf16 use eager attention (softmax(q·kᵀ)·v, the
+spec); bf16_sdpa is the same bf16 run with transformers' default attention, SDPA, which on the GPU is
+a flash-attention kernel. Its backward forms dS = P∘(dP − D) with D = rowsum(dO∘O) from the bf16 O,
+as qlora's attention does; eager sums P·dP instead. Σⱼ dSⱼ = 0 only in exact arithmetic, and the rest
+(δD·Σⱼ Pⱼkⱼ) grows with q/k biases: in qwen2, layer 1's q_proj/k_proj gradients get about twice
+eager's bf16 error from it (PyTorch's own SDPA on the CPU: grad 1.q_proj.A 2.85% of its scale vs
+eager's 1.09%). So the GPU test's yardstick is the worse of the two bf16 runs. A pure-PyTorch NF4 quantizer (IEEE reciprocal, the kernel
 thresholds) is checked against bitsandbytes on every weight; the result goes in the metadata.
 """
 import argparse, json, os, re
@@ -106,12 +112,12 @@ def build_checkpoint(dirname, model_type, spec):
                     p.copy_(0.5 + torch.rand(p.shape, generator=g))
     model.to(torch.bfloat16).save_pretrained(dirname)
 
-def load_quantized(dirname, dtype):
+def load_quantized(dirname, dtype, attn="eager"):
     """The checkpoint with every decoder linear replaced by bnb Linear4bit (NF4, double quant); a bias
     (qwen2's q/k/v) stays as stored, unquantized, as transformers' bitsandbytes loading keeps it."""
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(dirname, dtype=dtype, attn_implementation="eager").to(DEVICE)
+    model = AutoModelForCausalLM.from_pretrained(dirname, dtype=dtype, attn_implementation=attn).to(DEVICE)
     for _, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear) and cname in TARGETS:
@@ -130,10 +136,10 @@ def lora_key(name):
     m = NAME_RE.search(name)
     return f"{m.group(1)}.{m.group(2)}.{m.group(3)}" if m else None
 
-def run(dirname, dtype, init, inputs, labels):
+def run(dirname, dtype, init, inputs, labels, attn="eager"):
     """One compute regime: forward, backward, N AdamW steps. Returns the debug tensors."""
     from peft import LoraConfig, get_peft_model
-    model = load_quantized(dirname, dtype)
+    model = load_quantized(dirname, dtype, attn)
     lcfg = LoraConfig(r=HP["rank"], lora_alpha=HP["alpha"], lora_dropout=0.0, bias="none",
                       target_modules=TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
@@ -248,8 +254,9 @@ def main():
                     gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "none (cpu)", torch_nf4_weights=str(n_w),
                     torch_nf4_mismatches=";".join(bad) or "none", made_by="dev/reference.py")
         init = None
-        for tag, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            out, init_out, model = run(d, dt, init, inputs.to(DEVICE), labels.to(DEVICE))
+        for tag, dt, attn in (("fp32", torch.float32, "eager"), ("bf16", torch.bfloat16, "eager"),
+                              ("bf16_sdpa", torch.bfloat16, "sdpa")):
+            out, init_out, model = run(d, dt, init, inputs.to(DEVICE), labels.to(DEVICE), attn)
             init = init if init is not None else init_out
             out["inputs"] = inputs.to(torch.int32).contiguous()
             out["targets"] = targets.to(torch.int32).contiguous()

@@ -131,6 +131,20 @@ static void variant(const std::string& dir) {
     for (size_t i = 0; i < np; i++) dg = fmax(dg, fabs(g16[i] - gref[i]));
     printf("  yardstick: torch bf16 vs fp32: logits max abs %.3e (scale %.3e), grads max abs %.3e (scale %.3e), loss %.3e\n",
            dl, max_abs(logits_ref), dg, max_abs(gref), fabs(st_f32(*d16.find("loss"))[0] - loss));
+    // and of its SDPA (flash-attention) bf16 run where made: per tensor, the worse of the two is the GPU test's yardstick
+    if (file_exists(dir + "/debug_bf16_sdpa.safetensors")) {
+        SafeTensors ds16 = st_open(dir + "/debug_bf16_sdpa.safetensors");
+        double worst = 0; std::string at;
+        for (int l = 0; l < c.n_layers; l++)
+            for (int p = 0; p < N_PROJ; p++)
+                for (int isA = 0; isA < 2; isA++) {
+                    std::vector<float> r = slot_tensor(ds, "grad.", l, p, isA), e = slot_tensor(d16, "grad.", l, p, isA), f = slot_tensor(ds16, "grad.", l, p, isA);
+                    double de = 0, df = 0;
+                    for (size_t i = 0; i < r.size(); i++) { de = fmax(de, fabs(e[i] - r[i])); df = fmax(df, fabs(f[i] - r[i])); }
+                    if (df / de > worst) { worst = df / de; at = std::to_string(l) + "." + PROJ_NAME[p] + (isA ? ".A" : ".B"); }
+                }
+        printf("  yardstick: torch bf16 SDPA vs fp32 / eager bf16 vs fp32, per gradient: at most %.2fx (grad %s)\n", worst, at.c_str());
+    }
 }
 
 // A checkpoint saved in bitsandbytes' 4-bit layout loads with exactly the frozen weights that
