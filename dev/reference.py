@@ -4,6 +4,11 @@ Needs a CUDA GPU with torch, transformers, peft and bitsandbytes (bitsandbytes q
 
     python dev/reference.py --out test/ref                          # every variant
     python dev/reference.py --out test/ref --variants qwen2,qwen3   # only these
+    python dev/reference.py --out /tmp/ref --device cpu             # no GPU: to look at, never to commit
+
+--device cpu runs the same script on bitsandbytes' CPU kernels: its quantization is not the GPU's (no
+rcp.approx: some nested absmax codes differ, torch_nf4_mismatches says which) and a CPU bf16 run is
+not the GPU's, so the committed states come from the GPU.
 
 For each variant (a small random model; all use GQA):
   tied    llama  H 128, I 256, L 2, nh 2, nkv 1, hd 64, V 512, tie_word_embeddings, default RoPE
@@ -19,9 +24,15 @@ it writes test/ref/<variant>/:
                                     q.{l}.{proj}.packed/absmax_q/absmax2/offset/absmax/deq
   debug_fp32.safetensors            fp32 compute: inputs, targets, lora.{l}.{proj}.A/B (initial),
   debug_bf16.safetensors            logits, loss, grad.{l}.{proj}.A/B, losses (N AdamW steps),
-                                    grad_norms; hyper-parameters in __metadata__
-The bf16 run keeps the model in bf16, LoRA master weights in fp32 and runs under torch.autocast(bf16):
-the regime qlora's GPU trainer implements. A pure-PyTorch NF4 quantizer (IEEE reciprocal, the kernel
+  debug_bf16_sdpa.safetensors       grad_norms; hyper-parameters in __metadata__
+The bf16 runs keep the model in bf16, LoRA master weights in fp32 and run under torch.autocast(bf16):
+the regime qlora's GPU trainer implements. fp32 and bf16 use eager attention (softmax(q·kᵀ)·v, the
+spec); bf16_sdpa is the same bf16 run with transformers' default attention, SDPA, which on the GPU is
+a flash-attention kernel. Its backward forms dS = P∘(dP − D) with D = rowsum(dO∘O) from the bf16 O,
+as qlora's attention does; eager sums P·dP instead. Σⱼ dSⱼ = 0 only in exact arithmetic, and the rest
+(δD·Σⱼ Pⱼkⱼ) grows with q/k biases: in qwen2, layer 1's q_proj/k_proj gradients get about twice
+eager's bf16 error from it (PyTorch's own SDPA on the CPU: grad 1.q_proj.A 2.85% of its scale vs
+eager's 1.09%). So the GPU test's yardstick is the worse of the two bf16 runs. A pure-PyTorch NF4 quantizer (IEEE reciprocal, the kernel
 thresholds) is checked against bitsandbytes on every weight; the result goes in the metadata.
 """
 import argparse, json, os, re
@@ -49,6 +60,7 @@ CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HP = dict(rank=4, alpha=8, lr=5e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, clip=1.0, steps=8,
           batch=2, seq=32, seed=1234)
+DEVICE = "cuda"   # --device
 NAME_RE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])")
 
 # ---- pure-PyTorch NF4 (nf4.md §8.2): IEEE 1/absmax is exact for NF4 from bf16/fp16 weights ----
@@ -100,19 +112,19 @@ def build_checkpoint(dirname, model_type, spec):
                     p.copy_(0.5 + torch.rand(p.shape, generator=g))
     model.to(torch.bfloat16).save_pretrained(dirname)
 
-def load_quantized(dirname, dtype):
+def load_quantized(dirname, dtype, attn="eager"):
     """The checkpoint with every decoder linear replaced by bnb Linear4bit (NF4, double quant); a bias
     (qwen2's q/k/v) stays as stored, unquantized, as transformers' bitsandbytes loading keeps it."""
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(dirname, dtype=dtype, attn_implementation="eager").cuda()
+    model = AutoModelForCausalLM.from_pretrained(dirname, dtype=dtype, attn_implementation=attn).to(DEVICE)
     for _, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear) and cname in TARGETS:
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
                 q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4", module=q).to("cuda")
+                                             quant_type="nf4", module=q).to(DEVICE)
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
                 setattr(mod, cname, q)
@@ -124,10 +136,10 @@ def lora_key(name):
     m = NAME_RE.search(name)
     return f"{m.group(1)}.{m.group(2)}.{m.group(3)}" if m else None
 
-def run(dirname, dtype, init, inputs, labels):
+def run(dirname, dtype, init, inputs, labels, attn="eager"):
     """One compute regime: forward, backward, N AdamW steps. Returns the debug tensors."""
     from peft import LoraConfig, get_peft_model
-    model = load_quantized(dirname, dtype)
+    model = load_quantized(dirname, dtype, attn)
     lcfg = LoraConfig(r=HP["rank"], lora_alpha=HP["alpha"], lora_dropout=0.0, bias="none",
                       target_modules=TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
@@ -148,7 +160,7 @@ def run(dirname, dtype, init, inputs, labels):
     losses, norms, out = [], [], {}
     for step in range(HP["steps"]):
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             res = model(input_ids=inputs, labels=labels)
         res.loss.backward()
         if step == 0:
@@ -188,17 +200,17 @@ def torch_vs_bnb(dirname):
     import bitsandbytes.functional as F
     from safetensors.torch import load_file
     sd = load_file(os.path.join(dirname, "model.safetensors"))
-    code = F.create_dynamic_map().float().cuda()
+    code = F.create_dynamic_map().float().to(DEVICE)
     n_w, bad = 0, []
     for k, w in sd.items():
         if not any(k.endswith(t + ".weight") for t in TARGETS):   # the linears' weights, not their biases
             continue
-        w = w.cuda()
+        w = w.to(DEVICE)
         q0, st0 = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
         q1, st1 = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
         pk, am = torch_nf4(w)
         q8, a2 = torch_dq(am, st1.offset, code)
-        deq = (from_bits(NF4_LUT).cuda()[torch.stack([pk >> 4, pk & 15], 1).reshape(-1)[: w.numel()].long()]
+        deq = (from_bits(NF4_LUT).to(DEVICE)[torch.stack([pk >> 4, pk & 15], 1).reshape(-1)[: w.numel()].long()]
                * am.repeat_interleave(64)[: w.numel()]).to(torch.bfloat16)
         checks = {"packed": torch.equal(pk, q0.reshape(-1)), "absmax": torch.equal(am, st0.absmax),
                   "nested_codes": torch.equal(q8, st1.absmax), "absmax2": torch.equal(a2, st1.state2.absmax),
@@ -211,7 +223,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="test/ref")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: for looking, not for committing (a CPU bf16 run is not the GPU's)")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
     names = a.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -235,11 +251,12 @@ def main():
         meta = {k: str(v) for k, v in HP.items()}
         meta.update(targets=",".join(TARGETS), bitsandbytes=bitsandbytes.__version__,
                     transformers=transformers.__version__, peft=peft.__version__, torch=torch.__version__,
-                    gpu=torch.cuda.get_device_name(), torch_nf4_weights=str(n_w),
+                    gpu=torch.cuda.get_device_name() if DEVICE == "cuda" else "none (cpu)", torch_nf4_weights=str(n_w),
                     torch_nf4_mismatches=";".join(bad) or "none", made_by="dev/reference.py")
         init = None
-        for tag, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            out, init_out, model = run(d, dt, init, inputs.cuda(), labels.cuda())
+        for tag, dt, attn in (("fp32", torch.float32, "eager"), ("bf16", torch.bfloat16, "eager"),
+                              ("bf16_sdpa", torch.bfloat16, "sdpa")):
+            out, init_out, model = run(d, dt, init, inputs.to(DEVICE), labels.to(DEVICE), attn)
             init = init if init is not None else init_out
             out["inputs"] = inputs.to(torch.int32).contiguous()
             out["targets"] = targets.to(torch.int32).contiguous()
