@@ -557,9 +557,14 @@ static void load_model(Trainer& t) {
                 fill_normal(dst, n, 0.02f, t.o.seed, w.id == W_EMBED ? 1 : 2, t.s);
                 return;
             }
+            const STensor* ts = random ? nullptr : bnb ? bv.w.at(w.id, w.layer) : v.at(w.id, w.layer);
+            if (ts && ts->dtype == DT_BF16) {   // straight from the mapped file: no host copy of a (V, H) embedding
+                cudaCheck(cudaMemcpy(dst, ts->data, n * 2, cudaMemcpyHostToDevice));
+                mapped_release(ts->data, ts->nbytes);
+                return;
+            }
             std::vector<uint16_t> h((size_t)n, f32_to_bf16(w.bias() ? 0.0f : 1.0f));   // random: biases 0, norms 1
-            if (!random) {
-                const STensor* ts = bnb ? bv.w.at(w.id, w.layer) : v.at(w.id, w.layer);
+            if (ts) {
                 std::vector<float> f = st_f32(*ts);
                 for (int64_t i = 0; i < n; i++) h[i] = f32_to_bf16(f[i]);
                 mapped_release(ts->data, ts->nbytes);
