@@ -74,7 +74,10 @@ def main():
                                capture_output=True, text=True, timeout=timeout)
             if p.returncode != 0 or not os.path.exists(os.path.join(path, MARKER)):
                 raise RuntimeError(f"checkpoint build failed (rc {p.returncode}): {(p.stderr or p.stdout)[-2000:]}")
-            print(f"checkpoint {path} built in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            took = time.perf_counter() - t0
+            print(f"checkpoint {path} built in {took:.1f} s", file=sys.stderr)
+            if timeout:  # unsloth_qlora.py's watchdog gets what is left
+                sys.argv[sys.argv.index("--timeout") + 1] = str(max(1, int(timeout - took)))
     except BaseException as e:  # noqa: B902 -- one JSON line whatever happens
         res["error"] = f"{type(e).__name__}: {e}"[:2000]
         print(json.dumps(res), flush=True)
