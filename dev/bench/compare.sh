@@ -91,13 +91,16 @@ for cfg in "${cfgs[@]}"; do
     [ "${HF_ANCHOR:-}" != ours ] && [ -f "$A/hf_qlora.py" ] && hfpy=$A/hf_qlora.py
     upy=$A/unsloth_qlora.py
   fi
-  t=$(left); q=""
-  [ "$t" -gt 0 ] && q=$(timeout -k 10 "$t" ./qlora --model random:$shape --batch 4 --seq 2048 --steps 8 --peak-tflops "$peak" \
-      $([ "$rc" = 1 ] && echo --recompute) 2>&1 | tee "$O/logs/qlora-$shape-rc$rc.log" | tail -n1)
+  t=$(left); q=""; ql=$O/logs/qlora-$shape-rc$rc.log
+  if [ "$t" -gt 0 ]; then
+    timeout -k 10 "$t" ./qlora --model random:$shape --batch 4 --seq 2048 --steps 8 --peak-tflops "$peak" \
+      $([ "$rc" = 1 ] && echo --recompute) >"$ql" 2>&1; qrc=$?
+    q=$(grep 'median step' "$ql" | tail -n1); [ -z "$q" ] && q="$(tail -n1 "$ql") (exit $qrc)"
+  fi
   ours=$(echo "$q" | sed -n 's/.*| \([0-9]*\) tok\/s | MFU \([0-9.]*\)%.*(driver) \([0-9.]*\) GiB.*/\1 \2 \3/p')
   if [ -z "$ours" ]; then
     echo "  qlora $shape rc $rc: ${q:-skipped (BUDGET_S)}"
-    ours="- - -"; [ -z "$q" ] && ours="skip - -"; grep -qi "out of memory" "$O/logs/qlora-$shape-rc$rc.log" 2>/dev/null && ours="OOM - -"
+    ours="- - -"; [ -z "$q" ] && ours="skip - -"; grep -qi "out of memory" "$ql" 2>/dev/null && ours="OOM - -"
   fi
   python3 -c "import json,sys; t=sys.argv[3].split(); print(json.dumps(dict(system='qlora', run='qlora-%s-rc%s' % (sys.argv[1], sys.argv[2]), shape=sys.argv[1], ckpt=int(sys.argv[2]), tok_s=t[0], mfu=t[1], peak_gib_driver=t[2], line=sys.argv[4])))" \
     "$shape" "$rc" "$ours" "$q" >>"$RAW"
@@ -126,7 +129,7 @@ done
 # LONG=1: one llama3-8b sequence of 131,072 tokens with recompute (one step: ~2 minutes); the HF anchor
 # runs out of memory long before that length (bf16 kept, recompute on, the cheapest recipe it has)
 if [ "${LONG:-0}" = 1 ]; then
-  q=$(./qlora --model random:llama3-8b --batch 1 --seq 131072 --steps 1 --recompute --peak-tflops "$peak" 2>&1 | tee "$O/logs/qlora-long.log" | tail -n1)
+  q=$(./qlora --model random:llama3-8b --batch 1 --seq 131072 --steps 1 --recompute --peak-tflops "$peak" 2>&1 | tee "$O/logs/qlora-long.log" | grep 'median step' | tail -n1)
   ours=$(echo "$q" | sed -n 's/.*| \([0-9]*\) tok\/s | MFU \([0-9.]*\)%.*(driver) \([0-9.]*\) GiB.*/\1 \2 \3/p')
   [ -z "$ours" ] && ours="- - -"
   h0="- - -"
