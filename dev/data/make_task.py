@@ -60,7 +60,7 @@ def write_split(out_dir, split, rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/task")
-    ap.add_argument("--train", type=int, default=4000)
+    ap.add_argument("--train", type=int, default=16000)
     ap.add_argument("--val", type=int, default=200)
     ap.add_argument("--seed", type=int, default=5)
     a = ap.parse_args()
