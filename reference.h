@@ -164,35 +164,44 @@ void ref_acts_alloc(RefActs<F>& a, const Config& c, const LoraConfig& lc, int B,
 // ---------------------------------------------------------------------------------------------
 // 2. ops. n = rows (BT). Backward functions accumulate (+=) into their input gradients.
 
+// The loops are ordered for the cache and the vector units, but every output is the same sum in the
+// same order as the textbook loop (y: over j ascending; dx: over o; dw: over i, each from 0 and added
+// to the output last), so the results are bit for bit those of the naive triple loop.
+
+// y[k] += a·x[k] for k < n: the inner loop of all three (restrict: y is no view of x, so it vectorizes)
+template <typename F, typename W>
+inline void ref_axpy(F* __restrict y, F a, const W* __restrict x, int n) {
+    for (int k = 0; k < n; k++) y[k] += a * (F)x[k];
+}
 // y (n, out) = x (n, in) · wᵀ, w (out, in)                          F.linear(x, w)
 template <typename F, typename W>
 void ref_matmul(F* y, const F* x, const W* w, int n, int in, int out) {
-    for (int i = 0; i < n; i++)
-        for (int o = 0; o < out; o++) {
-            F s = 0;
-            for (int j = 0; j < in; j++) s += x[(size_t)i * in + j] * (F)w[(size_t)o * in + j];
-            y[(size_t)i * out + o] = s;
-        }
+    std::vector<F> wt((size_t)in * out), s(out);  // (in, out) wᵀ; (out) one row's sums
+    for (int o = 0; o < out; o++)
+        for (int j = 0; j < in; j++) wt[(size_t)j * out + o] = (F)w[(size_t)o * in + j];
+    for (int i = 0; i < n; i++) {
+        std::fill(s.begin(), s.end(), (F)0);
+        for (int j = 0; j < in; j++) ref_axpy(s.data(), x[(size_t)i * in + j], wt.data() + (size_t)j * out, out);
+        std::copy(s.begin(), s.end(), y + (size_t)i * out);
+    }
 }
 // dx (n, in) += dy (n, out) · w
 template <typename F, typename W>
 void ref_matmul_dx(F* dx, const F* dy, const W* w, int n, int in, int out) {
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < in; j++) {
-            F s = 0;
-            for (int o = 0; o < out; o++) s += dy[(size_t)i * out + o] * (F)w[(size_t)o * in + j];
-            dx[(size_t)i * in + j] += s;
-        }
+    std::vector<F> s(in);  // (in) one row's sums
+    for (int i = 0; i < n; i++) {
+        std::fill(s.begin(), s.end(), (F)0);
+        for (int o = 0; o < out; o++) ref_axpy(s.data(), dy[(size_t)i * out + o], w + (size_t)o * in, in);
+        for (int j = 0; j < in; j++) dx[(size_t)i * in + j] += s[j];
+    }
 }
 // dw (out, in) += dyᵀ · x
 template <typename F>
 void ref_matmul_dw(F* dw, const F* dy, const F* x, int n, int in, int out) {
-    for (int o = 0; o < out; o++)
-        for (int j = 0; j < in; j++) {
-            F s = 0;
-            for (int i = 0; i < n; i++) s += dy[(size_t)i * out + o] * x[(size_t)i * in + j];
-            dw[(size_t)o * in + j] += s;
-        }
+    std::vector<F> s((size_t)out * in, (F)0);  // (out, in) the sums
+    for (int i = 0; i < n; i++)
+        for (int o = 0; o < out; o++) ref_axpy(s.data() + (size_t)o * in, dy[(size_t)i * out + o], x + (size_t)i * in, in);
+    for (size_t k = 0; k < s.size(); k++) dw[k] += s[k];
 }
 
 // y = w * (x * rsqrt(mean(x²) + eps)) over rows of H               LlamaRMSNorm.forward

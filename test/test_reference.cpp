@@ -163,7 +163,45 @@ static void variant_if_made(const std::string& dir) {
     printf("  note %s: no debug state committed, not checked (on a GPU machine: python dev/reference.py --out test/ref --variants qwen2)\n", dir.c_str());
 }
 
+// ref_matmul, ref_matmul_dx and ref_matmul_dw loop in cache order, but promise the textbook triple
+// loop's sums in its order: bit for bit, for shapes with and without a full block of outputs.
+static void matmul_order() {
+    uint64_t r = 99;
+    auto rnd = [&r]() { r = r * 6364136223846793005ull + 1442695040888963407ull; return (float)((r >> 40) * 0x1p-24) * 2 - 1; };
+    const int shapes[][3] = {{5, 37, 19}, {3, 8, 8}, {4, 64, 3}, {1, 1, 1}};  // n, in, out
+    for (auto& sh : shapes) {
+        int n = sh[0], in = sh[1], out = sh[2];
+        std::vector<float> x((size_t)n * in), w((size_t)out * in), dy((size_t)n * out), dx0((size_t)n * in), dw0((size_t)out * in);
+        for (auto* v : {&x, &w, &dy, &dx0, &dw0}) for (float& e : *v) e = rnd();
+        std::vector<float> y((size_t)n * out), yt(y.size()), dx = dx0, dxt = dx0, dw = dw0, dwt = dw0;
+        ref_matmul(y.data(), x.data(), w.data(), n, in, out);
+        ref_matmul_dx(dx.data(), dy.data(), w.data(), n, in, out);
+        ref_matmul_dw(dw.data(), dy.data(), x.data(), n, in, out);
+        for (int i = 0; i < n; i++)
+            for (int o = 0; o < out; o++) {
+                float s = 0;
+                for (int j = 0; j < in; j++) s += x[(size_t)i * in + j] * w[(size_t)o * in + j];
+                yt[(size_t)i * out + o] = s;
+            }
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < in; j++) {
+                float s = 0;
+                for (int o = 0; o < out; o++) s += dy[(size_t)i * out + o] * w[(size_t)o * in + j];
+                dxt[(size_t)i * in + j] += s;
+            }
+        for (int o = 0; o < out; o++)
+            for (int j = 0; j < in; j++) {
+                float s = 0;
+                for (int i = 0; i < n; i++) s += dy[(size_t)i * out + o] * x[(size_t)i * in + j];
+                dwt[(size_t)o * in + j] += s;
+            }
+        check(y == yt && dx == dxt && dw == dwt, "ref_matmul, _dx, _dw (n %d, in %d, out %d) bit for bit the textbook loops: y %s, dx %s, dw %s",
+              n, in, out, y == yt ? "same" : "DIFFERENT", dx == dxt ? "same" : "DIFFERENT", dw == dwt ? "same" : "DIFFERENT");
+    }
+}
+
 int main() {
+    matmul_order();
     rcp_table_load("data/rcp_delta.bin");
     variant("test/ref/tied");
     variant("test/ref/untied");
