@@ -63,8 +63,9 @@ build:
 TRAIN_ARGS ?= --model data/base --train data/task/reverse.train.tok --val data/task/reverse.val.tok \
               --batch 8 --seq 64 --steps 2400 --warmup 20 --lr 3e-3 --rank 16 --alpha 32 --out build/adapter
 PY_TESTS   := test/test_prepare.py
+# -O3: reference.h's inner loops vectorize (no reassociation: the same sums, bit for bit, ~3x faster)
 qlora_cpu: qlora_cpu.cpp $(HEADERS)
-	$(CXX) $(CXXFLAGS) -pthread -o $@ $<
+	$(CXX) $(CXXFLAGS) -O3 -pthread -o $@ $<
 build/test_train_cpu build/test_train_cpu_san: qlora_cpu.cpp
 # the trainer it runs and nothing else: no test, sanitizer or GPU-test build to wait for
 train: detect qlora_cpu $(if $(GPU_ARCH),$(GPU_BINS))
