@@ -61,7 +61,7 @@ build:
 # trainer (the same training in fp32 loops). Both print the validation loss, the task accuracy
 # (greedy decoding of every validation prompt, exact match) and sample generations, before and after.
 TRAIN_ARGS ?= --model data/base --train data/task/reverse.train.tok --val data/task/reverse.val.tok \
-              --batch 8 --seq 64 --steps 2400 --warmup 20 --lr 3e-3 --rank 16 --alpha 32 --out build/adapter
+              --batch 16 --seq 64 --steps 2400 --warmup 20 --lr 3e-3 --rank 16 --alpha 32 --out build/adapter
 PY_TESTS   := test/test_prepare.py
 # -O3: reference.h's inner loops vectorize (no reassociation: the same sums, bit for bit, ~3x faster)
 qlora_cpu: qlora_cpu.cpp $(HEADERS)
