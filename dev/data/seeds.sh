@@ -9,7 +9,7 @@
 #
 # The recipe is TRAIN_ARGS from the Makefile (an environment TRAIN_ARGS overrides it, as it does for
 # make); the extra flags come after it, so they override its values (--steps 1200 wins over the
-# Makefile's --steps 800). Each run's full log goes to $LOGDIR/<tag>.seed<S>.log (LOGDIR default
+# Makefile's --steps 2400). Each run's full log goes to $LOGDIR/<tag>.seed<S>.log (LOGDIR default
 # build/seeds), its adapter to $LOGDIR/adapter. Run from the repository root.
 set -u
 if [ $# -lt 2 ]; then
