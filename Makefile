@@ -78,7 +78,7 @@ train: detect qlora_cpu $(if $(GPU_ARCH),$(GPU_BINS))
 # CPU tests (also under AddressSanitizer + UndefinedBehaviorSanitizer), then GPU tests (they skip
 # themselves without a GPU). test/run.sh prints one "N passed, N failed" line for all of them.
 test: all
-	@bash test/run.sh $(CPU_TESTS) $(SAN_TESTS) $(GPU_TESTS) $(if $(NVCC),test/test_resilience.sh test/test_dist_gpu.sh) $(PY_TESTS)
+	@NVCC="$(NVCC)" bash test/run.sh $(CPU_TESTS) $(SAN_TESTS) $(GPU_TESTS) $(if $(NVCC),test/test_resilience.sh test/test_dist_gpu.sh test/test_playgrounds.sh) $(PY_TESTS)
 
 # Coverage-guided fuzzing of every reader (test/fuzz/targets.h): clang++ with libFuzzer, ASan and
 # UBSan, FUZZ_SECONDS per target; the corpus grows in build/fuzz/<target>/ from the committed seeds,

@@ -20,8 +20,8 @@
 //   v4 U=2, 4, 8: 2.53, 2.52, 2.51 / 2.36, 2.31-2.39, 2.30 -> graduated with U=4
 //   v5 U=4, 8:    2.58, 2.60 / 2.45, 2.33   (evict-first stores: +2-5% here, but the GEMM that
 //                 reads a 4096x4096 weight right after may lose its L2 hits; try it in the trainer)
-#include <algorithm>                  // defines: std::sort
 #include "../../kernels/nf4.cuh"      // defines: dequantize_4bit_kernel4, nested_absmax, code4_value_dev
+#include "timing.h"                   // defines: median_ms
 
 template <bool NESTED>
 __global__ void dequantize_4bit_kernel1(bf16* out, const uint8_t* packed, const float* absmax, const uint8_t* absmax_q,
@@ -130,9 +130,9 @@ __global__ void __launch_bounds__(256) dequantize_4bit_kernel5(bf16* out, const 
     }
 }
 
-struct Weight { const uint8_t* packed; const float* absmax; const uint8_t* q8; const float* a2; const float* off; int64_t n; int bs; };
+struct QWeight { const uint8_t* packed; const float* absmax; const uint8_t* q8; const float* a2; const float* off; int64_t n; int bs; };
 
-static void run(int version, bool nested, const Weight& w, bf16* out) {
+static void run(int version, bool nested, const QWeight& w, bf16* out) {
     int qt = QT_NF4;
     const float* am = nested ? nullptr : w.absmax;
     switch (version) {
@@ -169,8 +169,6 @@ static void run(int version, bool nested, const Weight& w, bf16* out) {
     cudaCheck(cudaGetLastError());
 }
 
-static float median_ms(std::vector<float> t) { std::sort(t.begin(), t.end()); return t[t.size() / 2]; }
-
 int main() {
     const int64_t rows = 14336, cols = 4096, n = rows * cols;
     const int bs = 64;
@@ -198,19 +196,9 @@ int main() {
     cudaCheck(cudaMemcpy(d_absmax, absmax.data(), 4 * nb, cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpy(d_a2, a2.data(), 4 * n2, cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpy(d_off, &offset, 4, cudaMemcpyHostToDevice));
-    Weight w{d_packed, d_absmax, d_q8, d_a2, d_off, n, bs};
+    QWeight w{d_packed, d_absmax, d_q8, d_a2, d_off, n, bs};
 
-    cudaEvent_t e0, e1; cudaCheck(cudaEventCreate(&e0)); cudaCheck(cudaEventCreate(&e1));
-    auto time_it = [&](auto&& f) {
-        for (int i = 0; i < 3; i++) f();
-        std::vector<float> ts;
-        for (int i = 0; i < 20; i++) {
-            cudaCheck(cudaEventRecord(e0)); f(); cudaCheck(cudaEventRecord(e1)); cudaCheck(cudaEventSynchronize(e1));
-            float ms; cudaCheck(cudaEventElapsedTime(&ms, e0, e1)); ts.push_back(ms);
-        }
-        return median_ms(ts);
-    };
-    float copy_ms = time_it([&] { cudaCheck(cudaMemcpyAsync(d_copy, d_out, 2 * n, cudaMemcpyDeviceToDevice)); });
+    float copy_ms = median_ms([&] { cudaCheck(cudaMemcpyAsync(d_copy, d_out, 2 * n, cudaMemcpyDeviceToDevice)); });
     printf("device copy of %.0f MB: %.1f us = %.2f TB/s (read + write)\n", 2.0 * n / 1e6, 1e3 * copy_ms, 4.0 * n / (copy_ms * 1e9));
     printf("%-10s %-8s %10s %10s  %s\n", "version", "absmax", "us", "TB/s", "bit-exact");
     std::vector<uint16_t> got((size_t)n);
@@ -221,7 +209,7 @@ int main() {
             cudaCheck(cudaDeviceSynchronize());
             cudaCheck(cudaMemcpy(got.data(), d_out, 2 * n, cudaMemcpyDeviceToHost));
             bool ok = memcmp(got.data(), ref.data(), 2 * n) == 0;
-            float ms = time_it([&] { run(version, nested, w, d_out); });
+            float ms = median_ms([&] { run(version, nested, w, d_out); });
             double bytes = n / 2.0 + 2.0 * n + (nested ? nb + 4.0 * n2 : 4.0 * nb);
             char vn[16];
             if (version < 10) snprintf(vn, sizeof vn, "v%d", version);

@@ -24,11 +24,11 @@
 // k-tile against 4 x 128 x 128 x 64 x 2 / 256 = 16k FLOP per thread of wgmma; the waits and the barrier
 // per k-tile leave the tensor cores idle for the dequantize: ~50-60% of cuBLAS's TFLOP/s. The next
 // versions: wgmma overlapped with the next tile's dequantize (wait<1>, 3 stages), then producer warps.
-#include <algorithm>                  // defines: std::sort
 #include <vector>                     // defines: std::vector
 #include <cublas_v2.h>                // defines: cublasGemmEx
 #include "../../kernels/nf4.cuh"      // defines: dequantize_4bit_gpu, ptx_mul_ftz, c_nf4_lut; qlora.h: dequantize_4bit, rng_*
 #include "../../kernels/wgmma.cuh"    // defines: wg_swz, wg_desc, wg_mma_64x128_ss, wg_fence*, wg_commit, wg_wait
+#include "timing.h"                   // defines: median_ms
 
 static const int BM = 128, BN = 128, BK = 64, TILE = 128 * 128;  // TILE: bytes of one 128-row x 64-column bf16 tile
 
@@ -142,8 +142,6 @@ static void cublas_gemm(cublasHandle_t h, bf16* y, const bf16* x, const bf16* w,
                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) { fprintf(stderr, "cublasGemmEx failed\n"); exit(1); }
 }
 
-static float median_ms(std::vector<float> t) { std::sort(t.begin(), t.end()); return t[t.size() / 2]; }
-
 // A random problem: x uniform in [-1, 1) (bf16), W's codes random, absmax in [0.01, 0.03)
 struct Problem {
     int M, N, K;
@@ -218,26 +216,15 @@ int main() {
         fails += (bad > 0) + (worst_b > 1);
         free_problem(p);
     }
-    cudaEvent_t e0, e1;
-    cudaCheck(cudaEventCreate(&e0)); cudaCheck(cudaEventCreate(&e1));
-    auto time_it = [&](auto&& f) {
-        for (int i = 0; i < 3; i++) f();
-        std::vector<float> ts;
-        for (int i = 0; i < 20; i++) {
-            cudaCheck(cudaEventRecord(e0)); f(); cudaCheck(cudaEventRecord(e1)); cudaCheck(cudaEventSynchronize(e1));
-            float ms; cudaCheck(cudaEventElapsedTime(&ms, e0, e1)); ts.push_back(ms);
-        }
-        return median_ms(ts);
-    };
     printf("%-26s %12s %12s %12s   TFLOP/s: cuBLAS, dequant+cuBLAS, fused v1\n", "shape M x N x K", "cuBLAS us", "deq+cuBLAS", "v1 us");
     const int shapes[][3] = {{8192, 4096, 4096}, {8192, 14336, 4096}, {8192, 4096, 14336}, {8192, 2048, 2048}, {8192, 8192, 2048}, {8192, 2048, 8192}};
     for (auto& sh : shapes) {
         Problem p = make_problem(sh[0], sh[1], sh[2]);
         const int M = p.M, N = p.N, K = p.K;
         const double fl = 2.0 * M * N * K;
-        float t0 = time_it([&] { cublas_gemm(h, p.d_y, p.d_x, p.d_w, M, N, K); });
-        float t1 = time_it([&] { dequantize_4bit_gpu(p.d_w, p.d_packed, p.d_absmax, (int64_t)N * K, QT_NF4, 64, 0); cublas_gemm(h, p.d_y, p.d_x, p.d_w, M, N, K); });
-        float t2 = time_it([&] { nf4_gemm1(p.d_y, p.d_x, p.d_packed, p.d_absmax, M, N, K); });
+        float t0 = median_ms([&] { cublas_gemm(h, p.d_y, p.d_x, p.d_w, M, N, K); });
+        float t1 = median_ms([&] { dequantize_4bit_gpu(p.d_w, p.d_packed, p.d_absmax, (int64_t)N * K, QT_NF4, 64, 0); cublas_gemm(h, p.d_y, p.d_x, p.d_w, M, N, K); });
+        float t2 = median_ms([&] { nf4_gemm1(p.d_y, p.d_x, p.d_packed, p.d_absmax, M, N, K); });
         char name[48];
         snprintf(name, sizeof name, "%d x %d x %d", M, N, K);
         printf("%-26s %12.1f %12.1f %12.1f   %.0f, %.0f, %.0f\n", name, 1e3 * t0, 1e3 * t1, 1e3 * t2, fl / (t0 * 1e9), fl / (t1 * 1e9), fl / (t2 * 1e9));
