@@ -8,7 +8,7 @@
 //
 // Check: every version with fp32 output against a double-precision CPU product over qlora.h's dequantized
 // weights (rounded to bf16, as the trainer's dequantize kernel writes them; the program first checks that
-// kernel against qlora.h bit for bit), on 256 x 384 x 1024 and on one k-tile (128 x 128 x 64). The budget per
+// kernel against qlora.h bit for bit), on 256 x 384 x 1024 and on one k-tile (128 x 128 x 64; v3 128 x 64 x 128). The budget per
 // output is K * 2^-24 * Σ_k |x_k w_k| (fp32 accumulation's worst case); one wrong weight moves an output by
 // ~0.1 absmax, ~6x that budget at K = 1024, so a wrong code, nibble order or absmax is caught. With bf16
 // output against cuBLAS on the same bf16 weights: each side rounds its fp32 sum to bf16 (2^-9 relative) after
@@ -24,10 +24,13 @@
 //       at once (the dequantize and the wgmma of one CTA never overlap).
 //   v2  the wgmma of k-tile t runs while the same threads dequantize tile t + 1 into the other W stage
 //       and fetch the codes of t + 2; x in three stages, its cp.async two tiles ahead.
-// Predicted (neither has run on a GPU yet): v1 ~50-60% of cuBLAS's TFLOP/s (only a second CTA per SM
+//   v3  v2 for the backward's input gradient dx (M, K) = dy (M, N) · W: the W tile is 64 rows of the
+//       contraction x 128 output columns, read MN-major (wgmma's transpose bit, as V in O = P V).
+// Predicted (none has run on a GPU yet; v3 as v2): v1 ~50-60% of cuBLAS's TFLOP/s (only a second CTA per SM
 // hides its dequantize), v2 ~70-80% (the dequantize, 32 multiplies and 32 table reads per thread per
 // k-tile, hides under ~0.3 us of wgmma). Next: producer warps that dequantize while two consumer
 // warpgroups multiply (FA3's split), 128 x 256 tiles.
+#include <algorithm>                  // defines: std::max
 #include <vector>                     // defines: std::vector
 #include <cublas_v2.h>                // defines: cublasGemmEx
 #include "../../kernels/nf4.cuh"      // defines: dequantize_4bit_gpu, ptx_mul_ftz, c_nf4_lut; qlora.h: dequantize_4bit, rng_*
@@ -72,18 +75,31 @@ __device__ __forceinline__ WRegs w_fetch(const uint8_t* packed, const float* abs
 }
 // dequantized as kernels/nf4.cuh does it (mul.ftz, then RNE to bf16) into the swizzled tile at dst;
 // byte j of a word holds elements 2j (high nibble) and 2j + 1 (low nibble)
+__device__ __forceinline__ void dequant8_store(uint32_t addr, uint32_t word, float a, const float* lut) {
+    uint32_t o[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const uint32_t b = (word >> (8 * j)) & 0xff;
+        o[j] = pack_bf16x2(ptx_mul_ftz(lut[b >> 4], a), ptx_mul_ftz(lut[b & 15], a));
+    }
+    st_shared_v4(addr, o[0], o[1], o[2], o[3]);
+}
 __device__ __forceinline__ void w_tile_store(uint32_t dst, const WRegs& w, const float* lut, int tid) {
     const uint32_t words[4] = {w.q.x, w.q.y, w.q.z, w.q.w};
 #pragma unroll
-    for (int c = 0; c < 4; c++) {
-        uint32_t o[4];
+    for (int c = 0; c < 4; c++) dequant8_store(dst + wg_swz<128>(tid >> 1, (tid & 1) * 32 + c * 8), words[c], w.a, lut);
+}
+// The backward's W tile (dx = dy·W: the contraction runs down W's rows): 64 rows of W (n0.., k-tile kt of N)
+// x 128 columns (k0..): thread -> row tid / 4, quarter tid % 4 = 32 codes in one absmax block (k0 is a
+// multiple of 128). Stored 64 rows x 2 column blocks, read MN-major.
+__device__ __forceinline__ WRegs wt_fetch(const uint8_t* packed, const float* absmax, int k0, int K, int kt, int tid) {
+    const size_t e = (size_t)(kt * BK + (tid >> 2)) * K + k0 + (tid & 3) * 32;
+    return {*(const uint4*)(packed + e / 2), absmax[e / 64]};
+}
+__device__ __forceinline__ void wt_tile_store(uint32_t dst, const WRegs& w, const float* lut, int tid) {
+    const uint32_t words[4] = {w.q.x, w.q.y, w.q.z, w.q.w};
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const uint32_t b = (words[c] >> (8 * j)) & 0xff;
-            o[j] = pack_bf16x2(ptx_mul_ftz(lut[b >> 4], w.a), ptx_mul_ftz(lut[b & 15], w.a));
-        }
-        st_shared_v4(dst + wg_swz<128>(tid >> 1, (tid & 1) * 32 + c * 8), o[0], o[1], o[2], o[3]);
-    }
+    for (int c = 0; c < 4; c++) dequant8_store(dst + wg_swz<64>(tid >> 2, (tid & 3) * 32 + c * 8), words[c], w.a, lut);
 }
 // d (64 x 128) += this warpgroup's 64 rows of the x tile at xa · the W tile at wb ᵀ: 4 k16 steps, issued
 // and committed, not waited
@@ -91,6 +107,13 @@ __device__ __forceinline__ void mma_k_tile(float (&d)[64], uint32_t xa, uint32_t
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < BK / 16; kk++) wg_mma_64x128_ss<0, 0>(d, wg_desc(xa + kk * 32, 16, 1024), wg_desc(wb + kk * 32, 16, 1024), 1);
+    wg_commit();
+}
+// the backward's: B = the W tile read MN-major (a k16 slice is 16 rows, 2048 bytes; column block 64 x 128 bytes)
+__device__ __forceinline__ void mma_k_tile_t(float (&d)[64], uint32_t xa, uint32_t wb) {
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; kk++) wg_mma_64x128_ss<0, 1>(d, wg_desc(xa + kk * 32, 16, 1024), wg_desc(wb + kk * 2048, BK * 128, 1024), 1);
     wg_commit();
 }
 // this warpgroup's 64 x 128 accumulator to y (wgmma's layout: kernels/wgmma.cuh)
@@ -145,39 +168,48 @@ __global__ void __launch_bounds__(256) nf4_gemm_kernel1(OutT* __restrict__ y, co
 
 // v2: the wgmma of k-tile t runs while the threads dequantize tile t + 1 (and fetch the codes of t + 2);
 // x in three stages (its cp.async two tiles ahead), W in two. x stage s at base + s TILE (s < 3), W stage
-// s at base + (3 + s) TILE.
-template <typename OutT>
+// s at base + (3 + s) TILE. W (N, K) as above; DX = false: y (M, N) = x (M, K) · Wᵀ (the forward);
+// DX = true: y (M, K) = x (M, N) · W (the backward's input gradient, x = dy).
+template <bool DX, typename OutT>
 __global__ void __launch_bounds__(256) nf4_gemm_kernel2(OutT* __restrict__ y, const bf16* __restrict__ x,
                                                        const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
                                                        int M, int N, int K) {
     extern __shared__ unsigned char smem_raw[];
     __shared__ float lut[16];
     const uint32_t base = smem_base(smem_raw);
-    const int tid = threadIdx.x, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN, nk = K / BK;
+    const int C = DX ? N : K, O = DX ? K : N;  // contraction, output width
+    const int tid = threadIdx.x, m0 = blockIdx.y * BM, c0 = blockIdx.x * BN, nk = C / BK;
     if (tid < 16) lut[tid] = __uint_as_float(c_nf4_lut[tid]);
+    auto fetch = [&](int kt) { return DX ? wt_fetch(packed, absmax, c0, K, kt, tid) : w_fetch(packed, absmax, c0, K, kt, tid); };
+    auto store = [&](int s, const WRegs& w) {
+        if (DX) wt_tile_store(base + (3 + s) * TILE, w, lut, tid);
+        else w_tile_store(base + (3 + s) * TILE, w, lut, tid);
+    };
     float d[64];
 #pragma unroll
     for (int i = 0; i < 64; i++) d[i] = 0.f;
-    x_tile_load(base, x, m0, K, 0, tid);
+    x_tile_load(base, x, m0, C, 0, tid);
     cp_async_commit();
-    if (nk > 1) x_tile_load(base + TILE, x, m0, K, 1, tid);
+    if (nk > 1) x_tile_load(base + TILE, x, m0, C, 1, tid);
     cp_async_commit();  // (an empty group when nk == 1: the wait counts below stay uniform)
-    WRegs w = w_fetch(packed, absmax, n0, K, 0, tid);
+    WRegs w = fetch(0);
     __syncthreads();  // lut
-    w_tile_store(base + 3 * TILE, w, lut, tid);
-    if (nk > 1) w = w_fetch(packed, absmax, n0, K, 1, tid);
+    store(0, w);
+    if (nk > 1) w = fetch(1);
     cp_async_wait_1();  // x tile 0 landed (tile 1 may be in flight)
     wg_fence_proxy();
     __syncthreads();
     for (int kt = 0; kt < nk; kt++) {
-        mma_k_tile(d, base + (kt % 3) * TILE + (tid / 128) * 64 * 128, base + (3 + (kt & 1)) * TILE);
+        const uint32_t xa = base + (kt % 3) * TILE + (tid / 128) * 64 * 128, wb = base + (3 + (kt & 1)) * TILE;
+        if (DX) mma_k_tile_t(d, xa, wb);
+        else mma_k_tile(d, xa, wb);
         // while it runs: x tile kt + 2 into the stage tile kt - 1 used, W tile kt + 1 into the other W stage
         // (both free: every wgmma of kt - 1 was waited before the barrier that ended it)
-        if (kt + 2 < nk) x_tile_load(base + ((kt + 2) % 3) * TILE, x, m0, K, kt + 2, tid);
+        if (kt + 2 < nk) x_tile_load(base + ((kt + 2) % 3) * TILE, x, m0, C, kt + 2, tid);
         cp_async_commit();
         if (kt + 1 < nk) {
-            w_tile_store(base + (3 + ((kt + 1) & 1)) * TILE, w, lut, tid);
-            if (kt + 2 < nk) w = w_fetch(packed, absmax, n0, K, kt + 2, tid);
+            store((kt + 1) & 1, w);
+            if (kt + 2 < nk) w = fetch(kt + 2);
         }
         wg_wait<0>();
         wg_fence_regs(d);
@@ -185,53 +217,75 @@ __global__ void __launch_bounds__(256) nf4_gemm_kernel2(OutT* __restrict__ y, co
         wg_fence_proxy();
         __syncthreads();
     }
-    y_tile_store(y, d, m0, n0, N, tid);
+    y_tile_store(y, d, m0, c0, O, tid);
 }
 
 // shared memory of each version: its tiles plus the 1024-byte alignment
-static const size_t SMEM[3] = {0, 4 * TILE + 1024, 5 * TILE + 1024};
+static const size_t SMEM[4] = {0, 4 * TILE + 1024, 5 * TILE + 1024, 5 * TILE + 1024};
 
+// V = 1, 2: y (M, N) = x (M, K) · Wᵀ; V = 3 (v2 with DX): y (M, K) = x (M, N) · W
 template <int V, typename OutT>
 static void nf4_gemm(OutT* y, const bf16* x, const uint8_t* packed, const float* absmax, int M, int N, int K) {
-    if (M % BM || N % BN || K % BK) { fprintf(stderr, "nf4_gemm: M %d, N %d must be multiples of 128, K %d of 64\n", M, N, K); exit(1); }
-    auto kernel = V == 1 ? nf4_gemm_kernel1<OutT> : nf4_gemm_kernel2<OutT>;
+    const int C = V == 3 ? N : K, O = V == 3 ? K : N;
+    if (M % BM || O % BN || C % BK) { fprintf(stderr, "nf4_gemm v%d: M %d and the output width %d must be multiples of 128, the contraction %d of 64\n", V, M, O, C); exit(1); }
+    auto kernel = V == 1 ? nf4_gemm_kernel1<OutT> : V == 2 ? nf4_gemm_kernel2<false, OutT> : nf4_gemm_kernel2<true, OutT>;
     static bool attr = false;
     if (!attr) { cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM[V])); attr = true; }
-    kernel<<<dim3(N / BN, M / BM), 256, SMEM[V]>>>(y, x, packed, absmax, M, N, K);
+    kernel<<<dim3(O / BN, M / BM), 256, SMEM[V]>>>(y, x, packed, absmax, M, N, K);
     cudaCheck(cudaGetLastError());
 }
 
-// cuBLAS: y (M, N) row-major = x (M, K) · w (N, K)ᵀ, i.e. yᵀ = w · xᵀ in column-major terms
-static void cublas_gemm(cublasHandle_t h, bf16* y, const bf16* x, const bf16* w, int M, int N, int K) {
+// cuBLAS on the dequantized bf16 W. Forward: y (M, N) = x (M, K) · Wᵀ, i.e. yᵀ = W · xᵀ column-major.
+// Backward (dx): y (M, K) = x (M, N) · W, i.e. yᵀ = Wᵀ · xᵀ column-major.
+static void cublas_gemm(cublasHandle_t h, bool dx, bf16* y, const bf16* x, const bf16* w, int M, int N, int K) {
     const float one = 1.f, zero = 0.f;
-    if (cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, CUDA_R_16BF, K, x, CUDA_R_16BF, K, &zero, y, CUDA_R_16BF, N,
-                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) { fprintf(stderr, "cublasGemmEx failed\n"); exit(1); }
+    cublasStatus_t st = dx ? cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, &one, w, CUDA_R_16BF, K, x, CUDA_R_16BF, N, &zero, y,
+                                          CUDA_R_16BF, K, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+                           : cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, CUDA_R_16BF, K, x, CUDA_R_16BF, K, &zero, y,
+                                          CUDA_R_16BF, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (st != CUBLAS_STATUS_SUCCESS) { fprintf(stderr, "cublasGemmEx failed (%d)\n", (int)st); exit(1); }
+}
+// version v of the fused kernel (3: the backward)
+template <typename OutT>
+static void fused(int v, OutT* y, const bf16* x, const uint8_t* packed, const float* absmax, int M, int N, int K) {
+    if (v == 1) nf4_gemm<1>(y, x, packed, absmax, M, N, K);
+    else if (v == 2) nf4_gemm<2>(y, x, packed, absmax, M, N, K);
+    else nf4_gemm<3>(y, x, packed, absmax, M, N, K);
+}
+static bool fits(int v, int M, int N, int K) {
+    return v == 3 ? M % BM == 0 && K % BN == 0 && N % BK == 0 : M % BM == 0 && N % BN == 0 && K % BK == 0;
 }
 
-// A random problem: x uniform in [-1, 1) (bf16), W's codes random, absmax in [0.01, 0.03)
+// A random problem: x (M, K) and dy (M, N) uniform in [-1, 1) (bf16), W's codes random, absmax in [0.01, 0.03)
 struct Problem {
     int M, N, K;
-    std::vector<uint16_t> x, wb;   // bf16 bits: x (M, K), W dequantized (N, K)
-    std::vector<uint8_t> packed;   // (N K / 2)
-    std::vector<float> absmax;     // (N K / 64)
-    bf16 *d_x, *d_w, *d_y;
+    std::vector<uint16_t> x, dy, wb;  // bf16 bits: x (M, K), dy (M, N), W dequantized (N, K)
+    std::vector<uint8_t> packed;      // (N K / 2)
+    std::vector<float> absmax;        // (N K / 64)
+    bf16 *d_x, *d_dy, *d_w, *d_y;     // d_y: (M, max(N, K)), either direction's output
     uint8_t* d_packed;
     float *d_absmax, *d_yf;
 };
+static bf16* upload(const std::vector<uint16_t>& v) {
+    bf16* d;
+    cudaCheck(cudaMalloc(&d, 2 * v.size()));
+    cudaCheck(cudaMemcpy(d, v.data(), 2 * v.size(), cudaMemcpyHostToDevice));
+    return d;
+}
 static Problem make_problem(int M, int N, int K) {
     Problem p{M, N, K};
-    const size_t nw = (size_t)N * K;
-    p.x.resize((size_t)M * K); p.packed.resize(nw / 2); p.absmax.resize(nw / 64); p.wb.resize(nw);
+    const size_t nw = (size_t)N * K, ny = (size_t)M * std::max(N, K);
+    p.x.resize((size_t)M * K); p.dy.resize((size_t)M * N); p.packed.resize(nw / 2); p.absmax.resize(nw / 64); p.wb.resize(nw);
     for (size_t i = 0; i < p.x.size(); i++) p.x[i] = f32_to_bf16(2 * rng_uniform(5, 1, i) - 1);
+    for (size_t i = 0; i < p.dy.size(); i++) p.dy[i] = f32_to_bf16(2 * rng_uniform(5, 4, i) - 1);
     for (size_t i = 0; i < p.packed.size(); i++) p.packed[i] = (uint8_t)(rng_u32(5, 2, i) >> 24);
     for (size_t i = 0; i < p.absmax.size(); i++) p.absmax[i] = 0.01f + 0.02f * rng_uniform(5, 3, i);
     std::vector<float> w(nw);
     dequantize_4bit(w.data(), p.packed.data(), p.absmax.data(), (int64_t)nw, QT_NF4, 64);
     for (size_t i = 0; i < nw; i++) p.wb[i] = f32_to_bf16(w[i]);
-    cudaCheck(cudaMalloc(&p.d_x, 2 * p.x.size())); cudaCheck(cudaMalloc(&p.d_w, 2 * nw)); cudaCheck(cudaMalloc(&p.d_y, 2 * (size_t)M * N));
-    cudaCheck(cudaMalloc(&p.d_yf, 4 * (size_t)M * N));
+    p.d_x = upload(p.x); p.d_dy = upload(p.dy);
+    cudaCheck(cudaMalloc(&p.d_w, 2 * nw)); cudaCheck(cudaMalloc(&p.d_y, 2 * ny)); cudaCheck(cudaMalloc(&p.d_yf, 4 * ny));
     cudaCheck(cudaMalloc(&p.d_packed, p.packed.size())); cudaCheck(cudaMalloc(&p.d_absmax, 4 * p.absmax.size()));
-    cudaCheck(cudaMemcpy(p.d_x, p.x.data(), 2 * p.x.size(), cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpy(p.d_packed, p.packed.data(), p.packed.size(), cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpy(p.d_absmax, p.absmax.data(), 4 * p.absmax.size(), cudaMemcpyHostToDevice));
     dequantize_4bit_gpu(p.d_w, p.d_packed, p.d_absmax, (int64_t)nw, QT_NF4, 64, 0);  // the trainer's kernel
@@ -242,67 +296,84 @@ static Problem make_problem(int M, int N, int K) {
     return p;
 }
 static void free_problem(Problem& p) {
-    for (void* q : {(void*)p.d_x, (void*)p.d_w, (void*)p.d_y, (void*)p.d_yf, (void*)p.d_packed, (void*)p.d_absmax}) cudaCheck(cudaFree(q));
+    for (void* q : {(void*)p.d_x, (void*)p.d_dy, (void*)p.d_w, (void*)p.d_y, (void*)p.d_yf, (void*)p.d_packed, (void*)p.d_absmax})
+        cudaCheck(cudaFree(q));
+}
+
+// Version v against fp64 (fp32 output) and cuBLAS (bf16 output, yc); returns whether it passed.
+static bool check(int v, Problem& p, const std::vector<double>& ref, const std::vector<double>& mag, const std::vector<uint16_t>& yc) {
+    const bool dx = v == 3;
+    const int M = p.M, N = p.N, K = p.K, C = dx ? N : K;
+    const bf16* in = dx ? p.d_dy : p.d_x;
+    std::vector<float> yf(ref.size());
+    std::vector<uint16_t> yb(ref.size());
+    cudaCheck(cudaMemset(p.d_yf, 0xff, 4 * yf.size()));  // NaN: an output never written fails
+    cudaCheck(cudaMemset(p.d_y, 0xff, 2 * yb.size()));
+    fused(v, p.d_yf, in, p.d_packed, p.d_absmax, M, N, K);
+    fused(v, p.d_y, in, p.d_packed, p.d_absmax, M, N, K);
+    cudaCheck(cudaMemcpy(yf.data(), p.d_yf, 4 * yf.size(), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(yb.data(), p.d_y, 2 * yb.size(), cudaMemcpyDeviceToHost));
+    double worst = 0, maxd = 0, worst_b = 0;
+    size_t bad = 0, bad_b = 0;
+    for (size_t o = 0; o < ref.size(); o++) {
+        double diff = fabs(yf[o] - ref[o]), budget = C * 0x1p-24 * mag[o] + 1e-30;
+        maxd = fmax(maxd, diff); worst = fmax(worst, diff / budget); bad += !(diff <= budget);
+        double db = fabs((double)bf16_to_f32(yb[o]) - bf16_to_f32(yc[o])), bb = 0x1p-8 * fabs(ref[o]) + 2 * C * 0x1p-24 * mag[o] + 1e-30;
+        worst_b = fmax(worst_b, db / bb); bad_b += !(db <= bb);
+    }
+    printf("v%d %s %dx%dx%d: fp32 out vs fp64: max |diff| %.3g, %.1f%% of budget, %zu outside | bf16 out vs cuBLAS: %.1f%% of budget, %zu outside: %s\n",
+           v, dx ? "dx = dy·W " : "y = x·Wᵀ", M, N, K, maxd, 100 * worst, bad, 100 * worst_b, bad_b, bad + bad_b ? "FAIL" : "ok");
+    return bad + bad_b == 0;
 }
 
 int main() {
     cublasHandle_t h;
     if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) { fprintf(stderr, "cublasCreate failed\n"); return 1; }
     int fails = 0;
-    // correctness: every version, fp32 and bf16 output, on a multi-tile problem and on one k-tile (K = 64)
-    const int checks[][3] = {{256, 384, 1024}, {128, 128, 64}};
+    // correctness: every version that fits the shape, fp32 and bf16 output; one k-tile cases too
+    const int checks[][3] = {{256, 384, 1024}, {128, 128, 64}, {128, 64, 128}};
     for (auto& sh : checks) {
         Problem p = make_problem(sh[0], sh[1], sh[2]);
         const int M = p.M, N = p.N, K = p.K;
-        std::vector<double> ref((size_t)M * N), mag((size_t)M * N);  // Σ x w in fp64, Σ |x w|
-        for (int i = 0; i < M; i++)
-            for (int n = 0; n < N; n++) {
-                double s = 0, a = 0;
-                for (int k = 0; k < K; k++) {
-                    double v = (double)bf16_to_f32(p.x[(size_t)i * K + k]) * bf16_to_f32(p.wb[(size_t)n * K + k]);
-                    s += v; a += fabs(v);
+        for (bool dx : {false, true}) {
+            if (!fits(dx ? 3 : 1, M, N, K)) continue;
+            const int O = dx ? K : N, C = dx ? N : K;
+            std::vector<double> ref((size_t)M * O), mag((size_t)M * O);  // Σ in fp64, Σ |terms|
+            for (int i = 0; i < M; i++)
+                for (int o = 0; o < O; o++) {
+                    double s = 0, a = 0;
+                    for (int c = 0; c < C; c++) {
+                        double v = dx ? (double)bf16_to_f32(p.dy[(size_t)i * N + c]) * bf16_to_f32(p.wb[(size_t)c * K + o])
+                                      : (double)bf16_to_f32(p.x[(size_t)i * K + c]) * bf16_to_f32(p.wb[(size_t)o * K + c]);
+                        s += v; a += fabs(v);
+                    }
+                    ref[(size_t)i * O + o] = s; mag[(size_t)i * O + o] = a;
                 }
-                ref[(size_t)i * N + n] = s; mag[(size_t)i * N + n] = a;
-            }
-        std::vector<float> yf((size_t)M * N);
-        std::vector<uint16_t> yb((size_t)M * N), yc((size_t)M * N);
-        cublas_gemm(h, p.d_y, p.d_x, p.d_w, M, N, K);
-        cudaCheck(cudaMemcpy(yc.data(), p.d_y, 2 * yc.size(), cudaMemcpyDeviceToHost));
-        for (int v = 1; v <= 2; v++) {
-            cudaCheck(cudaMemset(p.d_yf, 0xff, 4 * yf.size()));
-            cudaCheck(cudaMemset(p.d_y, 0xff, 2 * yb.size()));
-            if (v == 1) { nf4_gemm<1>(p.d_yf, p.d_x, p.d_packed, p.d_absmax, M, N, K); nf4_gemm<1>(p.d_y, p.d_x, p.d_packed, p.d_absmax, M, N, K); }
-            else        { nf4_gemm<2>(p.d_yf, p.d_x, p.d_packed, p.d_absmax, M, N, K); nf4_gemm<2>(p.d_y, p.d_x, p.d_packed, p.d_absmax, M, N, K); }
-            cudaCheck(cudaMemcpy(yf.data(), p.d_yf, 4 * yf.size(), cudaMemcpyDeviceToHost));
-            cudaCheck(cudaMemcpy(yb.data(), p.d_y, 2 * yb.size(), cudaMemcpyDeviceToHost));
-            double worst = 0, maxd = 0, worst_b = 0;
-            size_t bad = 0, bad_b = 0;
-            for (size_t o = 0; o < ref.size(); o++) {
-                double diff = fabs(yf[o] - ref[o]), budget = K * 0x1p-24 * mag[o] + 1e-30;  // NaN (unwritten) counts as outside
-                maxd = fmax(maxd, diff); worst = fmax(worst, diff / budget); bad += !(diff <= budget);
-                double db = fabs((double)bf16_to_f32(yb[o]) - bf16_to_f32(yc[o])), bb = 0x1p-8 * fabs(ref[o]) + 2 * K * 0x1p-24 * mag[o] + 1e-30;
-                worst_b = fmax(worst_b, db / bb); bad_b += !(db <= bb);
-            }
-            printf("v%d %dx%dx%d: fp32 out vs fp64: max |diff| %.3g, %.1f%% of budget, %zu outside | bf16 out vs cuBLAS: %.1f%% of budget, %zu outside: %s\n",
-                   v, M, N, K, maxd, 100 * worst, bad, 100 * worst_b, bad_b, bad + bad_b ? "FAIL" : "ok");
-            fails += bad + bad_b > 0;
+            std::vector<uint16_t> yc(ref.size());
+            cublas_gemm(h, dx, p.d_y, dx ? p.d_dy : p.d_x, p.d_w, M, N, K);
+            cudaCheck(cudaMemcpy(yc.data(), p.d_y, 2 * yc.size(), cudaMemcpyDeviceToHost));
+            for (int v : dx ? std::vector<int>{3} : std::vector<int>{1, 2}) fails += !check(v, p, ref, mag, yc);
         }
         free_problem(p);
     }
-    printf("%-22s %10s %10s %10s %10s   TFLOP/s: cuBLAS, dequant+cuBLAS, v1, v2\n", "M x N x K", "cuBLAS us", "deq+cuBLAS", "v1 us", "v2 us");
+    // time: W (N, K) of llama3-8b's and llama3-1b's linears, 4 x 2048 tokens; forward y = x·Wᵀ, backward dx = dy·W
+    printf("%-24s %10s %10s %10s %10s   TFLOP/s: cuBLAS, dequant+cuBLAS, fused\n", "W (N x K), M 8192", "cuBLAS us", "deq+cuBLAS", "fused us", "(v2/v3)");
     const int shapes[][3] = {{8192, 4096, 4096}, {8192, 14336, 4096}, {8192, 4096, 14336}, {8192, 2048, 2048}, {8192, 8192, 2048}, {8192, 2048, 8192}};
     for (auto& sh : shapes) {
         Problem p = make_problem(sh[0], sh[1], sh[2]);
         const int M = p.M, N = p.N, K = p.K;
         const double fl = 2.0 * M * N * K / 1e9;
-        float t0 = median_ms([&] { cublas_gemm(h, p.d_y, p.d_x, p.d_w, M, N, K); });
-        float t1 = median_ms([&] { dequantize_4bit_gpu(p.d_w, p.d_packed, p.d_absmax, (int64_t)N * K, QT_NF4, 64, 0); cublas_gemm(h, p.d_y, p.d_x, p.d_w, M, N, K); });
-        float t2 = median_ms([&] { nf4_gemm<1>(p.d_y, p.d_x, p.d_packed, p.d_absmax, M, N, K); });
-        float t3 = median_ms([&] { nf4_gemm<2>(p.d_y, p.d_x, p.d_packed, p.d_absmax, M, N, K); });
-        char name[48];
-        snprintf(name, sizeof name, "%d x %d x %d", M, N, K);
-        printf("%-22s %10.1f %10.1f %10.1f %10.1f   %.0f, %.0f, %.0f, %.0f\n", name, 1e3 * t0, 1e3 * t1, 1e3 * t2, 1e3 * t3,
-               fl / t0, fl / t1, fl / t2, fl / t3);
+        for (bool dx : {false, true}) {
+            const bf16* in = dx ? p.d_dy : p.d_x;
+            float t0 = median_ms([&] { cublas_gemm(h, dx, p.d_y, in, p.d_w, M, N, K); });
+            float t1 = median_ms([&] { dequantize_4bit_gpu(p.d_w, p.d_packed, p.d_absmax, (int64_t)N * K, QT_NF4, 64, 0); cublas_gemm(h, dx, p.d_y, in, p.d_w, M, N, K); });
+            float ta = median_ms([&] { fused(dx ? 3 : 1, p.d_y, in, p.d_packed, p.d_absmax, M, N, K); });
+            float tb = dx ? ta : median_ms([&] { fused(2, p.d_y, in, p.d_packed, p.d_absmax, M, N, K); });
+            char name[48];
+            snprintf(name, sizeof name, "%s %d x %d", dx ? "dx" : "y ", N, K);
+            printf("%-24s %10.1f %10.1f %10.1f %10.1f   %.0f, %.0f, %s %.0f, %.0f\n", name, 1e3 * t0, 1e3 * t1, 1e3 * ta, 1e3 * tb,
+                   fl / t0, fl / t1, dx ? "v3" : "v1", fl / ta, fl / tb);
+        }
         free_problem(p);
     }
     printf("%d failed\n", fails);
