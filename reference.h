@@ -174,15 +174,20 @@ inline void ref_axpy(F* __restrict y, F a, const W* __restrict x, int n) {
     for (int k = 0; k < n; k++) y[k] += a * (F)x[k];
 }
 // y (n, out) = x (n, in) · wᵀ, w (out, in)                          F.linear(x, w)
+// W is transposed a block of OB outputs at a time (in x OB scratch, not a copy of W: a lm_head is large)
 template <typename F, typename W>
 void ref_matmul(F* y, const F* x, const W* w, int n, int in, int out) {
-    std::vector<F> wt((size_t)in * out), s(out);  // (in, out) wᵀ; (out) one row's sums
-    for (int o = 0; o < out; o++)
-        for (int j = 0; j < in; j++) wt[(size_t)j * out + o] = (F)w[(size_t)o * in + j];
-    for (int i = 0; i < n; i++) {
-        std::fill(s.begin(), s.end(), (F)0);
-        for (int j = 0; j < in; j++) ref_axpy(s.data(), x[(size_t)i * in + j], wt.data() + (size_t)j * out, out);
-        std::copy(s.begin(), s.end(), y + (size_t)i * out);
+    constexpr int OB = 64;
+    std::vector<F> wt((size_t)in * OB), s(OB);  // (in, ob) this block of wᵀ; (ob) one row's sums
+    for (int o0 = 0; o0 < out; o0 += OB) {
+        const int ob = std::min(OB, out - o0);
+        for (int o = 0; o < ob; o++)
+            for (int j = 0; j < in; j++) wt[(size_t)j * ob + o] = (F)w[(size_t)(o0 + o) * in + j];
+        for (int i = 0; i < n; i++) {
+            std::fill(s.begin(), s.begin() + ob, (F)0);
+            for (int j = 0; j < in; j++) ref_axpy(s.data(), x[(size_t)i * in + j], wt.data() + (size_t)j * ob, ob);
+            std::copy(s.begin(), s.begin() + ob, y + (size_t)i * out + o0);
+        }
     }
 }
 // dx (n, in) += dy (n, out) · w

@@ -168,7 +168,7 @@ static void variant_if_made(const std::string& dir) {
 static void matmul_order() {
     uint64_t r = 99;
     auto rnd = [&r]() { r = r * 6364136223846793005ull + 1442695040888963407ull; return (float)((r >> 40) * 0x1p-24) * 2 - 1; };
-    const int shapes[][3] = {{5, 37, 19}, {3, 8, 8}, {4, 64, 3}, {1, 1, 1}};  // n, in, out
+    const int shapes[][3] = {{5, 37, 19}, {3, 8, 8}, {4, 64, 3}, {1, 1, 1}, {2, 70, 130}};  // n, in, out (130: blocks of 64 + 2)
     for (auto& sh : shapes) {
         int n = sh[0], in = sh[1], out = sh[2];
         std::vector<float> x((size_t)n * in), w((size_t)out * in), dy((size_t)n * out), dx0((size_t)n * in), dw0((size_t)out * in);
