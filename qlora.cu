@@ -172,7 +172,8 @@ struct Acts {
     // scratch (one purpose each)
     bf16* delta;   // (N, H) o_proj / down_proj output before the residual add
     bf16* act;     // (N, I) swiglu output: input of down_proj
-    bf16* t;       // (N, 3r) a group's [dy·B..] in backward
+    bf16* t[2];    // (N, 3r) a group's [dy·B..] in backward; two, so that one group's weight gradients
+                   // (GradLane) read one while the next group writes the other
     bf16* u;       // (N, r) one projection's xd·Aᵀ (dropout > 0 only)
     bf16* xdrop;   // (N, max in) its dropped-out LoRA input xd (dropout > 0 only)
     // gradients; d gate and d up overwrite gate and up in place
@@ -273,10 +274,26 @@ struct ProfileScope {
     }
 };
 
+// A group's LoRA weight gradients (dB += s·dyᵀ·u, dA += s·tᵀ·x) feed only AdamW: they run on a second
+// stream beside the next group's input-gradient GEMMs (memory-bound beside compute-bound). The main
+// stream waits for a group's at the end of the next group's linears_backward, before anything can
+// overwrite their inputs (rmsnorm_backward writes dres after gate/up's and o's), and for all of them
+// before a recompute refills the shared layer buffers and at the end of backward. Under --profile the
+// lane is the main stream, so each op's time is its own. Same GEMMs, same algorithms: same bits.
+struct GradLane {
+    cudaStream_t s = 0;
+    MatmulCtx mm;            // its own cuBLASLt workspace: two streams must not share one
+    cudaEvent_t ready;       // main -> lane: a group's inputs are written
+    cudaEvent_t done[2];     // lane -> main: a group's gradients are accumulated
+    int n = 0;               // groups launched on the lane; t[n % 2] is the free t buffer
+    int pending = -1;        // done[] slot of the group in flight, -1: none
+};
+
 struct Trainer {
     Model m;
     Acts a;
     MatmulCtx mm;
+    GradLane lane;
     cudaStream_t s;
     Options o;
     Profiler prof;
@@ -393,7 +410,8 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     A.want(&a.rstdf, N);
     S.want(&a.delta, N * H);
     S.want(&a.act, N * I);
-    S.want(&a.t, N * r * 3);
+    S.want(&a.t[0], N * r * 3);
+    S.want(&a.t[1], N * r * 3);
     a.u = a.xdrop = nullptr;
     if (t.m.lc.dropout > 0) {
         S.want(&a.u, N * r);
@@ -727,29 +745,39 @@ static void linears_forward(Trainer& t, const LinearRun& run, Group g, bf16* con
     }
 }
 
+// The main stream waits for the lane's group in flight (GradLane).
+static void lane_drain(Trainer& t) {
+    GradLane& ln = t.lane;
+    if (ln.pending >= 0) cudaCheck(cudaStreamWaitEvent(t.s, ln.done[ln.pending]));
+    ln.pending = -1;
+}
+
 // dx (N, in) = Σ dy_i·W_i + s·Σ mask(dy_i·B_i·A_i); LoRA grads (fp32, accumulated over micro-batches):
 // dB_i += s·dy_iᵀ·u_i, dA_i += s·(dy_i·B_i)ᵀ·x. First what needs no x: t = [dy_i·B_i] (N, k·r), dx
 // (without dropout the LoRA part is one GEMM with K = k·r, written first, and the frozen
 // input-gradient GEMMs add into it with beta = 1). Then make_x, if given, produces x (down_proj's
 // input, recomputed by the SwiGLU backward that needs this dx), then dB from u (N, k·r) = x·[A..]ᵀ as
-// linears_forward kept it (with dropout: each projection's xd·Aᵀ, recomputed), and dA (one GEMM for
-// the group).
+// linears_forward kept it and dA (one GEMM for the group), on the GradLane; with dropout each
+// projection's xd·Aᵀ is recomputed and its dB, dA run on the main stream. Last, the main stream
+// waits for the previous group's lane work.
 template <class MakeX>
 static void linears_backward(Trainer& t, const LinearRun& run, Group g, bf16* dx, bf16* const* dys, const bf16* x, const bf16* u,
                              int l, uint64_t drop_seed, MakeX make_x) {
     const Config& c = t.m.cfg;
     const LoraConfig& lc = t.m.lc;
     Model& m = t.m;
+    GradLane& ln = t.lane;
     int N = run.N, in = proj_in(c, g.first), r = lc.rank, first, k = group_lora(lc, g, &first);
     float scale = lc.scale();
     bool fused = k && !run.dropout;   // the group's LoRA dx is one GEMM
+    bf16* tb = t.a.t[ln.n % 2];       // (N, k·r) [dy_i·B_i]; the other buffer may be read by the lane
     ProfileScope prof(t.prof, "LoRA GEMMs");
     for (int p = g.first, j = 0; p < g.first + g.n; p++) {
         if (!lc.has(p)) continue;
-        gemm_input_grad(t.mm, {t.a.t + j * r, k * r}, dys[p - g.first], lB(m, l, p), N, r, proj_out(c, p));   // t_j = dy·B
+        gemm_input_grad(t.mm, {tb + j * r, k * r}, dys[p - g.first], lB(m, l, p), N, r, proj_out(c, p));   // t_j = dy·B
         j++;
     }
-    if (fused) gemm_input_grad(t.mm, dx, t.a.t, lA(m, l, first), N, in, k * r, scale);   // dx = s·t·[A..]
+    if (fused) gemm_input_grad(t.mm, dx, tb, lA(m, l, first), N, in, k * r, scale);   // dx = s·t·[A..]
     prof.to("frozen GEMMs");
     for (int i = 0; i < g.n; i++) {   // dx += dy·W
         int p = g.first + i;
@@ -758,25 +786,33 @@ static void linears_backward(Trainer& t, const LinearRun& run, Group g, bf16* dx
     for (int p = g.first, j = 0; run.dropout && p < g.first + g.n; p++) {   // dropout: each mask regenerated
         if (!lc.has(p)) continue;
         prof.to("LoRA GEMMs");
-        gemm_input_grad(t.mm, t.a.xdrop, {t.a.t + j * r, k * r}, lA(m, l, p), N, in, r, scale);   // s·t·A
+        gemm_input_grad(t.mm, t.a.xdrop, {tb + j * r, k * r}, lA(m, l, p), N, in, r, scale);   // s·t·A
         prof.to("LoRA dropout");
         lora_dropout_backward_add(dx, t.a.xdrop, (int64_t)N * in, lc.dropout, drop_seed, l, p, t.s);   // dx += mask(s·t·A)
         j++;
     }
     make_x();
-    if (!k) return;
     prof.to("LoRA GEMMs");
-    if (fused) {
+    int prev = ln.pending;
+    if (fused) {   // on the lane, after what the main stream has queued so far
+        cudaCheck(cudaEventRecord(ln.ready, t.s));
+        cudaCheck(cudaStreamWaitEvent(ln.mm.stream, ln.ready));
         for (int p = g.first, j = 0; p < g.first + g.n; p++) {
             if (!lc.has(p)) continue;
             float* dB = m.grad + lora_slot(c, lc, l, p).b;
-            gemm_weight_grad(t.mm, dB, dys[p - g.first], {u + j * r, k * r}, proj_out(c, p), r, N, scale);   // dB += s·dyᵀ·u
+            gemm_weight_grad(ln.mm, dB, dys[p - g.first], {u + j * r, k * r}, proj_out(c, p), r, N, scale);   // dB += s·dyᵀ·u
             j++;
         }
-        gemm_weight_grad(t.mm, m.grad + lora_slot(c, lc, l, first).a, t.a.t, x, k * r, in, N, scale);   // dA.. += s·tᵀ·x
-        return;
+        gemm_weight_grad(ln.mm, m.grad + lora_slot(c, lc, l, first).a, tb, x, k * r, in, N, scale);   // dA.. += s·tᵀ·x
+        ln.pending = ln.n % 2;
+        cudaCheck(cudaEventRecord(ln.done[ln.pending], ln.mm.stream));
+        ln.n++;
     }
-    for (int p = g.first, j = 0; p < g.first + g.n; p++) {
+    if (prev >= 0) {   // the previous group's inputs may be overwritten after this group
+        cudaCheck(cudaStreamWaitEvent(t.s, ln.done[prev]));
+        if (!fused) ln.pending = -1;
+    }
+    for (int p = g.first, j = 0; k && !fused && p < g.first + g.n; p++) {
         if (!lc.has(p)) continue;
         LoraSlot sl = lora_slot(c, lc, l, p);
         prof.to("LoRA dropout");
@@ -784,7 +820,7 @@ static void linears_backward(Trainer& t, const LinearRun& run, Group g, bf16* dx
         prof.to("LoRA GEMMs");
         gemm_forward(t.mm, t.a.u, t.a.xdrop, lA(m, l, p), N, r, in);                                   // u = xd·Aᵀ
         gemm_weight_grad(t.mm, m.grad + sl.b, dys[p - g.first], t.a.u, proj_out(c, p), r, N, scale);   // dB += s·dyᵀ·u
-        gemm_weight_grad(t.mm, m.grad + sl.a, {t.a.t + j * r, k * r}, t.a.xdrop, r, in, N, scale);     // dA += s·tᵀ·xd
+        gemm_weight_grad(t.mm, m.grad + sl.a, {tb + j * r, k * r}, t.a.xdrop, r, in, N, scale);        // dA += s·tᵀ·xd
         j++;
     }
 }
@@ -885,7 +921,10 @@ static void backward(Trainer& t, uint64_t drop_seed) {
     std::swap(a.dres, a.dn);
     for (int l = c.n_layers - 1; l >= 0; l--) {
         offload_in(t, l);   // --offload: h[l] back in its slot, h[l-1] on its way
-        if (t.o.recompute) layer_forward(t, l, false, drop_seed);   // without, layer l's activations and weights are the forward's
+        if (t.o.recompute) {   // without, layer l's activations and weights are the forward's
+            lane_drain(t);     // layer l+1's q|k|v weight gradients read the buffers it refills
+            layer_forward(t, l, false, drop_seed);
+        }
         Acts::Layer& y = acts(t, l);
         LinearRun run = training_run(t, l);
         // MLP: h[l+1] = h_mid + down(silu(gate(n2)) * up(n2))
@@ -915,6 +954,7 @@ static void backward(Trainer& t, uint64_t drop_seed) {
         prof.to("RMSNorm backward");
         rmsnorm_backward(a.dres, a.dn, a.h[l], m.w.at(W_ATTN_NORM, l), y.rstd1, N, c.dim, true, t.s);   // d h[l]
     }
+    lane_drain(t);   // the gradients are whole; the next micro-batch may overwrite the activations
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -937,6 +977,10 @@ static void trainer_init(Trainer& t, const Options& o) {
     cudaCheck(cudaStreamCreate(&t.s));
     matmul_init(t.mm, t.s);
     t.prof.on = o.profile;
+    if (!t.prof.on) cudaCheck(cudaStreamCreateWithFlags(&t.lane.s, cudaStreamNonBlocking));
+    matmul_init(t.lane.mm, t.prof.on ? t.s : t.lane.s);
+    cudaCheck(cudaEventCreateWithFlags(&t.lane.ready, cudaEventDisableTiming));
+    for (cudaEvent_t& e : t.lane.done) cudaCheck(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     t.prof.s = t.s;
     bool random = o.model.rfind("random:", 0) == 0;
     Config c = random ? random_config(o.model.substr(7)) : load_config(o.model + "/config.json");

@@ -338,7 +338,7 @@ struct AttnFwdTile2 {
     static constexpr int QB = BQ * HD * 2, KB = BK * HD * 2;  // bytes: Q tile, K (or V) tile
     static constexpr size_t OFF_K = QB, OFF_V = OFF_K + 2 * KB, SMEM = OFF_V + 2 * KB;  // Q, K (2 stages), V (2 stages)
     static constexpr size_t SMEM_ALLOC = SMEM + 1024;  // the dynamic smem base is aligned up to 1024 bytes
-    static_assert(HD == 128 && BQ == 128 && BK == 128, "attention_forward_kernel2: written for these");
+    static_assert((HD == 64 || HD == 128) && BQ == 128 && BK == 128, "attention_forward_kernel2: written for these");
 };
 
 template <int HD, int BQ, int BK>
@@ -451,7 +451,7 @@ __global__ void __launch_bounds__(BQ / 64 * 128, 1) attention_forward_kernel2(co
             }
         wg_fence();
 #pragma unroll
-        for (int kc = 0; kc < BK / 16; kc++) wg_mma_64x128_rs<1>(o, pa[kc], wg_desc(cV + kc * 2048, BK * 128, 1024));
+        for (int kc = 0; kc < BK / 16; kc++) wg_mma_rs<1>(o, pa[kc], wg_desc(cV + kc * 2048, BK * 128, 1024));
         wg_commit();
         wg_wait<0>();  // before the next tile's loads reuse this stage
         wg_fence_regs(o);
@@ -842,7 +842,7 @@ struct AttnBwdTile4 {
     // K, V, Q (2 stages), dO (2 stages), lse, D, doc_start (2 stages)
     static constexpr size_t OFF_V = KB, OFF_Q = 2 * KB, OFF_DO = OFF_Q + 2 * QB, OFF_L = OFF_DO + 2 * QB, SMEM = OFF_L + 2 * 3 * BR * 4;
     static constexpr size_t SMEM_ALLOC = SMEM + 1024;  // the dynamic smem base is aligned up to 1024 bytes
-    static_assert(HD == 128 && BC == 128 && BR == 64, "kernel4_dkdv: the warpgroup split below is written for these");
+    static_assert((HD == 64 || HD == 128) && BC == 128 && BR == 64, "kernel4_dkdv: the warpgroup split below is written for these");
 };
 
 template <int HD, int BC, int BR>
@@ -972,9 +972,9 @@ __global__ void __launch_bounds__(256, 1) attention_backward_kernel4_dkdv(const 
         // dV += P^T dO, dK += dS^T Q; complete before the next item's loads reuse this stage
         wg_fence();
 #pragma unroll
-        for (int kc = 0; kc < BR / 16; kc++) wg_mma_64x128_rs<1>(dv, pa[kc], wg_desc(cdO + kc * 2048, BR * 128, 1024));
+        for (int kc = 0; kc < BR / 16; kc++) wg_mma_rs<1>(dv, pa[kc], wg_desc(cdO + kc * 2048, BR * 128, 1024));
 #pragma unroll
-        for (int kc = 0; kc < BR / 16; kc++) wg_mma_64x128_rs<1>(dk, da[kc], wg_desc(cQ + kc * 2048, BR * 128, 1024));
+        for (int kc = 0; kc < BR / 16; kc++) wg_mma_rs<1>(dk, da[kc], wg_desc(cQ + kc * 2048, BR * 128, 1024));
         wg_commit();
         wg_wait<0>();
         wg_fence_regs(dk); wg_fence_regs(dv);
@@ -1001,11 +1001,12 @@ struct AttnBwdTile4q {
     static constexpr int QB = BQ * HD * 2, KB = BK * HD * 2;  // bytes: Q (or dO) tile, K (or V) tile
     static constexpr size_t OFF_DO = QB, OFF_K = 2 * QB, OFF_V = OFF_K + 2 * KB, SMEM = OFF_V + 2 * KB;  // Q, dO, K (2), V (2)
     static constexpr size_t SMEM_ALLOC = SMEM + 1024;
-    static_assert(HD == 128 && BQ == 128 && BK == 64, "kernel4_dq: the warpgroup split below is written for these");
+    static_assert((HD == 64 || HD == 128) && BQ == 128 && BK == 64, "kernel4_dq: the warpgroup split below is written for these");
 };
 
+// hd 64: two CTAs per SM within 128 registers, no spills (kernel4_dkdv and the forward's kernel2 would spill there)
 template <int HD, int BQ, int BK>
-__global__ void __launch_bounds__(BQ / 64 * 128, 1) attention_backward_kernel4_dq(const AttnBwdParams p) {
+__global__ void __launch_bounds__(BQ / 64 * 128, HD == 64 ? 2 : 1) attention_backward_kernel4_dq(const AttnBwdParams p) {
     using C = AttnBwdTile4q<HD, BQ, BK>;
     constexpr int NT = C::THREADS, CH = HD / 8;
     extern __shared__ unsigned char attn_smem4q[];
@@ -1111,7 +1112,7 @@ __global__ void __launch_bounds__(BQ / 64 * 128, 1) attention_backward_kernel4_d
         // dQ += dS K (B = K, MN-major); complete before the next tile's loads reuse this stage
         wg_fence();
 #pragma unroll
-        for (int kc = 0; kc < BK / 16; kc++) wg_mma_64x128_rs<1>(dq, da[kc], wg_desc(cK + kc * 2048, BK * 128, 1024));
+        for (int kc = 0; kc < BK / 16; kc++) wg_mma_rs<1>(dq, da[kc], wg_desc(cK + kc * 2048, BK * 128, 1024));
         wg_commit();
         wg_wait<0>();
         wg_fence_regs(dq);
@@ -1138,6 +1139,8 @@ inline void attention_check_args(const void* const* ptrs, int nptrs, int B, int 
     for (int i = 0; i < nptrs; i++) kernel_assert(is_aligned16(ptrs[i]), "attention: tensor argument %d is not 16-byte aligned", i);
 }
 
+// true: the mma.sync kernels (every GPU's) on a Hopper too; test_attention covers both paths with it
+inline bool attention_wgmma_off = false;
 // wgmma needs a Hopper GPU (compute capability 9.0) and this build's sm_90a code
 inline bool attention_has_wgmma() {
     static int cc = -1;
@@ -1148,7 +1151,7 @@ inline bool attention_has_wgmma() {
         cudaCheck(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
         cc = major * 10 + minor;
     }
-    return cc == 90;
+    return cc == 90 && !attention_wgmma_off;
 }
 
 template <int HD, int BR, int BC, int RT, int MINB, bool QREG>
@@ -1169,13 +1172,14 @@ inline void attention_forward(bf16* out, float* lse, const bf16* q, const bf16* 
     AttnFwdParams p{out, lse, q, k, v, doc_start, B, T, nh, nkv, 1.4426950408889634f / sqrtf((float)hd)};
     // dev/cuda/attention_forward.cu variants 1l (hd 64), 2a (hd 128 on Hopper) and 1h (hd 128): the fastest measured on H100
     // at the llama3 shapes (4 warps of 32 query rows each, 2 CTAs/SM)
-    if (hd == 64) attention_forward_launch<64, 128, 64, 2, 2, true>(p, stream);
+    if (attention_has_wgmma() && hd == 64) attention_forward2_launch<64, 128, 128>(p, stream);
     else if (attention_has_wgmma()) attention_forward2_launch<128, 128, 128>(p, stream);
+    else if (hd == 64) attention_forward_launch<64, 128, 64, 2, 2, true>(p, stream);
     else attention_forward_launch<128, 128, 64, 2, 2, false>(p, stream);
 }
 
-// kernel4 (wgmma) on Hopper for hd 128, kernel2 otherwise
-inline bool attention_backward_uses_kernel4(int hd) { return hd == 128 && attention_has_wgmma(); }
+// kernel4 (wgmma) on Hopper, kernel2 otherwise
+inline bool attention_backward_uses_kernel4(int hd) { return (hd == 64 || hd == 128) && attention_has_wgmma(); }
 // kernel2's scratch, in bytes: dq_accum (B, T, nh, hd) fp32, D (B, nh, T) fp32, the dQ semaphores (B, nh, ceil(T / 16)) int
 inline size_t attention_backward_kernel2_scratch_bytes(int B, int T, int nh, int hd) {
     const size_t n_sem = (size_t)B * nh * ((T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS);
@@ -1240,9 +1244,11 @@ inline void attention_backward(bf16* dq, bf16* dk, bf16* dv, float* scratch, con
                                int B, int T, int nh, int nkv, int hd, cudaStream_t stream) {
     const void* ptrs[] = {dq, dk, dv, scratch, dout, q, k, v, out};
     attention_check_args(ptrs, 9, B, T, nh, nkv, hd);
-    // dev/cuda/attention_backward.cu variants 3a (hd 128 on Hopper), 2a (hd 128) and 2c (hd 64)
-    if (hd == 64) attention_backward_hd<64, 128, 64, 1, true>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
+    // kernel4 on Hopper; elsewhere dev/cuda/attention_backward.cu variants 2a (hd 128) and 2c (hd 64)
+    if (attention_backward_uses_kernel4(hd) && hd == 64)
+        attention_backward_hd<64, 128, 64, 1, true, 4>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
     else if (attention_backward_uses_kernel4(hd))
         attention_backward_hd<128, 128, 64, 1, true, 4>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
+    else if (hd == 64) attention_backward_hd<64, 128, 64, 1, true>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
     else attention_backward_hd<128, 128, 64, 1, true>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
 }

@@ -98,4 +98,24 @@ __device__ __forceinline__ void wg_mma_64x128_rs(float (&d)[64], const uint32_t 
         : WG_R8(0), WG_R8(8), WG_R8(16), WG_R8(24), WG_R8(32), WG_R8(40), WG_R8(48), WG_R8(56)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(TB));
 }
+// d (64 x 64) += A (64 x 16, registers) B (16 x 64, smem); as wg_mma_64x128_rs
+template <int TB>
+__device__ __forceinline__ void wg_mma_64x64_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {
+    WG_PTX(
+        "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n}\n"
+        : WG_R8(0), WG_R8(8), WG_R8(16), WG_R8(24)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(TB));
+}
+
+// d (64 x N) += A (64 x 16, registers) B (16 x N, smem), N = 64 or 128 by the accumulator's size
+template <int TB, int NR>
+__device__ __forceinline__ void wg_mma_rs(float (&d)[NR], const uint32_t (&a)[4], uint64_t db) {
+    static_assert(NR == 32 || NR == 64, "wg_mma_rs: N = 64 or 128");
+    if constexpr (NR == 32) wg_mma_64x64_rs<TB>(d, a, db);
+    else wg_mma_64x128_rs<TB>(d, a, db);
+}
 #undef WG_R8

@@ -1,9 +1,11 @@
 // test/test_attention.cu: kernels/attention.cuh against a CPU reference, forward and backward.
 // Shapes: B=2, T in {1, 17, 128, 300}, nh=4, nkv in {4, 2, 1}, hd in {64, 128}, with and without
-// document packing; and B=2, T=1000, nh=8 (8 key tiles), against the CPU where that is cheap.
+// document packing; and B=2, T=1000, nh=8 (8 key tiles), against the CPU where that is cheap. On a Hopper
+// the small shapes run twice: the wgmma kernels it uses, then (attention_wgmma_off) the mma.sync ones of
+// every other GPU.
 // Inputs are seeded random bf16 values; outputs are poisoned (NaN) before each launch.
 //
-// Determinism: at T=300, T=1000 and the llama3-8b shape (B=4, T=2048, nh=32, nkv=8, hd=128; several key
+// Determinism: at T=300, T=1000 and the llama3-8b and -1b shapes (B=4, T=2048, nh=32, nkv=8, hd=128 and 64; several key
 // tiles per query row, so several CTAs add to each dq element) the backward runs a second time on the same
 // inputs, with outputs and scratch poisoned with other bytes, and dq, dk, dv must come out bit for bit the
 // same (and so fully written).
@@ -255,11 +257,18 @@ int main(int argc, char** argv) {
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) return test_skip("test_attention", "no CUDA device");
     const int only_T = argc > 1 ? atoi(argv[1]) : 0;
     uint64_t seed = 1234;
-    for (int hd : {64, 128})
-        for (int T : {1, 17, 128, 300})
-            for (int nkv : {4, 2, 1})
-                for (int packed = 0; packed < 2; packed++, seed++)
-                    if (!only_T || T == only_T) run_case(Shape{2, T, 4, nkv, hd}, packed, seed, true, T == 300);
+    // on a Hopper the small shapes twice: the wgmma kernels, then the mma.sync ones other GPUs run
+    const bool hopper = attention_has_wgmma();
+    for (int portable = 0; portable <= (int)hopper; portable++) {
+        attention_wgmma_off = portable && hopper;
+        if (hopper) printf("-- %s kernels\n", portable ? "mma.sync (other GPUs')" : "wgmma (Hopper's)");
+        for (int hd : {64, 128})
+            for (int T : {1, 17, 128, 300})
+                for (int nkv : {4, 2, 1})
+                    for (int packed = 0; packed < 2; packed++, seed++)
+                        if (!only_T || T == only_T) run_case(Shape{2, T, 4, nkv, hd}, packed, seed, true, T == 300);
+    }
+    attention_wgmma_off = false;
     // T=1000: 8 key tiles; without documents the CPU reference (seconds each) only for nkv=2
     for (int hd : {64, 128})
         for (int nkv : {4, 2, 1})
@@ -268,5 +277,6 @@ int main(int argc, char** argv) {
     // llama3-8b, repeat only: at the small shapes few CTAs run at once, so even kernel1's float atomics
     // (dev/cuda/attention_backward.cu) came out the same twice; here they gave 177 different dq elements
     if (!only_T || only_T == 2048) run_case(Shape{4, 2048, 32, 8, 128}, false, seed, false, true);
+    if (!only_T || only_T == 2048) run_case(Shape{4, 2048, 32, 8, 64}, false, seed, false, true);   // llama3-1b's heads
     return test_summary();
 }
