@@ -51,6 +51,7 @@ build/%_san: test/%.cpp $(HEADERS) | build
 	$(CXX) $(SANFLAGS) -o $@ $<
 build/%: test/%.cu $(HEADERS) | build
 	$(NVCC) $(NVCCFLAGS) $(DIST_FLAGS) -o $@ $< $(NVLIBS) $(DIST_LIBS)
+build/test_qlora: qlora.cu   # it includes the trainer whole
 qlora: qlora.cu $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) $(DIST_FLAGS) -o $@ $< $(NVLIBS) $(DIST_LIBS)
 build:

@@ -9,7 +9,9 @@
 #     last saved state stays loadable: a run resumes from it;
 #   - a second run writing the same --out is refused (the lock names the first's pid); a regular
 #     file as --out is refused before training;
-#   - a --gpu-memory budget that recompute alone does not meet switches on --offload, and says so.
+#   - a --gpu-memory budget that recompute alone does not meet switches on --offload, and says so;
+#   - a budget below the plan that keeps the dequantized weights for backward drops them (no recompute),
+#     says so, and gives the same losses, bit for bit.
 if ! nvidia-smi -L > /dev/null 2>&1 || [ ! -x ./qlora ]; then
   echo "SKIPPED test_resilience: no CUDA device"; echo "0 passed, 0 failed"; exit 0
 fi
@@ -56,8 +58,19 @@ total() { grep -oE 'total on the GPU +[0-9.]+' "$1" | grep -oE '[0-9.]+$'; }
 g=$(python3 -c "print(round(($(total $d/plan_rc.out) + $(total $d/plan_off.out)) / 2 + 0.75, 2))" 2>/dev/null)
 ./qlora $big --gpu-memory "${g:-0}" > $d/plan_auto.out 2>&1; r3=$?
 peak=$(grep -oE 'peak GPU memory \(driver\) [0-9.]+' $d/plan_auto.out | grep -oE '[0-9.]+$')
-[ $r1 = 0 ] && [ $r2 = 0 ] && [ $r3 = 0 ] && grep -q 'recompute on, offload on; recompute chosen.*; offload chosen' $d/plan_auto.out \
+[ $r1 = 0 ] && [ $r2 = 0 ] && [ $r3 = 0 ] && grep -q 'recompute on, offload on; dequantized weights not kept.*; recompute chosen.*; offload chosen' $d/plan_auto.out \
   && [ "$(grep -c 'offload: .* pinned host memory' $d/plan_off.out)" = 1 ]
 ok $? "--gpu-memory ${g:-?} (between the two plans, $(total $d/plan_rc.out) and $(total $d/plan_off.out) GiB): offload chosen and said so; peak ${peak:-?} GiB (driver)"
+# a budget 1 GiB below the plan that keeps llama3-1b's dequantized weights (1.8 GiB at 4 x 2048) and above
+# the one that re-dequantizes them two projections at a time
+mid="--model random:llama3-1b --batch 4 --seq 2048 --steps 3"
+losses() { grep -oE '^step .*\| loss [0-9.e+-]+' "$1" | sed 's/.*loss //' | tr '\n' ' '; }
+./qlora $mid > $d/plan_keep.out 2>&1; r1=$?
+g=$(python3 -c "print(round($(total $d/plan_keep.out) - 1.0 + 0.75, 2))" 2>/dev/null)
+./qlora $mid --gpu-memory "${g:-0}" > $d/plan_ring.out 2>&1; r2=$?
+[ $r1 = 0 ] && [ $r2 = 0 ] && grep -q 'dequantized weights kept, recompute off' $d/plan_keep.out \
+  && grep -q 'dequantized weights not kept, recompute off, offload off; dequantized weights not kept' $d/plan_ring.out \
+  && [ -n "$(losses $d/plan_keep.out)" ] && [ "$(losses $d/plan_keep.out)" = "$(losses $d/plan_ring.out)" ]
+ok $? "--gpu-memory ${g:-?} (1 GiB under the $(total $d/plan_keep.out) GiB that keeps the weights): weights re-dequantized, $(total $d/plan_ring.out) GiB, no recompute, said so; losses $(losses $d/plan_ring.out)bit-identical"
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]
