@@ -165,20 +165,9 @@ struct Acts {
     std::vector<Layer> l;   // (L), or (1) shared with --recompute
     std::vector<bf16*>
         udown;   // (L) x (N, k·r) LoRA u of down_proj, per layer also with --recompute (a recompute stops before down_proj)
-    bool keep_w;   // the forward's dequantized weights serve the backward (wdq); else the WeightRing
-    std::vector<std::array<bf16*, N_PROJ>> wdq;   // keep_w: (L) x 7 dequantized weights (out, in)
-    // Without keep_w: two slots of the largest projection (out·in bf16). ring_weight(l, p) returns the
-    // slot holding layer l's projection p, dequantizing it first if neither does (the first GEMM of a
-    // step, an order not foreseen), and starts dequantizing the next GEMM's weight into the other slot
-    // on the ring's stream, beside the current GEMM. Events: ready[s] (ring -> main: slot s is written),
-    // freed (main -> ring: every GEMM that reads the other slot is queued before it).
-    struct WeightRing {
-        cudaStream_t s = 0;   // the main stream under --profile
-        bf16* slot[2];        // (max out·in)
-        int holds[2] = {-1, -1};   // l·N_PROJ + p of what each slot holds (or is being written with), -1: nothing
-        int cur = 0;               // the slot of the latest ring_weight
-        cudaEvent_t ready[2], freed;
-    } ring;
+    bool keep_w;   // the forward's dequantized weights serve the backward
+    std::vector<std::array<bf16*, N_PROJ>>
+        wdq;   // dequantized weights (out, in): keep_w (L) x 7, else (1) x 7 that each layer refills (forward, backward)
     bf16* hf;       // (N, H) final norm output
     float* rstdf;   // (N)    its 1/rms
     // scratch (one purpose each)
@@ -354,7 +343,7 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     W.role = "frozen weights (NF4 + bf16 embeddings/norms)";
     P.role = "LoRA params, grads, AdamW";
     A.role = o.offload ? "activations (residual stream: 2 layers + the last)" : "activations";
-    D.role = a_keep_w(t) ? "dequantized weights, all layers, for backward" : "dequantized weights, 2 projections at a time";
+    D.role = a_keep_w(t) ? "dequantized weights, all layers, for backward" : "dequantized weights, one layer at a time";
     U.role = "LoRA u = x A^T per group, kept for backward";
     S.role = "scratch (CE, attention)";
     G.role = "gradients of activations";
@@ -389,14 +378,9 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
         for (size_t l = 0; l <= L; l++) A.want(&a.h[l], N * H);
     a.l.resize(o.recompute ? 1 : L);
     a.keep_w = a_keep_w(t);
-    a.wdq.resize(a.keep_w ? L : 0);
+    a.wdq.resize(a.keep_w ? L : 1);
     for (auto& w : a.wdq)
         for (int p = 0; p < N_PROJ; p++) D.want(&w[p], (size_t)proj_out(c, p) * proj_in(c, p));
-    size_t wmax = 0;
-    for (int p = 0; p < N_PROJ; p++) wmax = std::max(wmax, (size_t)proj_out(c, p) * proj_in(c, p));
-    for (bf16*& w : a.ring.slot) w = nullptr;
-    if (!a.keep_w)
-        for (bf16*& w : a.ring.slot) D.want(&w, wmax);
     auto ku = [&](Group g) {
         int first;
         return N * r * group_lora(m.lc, g, &first);
@@ -490,8 +474,8 @@ static void offload_alloc(Trainer& t) {
 
 // Plans every allocation within the budget (--gpu-memory GiB, else what the GPU has free, less
 // 768 MiB for cuBLASLt's workspaces and the CUDA context). What does not fit is traded for time, in
-// this order: the forward's dequantized weights (re-dequantized in backward, two projections at a
-// time), recompute (each layer re-run in backward), then offload (the residual stream's checkpoints
+// this order: the forward's dequantized weights (re-dequantized in backward, a layer at a time),
+// recompute (each layer re-run in backward), then offload (the residual stream's checkpoints
 // to pinned host memory, if the host has room); prints the plan and what it chose and why; stops
 // with advice if nothing fits.
 static void plan_and_alloc(Trainer& t, std::vector<Arena>& ar) {
@@ -711,58 +695,26 @@ static void offload_in(Trainer& t, int l) {
     if (l > 0 && f.holds[(l - 1) % 2] != l - 1) offload_copy(t, l - 1, cudaMemcpyHostToDevice);
 }
 
-// w (out, in) = layer l's NF4 projection p, dequantized to bf16
-static void dequantize_proj(Trainer& t, bf16* w, int l, int p, cudaStream_t s) {
-    const Config& c = t.m.cfg;
-    const QWeight& q = t.m.w.linear[l][p];
-    int64_t n = (int64_t)proj_out(c, p) * proj_in(c, p);
-    dequantize_4bit_nested_gpu(w, q.packed, q.absmax_q, q.absmax2, q.offset, n, QT_NF4, NF4_BLOCKSIZE, s);
-}
 // w[p] (out, in) = layer l's seven NF4 linears, dequantized to bf16
 static void dequantize_layer(Trainer& t, bf16* const* w, int l) {
+    const Config& c = t.m.cfg;
     ProfileScope prof(t.prof, "NF4 dequantize");
-    for (int p = 0; p < N_PROJ; p++) dequantize_proj(t, w[p], l, p, t.s);
-}
-
-// A use of a frozen weight, l·N_PROJ + p; NO_USE: none foreseen.
-static const int NO_USE = -1;
-static int use_of(int l, int p) {
-    return l * N_PROJ + p;
-}
-// Acts::WeightRing: slot s starts being written with use u once the main stream's queued GEMMs are done with it
-static void ring_fill(Trainer& t, int s, int u) {
-    Acts::WeightRing& r = t.a.ring;
-    ProfileScope prof(t.prof, "NF4 dequantize");
-    cudaCheck(cudaEventRecord(r.freed, t.s));
-    cudaCheck(cudaStreamWaitEvent(r.s, r.freed));
-    dequantize_proj(t, r.slot[s], u / N_PROJ, u % N_PROJ, r.s);
-    cudaCheck(cudaEventRecord(r.ready[s], r.s));
-    r.holds[s] = u;
-}
-// layer l's projection p, dequantized, for the GEMMs queued next; next: the weight the GEMM after them reads
-static const bf16* ring_weight(Trainer& t, int l, int p, int next) {
-    Acts::WeightRing& r = t.a.ring;
-    int u = use_of(l, p), s = r.holds[r.cur] == u ? r.cur : r.holds[1 - r.cur] == u ? 1 - r.cur : -1;
-    if (s < 0) ring_fill(t, s = 1 - r.cur, u);   // not prefetched
-    r.cur = s;
-    cudaCheck(cudaStreamWaitEvent(t.s, r.ready[s]));
-    if (next != NO_USE && next != u && r.holds[1 - s] != next) ring_fill(t, 1 - s, next);
-    return r.slot[s];
+    for (int p = 0; p < N_PROJ; p++) {
+        const QWeight& q = t.m.w.linear[l][p];
+        int64_t n = (int64_t)proj_out(c, p) * proj_in(c, p);
+        dequantize_4bit_nested_gpu(w[p], q.packed, q.absmax_q, q.absmax2, q.offset, n, QT_NF4, NF4_BLOCKSIZE, t.s);
+    }
 }
 
 // What the linears of one pass compute with: the training forward/backward, or one decoding step.
 struct LinearRun {
     int N;            // rows (tokens)
-    bf16* const* w;   // (N_PROJ) the layer's dequantized weights (out, in); nullptr: the WeightRing's
+    bf16* const* w;   // (N_PROJ) the layer's dequantized weights (out, in)
     bool lora;        // false: the base model alone (generation without an adapter)
     bool dropout;     // LoRA dropout: only while training
 };
 static LinearRun training_run(Trainer& t, int l) {
-    return {t.a.N, t.a.keep_w ? t.a.wdq[l].data() : nullptr, true, t.m.lc.dropout > 0 && t.a.training};
-}
-// projection p's weight for this run's GEMM; next: the weight of the frozen GEMM after it (the ring's prefetch)
-static const bf16* frozen_weight(Trainer& t, const LinearRun& run, int l, int p, int next) {
-    return run.w ? run.w[p] : ring_weight(t, l, p, next);
+    return {t.a.N, t.a.wdq[t.a.keep_w ? l : 0].data(), true, t.m.lc.dropout > 0 && t.a.training};
 }
 
 // ys[i] (N, out) = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ for each projection of the group (PEFT's
@@ -771,7 +723,7 @@ static const bf16* frozen_weight(Trainer& t, const LinearRun& run, int l, int p,
 // (beta = 1): bf16(bf16(x·Wᵀ) + bf16(s·u·Bᵀ)), PEFT's `result + lora_out` rounding, and y is written
 // once by a memory-bound kernel instead of re-read and re-written after the big one.
 static void linears_forward(Trainer& t, const LinearRun& run, Group g, bf16* const* ys, const bf16* x, bf16* u, int l,
-                            uint64_t drop_seed, int next) {
+                            uint64_t drop_seed) {
     const Config& c = t.m.cfg;
     const LoraConfig& lc = t.m.lc;
     const Model& m = t.m;
@@ -783,10 +735,9 @@ static void linears_forward(Trainer& t, const LinearRun& run, Group g, bf16* con
         int p = g.first + i, out = proj_out(c, p);
         bool lora = run.lora && lc.has(p);
         const bf16* bias = proj_has_bias(c, p) ? m.w.at(proj_bias_id(p), l) : nullptr;
-        const bf16* w = frozen_weight(t, run, l, p, i + 1 < g.n ? use_of(l, p + 1) : next);
         if (bias) {   // y = bf16(x·Wᵀ + b) first (F.linear: the bias in the fp32 epilogue); LoRA's term is added to it
             prof.to("frozen GEMMs");
-            gemm_forward(t.mm, ys[i], x, w, N, out, in, 1.0f, 0.0f, bias);
+            gemm_forward(t.mm, ys[i], x, run.w[p], N, out, in, 1.0f, 0.0f, bias);
         }
         if (lora) {
             MatIn uj(u + j * r, k * r);   // (N, r): columns j·r.. of u
@@ -803,7 +754,7 @@ static void linears_forward(Trainer& t, const LinearRun& run, Group g, bf16* con
         }
         if (bias) continue;
         prof.to("frozen GEMMs");
-        gemm_forward(t.mm, ys[i], x, w, N, out, in, 1.0f, lora ? 1.0f : 0.0f);   // y += x·Wᵀ
+        gemm_forward(t.mm, ys[i], x, run.w[p], N, out, in, 1.0f, lora ? 1.0f : 0.0f);   // y += x·Wᵀ
     }
 }
 
@@ -824,7 +775,7 @@ static void lane_drain(Trainer& t) {
 // waits for the previous group's lane work.
 template <class MakeX>
 static void linears_backward(Trainer& t, const LinearRun& run, Group g, bf16* dx, bf16* const* dys, const bf16* x, const bf16* u,
-                             int l, uint64_t drop_seed, int next, MakeX make_x) {
+                             int l, uint64_t drop_seed, MakeX make_x) {
     const Config& c = t.m.cfg;
     const LoraConfig& lc = t.m.lc;
     Model& m = t.m;
@@ -843,8 +794,7 @@ static void linears_backward(Trainer& t, const LinearRun& run, Group g, bf16* dx
     prof.to("frozen GEMMs");
     for (int i = 0; i < g.n; i++) {   // dx += dy·W
         int p = g.first + i;
-        const bf16* w = frozen_weight(t, run, l, p, i + 1 < g.n ? use_of(l, p + 1) : next);
-        gemm_input_grad(t.mm, dx, dys[i], w, N, in, proj_out(c, p), 1.0f, fused || i ? 1.0f : 0.0f);
+        gemm_input_grad(t.mm, dx, dys[i], run.w[p], N, in, proj_out(c, p), 1.0f, fused || i ? 1.0f : 0.0f);
     }
     for (int p = g.first, j = 0; run.dropout && p < g.first + g.n; p++) {   // dropout: each mask regenerated
         if (!lc.has(p)) continue;
@@ -888,8 +838,8 @@ static void linears_backward(Trainer& t, const LinearRun& run, Group g, bf16* dx
     }
 }
 static void linears_backward(Trainer& t, const LinearRun& run, Group g, bf16* dx, bf16* const* dys, const bf16* x, const bf16* u,
-                             int l, uint64_t drop_seed, int next) {
-    linears_backward(t, run, g, dx, dys, x, u, l, drop_seed, next, [] {});
+                             int l, uint64_t drop_seed) {
+    linears_backward(t, run, g, dx, dys, x, u, l, drop_seed, [] {});
 }
 
 // q, k = RoPE(q_norm(q_pre)), RoPE(k_norm(k_pre)) (Qwen3: an RMSNorm over each head's head_dim,
@@ -930,27 +880,24 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
                                  t.s);
     else
         rmsnorm_forward(y.n1, y.rstd1, a.h[l], m.w.at(W_ATTN_NORM, l), N, c.dim, c.norm_eps, t.s);
-    if (a.keep_w) dequantize_layer(t, a.wdq[l].data(), l);
+    dequantize_layer(t, a.wdq[a.keep_w ? l : 0].data(), l);
     LinearRun run = training_run(t, l);
     bf16* qkv[3] = {c.qk_norm ? y.q_pre : y.q, c.qk_norm ? y.k_pre : y.k, y.v};
-    linears_forward(t, run, G_QKV, qkv, y.n1, y.uqkv, l, drop_seed, use_of(l, P_O));   // q, k, v = q_proj(n1), k_proj(n1), v_proj(n1)
+    linears_forward(t, run, G_QKV, qkv, y.n1, y.uqkv, l, drop_seed);   // q, k, v = q_proj(n1), k_proj(n1), v_proj(n1)
     qk_norm_rope(t, l, {y.q, y.k, y.q_pre, y.k_pre, y.rstd_q, y.rstd_k}, pos, N, a.T);
     prof.to("attention forward");
     attention_forward(y.att, y.lse, y.q, y.k, y.v, doc_start, a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
-    linears_forward(t, run, G_O, &a.delta, y.att, y.uo, l, drop_seed, use_of(l, P_GATE));   // o_proj(att)
+    linears_forward(t, run, G_O, &a.delta, y.att, y.uo, l, drop_seed);   // o_proj(att)
     // h_mid = h + o_proj(att); n2 = post_attention_layernorm(h_mid)
     prof.to("RMSNorm (+ residual)");
     rmsnorm_residual_forward(y.h_mid, y.n2, y.rstd2, a.h[l], a.delta, m.w.at(W_MLP_NORM, l), N, c.dim, c.norm_eps, t.s);
     if (fresh) offload_out(t, l);   // the forward's last read of h[l]
     bf16* gu[2] = {y.gate, y.up};
-    linears_forward(t, run, G_GATE_UP, gu, y.n2, y.ugu, l, drop_seed, use_of(l, P_DOWN));   // gate_proj(n2), up_proj(n2)
+    linears_forward(t, run, G_GATE_UP, gu, y.n2, y.ugu, l, drop_seed);   // gate_proj(n2), up_proj(n2)
     if (!fresh) return;   // a recompute stops here: backward forms act itself and needs no down_proj output
     prof.to("SwiGLU");
     swiglu_forward(a.act, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s);          // silu(gate) * up
-    // next: layer l+1's q_proj; after the last layer the backward's first weight other than this one, or
-    // (evaluation) none
-    int L = c.n_layers, next = l + 1 < L ? use_of(l + 1, P_Q) : a.training ? use_of(L - 1, t.o.recompute ? P_Q : P_GATE) : NO_USE;
-    linears_forward(t, run, G_DOWN, &a.delta, a.act, a.udown[l], l, drop_seed, next);   // down_proj(...), added to h_mid by the next op
+    linears_forward(t, run, G_DOWN, &a.delta, a.act, a.udown[l], l, drop_seed);   // down_proj(...), added to h_mid by the next op
 }
 
 // Forward to the loss (and dh of the loss when grad): the loss sum lands in a.loss_sum.
@@ -990,22 +937,23 @@ static void backward(Trainer& t, uint64_t drop_seed) {
         if (t.o.recompute) {   // without, layer l's activations and weights are the forward's
             lane_drain(t);     // layer l+1's q|k|v weight gradients read the buffers it refills
             layer_forward(t, l, false, drop_seed);
-        }
+        } else if (!a.keep_w)   // the weights were dropped for memory: layer l's again, into the one set
+            dequantize_layer(t, a.wdq[0].data(), l);
         Acts::Layer& y = acts(t, l);
         LinearRun run = training_run(t, l);
         // MLP: h[l+1] = h_mid + down(silu(gate(n2)) * up(n2))
         // d act, then d gate and d up (in place over gate and up) and act itself again, which the
         // LoRA of down_proj needs for dA (dB has u from the forward): one pass over gate and up for both
-        linears_backward(t, run, G_DOWN, a.dact, &a.dres, a.act, a.udown[l], l, drop_seed, use_of(l, P_GATE), [&] {
+        linears_backward(t, run, G_DOWN, a.dact, &a.dres, a.act, a.udown[l], l, drop_seed, [&] {
             ProfileScope swiglu(t.prof, "SwiGLU");
             swiglu_backward(y.gate, y.up, a.dact, y.gate, y.up, (int64_t)N * c.hidden_dim, t.s, a.act);
         });
         bf16* dgu[2] = {y.gate, y.up};
-        linears_backward(t, run, G_GATE_UP, a.dn, dgu, y.n2, y.ugu, l, drop_seed, use_of(l, P_O));   // d n2
+        linears_backward(t, run, G_GATE_UP, a.dn, dgu, y.n2, y.ugu, l, drop_seed);   // d n2
         prof.to("RMSNorm backward");
         rmsnorm_backward(a.dres, a.dn, y.h_mid, m.w.at(W_MLP_NORM, l), y.rstd2, N, c.dim, true, t.s);   // d h_mid
         // attention: h_mid = h + o_proj(attn(rope(q), rope(k), v))
-        linears_backward(t, run, G_O, a.datt, &a.dres, y.att, y.uo, l, drop_seed, use_of(l, P_Q));
+        linears_backward(t, run, G_O, a.datt, &a.dres, y.att, y.uo, l, drop_seed);
         prof.to("attention backward");
         attention_backward(a.dq, a.dk, a.dv, a.attn_scratch, a.datt, y.q, y.k, y.v, y.att, y.lse, doc_start, a.B, a.T, c.n_heads,
                            c.n_kv_heads, c.head_dim, t.s);
@@ -1016,9 +964,7 @@ static void backward(Trainer& t, uint64_t drop_seed) {
             rmsnorm_backward(a.dk_pre, a.dk, y.k_pre, m.w.at(W_K_NORM, l), y.rstd_k, N * c.n_kv_heads, c.head_dim, false, t.s);
         }
         bf16* dqkv[3] = {c.qk_norm ? a.dq_pre : a.dq, c.qk_norm ? a.dk_pre : a.dk, a.dv};
-        // next: layer l-1's first weight (its recompute's q_proj, or its down_proj), or the next forward's first
-        int next = l > 0 ? use_of(l - 1, t.o.recompute ? P_Q : P_DOWN) : use_of(0, P_Q);
-        linears_backward(t, run, G_QKV, a.dn, dqkv, y.n1, y.uqkv, l, drop_seed, next);   // d n1
+        linears_backward(t, run, G_QKV, a.dn, dqkv, y.n1, y.uqkv, l, drop_seed);   // d n1
         prof.to("RMSNorm backward");
         rmsnorm_backward(a.dres, a.dn, a.h[l], m.w.at(W_ATTN_NORM, l), y.rstd1, N, c.dim, true, t.s);   // d h[l]
     }
@@ -1049,11 +995,6 @@ static void trainer_init(Trainer& t, const Options& o) {
     matmul_init(t.lane.mm, t.prof.on ? t.s : t.lane.s);
     cudaCheck(cudaEventCreateWithFlags(&t.lane.ready, cudaEventDisableTiming));
     for (cudaEvent_t& e : t.lane.done) cudaCheck(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-    Acts::WeightRing& ring = t.a.ring;
-    if (t.prof.on) ring.s = t.s;
-    else cudaCheck(cudaStreamCreateWithFlags(&ring.s, cudaStreamNonBlocking));
-    for (cudaEvent_t& e : ring.ready) cudaCheck(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-    cudaCheck(cudaEventCreateWithFlags(&ring.freed, cudaEventDisableTiming));
     t.prof.s = t.s;
     bool random = o.model.rfind("random:", 0) == 0;
     Config c = random ? random_config(o.model.substr(7)) : load_config(o.model + "/config.json");
@@ -1345,18 +1286,18 @@ static void decode_step(Trainer& t, Decoder& d) {
     for (int l = 0; l < L; l++) {
         dequantize_layer(t, d.wdq, l);
         bf16* qkv[3] = {c.qk_norm ? d.q_pre : d.q, c.qk_norm ? d.k_pre : d.k, d.v};
-        linears_forward(t, run, G_QKV, qkv, d.n, d.u, l, 0, NO_USE);   // q, k, v = q_proj(n), k_proj(n), v_proj(n)
+        linears_forward(t, run, G_QKV, qkv, d.n, d.u, l, 0);   // q, k, v = q_proj(n), k_proj(n), v_proj(n)
         float* rstd_k = d.rstd_qk + (size_t)B * c.n_heads;
         qk_norm_rope(t, l, {d.q, d.k, d.q_pre, d.k_pre, d.rstd_qk, rstd_k}, d.pos, B, 1);   // at each sequence's position
         kv_cache_store(d.kc[l], d.vc[l], d.k, d.v, d.pos, B, d.Tmax, c.n_kv_heads, c.head_dim, t.s);
         decode_attention(d.att, d.q, d.kc[l], d.vc[l], d.pos, B, d.Tmax, c.n_heads, c.n_kv_heads, c.head_dim, t.s);   // keys 0..pos
-        linears_forward(t, run, G_O, &d.delta, d.att, d.u, l, 0, NO_USE);
+        linears_forward(t, run, G_O, &d.delta, d.att, d.u, l, 0);
         // x = x + o_proj(att); n = post_attention_layernorm(x)
         rmsnorm_residual_forward(d.x, d.n, d.rstd, d.x, d.delta, m.w.at(W_MLP_NORM, l), B, c.dim, c.norm_eps, t.s);
         bf16* gu[2] = {d.gate, d.up};
-        linears_forward(t, run, G_GATE_UP, gu, d.n, d.u, l, 0, NO_USE);
+        linears_forward(t, run, G_GATE_UP, gu, d.n, d.u, l, 0);
         swiglu_forward(d.act, d.gate, d.up, (int64_t)B * c.hidden_dim, t.s);   // silu(gate) * up
-        linears_forward(t, run, G_DOWN, &d.delta, d.act, d.u, l, 0, NO_USE);
+        linears_forward(t, run, G_DOWN, &d.delta, d.act, d.u, l, 0);
         // x = x + down_proj(...); n = the next layer's input_layernorm(x), or the final norm
         const bf16* norm = l + 1 < L ? m.w.at(W_ATTN_NORM, l + 1) : m.w.at(W_FINAL_NORM);
         rmsnorm_residual_forward(d.x, d.n, d.rstd, d.x, d.delta, norm, B, c.dim, c.norm_eps, t.s);

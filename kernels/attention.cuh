@@ -30,10 +30,12 @@
 // Sizes: hd in {64, 128} (templated), any T >= 1 (tails are zero-filled and masked), nh % nkv == 0.
 // Offsets are int64 (T up to 131072 and beyond). Pointers must be 16-byte aligned.
 //
-// Hopper (sm_90a), hd 128: the same math on wgmma (kernels/wgmma.cuh): the forward's kernel2 (two warpgroups
-// of 64 query rows, 128-key tiles), and the backward split in two kernels, kernel4 (dK, dV per key tile; dQ
-// per query tile, recomputing S and dP: 7 matmuls instead of 5 but no dQ traffic between CTAs, deterministic
-// without semaphores). Other GPUs and hd 64: the forward's kernel1 and the backward's kernel2.
+// Hopper (sm_90a): the same math on wgmma (kernels/wgmma.cuh): for hd 128 the forward's kernel2 (two warpgroups
+// of 64 query rows, 128-key tiles), and for hd 64 and 128 the backward split in two kernels, kernel4 (dK, dV
+// per key tile; dQ per query tile, recomputing S and dP: 7 matmuls instead of 5 but no dQ traffic between
+// CTAs, deterministic without semaphores). Other GPUs: the forward's kernel1 and the backward's kernel2; hd 64
+// keeps kernel1 on Hopper too (kernel2 at hd 64: 5.01 ms against 4.51 for llama3-1b's 16 layers at 4 x 2048).
+// llama3-1b (hd 64), 4 x 2048, 16 layers, H100: backward 23.54 ms with kernel2, 15.87 with kernel4 (session 7).
 //
 // Scratch: attention_backward_scratch_bytes(B, T, nh, hd): D (B nh T fp32) for kernel4; kernel2 adds dq_accum
 // (B T nh hd fp32) and the dQ semaphores; the backward initialises what it needs itself. H100, llama3-8b shapes
@@ -338,7 +340,7 @@ struct AttnFwdTile2 {
     static constexpr int QB = BQ * HD * 2, KB = BK * HD * 2;  // bytes: Q tile, K (or V) tile
     static constexpr size_t OFF_K = QB, OFF_V = OFF_K + 2 * KB, SMEM = OFF_V + 2 * KB;  // Q, K (2 stages), V (2 stages)
     static constexpr size_t SMEM_ALLOC = SMEM + 1024;  // the dynamic smem base is aligned up to 1024 bytes
-    static_assert((HD == 64 || HD == 128) && BQ == 128 && BK == 128, "attention_forward_kernel2: written for these");
+    static_assert(HD == 128 && BQ == 128 && BK == 128, "attention_forward_kernel2: written for these (hd 64: kernel1 measured faster, 4.51 vs 5.01 ms at llama3-1b)");
 };
 
 template <int HD, int BQ, int BK>
@@ -1172,9 +1174,8 @@ inline void attention_forward(bf16* out, float* lse, const bf16* q, const bf16* 
     AttnFwdParams p{out, lse, q, k, v, doc_start, B, T, nh, nkv, 1.4426950408889634f / sqrtf((float)hd)};
     // dev/cuda/attention_forward.cu variants 1l (hd 64), 2a (hd 128 on Hopper) and 1h (hd 128): the fastest measured on H100
     // at the llama3 shapes (4 warps of 32 query rows each, 2 CTAs/SM)
-    if (attention_has_wgmma() && hd == 64) attention_forward2_launch<64, 128, 128>(p, stream);
+    if (hd == 64) attention_forward_launch<64, 128, 64, 2, 2, true>(p, stream);
     else if (attention_has_wgmma()) attention_forward2_launch<128, 128, 128>(p, stream);
-    else if (hd == 64) attention_forward_launch<64, 128, 64, 2, 2, true>(p, stream);
     else attention_forward_launch<128, 128, 64, 2, 2, false>(p, stream);
 }
 

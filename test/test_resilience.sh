@@ -62,7 +62,7 @@ peak=$(grep -oE 'peak GPU memory \(driver\) [0-9.]+' $d/plan_auto.out | grep -oE
   && [ "$(grep -c 'offload: .* pinned host memory' $d/plan_off.out)" = 1 ]
 ok $? "--gpu-memory ${g:-?} (between the two plans, $(total $d/plan_rc.out) and $(total $d/plan_off.out) GiB): offload chosen and said so; peak ${peak:-?} GiB (driver)"
 # a budget 1 GiB below the plan that keeps llama3-1b's dequantized weights (1.8 GiB at 4 x 2048) and above
-# the one that re-dequantizes them two projections at a time
+# the one that re-dequantizes them a layer at a time
 mid="--model random:llama3-1b --batch 4 --seq 2048 --steps 3"
 losses() { grep -oE '^step .*\| loss [0-9.e+-]+' "$1" | sed 's/.*loss //' | tr '\n' ' '; }
 ./qlora $mid > $d/plan_keep.out 2>&1; r1=$?
