@@ -122,8 +122,8 @@ struct Model {
     bf16* lora_bf16;   // (n_lora) compute copy
 };
 
-// Per-layer activations and dequantized weights kept for backward. With --recompute only h and
-// down_proj's LoRA u survive per layer; the rest is one set of buffers that every layer reuses, refilled
+// Per-layer activations and dequantized weights kept for backward (the weights unless the plan drops
+// them: Acts::keep_w). With --recompute only h and down_proj's LoRA u survive per layer; the rest is one set of buffers that every layer reuses, refilled
 // by re-running the layer's forward in backward. u = x·[A..]ᵀ of a group (k LoRA'd projections:
 // (N, k·r)) is kept from the forward for backward's dB, so backward does not read x again for it.
 struct Acts {
@@ -490,7 +490,7 @@ static void plan_and_alloc(Trainer& t, std::vector<Arena>& ar) {
     std::string why;
     char b[200];
     if (!o.recompute && o.keep_weights && arena_total(ar) > budget) {
-        snprintf(b, sizeof b, "; dequantized weights not kept (re-dequantized in backward): kept, the run needs %.2f GiB",
+        snprintf(b, sizeof b, "; dequantized weights not kept (a layer at a time): kept, the run needs %.2f GiB",
                  arena_total(ar) / 1073741824.0);
         why += b;
         o.keep_weights = false;
@@ -934,11 +934,11 @@ static void backward(Trainer& t, uint64_t drop_seed) {
     std::swap(a.dres, a.dn);
     for (int l = c.n_layers - 1; l >= 0; l--) {
         offload_in(t, l);   // --offload: h[l] back in its slot, h[l-1] on its way
-        if (t.o.recompute) {   // without, layer l's activations and weights are the forward's
+        if (t.o.recompute) {   // without, layer l's activations are the forward's
             lane_drain(t);     // layer l+1's q|k|v weight gradients read the buffers it refills
             layer_forward(t, l, false, drop_seed);
-        } else if (!a.keep_w)   // the weights were dropped for memory: layer l's again, into the one set
-            dequantize_layer(t, a.wdq[0].data(), l);
+        } else if (!a.keep_w && l < c.n_layers - 1)   // weights dropped for memory: layer l's again into the one
+            dequantize_layer(t, a.wdq[0].data(), l);   // set (the last layer's is still there from the forward)
         Acts::Layer& y = acts(t, l);
         LinearRun run = training_run(t, l);
         // MLP: h[l+1] = h_mid + down(silu(gate(n2)) * up(n2))

@@ -829,14 +829,14 @@ __global__ void __launch_bounds__(BC / 16 * 32, MINB) attention_backward_kernel2
     }
 }
 
-// kernel4 (hd 128, Hopper): the backward split in two kernels that share nothing but their inputs, so no dQ
+// kernel4 (hd 64 and 128, Hopper): the backward split in two kernels that share nothing but their inputs, so no dQ
 // traffic between CTAs. kernel3 (dev/cuda/attention_backward.cu: kernel2's schedule and ordered dQ on wgmma)
 // spent half its time on that traffic: 1.72 ms, 0.87 without the dq_accum adds. The split costs two more
 // matmuls per (query, key) tile pair (S and dP again), 7 instead of 5, and is deterministic by construction.
 //   kernel4_dkdv: one CTA per (kv head, 128-key tile), kernel3 without dQ: S^T, dP^T, dV += P^T dO, dK += dS^T Q
 //   kernel4_dq:   one CTA per (query head, 128-query tile), two warpgroups of 64 queries; per 64-key tile:
-//                 S = Q K^T, dP = dO V^T (m64n64k16, K-major), dS = P (dP - D), dQ += dS K (m64n128k16, A = dS
-//                 from registers, B = K MN-major)
+//                 S = Q K^T, dP = dO V^T (m64n64k16, K-major), dS = P (dP - D), dQ += dS K (m64nHDk16, A = dS
+//                 from registers, B = K MN-major); dV, dK likewise m64nHDk16 (wg_mma_rs)
 template <int HD, int BC, int BR>
 struct AttnBwdTile4 {
     static constexpr int THREADS = 256;
