@@ -28,6 +28,7 @@
 //       contraction x 128 output columns, read MN-major (wgmma's transpose bit, as V in O = P V).
 //   v4  warp-specialised (forward only): a producer warpgroup (cp.async of x, dequantize of W) and two
 //       consumer warpgroups, 256 x 128 tiles, four stages, mbarriers; two wgmma groups in flight. Below.
+//   v5  v4 on the already-dequantized bf16 W (cp.async beside x): the GEMM alone, against cuBLAS.
 // Measured (H100, session 7): v1-v3 pass every check and run 270-368 TFLOP/s, 40-47% of cuBLAS's 650-800 (the
 // prediction was 50-60% for v1, 70-80% for v2); v2 gains almost nothing over v1, so the dequantize was not
 // their limit: every k-tile ends in wgmma.wait_group 0 and a barrier, and the tensor cores idle at each turn.
@@ -243,10 +244,12 @@ __device__ __forceinline__ void mbar_wait(uint32_t a, int parity) {
     asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n" ::"r"(a), "r"(parity) : "memory");
 }
 
-template <typename OutT>
+// DEQ = false (v5): the same kernel on an already-dequantized bf16 W (wb), copied by cp.async beside x:
+// the GEMM alone, to hold against cuBLAS before any epilogue fusion is built on it.
+template <bool DEQ, typename OutT>
 __global__ void __launch_bounds__(384, 1) nf4_gemm_kernel4(OutT* __restrict__ y, const bf16* __restrict__ x,
                                                           const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                                                          int M, int N, int K) {
+                                                          const bf16* __restrict__ wb, int M, int N, int K) {
     extern __shared__ unsigned char smem_raw[];
     __shared__ float lut[16];
     __shared__ __align__(8) uint64_t bars[2 * S4];  // full[S4], empty[S4]
@@ -259,7 +262,7 @@ __global__ void __launch_bounds__(384, 1) nf4_gemm_kernel4(OutT* __restrict__ y,
 
     if (wg == 0) {  // producer
         asm volatile("setmaxnreg.dec.sync.aligned.u32 96;\n" ::: "memory");
-        auto load_x = [&](int kt) {  // x tile kt: 2048 chunks of 16 bytes, 16 a thread
+        auto load_x = [&](int kt) {  // x tile kt: 2048 chunks of 16 bytes, 16 a thread (v5: W's 1024 too, 8 a thread)
             const int s = kt % S4, round = kt / S4;
             if (round > 0) mbar_wait(empty0 + 8 * s, (round - 1) & 1);
             const uint32_t dst = base + s * ST4;
@@ -268,19 +271,31 @@ __global__ void __launch_bounds__(384, 1) nf4_gemm_kernel4(OutT* __restrict__ y,
                 const int c = l + 128 * i, r = c >> 3, cc = c & 7;
                 cp_async16(dst + wg_swz<BM4>(r, cc * 8), x + (size_t)(m0 + r) * K + kt * BK + cc * 8);
             }
+            if (!DEQ)
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const int c = l + 128 * i, r = c >> 3, cc = c & 7;
+                    cp_async16(dst + XT4 + wg_swz<BN>(r, cc * 8), wb + (size_t)(n0 + r) * K + kt * BK + cc * 8);
+                }
         };
         load_x(0);
         cp_async_commit();
         for (int kt = 0; kt < nk; kt++) {
             const int s = kt % S4;
-            const size_t e = (size_t)(n0 + l) * K + (size_t)kt * BK;  // row n0 + l of W, columns kt·64..
-            const uint4 q0 = *(const uint4*)(packed + e / 2), q1 = *(const uint4*)(packed + e / 2 + 16);
-            const float a = absmax[e / 64];
+            uint4 q0 = {}, q1 = {};
+            float a = 0.f;
+            if (DEQ) {
+                const size_t e = (size_t)(n0 + l) * K + (size_t)kt * BK;  // row n0 + l of W, columns kt·64..
+                q0 = *(const uint4*)(packed + e / 2); q1 = *(const uint4*)(packed + e / 2 + 16);
+                a = absmax[e / 64];
+            }
             if (kt + 1 < nk) load_x(kt + 1);  // waits for its stage to be empty first
             cp_async_commit();                // (empty at the end: the wait below stays uniform)
-            const uint32_t w = base + s * ST4 + XT4, words[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+            if (DEQ) {
+                const uint32_t w = base + s * ST4 + XT4, words[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
 #pragma unroll
-            for (int c = 0; c < 8; c++) dequant8_store(w + wg_swz<BN>(l, c * 8), words[c], a, lut);
+                for (int c = 0; c < 8; c++) dequant8_store(w + wg_swz<BN>(l, c * 8), words[c], a, lut);
+            }
             cp_async_wait_1();  // x tile kt landed (kt + 1 may be in flight)
             wg_fence_proxy();   // this thread's st.shared and cp.async writes, before wgmma reads them
             mbar_arrive(full0 + 8 * s);
@@ -325,17 +340,23 @@ __global__ void __launch_bounds__(384, 1) nf4_gemm_kernel4(OutT* __restrict__ y,
 }
 
 // shared memory of each version: its tiles plus the 1024-byte alignment
-static const size_t SMEM[5] = {0, 4 * TILE + 1024, 5 * TILE + 1024, 5 * TILE + 1024, S4 * ST4 + 1024};
+static const size_t SMEM[6] = {0, 4 * TILE + 1024, 5 * TILE + 1024, 5 * TILE + 1024, S4 * ST4 + 1024, S4 * ST4 + 1024};
 
-// V = 1, 2, 4: y (M, N) = x (M, K) · Wᵀ; V = 3 (v2 with DX): y (M, K) = x (M, N) · W
+// V = 1, 2, 4: y (M, N) = x (M, K) · Wᵀ; V = 3 (v2 with DX): y (M, K) = x (M, N) · W; V = 5: v4 on the bf16 W wb
 template <int V, typename OutT>
-static void nf4_gemm(OutT* y, const bf16* x, const uint8_t* packed, const float* absmax, int M, int N, int K) {
-    const int C = V == 3 ? N : K, O = V == 3 ? K : N, bm = V == 4 ? BM4 : BM;
+static void nf4_gemm(OutT* y, const bf16* x, const uint8_t* packed, const float* absmax, const bf16* wb, int M, int N, int K) {
+    const int C = V == 3 ? N : K, O = V == 3 ? K : N, bm = V >= 4 ? BM4 : BM;
     if (M % bm || O % BN || C % BK) { fprintf(stderr, "nf4_gemm v%d: M %d (of %d), the output width %d (of 128), the contraction %d (of 64)\n", V, M, bm, O, C); exit(1); }
-    auto kernel = V == 1 ? nf4_gemm_kernel1<OutT> : V == 2 ? nf4_gemm_kernel2<false, OutT> : V == 3 ? nf4_gemm_kernel2<true, OutT> : nf4_gemm_kernel4<OutT>;
     static bool attr = false;
-    if (!attr) { cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM[V])); attr = true; }
-    kernel<<<dim3(O / BN, M / bm), V == 4 ? 384 : 256, SMEM[V]>>>(y, x, packed, absmax, M, N, K);
+    if constexpr (V >= 4) {
+        auto kernel = nf4_gemm_kernel4<V == 4, OutT>;
+        if (!attr) { cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM[V])); attr = true; }
+        kernel<<<dim3(O / BN, M / bm), 384, SMEM[V]>>>(y, x, packed, absmax, wb, M, N, K);
+    } else {
+        auto kernel = V == 1 ? nf4_gemm_kernel1<OutT> : V == 2 ? nf4_gemm_kernel2<false, OutT> : nf4_gemm_kernel2<true, OutT>;
+        if (!attr) { cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM[V])); attr = true; }
+        kernel<<<dim3(O / BN, M / bm), 256, SMEM[V]>>>(y, x, packed, absmax, M, N, K);
+    }
     cudaCheck(cudaGetLastError());
 }
 
@@ -351,14 +372,15 @@ static void cublas_gemm(cublasHandle_t h, bool dx, bf16* y, const bf16* x, const
 }
 // version v of the fused kernel (3: the backward)
 template <typename OutT>
-static void fused(int v, OutT* y, const bf16* x, const uint8_t* packed, const float* absmax, int M, int N, int K) {
-    if (v == 1) nf4_gemm<1>(y, x, packed, absmax, M, N, K);
-    else if (v == 2) nf4_gemm<2>(y, x, packed, absmax, M, N, K);
-    else if (v == 3) nf4_gemm<3>(y, x, packed, absmax, M, N, K);
-    else nf4_gemm<4>(y, x, packed, absmax, M, N, K);
+static void fused(int v, OutT* y, const bf16* x, const uint8_t* packed, const float* absmax, const bf16* wb, int M, int N, int K) {
+    if (v == 1) nf4_gemm<1>(y, x, packed, absmax, wb, M, N, K);
+    else if (v == 2) nf4_gemm<2>(y, x, packed, absmax, wb, M, N, K);
+    else if (v == 3) nf4_gemm<3>(y, x, packed, absmax, wb, M, N, K);
+    else if (v == 4) nf4_gemm<4>(y, x, packed, absmax, wb, M, N, K);
+    else nf4_gemm<5>(y, x, packed, absmax, wb, M, N, K);
 }
 static bool fits(int v, int M, int N, int K) {
-    return v == 3 ? M % BM == 0 && K % BN == 0 && N % BK == 0 : M % (v == 4 ? BM4 : BM) == 0 && N % BN == 0 && K % BK == 0;
+    return v == 3 ? M % BM == 0 && K % BN == 0 && N % BK == 0 : M % (v >= 4 ? BM4 : BM) == 0 && N % BN == 0 && K % BK == 0;
 }
 
 // A random problem: x (M, K) and dy (M, N) uniform in [-1, 1) (bf16), W's codes random, absmax in [0.01, 0.03)
@@ -414,8 +436,8 @@ static bool check(int v, Problem& p, const std::vector<double>& ref, const std::
     std::vector<uint16_t> yb(ref.size());
     cudaCheck(cudaMemset(p.d_yf, 0xff, 4 * yf.size()));  // NaN: an output never written fails
     cudaCheck(cudaMemset(p.d_y, 0xff, 2 * yb.size()));
-    fused(v, p.d_yf, in, p.d_packed, p.d_absmax, M, N, K);
-    fused(v, p.d_y, in, p.d_packed, p.d_absmax, M, N, K);
+    fused(v, p.d_yf, in, p.d_packed, p.d_absmax, p.d_w, M, N, K);
+    fused(v, p.d_y, in, p.d_packed, p.d_absmax, p.d_w, M, N, K);
     cudaCheck(cudaMemcpy(yf.data(), p.d_yf, 4 * yf.size(), cudaMemcpyDeviceToHost));
     cudaCheck(cudaMemcpy(yb.data(), p.d_y, 2 * yb.size(), cudaMemcpyDeviceToHost));
     double worst = 0, maxd = 0, worst_b = 0;
@@ -457,13 +479,13 @@ int main() {
             std::vector<uint16_t> yc(ref.size());
             cublas_gemm(h, dx, p.d_y, dx ? p.d_dy : p.d_x, p.d_w, M, N, K);
             cudaCheck(cudaMemcpy(yc.data(), p.d_y, 2 * yc.size(), cudaMemcpyDeviceToHost));
-            for (int v : dx ? std::vector<int>{3} : std::vector<int>{1, 2, 4})
+            for (int v : dx ? std::vector<int>{3} : std::vector<int>{1, 2, 4, 5})
                 if (fits(v, M, N, K)) fails += !check(v, p, ref, mag, yc);
         }
         free_problem(p);
     }
     // time: W (N, K) of llama3-8b's and llama3-1b's linears, 4 x 2048 tokens; forward y = x·Wᵀ, backward dx = dy·W
-    printf("%-24s %10s %10s %10s %10s %10s   TFLOP/s: cuBLAS, dequant+cuBLAS, fused\n", "W (N x K), M 8192", "cuBLAS us", "deq+cuBLAS", "fused us", "(v2/v3)", "v4 us");
+    printf("%-24s %10s %10s %10s %10s %10s %10s   TFLOP/s: cuBLAS, dequant+cuBLAS, fused\n", "W (N x K), M 8192", "cuBLAS us", "deq+cuBLAS", "fused us", "(v2/v3)", "v4 us", "v5 bf16 us");
     const int shapes[][3] = {{8192, 4096, 4096}, {8192, 14336, 4096}, {8192, 4096, 14336}, {8192, 2048, 2048}, {8192, 8192, 2048}, {8192, 2048, 8192}};
     for (auto& sh : shapes) {
         Problem p = make_problem(sh[0], sh[1], sh[2]);
@@ -473,13 +495,15 @@ int main() {
             const bf16* in = dx ? p.d_dy : p.d_x;
             float t0 = median_ms([&] { cublas_gemm(h, dx, p.d_y, in, p.d_w, M, N, K); });
             float t1 = median_ms([&] { dequantize_4bit_gpu(p.d_w, p.d_packed, p.d_absmax, (int64_t)N * K, QT_NF4, 64, 0); cublas_gemm(h, dx, p.d_y, in, p.d_w, M, N, K); });
-            float ta = median_ms([&] { fused(dx ? 3 : 1, p.d_y, in, p.d_packed, p.d_absmax, M, N, K); });
-            float tb = dx ? ta : median_ms([&] { fused(2, p.d_y, in, p.d_packed, p.d_absmax, M, N, K); });
-            float t4 = dx ? 0.f : median_ms([&] { fused(4, p.d_y, in, p.d_packed, p.d_absmax, M, N, K); });
+            float ta = median_ms([&] { fused(dx ? 3 : 1, p.d_y, in, p.d_packed, p.d_absmax, p.d_w, M, N, K); });
+            float tb = dx ? ta : median_ms([&] { fused(2, p.d_y, in, p.d_packed, p.d_absmax, p.d_w, M, N, K); });
+            float t4 = dx ? 0.f : median_ms([&] { fused(4, p.d_y, in, p.d_packed, p.d_absmax, p.d_w, M, N, K); });
+            float t5 = dx ? 0.f : median_ms([&] { fused(5, p.d_y, in, p.d_packed, p.d_absmax, p.d_w, M, N, K); });
             char name[48];
             snprintf(name, sizeof name, "%s %d x %d", dx ? "dx" : "y ", N, K);
-            printf("%-24s %10.1f %10.1f %10.1f %10.1f %10.1f   %.0f, %.0f, %s %.0f, %.0f, v4 %.0f\n", name, 1e3 * t0, 1e3 * t1, 1e3 * ta, 1e3 * tb,
-                   1e3 * t4, fl / t0, fl / t1, dx ? "v3" : "v1", fl / ta, fl / tb, dx ? 0.0 : fl / t4);
+            printf("%-24s %10.1f %10.1f %10.1f %10.1f %10.1f %10.1f   %.0f, %.0f, %s %.0f, %.0f, v4 %.0f, v5 %.0f\n", name, 1e3 * t0, 1e3 * t1,
+                   1e3 * ta, 1e3 * tb, 1e3 * t4, 1e3 * t5, fl / t0, fl / t1, dx ? "v3" : "v1", fl / ta, fl / tb, dx ? 0.0 : fl / t4,
+                   dx ? 0.0 : fl / t5);
         }
         free_problem(p);
     }
