@@ -123,7 +123,8 @@ struct Model {
 };
 
 // Per-layer activations and dequantized weights kept for backward (the weights unless the plan drops
-// them: Acts::keep_w). With --recompute only h and down_proj's LoRA u survive per layer; the rest is one set of buffers that every layer reuses, refilled
+// them: Acts::keep_w). With --recompute only h and down_proj's LoRA u survive per layer; the rest is
+// one set of buffers that every layer reuses, refilled
 // by re-running the layer's forward in backward. u = x·[A..]ᵀ of a group (k LoRA'd projections:
 // (N, k·r)) is kept from the forward for backward's dB, so backward does not read x again for it.
 struct Acts {
@@ -660,6 +661,10 @@ static void set_lora(Trainer& t, const float* host) {
 static Acts::Layer& acts(Trainer& t, int l) {
     return t.a.l[t.o.recompute ? 0 : l];
 }
+// layer l's dequantized weights: its own when kept, else the one set that each layer refills
+static bf16* const* wdq(Trainer& t, int l) {
+    return t.a.wdq[t.a.keep_w ? l : 0].data();
+}
 
 // --offload, the ring of two residual slots (a.h[l] == ring[l % 2] for l < L). Every copy runs on
 // the copy stream between two events: it starts once the compute stream is done with the slot
@@ -714,7 +719,7 @@ struct LinearRun {
     bool dropout;     // LoRA dropout: only while training
 };
 static LinearRun training_run(Trainer& t, int l) {
-    return {t.a.N, t.a.wdq[t.a.keep_w ? l : 0].data(), true, t.m.lc.dropout > 0 && t.a.training};
+    return {t.a.N, wdq(t, l), true, t.m.lc.dropout > 0 && t.a.training};
 }
 
 // ys[i] (N, out) = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ for each projection of the group (PEFT's
@@ -880,7 +885,7 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
                                  t.s);
     else
         rmsnorm_forward(y.n1, y.rstd1, a.h[l], m.w.at(W_ATTN_NORM, l), N, c.dim, c.norm_eps, t.s);
-    dequantize_layer(t, a.wdq[a.keep_w ? l : 0].data(), l);
+    dequantize_layer(t, wdq(t, l), l);
     LinearRun run = training_run(t, l);
     bf16* qkv[3] = {c.qk_norm ? y.q_pre : y.q, c.qk_norm ? y.k_pre : y.k, y.v};
     linears_forward(t, run, G_QKV, qkv, y.n1, y.uqkv, l, drop_seed);   // q, k, v = q_proj(n1), k_proj(n1), v_proj(n1)
@@ -938,7 +943,7 @@ static void backward(Trainer& t, uint64_t drop_seed) {
             lane_drain(t);     // layer l+1's q|k|v weight gradients read the buffers it refills
             layer_forward(t, l, false, drop_seed);
         } else if (!a.keep_w && l < c.n_layers - 1)   // weights dropped for memory: layer l's again into the one
-            dequantize_layer(t, a.wdq[0].data(), l);   // set (the last layer's is still there from the forward)
+            dequantize_layer(t, wdq(t, l), l);         // set (the last layer's is still there from the forward)
         Acts::Layer& y = acts(t, l);
         LinearRun run = training_run(t, l);
         // MLP: h[l+1] = h_mid + down(silu(gate(n2)) * up(n2))

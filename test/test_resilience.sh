@@ -67,10 +67,10 @@ mid="--model random:llama3-1b --batch 4 --seq 2048 --steps 3"
 losses() { grep -oE '^step .*\| loss [0-9.e+-]+' "$1" | sed 's/.*loss //' | tr '\n' ' '; }
 ./qlora $mid > $d/plan_keep.out 2>&1; r1=$?
 g=$(python3 -c "print(round($(total $d/plan_keep.out) - 1.0 + 0.75, 2))" 2>/dev/null)
-./qlora $mid --gpu-memory "${g:-0}" > $d/plan_ring.out 2>&1; r2=$?
+./qlora $mid --gpu-memory "${g:-0}" > $d/plan_set.out 2>&1; r2=$?
 [ $r1 = 0 ] && [ $r2 = 0 ] && grep -q 'dequantized weights kept, recompute off' $d/plan_keep.out \
-  && grep -q 'dequantized weights not kept, recompute off, offload off; dequantized weights not kept' $d/plan_ring.out \
-  && [ -n "$(losses $d/plan_keep.out)" ] && [ "$(losses $d/plan_keep.out)" = "$(losses $d/plan_ring.out)" ]
-ok $? "--gpu-memory ${g:-?} (1 GiB under the $(total $d/plan_keep.out) GiB that keeps the weights): weights re-dequantized, $(total $d/plan_ring.out) GiB, no recompute, said so; losses $(losses $d/plan_ring.out)bit-identical"
+  && grep -q 'dequantized weights not kept, recompute off, offload off; dequantized weights not kept' $d/plan_set.out \
+  && [ -n "$(losses $d/plan_keep.out)" ] && [ "$(losses $d/plan_keep.out)" = "$(losses $d/plan_set.out)" ]
+ok $? "--gpu-memory ${g:-?} (1 GiB under the $(total $d/plan_keep.out) GiB that keeps the weights): weights re-dequantized, $(total $d/plan_set.out) GiB, no recompute, said so; losses $(losses $d/plan_set.out)bit-identical"
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]
