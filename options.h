@@ -36,6 +36,7 @@ struct Options {
     bool recompute = false;
     bool offload = false;    // residual stream checkpoints in pinned host memory (implies recompute)
     bool keep_weights = true;   // without recompute, the forward's dequantized weights serve the backward (the plan's choice)
+    bool keep_attention = true;   // with recompute, every layer's attention output + LSE kept: a recompute skips attention (the plan's choice)
     double gpu_memory = 0;   // GiB the run may take (0: what the GPU has free)
     bool profile = false;
     double peak_tflops = 700.0;   // measured bf16 GEMM peak for MFU (../shared/bench/gemm_peak.py)
@@ -171,13 +172,14 @@ inline const std::vector<Flag>& flag_table() {
                  return lora_targets_text(o.lora.targets);
              }},
         QL_NUM("--seed", "S", TRAIN | SAMPLE | BOTH, seed, 0, 1e18, "LoRA init, data order, dropout; sampling"),
-        QL_SWITCH("--recompute", TRAIN | GPU, recompute, true, "recompute each layer's activations in backward (less memory)"),
+        QL_SWITCH("--recompute", TRAIN | GPU, recompute, true, "recompute each layer's activations in backward (less memory; each layer's attention output is kept, so "
+                  "the recompute skips attention, unless --gpu-memory has no room for it)"),
         QL_SWITCH("--offload", TRAIN | GPU, offload, true,
                   "keep each layer's residual stream checkpoint in pinned host memory, copied out and back on a second "
                   "stream while other layers compute (implies --recompute)"),
         QL_NUM("--gpu-memory", "GiB", TRAIN | GPU, gpu_memory, 0, 1e6,
-               "memory budget; the dequantized weights are dropped, then recompute and offload switched on, when the run "
-               "does not fit without them (0: what is free)"),
+               "memory budget; the dequantized weights are dropped, then recompute and offload switched on, then the attention "
+               "outputs recomputed too, when the run does not fit without them (0: what is free)"),
         QL_NUM("--threads", "N", TRAIN | SAMPLE | CPU, threads, 0, 1024, "CPU threads (0: every core)"),
         QL_STR(
             "--dist-init", "HOW", TRAIN | GPU, dist_init,

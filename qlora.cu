@@ -123,9 +123,10 @@ struct Model {
 };
 
 // Per-layer activations and dequantized weights kept for backward (the weights unless the plan drops
-// them: Acts::keep_w). With --recompute only h and down_proj's LoRA u survive per layer; the rest is
-// one set of buffers that every layer reuses, refilled
-// by re-running the layer's forward in backward. u = x·[A..]ᵀ of a group (k LoRA'd projections:
+// them: Acts::keep_w). With --recompute only h, down_proj's LoRA u and (unless the plan drops them:
+// Acts::keep_att) the attention output and LSE survive per layer; the rest is one set of buffers that
+// every layer reuses, refilled by re-running the layer's forward in backward (without its attention
+// when that output was kept). u = x·[A..]ᵀ of a group (k LoRA'd projections:
 // (N, k·r)) is kept from the forward for backward's dB, so backward does not read x again for it.
 struct Acts {
     int B, T, N;            // batch rows, sequence length, N = B·T tokens
@@ -151,7 +152,6 @@ struct Acts {
         float* rstd_q;      // (N, nh)  QK-norm only: 1/rms of each head of q_pre
         float* rstd_k;      // (N, nkv) QK-norm only: 1/rms of each head of k_pre
         bf16* v;            // (N, kvd) v_proj
-        bf16* att;          // (N, qd)  attention output: input of o_proj
         bf16* h_mid;        // (N, H)   h[l] + o_proj(att)
         bf16* n2;           // (N, H)   post_attention_layernorm(h_mid): input of gate/up_proj
         bf16* gate;         // (N, I)   gate_proj; its gradient in place in backward
@@ -161,12 +161,14 @@ struct Acts {
         bf16* ugu;          // (N, k·r) LoRA u of gate|up
         float* rstd1;       // (N)      1/rms of h[l]
         float* rstd2;       // (N)      1/rms of h_mid
-        float* lse;         // (B, nh, T) attention's log-sum-exp per query row
     };
     std::vector<Layer> l;   // (L), or (1) shared with --recompute
     std::vector<bf16*>
         udown;   // (L) x (N, k·r) LoRA u of down_proj, per layer also with --recompute (a recompute stops before down_proj)
     bool keep_w;   // the forward's dequantized weights serve the backward
+    bool keep_att;   // with recompute: every layer's attention output and LSE kept, so a recompute skips attention
+    std::vector<bf16*> att;    // (L, or 1 when a recompute re-runs attention) x (N, qd) attention output: input of o_proj
+    std::vector<float*> lse;   // (L, or 1 likewise) x (B, nh, T) attention's log-sum-exp per query row
     std::vector<std::array<bf16*, N_PROJ>>
         wdq;   // dequantized weights (out, in): keep_w (L) x 7, else (1) x 7 that each layer refills (forward, backward)
     bf16* hf;       // (N, H) final norm output
@@ -333,18 +335,25 @@ static bool a_keep_w(const Trainer& t) {
     return !t.o.recompute && t.o.keep_weights;
 }
 
+// with recompute, every layer's attention output and LSE are kept (a recompute then skips attention)
+// unless the plan dropped them for memory (Options::keep_attention)
+static bool a_keep_att(const Trainer& t) {
+    return t.o.recompute && t.o.keep_attention;
+}
+
 // plan every allocation; print the table; exit cleanly if it does not fit
 static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
     const Config& c = t.m.cfg;
     const Options& o = t.o;
     size_t H = c.dim, I = c.hidden_dim, V = c.vocab_size, L = c.n_layers, q = c.q_dim(), kv = c.kv_dim(),
            N = (size_t)o.batch * o.seq, r = t.m.lc.rank;
-    ar.assign(7, Arena());
-    Arena &W = ar[0], &D = ar[1], &P = ar[2], &A = ar[3], &U = ar[4], &S = ar[5], &G = ar[6];
+    ar.assign(8, Arena());
+    Arena &W = ar[0], &D = ar[1], &P = ar[2], &A = ar[3], &K = ar[4], &U = ar[5], &S = ar[6], &G = ar[7];
     W.role = "frozen weights (NF4 + bf16 embeddings/norms)";
     P.role = "LoRA params, grads, AdamW";
     A.role = o.offload ? "activations (residual stream: 2 layers + the last)" : "activations";
     D.role = a_keep_w(t) ? "dequantized weights, all layers, for backward" : "dequantized weights, one layer at a time";
+    K.role = !o.recompute || a_keep_att(t) ? "attention outputs + LSE, every layer, for backward" : "attention output + LSE, one layer";
     U.role = "LoRA u = x A^T per group, kept for backward";
     S.role = "scratch (CE, attention)";
     G.role = "gradients of activations";
@@ -379,6 +388,7 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
         for (size_t l = 0; l <= L; l++) A.want(&a.h[l], N * H);
     a.l.resize(o.recompute ? 1 : L);
     a.keep_w = a_keep_w(t);
+    a.keep_att = a_keep_att(t);
     a.wdq.resize(a.keep_w ? L : 1);
     for (auto& w : a.wdq)
         for (int p = 0; p < N_PROJ; p++) D.want(&w[p], (size_t)proj_out(c, p) * proj_in(c, p));
@@ -392,7 +402,6 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
                                     {&ly.q, q},
                                     {&ly.k, kv},
                                     {&ly.v, kv},
-                                    {&ly.att, q},
                                     {&ly.h_mid, H},
                                     {&ly.n2, H},
                                     {&ly.gate, I},
@@ -400,7 +409,6 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
             A.want(p, N * width);
         A.want(&ly.rstd1, N);
         A.want(&ly.rstd2, N);
-        A.want(&ly.lse, (size_t)o.batch * c.n_heads * o.seq);
         U.want(&ly.uqkv, ku(G_QKV));
         U.want(&ly.uo, ku(G_O));
         U.want(&ly.ugu, ku(G_GATE_UP));
@@ -412,6 +420,12 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
             A.want(&ly.rstd_q, N * c.n_heads);
             A.want(&ly.rstd_k, N * c.n_kv_heads);
         }
+    }
+    a.att.resize(!o.recompute || a.keep_att ? L : 1);
+    a.lse.resize(a.att.size());
+    for (size_t l = 0; l < a.att.size(); l++) {
+        K.want(&a.att[l], N * q);
+        K.want(&a.lse[l], (size_t)o.batch * c.n_heads * o.seq);
     }
     a.udown.resize(L);
     for (size_t l = 0; l < L; l++) U.want(&a.udown[l], ku(G_DOWN));
@@ -476,9 +490,10 @@ static void offload_alloc(Trainer& t) {
 // Plans every allocation within the budget (--gpu-memory GiB, else what the GPU has free, less
 // 768 MiB for cuBLASLt's workspaces and the CUDA context). What does not fit is traded for time, in
 // this order: the forward's dequantized weights (re-dequantized in backward, a layer at a time),
-// recompute (each layer re-run in backward), then offload (the residual stream's checkpoints
-// to pinned host memory, if the host has room); prints the plan and what it chose and why; stops
-// with advice if nothing fits.
+// recompute (each layer re-run in backward, but for its attention, whose output and LSE stay), offload
+// (the residual stream's checkpoints to pinned host memory, if the host has room), then the kept
+// attention outputs (a recompute re-runs attention too); prints the plan and what it chose and why;
+// stops with advice if nothing fits.
 static void plan_and_alloc(Trainer& t, std::vector<Arena>& ar) {
     Options& o = t.o;
     size_t free_b = 0, total_b = 0, headroom = (size_t)768 << 20;
@@ -510,9 +525,17 @@ static void plan_and_alloc(Trainer& t, std::vector<Arena>& ar) {
         o.offload = true;
         plan_memory(t, ar);
     }
+    if (t.a.keep_att && arena_total(ar) > budget) {
+        snprintf(b, sizeof b, "; attention recomputed too: with every layer's output kept the run needs %.2f GiB",
+                 arena_total(ar) / 1073741824.0);
+        why += b;
+        o.keep_attention = false;
+        plan_memory(t, ar);
+    }
     size_t total = arena_total(ar);
     printf("memory plan (batch %d x seq %d, dequantized weights %s, recompute %s, offload %s%s):\n", o.batch, o.seq,
-           a_keep_w(t) ? "kept" : "not kept", o.recompute ? "on" : "off", o.offload ? "on" : "off", why.c_str());
+           a_keep_w(t) ? "kept" : "not kept", !o.recompute ? "off" : t.a.keep_att ? "on (attention kept)" : "on (attention too)",
+           o.offload ? "on" : "off", why.c_str());
     for (auto& x : ar) printf("  %-52s %9.2f GiB\n", x.role, x.bytes / 1073741824.0);
     printf("  %-52s %9.2f GiB (budget %.2f GiB%s; the GPU has %.2f GiB free of %.2f)\n", "total on the GPU", total / 1073741824.0,
            budget / 1073741824.0, o.gpu_memory > 0 ? ", --gpu-memory" : "", free_b / 1073741824.0, total_b / 1073741824.0);
@@ -660,6 +683,13 @@ static void set_lora(Trainer& t, const float* host) {
 // layer l's buffers: its own without --recompute, the one shared set with it
 static Acts::Layer& acts(Trainer& t, int l) {
     return t.a.l[t.o.recompute ? 0 : l];
+}
+// layer l's attention output and LSE: its own, or the one set that a recompute of each layer refills
+static bf16* att_out(Trainer& t, int l) {
+    return t.a.att[t.a.att.size() > 1 ? l : 0];
+}
+static float* att_lse(Trainer& t, int l) {
+    return t.a.lse[t.a.lse.size() > 1 ? l : 0];
 }
 // layer l's dequantized weights: its own when kept, else the one set that each layer refills
 static bf16* const* wdq(Trainer& t, int l) {
@@ -890,9 +920,11 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
     bf16* qkv[3] = {c.qk_norm ? y.q_pre : y.q, c.qk_norm ? y.k_pre : y.k, y.v};
     linears_forward(t, run, G_QKV, qkv, y.n1, y.uqkv, l, drop_seed);   // q, k, v = q_proj(n1), k_proj(n1), v_proj(n1)
     qk_norm_rope(t, l, {y.q, y.k, y.q_pre, y.k_pre, y.rstd_q, y.rstd_k}, pos, N, a.T);
-    prof.to("attention forward");
-    attention_forward(y.att, y.lse, y.q, y.k, y.v, doc_start, a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
-    linears_forward(t, run, G_O, &a.delta, y.att, y.uo, l, drop_seed);   // o_proj(att)
+    if (fresh || !a.keep_att) {   // a recompute of a layer whose attention output was kept skips attention
+        prof.to("attention forward");
+        attention_forward(att_out(t, l), att_lse(t, l), y.q, y.k, y.v, doc_start, a.B, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
+    }
+    linears_forward(t, run, G_O, &a.delta, att_out(t, l), y.uo, l, drop_seed);   // o_proj(att)
     // h_mid = h + o_proj(att); n2 = post_attention_layernorm(h_mid)
     prof.to("RMSNorm (+ residual)");
     rmsnorm_residual_forward(y.h_mid, y.n2, y.rstd2, a.h[l], a.delta, m.w.at(W_MLP_NORM, l), N, c.dim, c.norm_eps, t.s);
@@ -958,9 +990,9 @@ static void backward(Trainer& t, uint64_t drop_seed) {
         prof.to("RMSNorm backward");
         rmsnorm_backward(a.dres, a.dn, y.h_mid, m.w.at(W_MLP_NORM, l), y.rstd2, N, c.dim, true, t.s);   // d h_mid
         // attention: h_mid = h + o_proj(attn(rope(q), rope(k), v))
-        linears_backward(t, run, G_O, a.datt, &a.dres, y.att, y.uo, l, drop_seed);
+        linears_backward(t, run, G_O, a.datt, &a.dres, att_out(t, l), y.uo, l, drop_seed);
         prof.to("attention backward");
-        attention_backward(a.dq, a.dk, a.dv, a.attn_scratch, a.datt, y.q, y.k, y.v, y.att, y.lse, doc_start, a.B, a.T, c.n_heads,
+        attention_backward(a.dq, a.dk, a.dv, a.attn_scratch, a.datt, y.q, y.k, y.v, att_out(t, l), att_lse(t, l), doc_start, a.B, a.T, c.n_heads,
                            c.n_kv_heads, c.head_dim, t.s);
         prof.to("RoPE (+ QK-norm)");
         rope_backward(a.dq, a.dk, m.inv_freq, pos, N, a.T, c.n_heads, c.n_kv_heads, c.head_dim, t.s);
@@ -1051,11 +1083,11 @@ static double flops_per_token(const Config& c, int seq) {
 
 // what --recompute adds on top (hardware FLOPs, not model FLOPs): the re-run forward of every linear
 // but down_proj (the recompute stops before it) and of attention
-static double recompute_flops_per_token(const Config& c, int seq) {
+static double recompute_flops_per_token(const Config& c, int seq, bool attention) {
     double lin = 0;
     for (int p = 0; p < N_PROJ; p++)
         if (p != P_DOWN) lin += (double)proj_out(c, p) * proj_in(c, p);
-    return 2 * lin * c.n_layers + 4.0 * seq * c.n_heads * c.head_dim * c.n_layers / 2;
+    return 2 * lin * c.n_layers + (attention ? 4.0 * seq * c.n_heads * c.head_dim * c.n_layers / 2 : 0.0);
 }
 
 static float lr_at(const Options& o, int step) {
@@ -1657,7 +1689,7 @@ int main(int argc, char** argv) {
     if (!times.empty()) {
         std::sort(times.begin(), times.end());
         double med = times[times.size() / 2], tps = tok_per_step / med;
-        double hfpt = fpt + (t.o.recompute ? recompute_flops_per_token(t.m.cfg, o.seq) : 0);
+        double hfpt = fpt + (t.o.recompute ? recompute_flops_per_token(t.m.cfg, o.seq, !t.a.keep_att) : 0);
         printf("median step %.4f s | %.0f tok/s | MFU %.1f%% of %.0f TFLOP/s (HFU %.1f%%, recompute counted) | peak GPU memory "
                "(driver) %.2f GiB%s\n",
                med, tps, 100.0 * tps * fpt / (o.peak_tflops * 1e12), o.peak_tflops, 100.0 * tps * hfpt / (o.peak_tflops * 1e12),

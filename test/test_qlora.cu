@@ -190,22 +190,29 @@ static std::vector<float> train(Trainer& t, Data& d, int from, int k) {
     return l;
 }
 
-// --offload (the residual stream's checkpoints through pinned host memory, copied on a second stream
-// while other layers compute) against --recompute alone: bit-identical losses and LoRA gradients. A
-// model big enough that a copy racing a kernel would show (llama3-1b: 16 layers of 2 x 2048 x 2048
-// bf16 checkpoints, 16 MiB each), 2 micro-batches a step (a forward after a backward reuses the ring).
-static void offload_identical() {
+// The recompute plans against each other: a full recompute (attention re-run too), the recompute that
+// keeps every layer's attention output + LSE and skips attention, and that with --offload (the residual
+// stream's checkpoints through pinned host memory, copied on a second stream while other layers
+// compute): bit-identical losses and LoRA gradients. A model big enough that a copy racing a kernel would
+// show (llama3-1b: 16 layers of 2 x 2048 x 2048 bf16 checkpoints, 16 MiB each), 2 micro-batches a step
+// (a forward after a backward reuses the ring). The plan must have chosen the mode under test.
+static void recompute_plans_identical() {
     Options o; o.model = "random:llama3-1b"; o.batch = 2; o.seq = 2048; o.grad_accum = 2; o.recompute = true; o.lr = 1e-3f;
-    std::vector<float> loss[2], grad[2];
-    for (int off = 0; off < 2; off++) {
-        Options x = o; x.offload = off;
+    std::vector<float> loss[3], grad[3];
+    bool mode_ok = true;
+    for (int cfg = 0; cfg < 3; cfg++) {
+        Options x = o; x.keep_attention = cfg > 0; x.offload = cfg == 2;
         Trainer t; trainer_init(t, x); Data d; data_init(t, d);
-        loss[off] = train(t, d, 0, 3);
-        grad[off].resize(t.m.n_lora);
-        cudaCheck(cudaMemcpy(grad[off].data(), t.m.grad, t.m.n_lora * 4, cudaMemcpyDeviceToHost));
+        mode_ok = mode_ok && t.a.keep_att == (cfg > 0) && t.a.off.on == (cfg == 2) && t.a.att.size() == (cfg > 0 ? 16u : 1u);
+        loss[cfg] = train(t, d, 0, 3);
+        grad[cfg].resize(t.m.n_lora);
+        cudaCheck(cudaMemcpy(grad[cfg].data(), t.m.grad, t.m.n_lora * 4, cudaMemcpyDeviceToHost));
     }
-    check(loss[0] == loss[1] && grad[0] == grad[1], "--offload: llama3-1b, 3 steps of 2 x (2 x 2048): bit-identical losses (%.9g %.9g %.9g) and "
-          "gradients to --recompute alone", loss[1][0], loss[1][1], loss[1][2]);
+    check(mode_ok && loss[0] == loss[1] && grad[0] == grad[1], "--recompute keeping the attention outputs: llama3-1b, 3 steps of "
+          "2 x (2 x 2048): bit-identical losses (%.9g %.9g %.9g) and gradients to the recompute that re-runs attention",
+          loss[1][0], loss[1][1], loss[1][2]);
+    check(mode_ok && loss[0] == loss[2] && grad[0] == grad[2], "--offload (attention outputs kept): the same steps, bit-identical "
+          "losses (%.9g %.9g %.9g) and gradients", loss[2][0], loss[2][1], loss[2][2]);
 }
 
 // The GradLane (each group's LoRA weight gradients on a second stream, beside the next group's GEMMs)
@@ -419,7 +426,7 @@ int main() {
     variant("test/ref/qwen3");   // per-head QK-norm, nh·hd != H
     resume_and_determinism(false);
     resume_and_determinism(true);
-    offload_identical();
+    recompute_plans_identical();
     lane_identical();
     decode_vs_forward("test/ref/tied");
     decode_vs_forward("test/ref/untied");

@@ -9,7 +9,8 @@
 #     last saved state stays loadable: a run resumes from it;
 #   - a second run writing the same --out is refused (the lock names the first's pid); a regular
 #     file as --out is refused before training;
-#   - a --gpu-memory budget that recompute alone does not meet switches on --offload, and says so;
+#   - a --gpu-memory budget that recompute alone does not meet switches on --offload, and says so; one
+#     that has no room for every layer's attention output recomputes attention too, with the same losses;
 #   - a budget below the plan that keeps the dequantized weights for backward drops them (no recompute),
 #     says so, and gives the same losses, bit for bit.
 if ! nvidia-smi -L > /dev/null 2>&1 || [ ! -x ./qlora ]; then
@@ -58,13 +59,21 @@ total() { grep -oE 'total on the GPU +[0-9.]+' "$1" | grep -oE '[0-9.]+$'; }
 g=$(python3 -c "print(round(($(total $d/plan_rc.out) + $(total $d/plan_off.out)) / 2 + 0.75, 2))" 2>/dev/null)
 ./qlora $big --gpu-memory "${g:-0}" > $d/plan_auto.out 2>&1; r3=$?
 peak=$(grep -oE 'peak GPU memory \(driver\) [0-9.]+' $d/plan_auto.out | grep -oE '[0-9.]+$')
-[ $r1 = 0 ] && [ $r2 = 0 ] && [ $r3 = 0 ] && grep -q 'recompute on, offload on; dequantized weights not kept.*; recompute chosen.*; offload chosen' $d/plan_auto.out \
+[ $r1 = 0 ] && [ $r2 = 0 ] && [ $r3 = 0 ] && grep -q 'recompute on (attention kept), offload on; dequantized weights not kept.*; recompute chosen.*; offload chosen' $d/plan_auto.out \
   && [ "$(grep -c 'offload: .* pinned host memory' $d/plan_off.out)" = 1 ]
 ok $? "--gpu-memory ${g:-?} (between the two plans, $(total $d/plan_rc.out) and $(total $d/plan_off.out) GiB): offload chosen and said so; peak ${peak:-?} GiB (driver)"
+# a budget under that (offload, every layer's attention output kept: 1.0 GiB of them) but above the plan
+# that recomputes attention too: that plan is chosen and said so, with the same losses bit for bit
+losses() { grep -oE '^step .*\| loss [0-9.e+-]+' "$1" | sed 's/.*loss //' | tr '\n' ' '; }
+katt=$(grep -oE 'attention outputs \+ LSE, every layer, for backward +[0-9.]+' $d/plan_off.out | grep -oE '[0-9.]+$')
+g=$(python3 -c "x = $(total $d/plan_off.out); y = $katt; print(round(x - y / 2 + y / 32 + 0.75, 2))" 2>/dev/null)
+./qlora $big --gpu-memory "${g:-0}" > $d/plan_att.out 2>&1; r4=$?
+[ $r2 = 0 ] && [ $r4 = 0 ] && grep -q 'recompute on (attention too), offload on;.*; attention recomputed too' $d/plan_att.out \
+  && [ -n "$(losses $d/plan_off.out)" ] && [ "$(losses $d/plan_off.out)" = "$(losses $d/plan_att.out)" ]
+ok $? "--gpu-memory ${g:-?} (under the $(total $d/plan_off.out) GiB that keeps ${katt:-?} GiB of attention outputs): attention recomputed, $(total $d/plan_att.out) GiB, said so; losses $(losses $d/plan_att.out)bit-identical"
 # a budget 1 GiB below the plan that keeps llama3-1b's dequantized weights (1.8 GiB at 4 x 2048) and above
 # the one that re-dequantizes them a layer at a time
 mid="--model random:llama3-1b --batch 4 --seq 2048 --steps 3"
-losses() { grep -oE '^step .*\| loss [0-9.e+-]+' "$1" | sed 's/.*loss //' | tr '\n' ' '; }
 ./qlora $mid > $d/plan_keep.out 2>&1; r1=$?
 g=$(python3 -c "print(round($(total $d/plan_keep.out) - 1.0 + 0.75, 2))" 2>/dev/null)
 ./qlora $mid --gpu-memory "${g:-0}" > $d/plan_set.out 2>&1; r2=$?
