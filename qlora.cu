@@ -166,6 +166,7 @@ struct Acts {
     std::vector<bf16*>
         udown;   // (L) x (N, k·r) LoRA u of down_proj, per layer also with --recompute (a recompute stops before down_proj)
     bool keep_w;   // the forward's dequantized weights serve the backward
+    bool w_ready;  // keep_w: every layer's weights are dequantized (by the first forward); later passes reuse them
     bool keep_att;   // with recompute: every layer's attention output and LSE kept, so a recompute skips attention
     std::vector<bf16*> att;    // (L, or 1 when a recompute re-runs attention) x (N, qd) attention output: input of o_proj
     std::vector<float*> lse;   // (L, or 1 likewise) x (B, nh, T) attention's log-sum-exp per query row
@@ -388,6 +389,7 @@ static void plan_memory(Trainer& t, std::vector<Arena>& ar) {
         for (size_t l = 0; l <= L; l++) A.want(&a.h[l], N * H);
     a.l.resize(o.recompute ? 1 : L);
     a.keep_w = a_keep_w(t);
+    a.w_ready = false;
     a.keep_att = a_keep_att(t);
     a.wdq.resize(a.keep_w ? L : 1);
     for (auto& w : a.wdq)
@@ -915,7 +917,7 @@ static void layer_forward(Trainer& t, int l, bool fresh, uint64_t drop_seed) {
                                  t.s);
     else
         rmsnorm_forward(y.n1, y.rstd1, a.h[l], m.w.at(W_ATTN_NORM, l), N, c.dim, c.norm_eps, t.s);
-    dequantize_layer(t, wdq(t, l), l);
+    if (fresh && !a.w_ready) dequantize_layer(t, wdq(t, l), l);   // (a recompute's backward has dequantized them already)
     LinearRun run = training_run(t, l);
     bf16* qkv[3] = {c.qk_norm ? y.q_pre : y.q, c.qk_norm ? y.k_pre : y.k, y.v};
     linears_forward(t, run, G_QKV, qkv, y.n1, y.uqkv, l, drop_seed);   // q, k, v = q_proj(n1), k_proj(n1), v_proj(n1)
@@ -949,6 +951,7 @@ static void forward(Trainer& t, float dloss, bool grad, uint64_t drop_seed) {
         embedding_forward(a.h[0], &a.flags[0], a.ids, m.w.at(W_EMBED), a.N, c.dim, c.vocab_size, t.s);   // h0 = embed_tokens(ids)
     }
     for (int l = 0; l < c.n_layers; l++) layer_forward(t, l, true, drop_seed);
+    a.w_ready = a.keep_w;   // kept weights are frozen: dequantized once, by the first forward
     // h[L] = h_mid + mlp_out of the last layer; hf = norm(h[L]); logits = hf·lm_headᵀ, CE, dh
     ProfileScope prof(t.prof, "RMSNorm (+ residual)");
     const bf16* h_mid = acts(t, c.n_layers - 1).h_mid;
@@ -971,11 +974,12 @@ static void backward(Trainer& t, uint64_t drop_seed) {
     std::swap(a.dres, a.dn);
     for (int l = c.n_layers - 1; l >= 0; l--) {
         offload_in(t, l);   // --offload: h[l] back in its slot, h[l-1] on its way
+        if (!a.keep_w && l < c.n_layers - 1)   // weights not kept (recompute, or dropped for memory): layer l's again
+            dequantize_layer(t, wdq(t, l), l);  // into the one set (the last layer's is still there from the forward)
         if (t.o.recompute) {   // without, layer l's activations are the forward's
-            lane_drain(t);     // layer l+1's q|k|v weight gradients read the buffers it refills
+            lane_drain(t);     // layer l+1's q|k|v weight gradients read the buffers it refills (not the weights)
             layer_forward(t, l, false, drop_seed);
-        } else if (!a.keep_w && l < c.n_layers - 1)   // weights dropped for memory: layer l's again into the one
-            dequantize_layer(t, wdq(t, l), l);         // set (the last layer's is still there from the forward)
+        }
         Acts::Layer& y = acts(t, l);
         LinearRun run = training_run(t, l);
         // MLP: h[l+1] = h_mid + down(silu(gate(n2)) * up(n2))
