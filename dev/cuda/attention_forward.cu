@@ -69,7 +69,21 @@
 // the overlap FA3 gets comes with its producer warp (TMA) and pingpong between the consumer warpgroups,
 // not tried. ptxas serializes the wgmmas (C7514) when they are issued under a branch, so 3a peels the last
 // tile out of its loop.
-#include <cuda_runtime.h>                  // defines: cudaEvent_t
+//
+// kernel5 (session 8): FA3's schedule (below). A producer warpgroup (one thread) loads Q and then K, V tiles
+// by TMA into a 2- or 3-stage ring (full/empty mbarriers, K and V apart); two consumer warpgroups of 64 rows
+// (setmaxnreg 24 / 240) take turns on the tensor cores through two named barriers (pingpong): in its turn
+// a warpgroup issues S(t) = Q K(t)^T and O += P(t-1) V(t-1), then runs softmax(t) under the other's wgmmas.
+// Prediction (before running): the tensor pipe no longer idles during a softmax (the softmax of 64 x 128
+// scores is ~500 cycles of ex2 alone against ~1000 for a turn's 16 wgmmas), and no __syncthreads; so
+// +20-30% over kernel2: llama3-8b ~0.34 ms (~400 TFLOP/s), 16k ~4.5 ms (~480). 5c (no pingpong) near 3a.
+// Built: 5a (2 stages), 5b (3 stages), 5c (5a without the named barriers, to separate the levers). ptxas:
+// 168 registers at launch, 0 spills, no C75xx serialization warning. Not yet run: none of this session's
+// calls got a device machine (starts failed or it was busy); correctness and timings are owed to the next
+// session with a GPU: ./attention_forward 2a,3a,5a,5b,5c
+#include <cuda_runtime.h>                  // defines: cudaEvent_t, cudaGetDriverEntryPointByVersion
+#include <cuda.h>                          // defines: CUtensorMap, cuTensorMapEncodeTiled's enums (kernel5)
+#include <cudaTypedefs.h>                  // defines: PFN_cuTensorMapEncodeTiled_v12000
 #include <stdio.h>                         // defines: printf
 #include <string.h>                        // defines: strcmp, strstr, strlen
 #include <math.h>                          // defines: exp, sqrt
@@ -262,6 +276,277 @@ void attention_forward3_launch(const AttnFwdParams& p, cudaStream_t stream) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// kernel5 (session 8): FlashAttention-3's forward schedule, hd 128, Hopper. 384 threads, 1 CTA/SM:
+//   warpgroup 0 produces: one thread loads the Q tile (128 rows) and then K and V tiles (128 keys) by TMA
+//     (cp.async.bulk.tensor, 128B swizzle = wg_swz's layout, rows past T zero-filled by the copy engine)
+//     into a STAGES-deep ring, K and V with their own full (tx bytes) and empty (8 consumer warps) mbarriers;
+//   warpgroups 1 and 2 consume, 64 query rows each, kernel2's math. Per key tile t a consumer issues, in its
+//     turn, S(t) = Q K(t)^T and O += P(t-1) V(t-1) back to back, hands the turn on, and runs the softmax of
+//     S(t) while the other warpgroup's wgmmas run (PINGPONG: named barriers 1 and 2, 256 threads; warpgroup
+//     1 starts). O is rescaled by tile t's alpha once P(t-1) V(t-1) is done with it: kernel2's order of
+//     operations on O, m and l, so the results match kernel2's.
+// setmaxnreg: producer 24 registers, consumers 240 (O 64 + S 64 + P 32 a thread).
+
+__device__ __forceinline__ void attn5_mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void attn5_mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// one arrival that also raises the bytes the phase waits for (the TMA copies count them down)
+__device__ __forceinline__ void attn5_mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void attn5_mbar_wait(uint32_t bar, int parity) {
+    asm volatile("{\n.reg .pred p;\nWAIT5:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT5;\n}\n"
+                 ::"r"(bar), "r"(parity) : "memory");
+}
+// box (64 dims x rows) of a (B, T, heads, hd) tensor at (dim c0, head c1, row c2, batch c3) -> smem dst
+__device__ __forceinline__ void attn5_tma_load(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3, uint32_t bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+                 ::"r"(dst), "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
+}
+// named barriers of the two consumer warpgroups (256 threads): sync waits for the other's arrive
+__device__ __forceinline__ void attn5_bar_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void attn5_bar_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+
+template <int HD, int BQ, int BK, int STAGES>
+struct AttnFwdTile5 {
+    static constexpr int THREADS = 384;  // producer + 2 consumer warpgroups
+    static constexpr int QB = BQ * HD * 2, KB = BK * HD * 2;  // bytes: Q tile, K (or V) tile
+    static constexpr size_t OFF_K = QB, OFF_V = OFF_K + STAGES * KB, SMEM = OFF_V + STAGES * KB;
+    static constexpr size_t SMEM_ALLOC = SMEM + 1024;  // the dynamic smem base is aligned up to 1024 bytes
+    static_assert(HD == 128 && BQ == 128 && BK == 128, "attention_forward_kernel5: written for these");
+    static_assert(SMEM_ALLOC + 256 <= 227 * 1024, "attention_forward_kernel5: too many stages for 227 KB");
+};
+
+template <int HD, int BQ, int BK, int STAGES, bool PINGPONG>
+__global__ void __launch_bounds__(384, 1) attention_forward_kernel5(const AttnFwdParams p, const __grid_constant__ CUtensorMap tm_q,
+                                                                    const __grid_constant__ CUtensorMap tm_k,
+                                                                    const __grid_constant__ CUtensorMap tm_v) {
+    using C = AttnFwdTile5<HD, BQ, BK, STAGES>;
+    extern __shared__ unsigned char attn_smemf5[];
+    __shared__ __align__(8) uint64_t bars[1 + 4 * STAGES];  // q full, K full[S], V full[S], K empty[S], V empty[S]
+    unsigned char* sm = attn_smemf5 + ((1024 - (attn_smem_u32(attn_smemf5) & 1023)) & 1023);
+    const uint32_t sQ = attn_smem_u32(sm), sK = sQ + C::OFF_K, sV = sQ + C::OFF_V;
+    const uint32_t bq = attn_smem_u32(&bars[0]), bkf = bq + 8, bvf = bkf + 8 * STAGES, bke = bvf + 8 * STAGES, bve = bke + 8 * STAGES;
+
+    const int T = p.T, nh = p.nh, nkv = p.nkv;
+    const int b = blockIdx.x / nh, h = blockIdx.x % nh, kvh = h / (nh / nkv);
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;  // heaviest (last) query tiles first
+    const int tid = threadIdx.x;
+    const int q_last = min(q0 + BQ, T) - 1;
+    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
+    const int ds_max = ds ? ds[q_last] : 0;  // doc_start is non-decreasing along the row
+    const int t_lo = (ds ? ds[q0] : 0) / BK, t_hi = q_last / BK;
+
+    if (tid == 0) {
+        attn5_mbar_init(bq, 1);
+        for (int s = 0; s < STAGES; s++) {
+            attn5_mbar_init(bkf + 8 * s, 1); attn5_mbar_init(bvf + 8 * s, 1);  // the producer's expect_tx
+            attn5_mbar_init(bke + 8 * s, 8); attn5_mbar_init(bve + 8 * s, 8);  // lane 0 of each consumer warp
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (tid < 128) {  // producer: one thread issues every copy
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (tid == 0) {
+            attn5_mbar_expect_tx(bq, C::QB);
+            for (int cb = 0; cb < HD / 64; cb++) attn5_tma_load(sQ + cb * BQ * 128, &tm_q, cb * 64, h, q0, b, bq);
+            for (int t = t_lo; t <= t_hi; t++) {
+                const int n = t - t_lo, s = n % STAGES, u = n / STAGES;
+                if (u > 0) attn5_mbar_wait(bke + 8 * s, (u - 1) & 1);  // both warpgroups are done with K(t - S)
+                attn5_mbar_expect_tx(bkf + 8 * s, C::KB);
+                for (int cb = 0; cb < HD / 64; cb++) attn5_tma_load(sK + s * C::KB + cb * BK * 128, &tm_k, cb * 64, kvh, t * BK, b, bkf + 8 * s);
+                if (u > 0) attn5_mbar_wait(bve + 8 * s, (u - 1) & 1);
+                attn5_mbar_expect_tx(bvf + 8 * s, C::KB);
+                for (int cb = 0; cb < HD / 64; cb++) attn5_tma_load(sV + s * C::KB + cb * BK * 128, &tm_v, cb * 64, kvh, t * BK, b, bvf + 8 * s);
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+
+    const int ct = tid - 128, cw = ct >> 7, warp = ct >> 5, lane = ct & 31, g = lane >> 2, t4 = lane & 3;
+    const int ia0 = q0 + warp * 16 + g;  // this lane's rows: ia0 and ia0 + 8
+    int dsa[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) dsa[r] = ds ? ds[min(ia0 + 8 * r, T - 1)] : 0;
+    const float sl2 = p.scale_log2;
+    float o[HD / 2];  // (64 rows x HD) per warpgroup: [4 n + e] = row 16 warp + g + 8 (e >> 1), dim 8 n + 2 t4 + (e & 1)
+#pragma unroll
+    for (int n = 0; n < HD / 2; n++) o[n] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // running max (raw score units), lane-partial sum
+    const uint32_t qA = sQ + cw * 64 * 128;  // this warpgroup's 64 query rows, column block 0
+    const int bar_mine = 1 + cw, bar_other = 2 - cw;
+
+    float s[BK / 2];          // S (64 rows x BK keys) per warpgroup, then P
+    uint32_t pa[BK / 16][4];  // P as bf16 A fragments (key blocks 2 kc, 2 kc + 1 -> key chunk kc)
+    float alpha[2];
+    auto issue_s = [&](int st) {  // S = Q K^T of the key tile in stage st (no commit)
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+            wg_mma_64x128_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(sK + st * C::KB + ko, 16, 1024), kk);
+        }
+    };
+    auto issue_pv = [&](int st) {  // O += P V of the value tile in stage st (no commit)
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++) wg_mma_64x128_rs<1>(o, pa[kc], wg_desc(sV + st * C::KB + kc * 2048, BK * 128, 1024));
+    };
+    auto softmax = [&](int t) {  // kernel2's: mask S of tile t, online softmax: S -> P, m and l updated, alpha for O
+        const int k0 = t * BK;
+        if (!(k0 + BK - 1 <= q0 && k0 >= ds_max)) {  // only tiles across the diagonal, the tail or a document start
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int j = k0 + n * 8 + 2 * t4 + (e & 1), i = ia0 + (e >> 1) * 8;
+                    if (j > i || j < dsa[e >> 1]) s[4 * n + e] = -INFINITY;
+                }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {  // a row fully masked so far keeps m = -inf and p = 0
+            float mx = m[r];
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float msc = mx == -INFINITY ? 0.f : mx * sl2;
+            alpha[r] = attn_exp2(m[r] * sl2 - msc);  // exp2(-inf) = 0 on the first tile
+            m[r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++) {
+                s[4 * n + 2 * r] = attn_exp2(fmaf(s[4 * n + 2 * r], sl2, -msc));
+                s[4 * n + 2 * r + 1] = attn_exp2(fmaf(s[4 * n + 2 * r + 1], sl2, -msc));
+                sum += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
+            }
+            l[r] = l[r] * alpha[r] + sum;
+        }
+    };
+    auto rescale_pack = [&]() {  // O *= alpha (P V of the tile before is done with O), P -> bf16 fragments
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) { o[4 * n] *= alpha[0]; o[4 * n + 1] *= alpha[0]; o[4 * n + 2] *= alpha[1]; o[4 * n + 3] *= alpha[1]; }
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+            for (int hh = 0; hh < 4; hh++) {
+                const int n = 2 * kc + (hh >> 1), e = (hh & 1) * 2;
+                pa[kc][hh] = attn_pack_bf16(s[4 * n + e], s[4 * n + e + 1]);
+            }
+    };
+    auto fence_pa = [&]() {  // P stays in its registers until the wgmmas reading it are done
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+            for (int hh = 0; hh < 4; hh++) asm volatile("" : "+r"(pa[kc][hh])::"memory");
+    };
+    auto turn_begin = [&]() { if constexpr (PINGPONG) attn5_bar_sync(bar_mine); };
+    auto turn_end = [&]() { if constexpr (PINGPONG) attn5_bar_arrive(bar_other); };
+
+    // (branch-free around the wgmmas: ptxas serializes them otherwise; the first S and the last P V are peeled)
+    if (PINGPONG && cw == 1) attn5_bar_arrive(1);  // warpgroup 1 (cw 0) takes the first turn
+    attn5_mbar_wait(bq, 0);
+    attn5_mbar_wait(bkf, 0);  // tile t_lo is in stage 0
+    turn_begin();
+    wg_fence();
+    issue_s(0);
+    wg_commit();
+    turn_end();
+    wg_wait<0>();
+    wg_fence_regs(s);
+    if (lane == 0) attn5_mbar_arrive(bke);
+    softmax(t_lo);
+    rescale_pack();
+    for (int t = t_lo + 1; t <= t_hi; t++) {
+        const int n = t - t_lo, st = n % STAGES, sp = (n - 1) % STAGES;
+        attn5_mbar_wait(bkf + 8 * st, (n / STAGES) & 1);        // K(t) landed
+        attn5_mbar_wait(bvf + 8 * sp, ((n - 1) / STAGES) & 1);  // V(t - 1) landed
+        turn_begin();
+        wg_fence();
+        issue_s(st);
+        wg_commit();
+        issue_pv(sp);
+        wg_commit();
+        turn_end();
+        wg_wait<1>();  // S(t) (P V of tile t - 1 may still run)
+        wg_fence_regs(s);
+        if (lane == 0) attn5_mbar_arrive(bke + 8 * st);
+        softmax(t);
+        wg_wait<0>();
+        wg_fence_regs(o);
+        fence_pa();
+        if (lane == 0) attn5_mbar_arrive(bve + 8 * sp);
+        rescale_pack();
+    }
+    {
+        const int n = t_hi - t_lo, sp = n % STAGES;
+        attn5_mbar_wait(bvf + 8 * sp, (n / STAGES) & 1);
+        turn_begin();
+        wg_fence();
+        issue_pv(sp);
+        wg_commit();
+        turn_end();
+        wg_wait<0>();
+        wg_fence_regs(o);
+        fence_pa();
+    }
+    if (PINGPONG && cw == 0) attn5_bar_sync(1);  // takes warpgroup 2's last arrival: no barrier left half-done
+
+    // epilogue (kernel2's): finish the row sums across the quad, normalise, store O and lse
+    const int64_t qstride = (int64_t)nh * HD;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float lr = l[r];
+        lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+        lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+        const float inv = 1.f / lr;
+        const int i = ia0 + 8 * r;
+        if (i >= T) continue;
+        bf16* dst = p.out + ((int64_t)b * T + i) * qstride + (int64_t)h * HD + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++)
+            *reinterpret_cast<uint32_t*>(dst + n * 8) = attn_pack_bf16(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+        if (t4 == 0) p.lse[((int64_t)b * nh + h) * T + i] = (m[r] * sl2 + __log2f(lr)) * 0.69314718056f;
+    }
+}
+
+// TMA descriptor of a (B, T, heads, hd) bf16 tensor read in boxes of 64 dims x rows rows, 128B-swizzled
+// (wg_swz's layout for one column block); rows past T read as zeros.
+static CUtensorMap attn5_tensor_map(const bf16* ptr, int B, int T, int heads, int hd, int rows) {
+    static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+    if (!encode) {
+        void* fn = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        cudaCheck(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
+        if (q != cudaDriverEntryPointSuccess || !fn) { fprintf(stderr, "kernel5: cuTensorMapEncodeTiled not found (driver too old?)\n"); exit(1); }
+        encode = (PFN_cuTensorMapEncodeTiled_v12000)fn;
+    }
+    CUtensorMap map;
+    const cuuint64_t dims[4] = {(cuuint64_t)hd, (cuuint64_t)heads, (cuuint64_t)T, (cuuint64_t)B};
+    const cuuint64_t strides[3] = {(cuuint64_t)hd * 2, (cuuint64_t)heads * hd * 2, (cuuint64_t)T * heads * hd * 2};  // bytes, dims 1..3
+    const cuuint32_t box[4] = {64, 1, (cuuint32_t)rows, 1}, estride[4] = {1, 1, 1, 1};
+    const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, (void*)ptr, dims, strides, box, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) { fprintf(stderr, "kernel5: cuTensorMapEncodeTiled failed (%d)\n", (int)r); exit(1); }
+    return map;
+}
+template <int HD, int BQ, int BK, int STAGES, bool PINGPONG>
+void attention_forward5_launch(const AttnFwdParams& p, cudaStream_t stream) {
+    using C = AttnFwdTile5<HD, BQ, BK, STAGES>;
+    auto kernel = attention_forward_kernel5<HD, BQ, BK, STAGES, PINGPONG>;
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+    const CUtensorMap tq = attn5_tensor_map(p.q, p.B, p.T, p.nh, HD, BQ), tk = attn5_tensor_map(p.k, p.B, p.T, p.nkv, HD, BK),
+                      tv = attn5_tensor_map(p.v, p.B, p.T, p.nkv, HD, BK);
+    dim3 grid(p.B * p.nh, (p.T + BQ - 1) / BQ);
+    kernel<<<grid, C::THREADS, C::SMEM_ALLOC, stream>>>(p, tq, tk, tv);
+    cudaCheck(cudaGetLastError());
+}
+
+// ---------------------------------------------------------------------------------------------
 
 typedef void (*FwdLaunch)(const AttnFwdParams&, cudaStream_t);
 struct Variant { const char* name; int hd; FwdLaunch fn; const char* what; };
@@ -274,6 +559,9 @@ static const Variant VARIANTS[] = {
     {"1i", 128, attention_forward_launch<128, 128, 32, 2, 2, false>, "hd128 Br128 Bc32, 4 warps x 32 rows, Q from smem, 2 CTA/SM"},
     {"2a", 128, attention_forward2_launch<128, 128, 128>, "hd128 Bq128 Bk128, wgmma, 2 warpgroups, 1 CTA/SM (production on Hopper)"},
     {"3a", 128, attention_forward3_launch<128, 128, 128>, "hd128 Bq128 Bk128, wgmma, 2 warpgroups, softmax under P V (not kept)"},
+    {"5a", 128, attention_forward5_launch<128, 128, 128, 2, true>, "hd128 Bq128 Bk128, TMA producer + 2 consumer warpgroups, pingpong, 2 stages"},
+    {"5b", 128, attention_forward5_launch<128, 128, 128, 3, true>, "hd128 Bq128 Bk128, TMA producer + 2 consumer warpgroups, pingpong, 3 stages"},
+    {"5c", 128, attention_forward5_launch<128, 128, 128, 2, false>, "hd128 Bq128 Bk128, TMA producer + 2 consumer warpgroups, no pingpong, 2 stages"},
     {"1j", 128, attention_forward_launch<128, 256, 64, 2, 1, false>, "hd128 Br256 Bc64, 8 warps x 32 rows, Q from smem, 1 CTA/SM"},
     {"1d", 64, attention_forward_launch<64, 128, 64, 1, 2, true>, "hd64 Br128 Bc64, 8 warps, Q in regs, 2 CTA/SM (v3 production)"},
     {"1e", 64, attention_forward_launch<64, 128, 128, 1, 1, true>, "hd64 Br128 Bc128, 8 warps, Q in regs, 1 CTA/SM"},
