@@ -1507,6 +1507,7 @@ static int sample_mode(Options o) {
     o.steps = 0;
     o.train.clear();
     o.recompute = true;   // the trainer's buffers at their smallest (one layer's weights): generation has its own
+    o.keep_attention = false;
     Trainer t;
     trainer_init(t, o);
     Vocab vocab;

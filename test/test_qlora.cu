@@ -190,20 +190,22 @@ static std::vector<float> train(Trainer& t, Data& d, int from, int k) {
     return l;
 }
 
-// The recompute plans against each other: a full recompute (attention re-run too), the recompute that
-// keeps every layer's attention output + LSE and skips attention, and that with --offload (the residual
-// stream's checkpoints through pinned host memory, copied on a second stream while other layers
-// compute): bit-identical losses and LoRA gradients. A model big enough that a copy racing a kernel would
+// The recompute plans against each other and against no recompute: a full recompute (attention re-run
+// too), the recompute that keeps every layer's attention output + LSE and skips attention, that with
+// --offload (the residual stream's checkpoints through pinned host memory, copied on a second stream
+// while other layers compute), and no recompute with the dequantized weights kept (dequantized once,
+// by the first forward): bit-identical losses and LoRA gradients. A model big enough that a copy racing a kernel would
 // show (llama3-1b: 16 layers of 2 x 2048 x 2048 bf16 checkpoints, 16 MiB each), 2 micro-batches a step
 // (a forward after a backward reuses the ring). The plan must have chosen the mode under test.
 static void recompute_plans_identical() {
     Options o; o.model = "random:llama3-1b"; o.batch = 2; o.seq = 2048; o.grad_accum = 2; o.recompute = true; o.lr = 1e-3f;
-    std::vector<float> loss[3], grad[3];
+    std::vector<float> loss[4], grad[4];
     bool mode_ok = true;
-    for (int cfg = 0; cfg < 3; cfg++) {
-        Options x = o; x.keep_attention = cfg > 0; x.offload = cfg == 2;
+    for (int cfg = 0; cfg < 4; cfg++) {
+        Options x = o; x.keep_attention = cfg > 0; x.offload = cfg == 2; x.recompute = cfg < 3;
         Trainer t; trainer_init(t, x); Data d; data_init(t, d);
-        mode_ok = mode_ok && t.a.keep_att == (cfg > 0) && t.a.off.on == (cfg == 2) && t.a.att.size() == (cfg > 0 ? 16u : 1u);
+        mode_ok = mode_ok && t.o.recompute == (cfg < 3) && t.a.keep_att == (cfg == 1 || cfg == 2) && t.a.off.on == (cfg == 2) &&
+                  t.a.att.size() == (cfg > 0 ? 16u : 1u) && t.a.keep_w == (cfg == 3);
         loss[cfg] = train(t, d, 0, 3);
         grad[cfg].resize(t.m.n_lora);
         cudaCheck(cudaMemcpy(grad[cfg].data(), t.m.grad, t.m.n_lora * 4, cudaMemcpyDeviceToHost));
@@ -213,6 +215,8 @@ static void recompute_plans_identical() {
           loss[1][0], loss[1][1], loss[1][2]);
     check(mode_ok && loss[0] == loss[2] && grad[0] == grad[2], "--offload (attention outputs kept): the same steps, bit-identical "
           "losses (%.9g %.9g %.9g) and gradients", loss[2][0], loss[2][1], loss[2][2]);
+    check(mode_ok && loss[0] == loss[3] && grad[0] == grad[3], "no recompute (weights kept, dequantized once): the same steps, "
+          "bit-identical losses (%.9g %.9g %.9g) and gradients to the recompute", loss[3][0], loss[3][1], loss[3][2]);
 }
 
 // The GradLane (each group's LoRA weight gradients on a second stream, beside the next group's GEMMs)
