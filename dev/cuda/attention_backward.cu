@@ -25,6 +25,8 @@
 //   kernel4: the backward split in a dK/dV kernel (kernel3 without dQ) and a dQ kernel (per 128 query rows,
 //            recomputing S and dP): no dQ traffic, no semaphores. Production on Hopper at hd 128 (4a); 4b, its
 //            dQ kernel software-pipelined, is slower and kept here.
+//   kernel6: kernel4's two kernels on the forward kernel5's schedule (TMA producer warpgroup, mbarrier ring, two
+//            consumer warpgroups that never __syncthreads), hd 128; 6c, 6d pair one of its kernels with 4a's other.
 //   Letters are tile/occupancy variants (see VARIANTS).
 //
 // Two numbers, llama3-8b (B=4 T=2048 nh=32 nkv=8 hd=128): 344 GFLOP -> 0.45 ms at ~760 TFLOP/s.
@@ -99,6 +101,28 @@
 // none of the traffic): 1.34 ms measured, errors against fp64 equal to kernel2's, bit-identical on repeat.
 // Broken on purpose (test_attention on the H100): the dQ kernel's causal mask one key late -> 44 failures;
 // dK without the softmax scale -> 49 failures (the forward kernel2's mask one key late -> 84).
+//
+// kernel6 (session 9): 4a's math in 4a's order of operations on kernel5's schedule (the comment above its code
+// says how). Built: 6a (2 stages), 6b (3 stages), 6c (6a's dK/dV kernel + 4a's dQ kernel), 6d (4a's dK/dV kernel +
+// 6a's dQ kernel). ptxas: both kernels 168 registers at launch (dK/dV setmaxnreg 40/232: at 24/240 its producer
+// spilled 8 bytes across the split; dQ 24/240), 0 spills, no C75xx warning; dynamic smem with the 1 KiB alignment
+// slack: dK/dV 130.5 KiB (6a) / 163.3 KiB (6b), dQ 129 / 161 KiB; 1 CTA/SM as 4a. Its mbarrier waits trap after
+// 4 s, so a lost copy or a wrong parity shows as a launch error, not a hung device call. The check also compares
+// 6x's output bits with 4a's (same wgmmas, same fp32 operations, same order: expected identical), at T=777 and
+// at every timed shape (B=4 there: the batch coordinate of the TMA copies).
+// Prediction (before running), per SM at llama3-8b: 264 dK/dV items (64 queries x 128 keys, 8.4 MFLOP of wgmma)
+// and 264 dQ items (128 x 64, 6.3 MFLOP): at 4096 FLOP/clk (989 TFLOP/s at 1.83 GHz) 2048 + 1536 = 3584 cycles
+// a pair, against ~8940 measured (4a main 1.29 ms / 264 at 1.83 GHz). kernel6 keeps the wgmmas (the same SS
+// m64n64 shapes for S and dP, likely much of that gap) but takes off the per-item part where kernel4's tensor
+// pipe idles: the P/dS arithmetic of both warpgroups at once (2 warps a sub-partition x ~350 instructions with
+// 32 ex2: ~700 issue cycles), the next tile's cp.async issue (8 copies a thread and their int64 address math:
+// ~250), the __syncthreads and the fill/drain of two wgmma batches (~400): ~1350 cycles an item, ~2700 a pair.
+// Without pingpong the two consumer warpgroups drift apart on their own but need not settle half an item apart;
+// taking half to three quarters of it as hidden: 1350-2000 of 8940 cycles, main 15-22% faster. So llama3-8b
+// total 1.34 -> ~1.1 ms (1.05-1.15, ~310 TFLOP/s; the 0.05 ms preprocess unchanged), T=16384 17.4 -> ~14.3 ms
+// (13.6-14.8, ~385), packed 2k 2.67 -> ~2.2. 6b within 2% of 6a (2 stages already cover the ~1 us TMA latency
+// under a ~2.5 us item); 6c and 6d each about half of 6a's gain (the same per-item overheads in both kernels).
+// kernel6: not yet run on a GPU. To run: ./attention_backward 4a,6a,6b,6c,6d
 #include <cuda_runtime.h>                  // defines: cudaEvent_t
 #include <stdio.h>                         // defines: printf
 #include <string.h>                        // defines: strcmp, strstr
@@ -107,6 +131,7 @@
 #include <algorithm>                       // defines: std::sort
 #include "../../qlora.h"                   // defines: f32_to_bf16, bf16_to_f32, rng_uniform
 #include "../../kernels/attention.cuh"     // defines: attention_backward_hd (kernel2), AttnBwdParams, AttnBwdTile, attention_forward
+#include "tma.cuh"                         // defines: attn5_mbar_*, attn5_tma_load, attn5_tensor_map (kernel6)
 
 // ---------------------------------------------------------------------------------------------
 // kernel1 (graduated, then replaced by kernel2 for determinism)
@@ -852,6 +877,414 @@ void attention_backward4v2_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, cons
 }
 
 // ---------------------------------------------------------------------------------------------
+// kernel6 (session 9, hd 128, Hopper): kernel4's two kernels on the forward kernel5's schedule. 384 threads,
+// 1 CTA/SM: warpgroup 0 produces (TMA into a STAGES-deep ring of stages, each with a full and an empty mbarrier),
+// warpgroups 1 and 2 consume with kernel4's math in kernel4's order of operations, so dq, dk and dv should come
+// out bit-identical to 4a's. setmaxnreg: producer 40, consumers 232 in the dK/dV kernel (dK, dV, S^T, dP^T and
+// the P^T, dS^T fragments: 230 used); 24 and 240 in the dQ kernel (152 used). No __syncthreads in the loops: a
+// consumer warpgroup waits only for its next stage to be full, so the two drift apart and one's exp and packing
+// can run under the other's wgmmas; nobody issues loads between the matmuls.
+//   kernel6_dkdv: K and V of the CTA's 128 keys by TMA once; per item (query head, 64-row query tile, in
+//     kernel4's order) warp 0 of the producer streams Q and dO (lane 0, TMA) and the tile's lse, D and
+//     doc_start rows (all 32 lanes, 4-byte cp.async: a row of lse or D starts at (b nh + h) T floats, not
+//     16-byte aligned for every T, so no bulk copy); the full barrier counts the expect_tx arrival and the
+//     32 lanes' cp.async.mbarrier.arrive.noinc, and completes once the TMA bytes have landed too.
+//   kernel6_dq: Q and dO of the CTA's 128 queries by TMA once; K and V tiles of 64 keys streamed (one thread).
+// The empty barriers count lane 0 of each of the 8 consumer warps, after its wgmmas on the stage are waited for.
+// Rows past T land as zeros (TMA's out-of-bounds fill, cp.async's zero-fill) and are masked as in kernel4.
+
+// attn5_mbar_wait, but a wait of more than ~4 s (a lost copy or arrival, a wrong parity: kernel6 has not run yet)
+// traps, so such a bug shows as a launch error instead of a hung device call. All in one asm block: with the
+// loop and the trap in C++ (or a call, e.g. printf), ptxas dropped setmaxnreg and serialized the wgmmas.
+__device__ __forceinline__ void attn6_mbar_wait(uint32_t bar, int parity) {
+    asm volatile("{\n.reg .pred p;\n.reg .u64 t0, t;\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@p bra DONE6;\n"
+                 "mov.u64 t0, %%globaltimer;\n"
+                 "WAIT6:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@p bra DONE6;\n"
+                 "mov.u64 t, %%globaltimer;\nsub.u64 t, t, t0;\nsetp.gt.u64 p, t, 4000000000;\n@p trap;\nbra WAIT6;\n"
+                 "DONE6:\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+
+// one arrival on bar once this thread's earlier cp.asyncs have landed (.noinc: the barrier's count includes it)
+__device__ __forceinline__ void attn6_cp_async_mbar_arrive(uint32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+template <int HD, int BC, int BR, int STAGES>
+struct AttnBwdTile6 {
+    static constexpr int THREADS = 384;  // producer warpgroup + 2 consumer warpgroups of 64 keys
+    static constexpr int KB = BC * HD * 2, QB = BR * HD * 2, RB = 3 * BR * 4;  // bytes: K (or V), Q (or dO), lse + D + doc_start
+    // K, V, Q (STAGES), dO (STAGES), lse/D/doc_start rows (STAGES)
+    static constexpr size_t OFF_V = KB, OFF_Q = 2 * KB, OFF_DO = OFF_Q + STAGES * QB, OFF_R = OFF_DO + STAGES * QB;
+    static constexpr size_t SMEM = OFF_R + STAGES * RB, SMEM_ALLOC = SMEM + 1024;  // base aligned up to 1024 bytes
+    static_assert(HD == 128 && BC == 128 && BR == 64, "kernel6_dkdv: written for kernel4_dkdv's tiles at hd 128");
+    static_assert(SMEM_ALLOC + 256 <= 227 * 1024, "kernel6_dkdv: too many stages for 227 KB");
+};
+
+template <int HD, int BC, int BR, int STAGES>
+__global__ void __launch_bounds__(384, 1) attention_backward_kernel6_dkdv(const AttnBwdParams p, const __grid_constant__ CUtensorMap tm_q,
+                                                                         const __grid_constant__ CUtensorMap tm_do,
+                                                                         const __grid_constant__ CUtensorMap tm_k,
+                                                                         const __grid_constant__ CUtensorMap tm_v) {
+    using C = AttnBwdTile6<HD, BC, BR, STAGES>;
+    constexpr int NT = C::THREADS;
+    extern __shared__ unsigned char attn_smem6[];
+    __shared__ __align__(8) uint64_t bars[1 + 2 * STAGES];  // K and V landed; full[STAGES], empty[STAGES]
+    unsigned char* sm = attn_smem6 + ((1024 - (attn_smem_u32(attn_smem6) & 1023)) & 1023);
+    const uint32_t sK = attn_smem_u32(sm), sV = sK + C::OFF_V, sQ = sK + C::OFF_Q, sdO = sK + C::OFF_DO, sR = sK + C::OFF_R;
+    const uint32_t bkv = attn_smem_u32(&bars[0]), bfull = bkv + 8, bempty = bfull + 8 * STAGES;
+
+    const int T = p.T, nh = p.nh, nkv = p.nkv, G = nh / nkv;
+    const int b = blockIdx.x / nkv, kvh = blockIdx.x % nkv;
+    const int k0 = blockIdx.y * BC, k_last = min(k0 + BC, T) - 1;  // tile 0 (most query tiles) first
+    const int tid = threadIdx.x;
+    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
+
+    if (tid == 0) {
+        attn5_mbar_init(bkv, 1);
+        for (int s = 0; s < STAGES; s++) {
+            attn5_mbar_init(bfull + 8 * s, 1 + 32);  // the producer's expect_tx + its warp's 32 cp.async arrivals
+            attn5_mbar_init(bempty + 8 * s, 8);      // lane 0 of each consumer warp
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (tid == 0) {  // this tile's K and V, once, under the search below
+        attn5_mbar_expect_tx(bkv, 2 * C::KB);
+        for (int cb = 0; cb < HD / 64; cb++) {
+            attn5_tma_load(sK + cb * BC * 128, &tm_k, cb * 64, kvh, k0, b, bkv);
+            attn5_tma_load(sV + cb * BC * 128, &tm_v, cb * 64, kvh, k0, b, bkv);
+        }
+    }
+    int i_max = T - 1;  // last query that can see any of these keys (kernel4's search, by all 384 threads)
+    if (ds) {
+        int lo = k_last, hi = T - 1;
+        while (lo < hi) {
+            const int step = (hi - lo + NT - 1) / NT, pos = lo + (tid + 1) * step;
+            const int n_ok = __syncthreads_count(pos <= hi && ds[pos] <= k_last);
+            lo += n_ok * step;
+            hi = min(hi, lo + step - 1);
+        }
+        i_max = lo;
+    }
+    // item it: query head kvh G + it % G, query tile qt_hi - it / G (kernel4's order, so dK and dV sum in its order)
+    const int qt_lo = k0 / BR, qt_hi = i_max / BR, n_iter = G * (qt_hi - qt_lo + 1);
+
+    if (tid < 128) {  // producer: warp 0 (lane 0 the TMA copies, every lane the lse, D and doc_start rows)
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");  // at 24 it spilled 8 bytes across the split
+        if (tid < 32) {
+            for (int it = 0; it < n_iter; it++) {
+                const int s = it % STAGES, u = it / STAGES, hq = kvh * G + it % G, q0 = (qt_hi - it / G) * BR;
+                const uint32_t full = bfull + 8 * s;
+                if (u > 0) attn6_mbar_wait(bempty + 8 * s, (u - 1) & 1);  // all 8 consumer warps are done with item it - STAGES
+                if (tid == 0) {
+                    attn5_mbar_expect_tx(full, 2 * C::QB);
+                    for (int cb = 0; cb < HD / 64; cb++) {
+                        attn5_tma_load(sQ + s * C::QB + cb * BR * 128, &tm_q, cb * 64, hq, q0, b, full);
+                        attn5_tma_load(sdO + s * C::QB + cb * BR * 128, &tm_do, cb * 64, hq, q0, b, full);
+                    }
+                }
+                const int64_t lrow = ((int64_t)b * nh + hq) * T;
+#pragma unroll
+                for (int c = tid; c < 3 * BR; c += 32) {  // (3, BR) lse, D, doc_start; zeros past T (doc_start also without documents)
+                    const int which = c / BR, i = q0 + c % BR, ic = i < T ? i : 0;
+                    const void* src = which == 0 ? (const void*)(p.lse + lrow + ic)
+                                    : which == 1 ? (const void*)(p.D + lrow + ic) : ds ? (const void*)(ds + ic) : (const void*)p.lse;
+                    attn_cp_async4(sR + s * C::RB + c * 4, src, i < T && (which < 2 || ds));
+                }
+                attn6_cp_async_mbar_arrive(full);
+            }
+            attn_cp_async_wait_all();
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");  // 128 x 40 + 256 x 232 = 384 x 168
+
+    // consumers: kernel4_dkdv's loop body; warp 0..7 of the consumers, warpgroup wg holds keys 64 wg ..
+    const int ct = tid - 128, warp = ct >> 5, lane = ct & 31, g = lane >> 2, t4 = lane & 3, wg = warp >> 2;
+    const int64_t kstride = (int64_t)nkv * HD;
+    float dk[HD / 2], dv[HD / 2];  // (64 keys x HD) per warpgroup: [4 n + e] = key 16 warp + g + 8 (e >> 1), dim 8 n + 2 t4 + (e & 1)
+#pragma unroll
+    for (int n = 0; n < HD / 2; n++) dk[n] = dv[n] = 0.f;
+    const int kr0 = warp * 16;
+    const float sl2 = p.scale_log2;
+    const uint32_t kA = sK + wg * 64 * 128, vA = sV + wg * 64 * 128;  // this warpgroup's 64 key rows, column block 0
+
+    attn6_mbar_wait(bkv, 0);  // K and V landed
+    for (int it = 0; it < n_iter; it++) {
+        const int st = it % STAGES, q0 = (qt_hi - it / G) * BR;
+        attn6_mbar_wait(bfull + 8 * st, (it / STAGES) & 1);  // Q, dO and the rows of item it landed
+        const uint32_t cQ = sQ + st * C::QB, cdO = sdO + st * C::QB;
+        const float* cL = reinterpret_cast<const float*>(sm + C::OFF_R + st * C::RB);
+        const float* cD = cL + BR;
+        const int* cDs = reinterpret_cast<const int*>(cD + BR);
+
+        // S^T = K Q^T and dP^T = V dO^T: (64 keys x BR queries) per warpgroup
+        float s[BR / 2], dp[BR / 2];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t ko = (kk >> 2) * BC * 128 + (kk & 3) * 32, qo = (kk >> 2) * BR * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(s, wg_desc(kA + ko, 16, 1024), wg_desc(cQ + qo, 16, 1024), kk);
+        }
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t ko = (kk >> 2) * BC * 128 + (kk & 3) * 32, qo = (kk >> 2) * BR * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(dp, wg_desc(vA + ko, 16, 1024), wg_desc(cdO + qo, 16, 1024), kk);
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(s); wg_fence_regs(dp);
+
+        // P^T = exp2(S^T * scale * log2e - lse * log2e), masked to 0; dS^T = P^T (dP^T - D)
+        const bool need_mask = k0 + BC - 1 > q0 || q0 + BR > T || (ds && k0 < cDs[BR - 1]);
+#pragma unroll
+        for (int n = 0; n < BR / 8; n++) {
+            const float2 l2 = *reinterpret_cast<const float2*>(cL + n * 8 + 2 * t4);
+            const float2 d2 = *reinterpret_cast<const float2*>(cD + n * 8 + 2 * t4);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float pt = attn_exp2(fmaf(s[4 * n + e], sl2, -(e & 1 ? l2.y : l2.x) * 1.44269504089f));
+                if (need_mask) {
+                    const int qc = n * 8 + 2 * t4 + (e & 1), i = q0 + qc, j = k0 + kr0 + g + (e >> 1) * 8;
+                    if (j > i || i >= T || j < cDs[qc]) pt = 0.f;
+                }
+                s[4 * n + e] = pt;
+                dp[4 * n + e] = pt * (dp[4 * n + e] - (e & 1 ? d2.y : d2.x));
+            }
+        }
+        uint32_t pa[BR / 16][4], da[BR / 16][4];  // bf16 A fragments of P^T and dS^T (16 keys x 16 queries per warp)
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++)
+#pragma unroll
+            for (int h = 0; h < 4; h++) {  // h: (row g | g + 8) x (cols 0-7 | 8-15) of the k16 block
+                const int n = 2 * kc + (h >> 1), e = (h & 1) * 2;
+                pa[kc][h] = attn_pack_bf16(s[4 * n + e], s[4 * n + e + 1]);
+                da[kc][h] = attn_pack_bf16(dp[4 * n + e], dp[4 * n + e + 1]);
+            }
+        // dV += P^T dO, dK += dS^T Q; waited for before this warp hands the stage back
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++) wg_mma_rs<1>(dv, pa[kc], wg_desc(cdO + kc * 2048, BR * 128, 1024));
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++) wg_mma_rs<1>(dk, da[kc], wg_desc(cQ + kc * 2048, BR * 128, 1024));
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(dk); wg_fence_regs(dv);
+        if (lane == 0) attn5_mbar_arrive(bempty + 8 * st);  // this warp is done with stage st (its rows read above)
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int j = k0 + kr0 + g + 8 * r;
+        if (j >= T) continue;
+        const int64_t off = ((int64_t)b * T + j) * kstride + (int64_t)kvh * HD + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            *reinterpret_cast<uint32_t*>(p.dk + off + n * 8) = attn_pack_bf16(dk[4 * n + 2 * r] * p.scale, dk[4 * n + 2 * r + 1] * p.scale);
+            *reinterpret_cast<uint32_t*>(p.dv + off + n * 8) = attn_pack_bf16(dv[4 * n + 2 * r], dv[4 * n + 2 * r + 1]);
+        }
+    }
+}
+
+template <int HD, int BQ, int BK, int STAGES>
+struct AttnBwdTile6q {
+    static constexpr int THREADS = 384;  // producer warpgroup + 2 consumer warpgroups of 64 queries
+    static constexpr int QB = BQ * HD * 2, KB = BK * HD * 2;  // bytes: Q (or dO) tile, K (or V) tile
+    static constexpr size_t OFF_DO = QB, OFF_K = 2 * QB, OFF_V = OFF_K + STAGES * KB, SMEM = OFF_V + STAGES * KB;  // Q, dO, K (STAGES), V (STAGES)
+    static constexpr size_t SMEM_ALLOC = SMEM + 1024;
+    static_assert(HD == 128 && BQ == 128 && BK == 64, "kernel6_dq: written for kernel4_dq's tiles at hd 128");
+    static_assert(SMEM_ALLOC + 256 <= 227 * 1024, "kernel6_dq: too many stages for 227 KB");
+};
+
+template <int HD, int BQ, int BK, int STAGES>
+__global__ void __launch_bounds__(384, 1) attention_backward_kernel6_dq(const AttnBwdParams p, const __grid_constant__ CUtensorMap tm_q,
+                                                                       const __grid_constant__ CUtensorMap tm_do,
+                                                                       const __grid_constant__ CUtensorMap tm_k,
+                                                                       const __grid_constant__ CUtensorMap tm_v) {
+    using C = AttnBwdTile6q<HD, BQ, BK, STAGES>;
+    extern __shared__ unsigned char attn_smem6q[];
+    __shared__ __align__(8) uint64_t bars[1 + 2 * STAGES];  // Q and dO landed; full[STAGES], empty[STAGES]
+    unsigned char* sm = attn_smem6q + ((1024 - (attn_smem_u32(attn_smem6q) & 1023)) & 1023);
+    const uint32_t sQ = attn_smem_u32(sm), sdO = sQ + C::OFF_DO, sK = sQ + C::OFF_K, sV = sQ + C::OFF_V;
+    const uint32_t bq = attn_smem_u32(&bars[0]), bfull = bq + 8, bempty = bfull + 8 * STAGES;
+
+    const int T = p.T, nh = p.nh, nkv = p.nkv, G = nh / nkv;
+    const int b = blockIdx.x / nh, h = blockIdx.x % nh, kvh = h / G;
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;  // the heaviest (last) query tiles first
+    const int tid = threadIdx.x;
+    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
+    // key tiles: from the one holding the first row's document start to the last row's diagonal
+    const int q_last = min(q0 + BQ, T) - 1, kt_lo = (ds ? ds[q0] : 0) / BK, kt_hi = q_last / BK;
+
+    if (tid == 0) {
+        attn5_mbar_init(bq, 1);
+        for (int s = 0; s < STAGES; s++) {
+            attn5_mbar_init(bfull + 8 * s, 1);  // the producer's expect_tx
+            attn5_mbar_init(bempty + 8 * s, 8);  // lane 0 of each consumer warp
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (tid < 128) {  // producer: one thread issues every copy
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (tid == 0) {
+            attn5_mbar_expect_tx(bq, 2 * C::QB);
+            for (int cb = 0; cb < HD / 64; cb++) {
+                attn5_tma_load(sQ + cb * BQ * 128, &tm_q, cb * 64, h, q0, b, bq);
+                attn5_tma_load(sdO + cb * BQ * 128, &tm_do, cb * 64, h, q0, b, bq);
+            }
+            for (int kt = kt_lo; kt <= kt_hi; kt++) {
+                const int n = kt - kt_lo, s = n % STAGES, u = n / STAGES;
+                const uint32_t full = bfull + 8 * s;
+                if (u > 0) attn6_mbar_wait(bempty + 8 * s, (u - 1) & 1);  // all 8 consumer warps are done with tile kt - STAGES
+                attn5_mbar_expect_tx(full, 2 * C::KB);
+                for (int cb = 0; cb < HD / 64; cb++) {
+                    attn5_tma_load(sK + s * C::KB + cb * BK * 128, &tm_k, cb * 64, kvh, kt * BK, b, full);
+                    attn5_tma_load(sV + s * C::KB + cb * BK * 128, &tm_v, cb * 64, kvh, kt * BK, b, full);
+                }
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+
+    // consumers: kernel4_dq's loop body; warp 0..7 of the consumers, warpgroup wg holds queries 64 wg ..
+    const int ct = tid - 128, warp = ct >> 5, lane = ct & 31, g = lane >> 2, t4 = lane & 3, wg = warp >> 2;
+    const int64_t qstride = (int64_t)nh * HD;
+    // this thread's two query rows (16 warp + g, + 8 within the tile): lse (pre-scaled by log2 e), D, doc_start
+    const int qr0 = warp * 16 + g;
+    float lse2[2], Dr[2];
+    int dsr[2], qi[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        qi[r] = q0 + qr0 + 8 * r;
+        const int64_t li = ((int64_t)b * nh + h) * T + min(qi[r], T - 1);
+        lse2[r] = p.lse[li] * 1.44269504089f;
+        Dr[r] = p.D[li];
+        dsr[r] = ds ? ds[min(qi[r], T - 1)] : 0;
+    }
+    const int ds_max = ds ? ds[q_last] : 0;  // doc_start is non-decreasing along the row
+    float dq[HD / 2];  // (64 queries x HD) per warpgroup, the accumulator layout
+#pragma unroll
+    for (int n = 0; n < HD / 2; n++) dq[n] = 0.f;
+    const float sl2 = p.scale_log2;
+    const uint32_t qA = sQ + wg * 64 * 128, oA = sdO + wg * 64 * 128;  // this warpgroup's 64 query rows
+
+    attn6_mbar_wait(bq, 0);  // Q and dO landed
+    for (int kt = kt_lo; kt <= kt_hi; kt++) {
+        const int n_ = kt - kt_lo, st = n_ % STAGES, k0 = kt * BK;
+        attn6_mbar_wait(bfull + 8 * st, (n_ / STAGES) & 1);  // K and V of tile kt landed
+        const uint32_t cK = sK + st * C::KB, cV = sV + st * C::KB;
+
+        // S = Q K^T, dP = dO V^T: (64 queries x BK keys) per warpgroup
+        float s[BK / 2], dp[BK / 2];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(cK + ko, 16, 1024), kk);
+        }
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(dp, wg_desc(oA + qo, 16, 1024), wg_desc(cV + ko, 16, 1024), kk);
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(s); wg_fence_regs(dp);
+
+        // P = exp2(S * scale * log2e - lse * log2e), masked to 0; dS = P (dP - D), as bf16 A fragments
+        const bool need_mask = k0 + BK - 1 > q0 || k0 + BK > T || q0 + BQ > T || (ds && k0 < ds_max);
+        uint32_t da[BK / 16][4];
+#pragma unroll
+        for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = e >> 1;
+                float pr = attn_exp2(fmaf(s[4 * n + e], sl2, -lse2[r]));
+                if (need_mask) {
+                    const int j = k0 + n * 8 + 2 * t4 + (e & 1);
+                    if (j > qi[r] || j >= T || qi[r] >= T || j < dsr[r]) pr = 0.f;
+                }
+                dp[4 * n + e] = pr * (dp[4 * n + e] - Dr[r]);
+            }
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+            for (int hh = 0; hh < 4; hh++) {
+                const int n = 2 * kc + (hh >> 1), e = (hh & 1) * 2;
+                da[kc][hh] = attn_pack_bf16(dp[4 * n + e], dp[4 * n + e + 1]);
+            }
+        // dQ += dS K (B = K, MN-major); waited for before this warp hands the stage back
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++) wg_mma_rs<1>(dq, da[kc], wg_desc(cK + kc * 2048, BK * 128, 1024));
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(dq);
+        if (lane == 0) attn5_mbar_arrive(bempty + 8 * st);  // this warp is done with stage st
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (qi[r] >= T) continue;
+        const int64_t off = ((int64_t)b * T + qi[r]) * qstride + (int64_t)h * HD + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++)
+            *reinterpret_cast<uint32_t*>(p.dq + off + n * 8) = attn_pack_bf16(dq[4 * n + 2 * r] * p.scale, dq[4 * n + 2 * r + 1] * p.scale);
+    }
+}
+
+// DQ6, DKDV6: kernel6's dQ, dK/dV kernel, or kernel4's (6c, 6d time one half of kernel6 against 4a's other)
+template <int HD, int STAGES, bool DQ6, bool DKDV6>
+void attention_backward6_launch(const AttnBwdParams& p, cudaStream_t stream) {
+    const dim3 grid_q(p.B * p.nh, (p.T + 127) / 128), grid_kv(p.B * p.nkv, (p.T + 127) / 128);
+    if constexpr (DQ6) {
+        using C = AttnBwdTile6q<HD, 128, 64, STAGES>;
+        auto kdq = attention_backward_kernel6_dq<HD, 128, 64, STAGES>;
+        cudaCheck(cudaFuncSetAttribute(kdq, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+        const CUtensorMap tq = attn5_tensor_map(p.q, p.B, p.T, p.nh, HD, 128), tdo = attn5_tensor_map(p.dout, p.B, p.T, p.nh, HD, 128),
+                          tk = attn5_tensor_map(p.k, p.B, p.T, p.nkv, HD, 64), tv = attn5_tensor_map(p.v, p.B, p.T, p.nkv, HD, 64);
+        kdq<<<grid_q, C::THREADS, C::SMEM_ALLOC, stream>>>(p, tq, tdo, tk, tv);
+    } else {
+        using C = AttnBwdTile4q<HD, 128, 64>;
+        auto kdq = attention_backward_kernel4_dq<HD, 128, 64>;
+        cudaCheck(cudaFuncSetAttribute(kdq, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+        kdq<<<grid_q, C::THREADS, C::SMEM_ALLOC, stream>>>(p);
+    }
+    cudaCheck(cudaGetLastError());
+    if constexpr (DKDV6) {
+        using C = AttnBwdTile6<HD, 128, 64, STAGES>;
+        auto kdkdv = attention_backward_kernel6_dkdv<HD, 128, 64, STAGES>;
+        cudaCheck(cudaFuncSetAttribute(kdkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+        const CUtensorMap tq = attn5_tensor_map(p.q, p.B, p.T, p.nh, HD, 64), tdo = attn5_tensor_map(p.dout, p.B, p.T, p.nh, HD, 64),
+                          tk = attn5_tensor_map(p.k, p.B, p.T, p.nkv, HD, 128), tv = attn5_tensor_map(p.v, p.B, p.T, p.nkv, HD, 128);
+        kdkdv<<<grid_kv, C::THREADS, C::SMEM_ALLOC, stream>>>(p, tq, tdo, tk, tv);
+    } else {
+        using C = AttnBwdTile4<HD, 128, 64>;
+        auto kdkdv = attention_backward_kernel4_dkdv<HD, 128, 64>;
+        cudaCheck(cudaFuncSetAttribute(kdkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+        kdkdv<<<grid_kv, C::THREADS, C::SMEM_ALLOC, stream>>>(p);
+    }
+    cudaCheck(cudaGetLastError());
+}
+// preprocess (D, at kernel2's place in the scratch, so that the "main" timing reads the D of the last full run) + kernel6
+template <int HD, int STAGES, bool DQ6, bool DKDV6>
+void attention_backward6_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q, const bf16* k,
+                            const bf16* v, const bf16* out, const float* lse, const int* doc_start,
+                            int B, int T, int nh, int nkv, cudaStream_t stream) {
+    float* D = scratch + (size_t)B * T * nh * HD;
+    const int64_t rows = (int64_t)B * T * nh;
+    attention_backward_preprocess_kernel2<HD><<<(unsigned)((rows * (HD / 8) + 255) / 256), 256, 0, stream>>>(D, nullptr, out, dout, B, T, nh, 0);
+    cudaCheck(cudaGetLastError());
+    const float scale = 1.0f / sqrtf((float)HD);
+    AttnBwdParams p{dq, dk, dv, nullptr, nullptr, D, dout, q, k, v, lse, doc_start, B, T, nh, nkv, scale, scale * 1.4426950408889634f};
+    attention_backward6_launch<HD, STAGES, DQ6, DKDV6>(p, stream);
+}
+
+// ---------------------------------------------------------------------------------------------
 
 typedef void (*BwdAll)(bf16*, bf16*, bf16*, float*, const bf16*, const bf16*, const bf16*, const bf16*, const bf16*,
                        const float*, const int*, int, int, int, int, cudaStream_t);
@@ -865,6 +1298,10 @@ static const Variant VARIANTS[] = {
     {"3a", 128, attention_backward3_hd<128, 128, 64>, attention_backward3_launch<128, 128, 64>, "hd128 Bc128 Br64, ordered dQ, wgmma (2 warpgroups)"},
     {"4a", 128, attention_backward_hd<128, 128, 64, 1, true, 4>, attention_backward4_launch<128>, "hd128 split: dK dV kernel + dQ kernel, wgmma, no dQ traffic (production on Hopper)"},
     {"4b", 128, attention_backward4v2_hd<128>, attention_backward4v2_launch<128>, "4a with the dQ kernel pipelined (not kept)"},
+    {"6a", 128, attention_backward6_hd<128, 2, true, true>, attention_backward6_launch<128, 2, true, true>, "kernel4 on kernel5's schedule: TMA producer warpgroup, 2-stage ring"},
+    {"6b", 128, attention_backward6_hd<128, 3, true, true>, attention_backward6_launch<128, 3, true, true>, "6a with a 3-stage ring"},
+    {"6c", 128, attention_backward6_hd<128, 2, false, true>, attention_backward6_launch<128, 2, false, true>, "6a's dK dV kernel + 4a's dQ kernel"},
+    {"6d", 128, attention_backward6_hd<128, 2, true, false>, attention_backward6_launch<128, 2, true, false>, "4a's dK dV kernel + 6a's dQ kernel"},
     {"2b", 128, attention_backward_hd<128, 128, 64, 1, false>, attention_backward_launch<128, 128, 64, 1, false>, "hd128 Bc128 Br64, ordered dQ, load after matmul"},
     {"1c", 64, attention_backward1_hd<64, 128, 64, 1>, attention_backward1_launch<64, 128, 64, 1>, "hd64 Bc128 Br64, 8 warps, 1 CTA/SM, atomics"},
     {"1d", 64, attention_backward1_hd<64, 64, 64, 2>, attention_backward1_launch<64, 64, 64, 2>, "hd64 Bc64 Br64, 4 warps, 2 CTA/SM, atomics"},
@@ -965,7 +1402,8 @@ static double compare(const char* what, const std::vector<uint16_t>& got, const 
     return isnan(num) ? INFINITY : sqrt(num / den);
 }
 
-static bool check_variant(const Variant& V, Problem& P, const std::vector<double> ref[3]) {
+// got: dq, dk, dv's bits as the variant wrote them
+static bool check_variant(const Variant& V, Problem& P, const std::vector<double> ref[3], std::vector<uint16_t> got[3]) {
     cudaCheck(cudaMemset(P.d_dq, 0xff, P.nq * 2)); cudaCheck(cudaMemset(P.d_dk, 0xff, P.nk * 2));
     cudaCheck(cudaMemset(P.d_dv, 0xff, P.nk * 2));
     cudaCheck(cudaMemset(P.d_scratch, 0xff, attention_backward_kernel2_scratch_bytes(P.B, P.T, P.nh, P.hd)));
@@ -977,9 +1415,9 @@ static bool check_variant(const Variant& V, Problem& P, const std::vector<double
     bool ok = true;
     printf("  %-3s T=%-5d docs=%-4d", V.name, P.T, P.doc_len);
     for (int t = 0; t < 3; t++) {
-        std::vector<uint16_t> got(n[t]);
-        cudaCheck(cudaMemcpy(got.data(), src[t], n[t] * 2, cudaMemcpyDeviceToHost));
-        double mx, rel = compare(names[t], got, ref[t], &mx);
+        got[t].resize(n[t]);
+        cudaCheck(cudaMemcpy(got[t].data(), src[t], n[t] * 2, cudaMemcpyDeviceToHost));
+        double mx, rel = compare(names[t], got[t], ref[t], &mx);
         double ref_max = 0;
         for (double x : ref[t]) ref_max = fmax(ref_max, fabs(x));
         const bool tok = rel < 1e-2 && mx < 2e-2 * ref_max;
@@ -1014,7 +1452,7 @@ static float time_ms(const Variant& V, Problem& P, bool main_only, int reps) {
 
 // run the whole backward twice on the same inputs, outputs and scratch poisoned with different bytes in
 // between; returns how many of dq, dk, dv's elements differ in their bits (unwritten ones differ too)
-static size_t repeat_diff(const Variant& V, Problem& P, size_t diff[3]) {
+static size_t repeat_diff(const Variant& V, Problem& P, size_t diff[3], std::vector<uint16_t> bits[3]) {
     bf16* src[3] = {P.d_dq, P.d_dk, P.d_dv};
     const size_t n[3] = {P.nq, P.nk, P.nk}, scratch = attention_backward_kernel2_scratch_bytes(P.B, P.T, P.nh, P.hd);
     std::vector<uint16_t> first[3];
@@ -1029,6 +1467,15 @@ static size_t repeat_diff(const Variant& V, Problem& P, size_t diff[3]) {
             if (r == 0) first[t] = got;
             else { diff[t] = 0; for (size_t i = 0; i < n[t]; i++) diff[t] += got[i] != first[t][i]; }
         }
+    }
+    for (int t = 0; t < 3; t++) bits[t].swap(first[t]);
+    return diff[0] + diff[1] + diff[2];
+}
+// elements of dq, dk, dv whose bits differ between two variants' outputs
+static size_t bits_diff(const std::vector<uint16_t> a[3], const std::vector<uint16_t> b[3], size_t diff[3]) {
+    for (int t = 0; t < 3; t++) {
+        diff[t] = 0;
+        for (size_t i = 0; i < a[t].size(); i++) diff[t] += a[t][i] != b[t][i];
     }
     return diff[0] + diff[1] + diff[2];
 }
@@ -1065,11 +1512,18 @@ int main(int argc, char** argv) {
             std::vector<double> ref[3] = {std::vector<double>(P.nq), std::vector<double>(P.nk), std::vector<double>(P.nk)};
             attention_backward_cpu(ref[0].data(), ref[1].data(), ref[2].data(), f[3].data(), f[0].data(), f[1].data(), f[2].data(),
                                    o.data(), lse.data(), doc_len ? P.doc.data() : nullptr, P.B, P.T, P.nh, P.nkv, hd);
+            std::vector<uint16_t> bits4a[3];  // kernel6 runs 4a's operations in 4a's order: expect the same bits
             for (const Variant& V : VARIANTS)
                 if (V.hd == hd && selected(only, V.name)) {
-                    all_ok &= check_variant(V, P, ref);
+                    std::vector<uint16_t> bits[3];
+                    all_ok &= check_variant(V, P, ref, bits);
+                    if (!strcmp(V.name, "4a")) for (int t = 0; t < 3; t++) bits4a[t] = bits[t];
                     size_t diff[3];
-                    const bool same = repeat_diff(V, P, diff) == 0;
+                    if (V.name[0] == '6' && !bits4a[0].empty()) {
+                        const bool id = bits_diff(bits, bits4a, diff) == 0;
+                        printf("      vs 4a: %s (dq %zu, dk %zu, dv %zu elements differ)\n", id ? "bitwise identical" : "DIFFERS (expected the same bits)", diff[0], diff[1], diff[2]);
+                    }
+                    const bool same = repeat_diff(V, P, diff, bits) == 0;
                     if (V.name[0] != '1') all_ok &= same;  // kernel1 is not deterministic
                     printf("      repeat: %s (dq %zu, dk %zu, dv %zu elements differ)\n", same ? "bitwise identical" : "DIFFERS", diff[0], diff[1], diff[2]);
                 }
@@ -1088,15 +1542,22 @@ int main(int argc, char** argv) {
         Problem P{S.B, S.T, S.nh, S.nkv, S.hd, S.doc_len};
         make_problem(P, 7);
         const double flops = 10.0 * S.hd * S.nh * P.pairs;
+        std::vector<uint16_t> bits4a[3];  // as above, at every shape (B = 4: the batch coordinate of kernel6's copies)
         for (const Variant& V : VARIANTS) {
             if (V.hd != S.hd || !selected(only, V.name)) continue;
             if (once) { run_all(V, P); cudaCheck(cudaDeviceSynchronize()); free_problem(P); return 0; }
             const float all = time_ms(V, P, false, 5), main_ms = time_ms(V, P, true, 5);
             size_t diff[3];
-            const bool same = repeat_diff(V, P, diff) == 0;
+            std::vector<uint16_t> bits[3];
+            const bool same = repeat_diff(V, P, diff, bits) == 0;
             if (V.name[0] != '1') all_ok &= same;  // kernel1 is not deterministic, and says so
-            char rep[64];
-            snprintf(rep, sizeof rep, "%s %zu %zu %zu", same ? "same" : "DIFF", diff[0], diff[1], diff[2]);
+            char rep[96];
+            int len = snprintf(rep, sizeof rep, "%s %zu %zu %zu", same ? "same" : "DIFF", diff[0], diff[1], diff[2]);
+            if (!strcmp(V.name, "4a")) for (int t = 0; t < 3; t++) bits4a[t].swap(bits[t]);
+            if (V.name[0] == '6' && !bits4a[0].empty()) {
+                const bool id = bits_diff(bits, bits4a, diff) == 0;
+                snprintf(rep + len, sizeof rep - len, ", vs 4a %s %zu %zu %zu", id ? "same" : "DIFF", diff[0], diff[1], diff[2]);
+            }
             printf("%-18s %-4s %9.4f %9.1f %9.4f %9.1f  %-22s %s\n", S.name, V.name, all, flops / (all * 1e-3) / 1e12, main_ms,
                    flops / (main_ms * 1e-3) / 1e12, rep, V.what);
         }

@@ -82,8 +82,6 @@
 // calls got a device machine (starts failed or it was busy); correctness and timings are owed to the next
 // session with a GPU: ./attention_forward 2a,3a,5a,5b,5c
 #include <cuda_runtime.h>                  // defines: cudaEvent_t, cudaGetDriverEntryPointByVersion
-#include <cuda.h>                          // defines: CUtensorMap, cuTensorMapEncodeTiled's enums (kernel5)
-#include <cudaTypedefs.h>                  // defines: PFN_cuTensorMapEncodeTiled_v12000
 #include <stdio.h>                         // defines: printf
 #include <string.h>                        // defines: strcmp, strstr, strlen
 #include <math.h>                          // defines: exp, sqrt
@@ -91,6 +89,7 @@
 #include <algorithm>                       // defines: std::sort
 #include "../../qlora.h"                   // defines: f32_to_bf16, bf16_to_f32, rng_uniform, rng_u32
 #include "../../kernels/attention.cuh"     // defines: attention_forward_kernel1, attention_forward_launch, attention_forward2_launch
+#include "tma.cuh"                         // defines: attn5_mbar_*, attn5_tma_load, attn5_bar_*, attn5_tensor_map (kernel5)
 
 // ---------------------------------------------------------------------------------------------
 // kernel3 (tried, not kept: slower than kernel2, see the header)
@@ -286,29 +285,6 @@ void attention_forward3_launch(const AttnFwdParams& p, cudaStream_t stream) {
 //     1 starts). O is rescaled by tile t's alpha once P(t-1) V(t-1) is done with it: kernel2's order of
 //     operations on O, m and l, so the results match kernel2's.
 // setmaxnreg: producer 24 registers, consumers 240 (O 64 + S 64 + P 32 a thread).
-
-__device__ __forceinline__ void attn5_mbar_init(uint32_t bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void attn5_mbar_arrive(uint32_t bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// one arrival that also raises the bytes the phase waits for (the TMA copies count them down)
-__device__ __forceinline__ void attn5_mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void attn5_mbar_wait(uint32_t bar, int parity) {
-    asm volatile("{\n.reg .pred p;\nWAIT5:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT5;\n}\n"
-                 ::"r"(bar), "r"(parity) : "memory");
-}
-// box (64 dims x rows) of a (B, T, heads, hd) tensor at (dim c0, head c1, row c2, batch c3) -> smem dst
-__device__ __forceinline__ void attn5_tma_load(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3, uint32_t bar) {
-    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
-                 ::"r"(dst), "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
-}
-// named barriers of the two consumer warpgroups (256 threads): sync waits for the other's arrive
-__device__ __forceinline__ void attn5_bar_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
-__device__ __forceinline__ void attn5_bar_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
 
 template <int HD, int BQ, int BK, int STAGES>
 struct AttnFwdTile5 {
@@ -514,26 +490,6 @@ __global__ void __launch_bounds__(384, 1) attention_forward_kernel5(const AttnFw
     }
 }
 
-// TMA descriptor of a (B, T, heads, hd) bf16 tensor read in boxes of 64 dims x rows rows, 128B-swizzled
-// (wg_swz's layout for one column block); rows past T read as zeros.
-static CUtensorMap attn5_tensor_map(const bf16* ptr, int B, int T, int heads, int hd, int rows) {
-    static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
-    if (!encode) {
-        void* fn = nullptr;
-        cudaDriverEntryPointQueryResult q;
-        cudaCheck(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
-        if (q != cudaDriverEntryPointSuccess || !fn) { fprintf(stderr, "kernel5: cuTensorMapEncodeTiled not found (driver too old?)\n"); exit(1); }
-        encode = (PFN_cuTensorMapEncodeTiled_v12000)fn;
-    }
-    CUtensorMap map;
-    const cuuint64_t dims[4] = {(cuuint64_t)hd, (cuuint64_t)heads, (cuuint64_t)T, (cuuint64_t)B};
-    const cuuint64_t strides[3] = {(cuuint64_t)hd * 2, (cuuint64_t)heads * hd * 2, (cuuint64_t)T * heads * hd * 2};  // bytes, dims 1..3
-    const cuuint32_t box[4] = {64, 1, (cuuint32_t)rows, 1}, estride[4] = {1, 1, 1, 1};
-    const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, (void*)ptr, dims, strides, box, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    if (r != CUDA_SUCCESS) { fprintf(stderr, "kernel5: cuTensorMapEncodeTiled failed (%d)\n", (int)r); exit(1); }
-    return map;
-}
 template <int HD, int BQ, int BK, int STAGES, bool PINGPONG>
 void attention_forward5_launch(const AttnFwdParams& p, cudaStream_t stream) {
     using C = AttnFwdTile5<HD, BQ, BK, STAGES>;

@@ -1,0 +1,56 @@
+// dev/cuda/tma.cuh: Hopper's asynchronous copies and barriers for the playgrounds' warp-specialised kernels
+// (attention_forward.cu's kernel5, attention_backward.cu's kernel6): mbarriers (init, arrive, expect_tx,
+// wait on a phase parity), TMA tile loads (cp.async.bulk.tensor, 4-d) completing on an mbarrier, named
+// barriers for two consumer warpgroups, and the tensor map of a (B, T, heads, hd) bf16 tensor. It moves to
+// kernels/ with the first of those kernels that graduates.
+#pragma once
+#include <cuda_runtime.h>                  // defines: cudaGetDriverEntryPointByVersion
+#include <cuda.h>                          // defines: CUtensorMap, cuTensorMapEncodeTiled's enums
+#include <cudaTypedefs.h>                  // defines: PFN_cuTensorMapEncodeTiled_v12000
+#include <stdio.h>                         // defines: fprintf
+#include <stdlib.h>                        // defines: exit
+#include "../../kernels/common.cuh"        // defines: bf16, cudaCheck
+
+__device__ __forceinline__ void attn5_mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void attn5_mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// one arrival that also raises the bytes the phase waits for (the TMA copies count them down)
+__device__ __forceinline__ void attn5_mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void attn5_mbar_wait(uint32_t bar, int parity) {
+    asm volatile("{\n.reg .pred p;\nWAIT5:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT5;\n}\n"
+                 ::"r"(bar), "r"(parity) : "memory");
+}
+// box (64 dims x rows) of a (B, T, heads, hd) tensor at (dim c0, head c1, row c2, batch c3) -> smem dst
+__device__ __forceinline__ void attn5_tma_load(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3, uint32_t bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+                 ::"r"(dst), "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
+}
+// named barriers of the two consumer warpgroups (256 threads): sync waits for the other's arrive
+__device__ __forceinline__ void attn5_bar_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void attn5_bar_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+
+// TMA descriptor of a (B, T, heads, hd) bf16 tensor read in boxes of 64 dims x rows rows, 128B-swizzled
+// (wg_swz's layout for one column block); rows past T read as zeros.
+static CUtensorMap attn5_tensor_map(const bf16* ptr, int B, int T, int heads, int hd, int rows) {
+    static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+    if (!encode) {
+        void* fn = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        cudaCheck(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
+        if (q != cudaDriverEntryPointSuccess || !fn) { fprintf(stderr, "tma: cuTensorMapEncodeTiled not found (driver too old?)\n"); exit(1); }
+        encode = (PFN_cuTensorMapEncodeTiled_v12000)fn;
+    }
+    CUtensorMap map;
+    const cuuint64_t dims[4] = {(cuuint64_t)hd, (cuuint64_t)heads, (cuuint64_t)T, (cuuint64_t)B};
+    const cuuint64_t strides[3] = {(cuuint64_t)hd * 2, (cuuint64_t)heads * hd * 2, (cuuint64_t)T * heads * hd * 2};  // bytes, dims 1..3
+    const cuuint32_t box[4] = {64, 1, (cuuint32_t)rows, 1}, estride[4] = {1, 1, 1, 1};
+    const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, (void*)ptr, dims, strides, box, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) { fprintf(stderr, "tma: cuTensorMapEncodeTiled failed (%d)\n", (int)r); exit(1); }
+    return map;
+}
