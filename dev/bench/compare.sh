@@ -6,8 +6,9 @@
 #                                         ../shared/bench; a copy inside the repo works the same:
 #                                         cp -r ../shared/bench .bench && dev/bench/compare.sh .bench)
 # Rows and anchors (environment):
-#   CONFIGS="llama3-8b 1,qwen3-8b 0"  which "shape recompute" rows (default: the four llama rows of the
-#                                      README and the four Qwen rows; "" none)
+#   CONFIGS="llama3-8b 1 11,qwen3-8b 0"  which "shape recompute [GiB]" rows; GiB: ./qlora's --gpu-memory
+#                                      (default: the four llama rows of the README, llama3-8b with recompute
+#                                      at issue 14's 11 GiB, and the four Qwen rows; "" none)
 #   ANCHORS="hf unsloth"               which anchors run (default both; "" = ./qlora alone)
 #   LONG=1                             also one llama3-8b sequence of 131,072 tokens (recompute on)
 #   SITE=.site                         the unpacked Unsloth packages + bitsandbytes (../shared/bench/UNSLOTH.md);
@@ -82,9 +83,9 @@ export UNSLOTH_BENCH_DIR=${UNSLOTH_BENCH_DIR:-/tmp/unsloth_bench}   # the random
 export UNSLOTH_QLORA=$(realpath -m "$A/unsloth_qlora.py")          # dev/bench/unsloth_anchor.py drives it
 
 rows=()
-IFS=, read -ra cfgs <<< "${CONFIGS-llama3-1b 0,llama3-1b 1,llama3-8b 1,llama3-8b 0,qwen2.5-7b 1,qwen2.5-7b 0,qwen3-8b 1,qwen3-8b 0}"
+IFS=, read -ra cfgs <<< "${CONFIGS-llama3-1b 0,llama3-1b 1,llama3-8b 1 11,llama3-8b 0,qwen2.5-7b 1,qwen2.5-7b 0,qwen3-8b 1,qwen3-8b 0}"
 for cfg in "${cfgs[@]}"; do
-  set -- $cfg; shape=$1; rc=$2
+  set -- $cfg; shape=$1; rc=$2; mem=${3:-}
   case $shape in llama3-*) hfs=${shape/llama3-/llama-}; fam=llama ;; *) hfs=$shape; fam=other ;; esac
   hfpy=$HERE/hf_anchor.py; upy=$HERE/unsloth_anchor.py
   if [ $fam = llama ]; then
@@ -94,7 +95,7 @@ for cfg in "${cfgs[@]}"; do
   t=$(left); q=""; ql=$O/logs/qlora-$shape-rc$rc.log
   if [ "$t" -gt 0 ]; then
     timeout -k 10 "$t" ./qlora --model random:$shape --batch 4 --seq 2048 --steps 8 --peak-tflops "$peak" \
-      $([ "$rc" = 1 ] && echo --recompute) >"$ql" 2>&1; qrc=$?
+      $([ "$rc" = 1 ] && echo --recompute) $([ -n "$mem" ] && echo --gpu-memory "$mem") >"$ql" 2>&1; qrc=$?
     q=$(grep 'median step' "$ql" | tail -n1); [ -z "$q" ] && q="$(tail -n1 "$ql") (exit $qrc)"
   fi
   ours=$(echo "$q" | sed -n 's/.*| \([0-9]*\) tok\/s | MFU \([0-9.]*\)%.*(driver) \([0-9.]*\) GiB.*/\1 \2 \3/p')
@@ -121,7 +122,7 @@ for cfg in "${cfgs[@]}"; do
       echo "  unsloth: no $SITE/unsloth (see ../shared/bench/UNSLOTH.md)"
     fi
   fi
-  rows+=("$shape|$rc|$ours|${h[0]}|${h[1]}|$u")
+  rows+=("$shape|$rc${mem:+@$mem}|$ours|${h[0]}|${h[1]}|$u")
   # an 8b checkpoint is ~16 GB of /tmp: keep one, the shape's, for its next row
   for d in "$UNSLOTH_BENCH_DIR"/ckpt-*; do [ -e "$d" ] && [ "$d" != "$UNSLOTH_BENCH_DIR/ckpt-$hfs" ] && rm -rf "$d"; done
   echo "$shape recompute $rc: qlora (tok/s MFU GiB) $ours | HF upcast (tok/s TFLOP/s GiB) ${h[0]} | HF bf16 ${h[1]} | Unsloth $u  [$((SECONDS - T0)) s]"
@@ -145,7 +146,7 @@ fi
 # (cudaMemGetInfo), the anchors' torch.cuda.max_memory_allocated
 {
 printf "\nbf16 GEMM peak %s TFLOP/s; %s\n" "$peak" "$(date -u +%Y-%m-%dT%H:%MZ)"
-printf "%-14s %-3s | %-26s | %-24s | %-24s | %-24s | %s\n" model rc "qlora tok/s (MFU, GiB)" "HF upcast tok/s (MFU,GiB)" \
+printf "%-14s %-9s | %-26s | %-24s | %-24s | %-24s | %s\n" model rc "qlora tok/s (MFU, GiB)" "HF upcast tok/s (MFU,GiB)" \
   "HF bf16 tok/s (MFU,GiB)" "Unsloth tok/s (MFU,GiB)" "qlora speedup vs HF upcast / HF bf16 / Unsloth"
 for r in "${rows[@]}"; do
   IFS='|' read -r shape rc ours h1 h0 u <<< "$r"
@@ -168,7 +169,8 @@ def sp(c):
     a = num(c.split()[0])
     return f"{num(t) / a:.2f}x" if a and num(t) else "-"
 ourc = f"{num(t):,.0f} ({m}%, {g})" if num(t) is not None else t
-print(f"{shape:<14} {'on' if rc == '1' else 'off':<3} | {ourc:<26} | {cell(h1):<24} | {cell(h0):<24} | {cell(u):<24} | "
+on = ('on' if rc.split('@')[0] == '1' else 'off') + (' <=%sG' % rc.split('@')[1] if '@' in rc else '')
+print(f"{shape:<14} {on:<9} | {ourc:<26} | {cell(h1):<24} | {cell(h0):<24} | {cell(u):<24} | "
       f"{sp(h1)} / {sp(h0)} / {sp(u)}")
 PY
 done
