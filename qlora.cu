@@ -500,7 +500,8 @@ static void plan_and_alloc(Trainer& t, std::vector<Arena>& ar) {
     Options& o = t.o;
     size_t free_b = 0, total_b = 0, headroom = (size_t)768 << 20;
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
-    size_t budget = o.gpu_memory > 0 ? (size_t)(o.gpu_memory * 1073741824.0) - headroom : free_b - std::min(free_b, headroom);
+    size_t asked = (size_t)(o.gpu_memory * 1073741824.0);   // (under the headroom: a budget of 0, refused below, not a wrap-around)
+    size_t budget = o.gpu_memory > 0 ? asked - std::min(asked, headroom) : free_b - std::min(free_b, headroom);
     budget = std::min(budget, free_b - std::min(free_b, headroom));
     double host_avail = memory_available();
     if (o.offload) o.recompute = true;   // the checkpoints are what a recompute starts from
@@ -1086,7 +1087,7 @@ static double flops_per_token(const Config& c, int seq) {
 }
 
 // what --recompute adds on top (hardware FLOPs, not model FLOPs): the re-run forward of every linear
-// but down_proj (the recompute stops before it) and of attention
+// but down_proj (the recompute stops before it) and, unless its output was kept (Acts::keep_att), of attention
 static double recompute_flops_per_token(const Config& c, int seq, bool attention) {
     double lin = 0;
     for (int p = 0; p < N_PROJ; p++)

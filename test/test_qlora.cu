@@ -219,6 +219,42 @@ static void recompute_plans_identical() {
           "bit-identical losses (%.9g %.9g %.9g) and gradients to the recompute", loss[3][0], loss[3][1], loss[3][2]);
 }
 
+// The plans on what that comparison leaves out: LoRA dropout 0.1 (no group on the GradLane; the
+// recompute regenerates the masks), packed rows (documents of a token file: doc_start, pos), and an
+// evaluation before the first step and after each (the first forward, which dequantizes the kept
+// weights once, is an evaluation's; the evaluations overwrite the kept attention outputs between
+// steps). random:tiny, 2 micro-batches a step: no recompute (weights kept), no recompute with the
+// weights re-dequantized a layer at a time, full recompute, recompute keeping the attention outputs,
+// and that with --offload: bit-identical training losses, validation losses and LoRA gradients.
+static void recompute_plans_dropout_packed() {
+    std::string dir = "build/tmp_qlora_plans";
+    ql_assert(system(("rm -rf " + dir + " && mkdir -p " + dir).c_str()) == 0, "mkdir");
+    std::vector<uint32_t> tok; std::vector<uint8_t> mask; std::vector<uint64_t> starts;
+    for (int dc = 0; dc < 60; dc++) { starts.push_back(tok.size()); int len = 1 + (int)(rng_u32(6, 1, dc) % 300);
+        for (int i = 0; i < len; i++) { tok.push_back(rng_u32(6, 2, tok.size()) % 4096); mask.push_back(tok.size() % 3 == 0); } }
+    token_file_write(dir + "/data.tok", tok, &mask, starts, 4096);
+    Options o; o.model = "random:tiny"; o.batch = 2; o.seq = 512; o.grad_accum = 2; o.lora.rank = 8; o.lora.dropout = 0.1f; o.lr = 1e-3f;
+    o.train = o.val = dir + "/data.tok"; o.eval_batches = 2;
+    std::vector<float> loss[5], grad[5];
+    bool mode_ok = true;
+    for (int cfg = 0; cfg < 5; cfg++) {
+        Options x = o; x.recompute = cfg >= 2; x.keep_weights = cfg != 1; x.keep_attention = cfg >= 3; x.offload = cfg == 4;
+        Trainer t; trainer_init(t, x); Data d; data_init(t, d);
+        mode_ok = mode_ok && t.o.recompute == (cfg >= 2) && t.a.keep_w == (cfg == 0) && t.a.keep_att == (cfg >= 3) &&
+                  t.a.off.on == (cfg == 4) && t.a.att.size() == (cfg == 2 ? 1u : (size_t)t.m.cfg.n_layers);
+        loss[cfg].push_back(evaluate(t, d));
+        for (int s = 0; s < 3; s++) { std::vector<float> l = train(t, d, s, 1); loss[cfg].push_back(l[0]); loss[cfg].push_back(evaluate(t, d)); }
+        grad[cfg].resize(t.m.n_lora);
+        cudaCheck(cudaMemcpy(grad[cfg].data(), t.m.grad, t.m.n_lora * 4, cudaMemcpyDeviceToHost));
+    }
+    int differs = 0;   // the first plan (1-4) whose losses or gradients differ from plan 0's
+    for (int cfg = 4; cfg >= 1; cfg--) if (loss[cfg] != loss[0] || grad[cfg] != grad[0]) differs = cfg;
+    check(mode_ok && !differs, "dropout 0.1, packed rows, evaluations between steps (random:tiny, 3 steps of 2 x (2 x 512)): no recompute with "
+          "weights kept / re-dequantized, full recompute, attention kept, + offload: bit-identical losses (%.9g %.9g %.9g), validation "
+          "losses (%.9g ... %.9g) and gradients (first plan that differs: %d; plans as chosen: %s)", loss[0][1], loss[0][3], loss[0][5],
+          loss[0][0], loss[0][6], differs, mode_ok ? "yes" : "no");
+}
+
 // The GradLane (each group's LoRA weight gradients on a second stream, beside the next group's GEMMs)
 // against the same GEMMs on the main stream (--profile keeps them there): bit-identical losses and
 // gradients, with and without --recompute, and with LoRA on q and v only (groups without LoRA between
@@ -431,6 +467,7 @@ int main() {
     resume_and_determinism(false);
     resume_and_determinism(true);
     recompute_plans_identical();
+    recompute_plans_dropout_packed();
     lane_identical();
     decode_vs_forward("test/ref/tied");
     decode_vs_forward("test/ref/untied");
