@@ -26,7 +26,8 @@
 //            recomputing S and dP): no dQ traffic, no semaphores. Production on Hopper at hd 128 (4a); 4b, its
 //            dQ kernel software-pipelined, is slower and kept here.
 //   kernel6: kernel4's two kernels on the forward kernel5's schedule (TMA producer warpgroup, mbarrier ring, two
-//            consumer warpgroups that never __syncthreads), hd 128; 6c, 6d pair one of its kernels with 4a's other.
+//            consumer warpgroups that never __syncthreads), hd 128; 6c, 6d pair one of its kernels with 4a's other;
+//            6e: its dQ kernel's consumers in pingpong (kernel5's PINGPONG).
 //   Letters are tile/occupancy variants (see VARIANTS).
 //
 // Two numbers, llama3-8b (B=4 T=2048 nh=32 nkv=8 hd=128): 344 GFLOP -> 0.45 ms at ~760 TFLOP/s.
@@ -123,6 +124,25 @@
 // (13.6-14.8, ~385), packed 2k 2.67 -> ~2.2. 6b within 2% of 6a (2 stages already cover the ~1 us TMA latency
 // under a ~2.5 us item); 6c and 6d each about half of 6a's gain (the same per-item overheads in both kernels).
 // kernel6: not yet run on a GPU. To run: ./attention_backward 4a,6a,6b,6c,6d
+// 6e (session 9): 6a's dK/dV kernel + kernel6_dq<PINGPONG>: the dQ kernel's two consumer warpgroups take turns on
+// the tensor cores as the forward kernel5's (named barriers 1 and 2, warpgroup 1 first, a final sync). In its
+// turn a warpgroup issues dQ += dS(t-1) K(t-1), then S(t) and dP(t), back to back (one wgmma fill and drain per
+// tile instead of two), hands the turn on, waits for dQ's group and hands stage t-1 back, then runs tile t's
+// exp/mask/dS and packing while the other warpgroup's wgmmas run; the first S, dP and the last dQ are peeled
+// (no wgmma under a branch). dQ still adds the tiles' dS K in key order, so dq should stay bit-identical to 4a's.
+// ptxas: 168 registers at launch (24/240), ~190 used by a consumer (6a's dQ 152), 0 spills, no C75xx warning.
+// Prediction (before running): the elementwise part (~350 issue cycles a warp a tile) is now hidden by
+// construction instead of by drift, and a tile's wgmmas run as one batch; 6a's prediction already counts half to
+// three quarters of that as hidden, so the rest is ~150-350 cycles of a ~3000-cycle dQ item, minus two named-
+// barrier handoffs a tile (~50-100): at best the dQ half 5-10% faster than 6a's, the total 2-5% (llama3-8b ~1.1 ->
+// ~1.06 ms). But dQ(t) now runs a turn after S(t), so a stage goes back half a tile later than in 6a and, with 2
+// stages, the copy of tile t+1 gets ~half a dQ item (~0.5-0.8 us of a ~3000-cycle item; issuing dQ first in
+// the turn is what leaves that much) against the ~1 us TMA latency assumed above: likely stalls of ~0.2-0.5 us a tile
+// that eat the gain, so at 2 stages 6e's dQ half within -5%..+10% of 6a's; 3 stages (161 KiB, fits) should
+// restore 6a's lead time and show the 5-10%. A 6e slower than 6a with the ring not waited on would point at
+// the handoffs or at a single warpgroup's SS m64n64 wgmmas not filling the tensor pipe (smem-bound at 128 B/clk).
+// 6f: 6e with a 3-stage ring, to tell ring stalls from the pingpong itself. 6e, 6f: not yet run on a GPU.
+// To run: ./attention_backward 4a,6a,6b,6c,6d,6e,6f
 #include <cuda_runtime.h>                  // defines: cudaEvent_t
 #include <stdio.h>                         // defines: printf
 #include <string.h>                        // defines: strcmp, strstr
@@ -890,6 +910,7 @@ void attention_backward4v2_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, cons
 //     16-byte aligned for every T, so no bulk copy); the full barrier counts the expect_tx arrival and the
 //     32 lanes' cp.async.mbarrier.arrive.noinc, and completes once the TMA bytes have landed too.
 //   kernel6_dq: Q and dO of the CTA's 128 queries by TMA once; K and V tiles of 64 keys streamed (one thread).
+//     PINGPONG (6e): its consumers take turns on the tensor cores (kernel5's), dS K one tile behind S and dP.
 // The empty barriers count lane 0 of each of the 8 consumer warps, after its wgmmas on the stage are waited for.
 // Rows past T land as zeros (TMA's out-of-bounds fill, cp.async's zero-fill) and are masked as in kernel4.
 
@@ -1097,7 +1118,7 @@ struct AttnBwdTile6q {
     static_assert(SMEM_ALLOC + 256 <= 227 * 1024, "kernel6_dq: too many stages for 227 KB");
 };
 
-template <int HD, int BQ, int BK, int STAGES>
+template <int HD, int BQ, int BK, int STAGES, bool PINGPONG>
 __global__ void __launch_bounds__(384, 1) attention_backward_kernel6_dq(const AttnBwdParams p, const __grid_constant__ CUtensorMap tm_q,
                                                                        const __grid_constant__ CUtensorMap tm_do,
                                                                        const __grid_constant__ CUtensorMap tm_k,
@@ -1173,58 +1194,156 @@ __global__ void __launch_bounds__(384, 1) attention_backward_kernel6_dq(const At
     const uint32_t qA = sQ + wg * 64 * 128, oA = sdO + wg * 64 * 128;  // this warpgroup's 64 query rows
 
     attn6_mbar_wait(bq, 0);  // Q and dO landed
-    for (int kt = kt_lo; kt <= kt_hi; kt++) {
-        const int n_ = kt - kt_lo, st = n_ % STAGES, k0 = kt * BK;
-        attn6_mbar_wait(bfull + 8 * st, (n_ / STAGES) & 1);  // K and V of tile kt landed
-        const uint32_t cK = sK + st * C::KB, cV = sV + st * C::KB;
+    if constexpr (!PINGPONG) {  // 6a: a tile's three matmuls and its arithmetic in turn, each batch waited for (4a's loop body)
+        for (int kt = kt_lo; kt <= kt_hi; kt++) {
+            const int n_ = kt - kt_lo, st = n_ % STAGES, k0 = kt * BK;
+            attn6_mbar_wait(bfull + 8 * st, (n_ / STAGES) & 1);  // K and V of tile kt landed
+            const uint32_t cK = sK + st * C::KB, cV = sV + st * C::KB;
 
-        // S = Q K^T, dP = dO V^T: (64 queries x BK keys) per warpgroup
-        float s[BK / 2], dp[BK / 2];
+            // S = Q K^T, dP = dO V^T: (64 queries x BK keys) per warpgroup
+            float s[BK / 2], dp[BK / 2];
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+                wg_mma_64x64_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(cK + ko, 16, 1024), kk);
+            }
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+                wg_mma_64x64_ss<0, 0>(dp, wg_desc(oA + qo, 16, 1024), wg_desc(cV + ko, 16, 1024), kk);
+            }
+            wg_commit();
+            wg_wait<0>();
+            wg_fence_regs(s); wg_fence_regs(dp);
+
+            // P = exp2(S * scale * log2e - lse * log2e), masked to 0; dS = P (dP - D), as bf16 A fragments
+            const bool need_mask = k0 + BK - 1 > q0 || k0 + BK > T || q0 + BQ > T || (ds && k0 < ds_max);
+            uint32_t da[BK / 16][4];
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int r = e >> 1;
+                    float pr = attn_exp2(fmaf(s[4 * n + e], sl2, -lse2[r]));
+                    if (need_mask) {
+                        const int j = k0 + n * 8 + 2 * t4 + (e & 1);
+                        if (j > qi[r] || j >= T || qi[r] >= T || j < dsr[r]) pr = 0.f;
+                    }
+                    dp[4 * n + e] = pr * (dp[4 * n + e] - Dr[r]);
+                }
+#pragma unroll
+            for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+                for (int hh = 0; hh < 4; hh++) {
+                    const int n = 2 * kc + (hh >> 1), e = (hh & 1) * 2;
+                    da[kc][hh] = attn_pack_bf16(dp[4 * n + e], dp[4 * n + e + 1]);
+                }
+            // dQ += dS K (B = K, MN-major); waited for before this warp hands the stage back
+            wg_fence();
+#pragma unroll
+            for (int kc = 0; kc < BK / 16; kc++) wg_mma_rs<1>(dq, da[kc], wg_desc(cK + kc * 2048, BK * 128, 1024));
+            wg_commit();
+            wg_wait<0>();
+            wg_fence_regs(dq);
+            if (lane == 0) attn5_mbar_arrive(bempty + 8 * st);  // this warp is done with stage st
+        }
+    } else {  // 6e: kernel5's pingpong, dQ += dS(t-1) K(t-1) one tile behind S(t), dP(t) (dQ's order unchanged)
+        float s[BK / 2], dp[BK / 2];  // S, dP: (64 queries x BK keys) per warpgroup; dP becomes dS
+        uint32_t da[BK / 16][4];       // dS as bf16 A fragments
+        auto issue_sdp = [&](int st) {  // S = Q K^T, dP = dO V^T of the key tile in stage st (no commit)
+            const uint32_t cK = sK + st * C::KB, cV = sV + st * C::KB;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+                wg_mma_64x64_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(cK + ko, 16, 1024), kk);
+            }
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+                wg_mma_64x64_ss<0, 0>(dp, wg_desc(oA + qo, 16, 1024), wg_desc(cV + ko, 16, 1024), kk);
+            }
+        };
+        auto issue_dq = [&](int st) {  // dQ += dS K of the key tile in stage st (B = K, MN-major; no commit)
+#pragma unroll
+            for (int kc = 0; kc < BK / 16; kc++) wg_mma_rs<1>(dq, da[kc], wg_desc(sK + st * C::KB + kc * 2048, BK * 128, 1024));
+        };
+        auto ds_of = [&](int kt) {  // P = exp2(S * scale * log2e - lse * log2e), masked to 0; dP -> dS = P (dP - D)
+            const int k0 = kt * BK;
+            const bool need_mask = k0 + BK - 1 > q0 || k0 + BK > T || q0 + BQ > T || (ds && k0 < ds_max);
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int r = e >> 1;
+                    float pr = attn_exp2(fmaf(s[4 * n + e], sl2, -lse2[r]));
+                    if (need_mask) {
+                        const int j = k0 + n * 8 + 2 * t4 + (e & 1);
+                        if (j > qi[r] || j >= T || qi[r] >= T || j < dsr[r]) pr = 0.f;
+                    }
+                    dp[4 * n + e] = pr * (dp[4 * n + e] - Dr[r]);
+                }
+        };
+        auto pack_da = [&]() {  // dS -> bf16 A fragments (key blocks 2 kc, 2 kc + 1 -> key chunk kc)
+#pragma unroll
+            for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+                for (int hh = 0; hh < 4; hh++) {
+                    const int n = 2 * kc + (hh >> 1), e = (hh & 1) * 2;
+                    da[kc][hh] = attn_pack_bf16(dp[4 * n + e], dp[4 * n + e + 1]);
+                }
+        };
+        auto fence_da = [&]() {  // dS stays in its registers until the wgmmas reading it are done
+#pragma unroll
+            for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+                for (int hh = 0; hh < 4; hh++) asm volatile("" : "+r"(da[kc][hh])::"memory");
+        };
+        const int bar_mine = 1 + wg, bar_other = 2 - wg;
+        // (branch-free around the wgmmas: ptxas serializes them otherwise; the first S, dP and the last dQ are peeled)
+        if (wg == 1) attn5_bar_arrive(1);  // warpgroup 1 (wg 0) takes the first turn
+        attn6_mbar_wait(bfull, 0);  // tile kt_lo is in stage 0
+        attn5_bar_sync(bar_mine);
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
-            const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
-            wg_mma_64x64_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(cK + ko, 16, 1024), kk);
-        }
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
-            const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
-            wg_mma_64x64_ss<0, 0>(dp, wg_desc(oA + qo, 16, 1024), wg_desc(cV + ko, 16, 1024), kk);
-        }
+        issue_sdp(0);
         wg_commit();
+        attn5_bar_arrive(bar_other);
         wg_wait<0>();
         wg_fence_regs(s); wg_fence_regs(dp);
-
-        // P = exp2(S * scale * log2e - lse * log2e), masked to 0; dS = P (dP - D), as bf16 A fragments
-        const bool need_mask = k0 + BK - 1 > q0 || k0 + BK > T || q0 + BQ > T || (ds && k0 < ds_max);
-        uint32_t da[BK / 16][4];
-#pragma unroll
-        for (int n = 0; n < BK / 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int r = e >> 1;
-                float pr = attn_exp2(fmaf(s[4 * n + e], sl2, -lse2[r]));
-                if (need_mask) {
-                    const int j = k0 + n * 8 + 2 * t4 + (e & 1);
-                    if (j > qi[r] || j >= T || qi[r] >= T || j < dsr[r]) pr = 0.f;
-                }
-                dp[4 * n + e] = pr * (dp[4 * n + e] - Dr[r]);
-            }
-#pragma unroll
-        for (int kc = 0; kc < BK / 16; kc++)
-#pragma unroll
-            for (int hh = 0; hh < 4; hh++) {
-                const int n = 2 * kc + (hh >> 1), e = (hh & 1) * 2;
-                da[kc][hh] = attn_pack_bf16(dp[4 * n + e], dp[4 * n + e + 1]);
-            }
-        // dQ += dS K (B = K, MN-major); waited for before this warp hands the stage back
-        wg_fence();
-#pragma unroll
-        for (int kc = 0; kc < BK / 16; kc++) wg_mma_rs<1>(dq, da[kc], wg_desc(cK + kc * 2048, BK * 128, 1024));
-        wg_commit();
-        wg_wait<0>();
-        wg_fence_regs(dq);
-        if (lane == 0) attn5_mbar_arrive(bempty + 8 * st);  // this warp is done with stage st
+        ds_of(kt_lo);
+        pack_da();
+        for (int kt = kt_lo + 1; kt <= kt_hi; kt++) {
+            const int n_ = kt - kt_lo, st = n_ % STAGES, sp = (n_ - 1) % STAGES;
+            attn6_mbar_wait(bfull + 8 * st, (n_ / STAGES) & 1);  // K and V of tile kt landed
+            attn5_bar_sync(bar_mine);
+            wg_fence();
+            issue_dq(sp);  // first, so that stage sp goes back before S(t), dP(t) are done (2 stages: see above)
+            wg_commit();
+            issue_sdp(st);
+            wg_commit();
+            attn5_bar_arrive(bar_other);
+            wg_wait<1>();  // dQ += dS(t-1) K(t-1) (S(t), dP(t) may still run)
+            wg_fence_regs(dq);
+            fence_da();
+            if (lane == 0) attn5_mbar_arrive(bempty + 8 * sp);  // K(t-1)'s last reader is done: stage sp back
+            wg_wait<0>();
+            wg_fence_regs(s); wg_fence_regs(dp);
+            ds_of(kt);
+            pack_da();
+        }
+        {
+            const int sp = (kt_hi - kt_lo) % STAGES;
+            attn5_bar_sync(bar_mine);
+            wg_fence();
+            issue_dq(sp);
+            wg_commit();
+            attn5_bar_arrive(bar_other);
+            wg_wait<0>();
+            wg_fence_regs(dq);
+            fence_da();
+            if (lane == 0) attn5_mbar_arrive(bempty + 8 * sp);  // (as 6a: every tile's stage handed back)
+        }
+        if (wg == 0) attn5_bar_sync(1);  // takes warpgroup 2's last arrival: no barrier left half-done
     }
 
 #pragma unroll
@@ -1237,13 +1356,14 @@ __global__ void __launch_bounds__(384, 1) attention_backward_kernel6_dq(const At
     }
 }
 
-// DQ6, DKDV6: kernel6's dQ, dK/dV kernel, or kernel4's (6c, 6d time one half of kernel6 against 4a's other)
-template <int HD, int STAGES, bool DQ6, bool DKDV6>
+// DQ6, DKDV6: kernel6's dQ, dK/dV kernel, or kernel4's (6c, 6d time one half of kernel6 against 4a's other);
+// PINGPONG: kernel6's dQ kernel with its consumer warpgroups taking turns on the tensor cores (6e)
+template <int HD, int STAGES, bool DQ6, bool DKDV6, bool PINGPONG = false>
 void attention_backward6_launch(const AttnBwdParams& p, cudaStream_t stream) {
     const dim3 grid_q(p.B * p.nh, (p.T + 127) / 128), grid_kv(p.B * p.nkv, (p.T + 127) / 128);
     if constexpr (DQ6) {
         using C = AttnBwdTile6q<HD, 128, 64, STAGES>;
-        auto kdq = attention_backward_kernel6_dq<HD, 128, 64, STAGES>;
+        auto kdq = attention_backward_kernel6_dq<HD, 128, 64, STAGES, PINGPONG>;
         cudaCheck(cudaFuncSetAttribute(kdq, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
         const CUtensorMap tq = attn5_tensor_map(p.q, p.B, p.T, p.nh, HD, 128), tdo = attn5_tensor_map(p.dout, p.B, p.T, p.nh, HD, 128),
                           tk = attn5_tensor_map(p.k, p.B, p.T, p.nkv, HD, 64), tv = attn5_tensor_map(p.v, p.B, p.T, p.nkv, HD, 64);
@@ -1271,7 +1391,7 @@ void attention_backward6_launch(const AttnBwdParams& p, cudaStream_t stream) {
     cudaCheck(cudaGetLastError());
 }
 // preprocess (D, at kernel2's place in the scratch, so that the "main" timing reads the D of the last full run) + kernel6
-template <int HD, int STAGES, bool DQ6, bool DKDV6>
+template <int HD, int STAGES, bool DQ6, bool DKDV6, bool PINGPONG = false>
 void attention_backward6_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q, const bf16* k,
                             const bf16* v, const bf16* out, const float* lse, const int* doc_start,
                             int B, int T, int nh, int nkv, cudaStream_t stream) {
@@ -1281,7 +1401,7 @@ void attention_backward6_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const 
     cudaCheck(cudaGetLastError());
     const float scale = 1.0f / sqrtf((float)HD);
     AttnBwdParams p{dq, dk, dv, nullptr, nullptr, D, dout, q, k, v, lse, doc_start, B, T, nh, nkv, scale, scale * 1.4426950408889634f};
-    attention_backward6_launch<HD, STAGES, DQ6, DKDV6>(p, stream);
+    attention_backward6_launch<HD, STAGES, DQ6, DKDV6, PINGPONG>(p, stream);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1302,6 +1422,8 @@ static const Variant VARIANTS[] = {
     {"6b", 128, attention_backward6_hd<128, 3, true, true>, attention_backward6_launch<128, 3, true, true>, "6a with a 3-stage ring"},
     {"6c", 128, attention_backward6_hd<128, 2, false, true>, attention_backward6_launch<128, 2, false, true>, "6a's dK dV kernel + 4a's dQ kernel"},
     {"6d", 128, attention_backward6_hd<128, 2, true, false>, attention_backward6_launch<128, 2, true, false>, "4a's dK dV kernel + 6a's dQ kernel"},
+    {"6e", 128, attention_backward6_hd<128, 2, true, true, true>, attention_backward6_launch<128, 2, true, true, true>, "6a with the dQ kernel's consumers in pingpong (kernel5's), dS K one tile behind"},
+    {"6f", 128, attention_backward6_hd<128, 3, true, true, true>, attention_backward6_launch<128, 3, true, true, true>, "6e with a 3-stage ring (ring stalls vs the pingpong itself)"},
     {"2b", 128, attention_backward_hd<128, 128, 64, 1, false>, attention_backward_launch<128, 128, 64, 1, false>, "hd128 Bc128 Br64, ordered dQ, load after matmul"},
     {"1c", 64, attention_backward1_hd<64, 128, 64, 1>, attention_backward1_launch<64, 128, 64, 1>, "hd64 Bc128 Br64, 8 warps, 1 CTA/SM, atomics"},
     {"1d", 64, attention_backward1_hd<64, 64, 64, 2>, attention_backward1_launch<64, 64, 64, 2>, "hd64 Bc64 Br64, 4 warps, 2 CTA/SM, atomics"},
