@@ -190,6 +190,14 @@ static std::vector<float> train(Trainer& t, Data& d, int from, int k) {
     return l;
 }
 
+// PATH <- a token file of `docs` random documents of 1..max_len tokens (ids < 4096), every third token a target
+static void random_docs_file(const std::string& path, int docs, int max_len, uint64_t seed) {
+    std::vector<uint32_t> tok; std::vector<uint8_t> mask; std::vector<uint64_t> starts;
+    for (int dc = 0; dc < docs; dc++) { starts.push_back(tok.size()); int len = 1 + (int)(rng_u32(seed, 1, dc) % max_len);
+        for (int i = 0; i < len; i++) { tok.push_back(rng_u32(seed, 2, tok.size()) % 4096); mask.push_back(tok.size() % 3 == 0); } }
+    token_file_write(path, tok, &mask, starts, 4096);
+}
+
 // The recompute plans against each other and against no recompute: a full recompute (attention re-run
 // too), the recompute that keeps every layer's attention output + LSE and skips attention, that with
 // --offload (the residual stream's checkpoints through pinned host memory, copied on a second stream
@@ -229,10 +237,7 @@ static void recompute_plans_identical() {
 static void recompute_plans_dropout_packed() {
     std::string dir = "build/tmp_qlora_plans";
     ql_assert(system(("rm -rf " + dir + " && mkdir -p " + dir).c_str()) == 0, "mkdir");
-    std::vector<uint32_t> tok; std::vector<uint8_t> mask; std::vector<uint64_t> starts;
-    for (int dc = 0; dc < 60; dc++) { starts.push_back(tok.size()); int len = 1 + (int)(rng_u32(6, 1, dc) % 300);
-        for (int i = 0; i < len; i++) { tok.push_back(rng_u32(6, 2, tok.size()) % 4096); mask.push_back(tok.size() % 3 == 0); } }
-    token_file_write(dir + "/data.tok", tok, &mask, starts, 4096);
+    random_docs_file(dir + "/data.tok", 60, 300, 6);
     Options o; o.model = "random:tiny"; o.batch = 2; o.seq = 512; o.grad_accum = 2; o.lora.rank = 8; o.lora.dropout = 0.1f; o.lr = 1e-3f;
     o.train = o.val = dir + "/data.tok"; o.eval_batches = 2;
     std::vector<float> loss[5], grad[5];
@@ -286,11 +291,8 @@ static void resume_and_determinism(bool file) {
     Options o; o.model = "random:tiny"; o.batch = 2; o.seq = 512; o.steps = 6; o.lora.rank = 8; o.lr = 1e-3f; o.lora.dropout = 0.1f;
     std::string dir = "build/tmp_qlora_" + std::string(file ? "file" : "synth");
     ql_assert(system(("rm -rf " + dir + " && mkdir -p " + dir).c_str()) == 0, "mkdir");
-    if (file) {   // 40 random documents of 1..700 tokens, every third token a target
-        std::vector<uint32_t> tok; std::vector<uint8_t> mask; std::vector<uint64_t> starts;
-        for (int dcount = 0; dcount < 40; dcount++) { starts.push_back(tok.size()); int len = 1 + (int)(rng_u32(5, 1, dcount) % 700);
-            for (int i = 0; i < len; i++) { tok.push_back(rng_u32(5, 2, tok.size()) % 4096); mask.push_back(tok.size() % 3 == 0); } }
-        token_file_write(dir + "/train.tok", tok, &mask, starts, 4096);
+    if (file) {   // 40 random documents of 1..700 tokens
+        random_docs_file(dir + "/train.tok", 40, 700, 5);
         o.train = dir + "/train.tok";
     }
     o.out = dir + "/ckpt";

@@ -914,18 +914,6 @@ void attention_backward4v2_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, cons
 // The empty barriers count lane 0 of each of the 8 consumer warps, after its wgmmas on the stage are waited for.
 // Rows past T land as zeros (TMA's out-of-bounds fill, cp.async's zero-fill) and are masked as in kernel4.
 
-// attn5_mbar_wait, but a wait of more than ~4 s (a lost copy or arrival, a wrong parity: kernel6 has not run yet)
-// traps, so such a bug shows as a launch error instead of a hung device call. All in one asm block: with the
-// loop and the trap in C++ (or a call, e.g. printf), ptxas dropped setmaxnreg and serialized the wgmmas.
-__device__ __forceinline__ void attn6_mbar_wait(uint32_t bar, int parity) {
-    asm volatile("{\n.reg .pred p;\n.reg .u64 t0, t;\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@p bra DONE6;\n"
-                 "mov.u64 t0, %%globaltimer;\n"
-                 "WAIT6:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@p bra DONE6;\n"
-                 "mov.u64 t, %%globaltimer;\nsub.u64 t, t, t0;\nsetp.gt.u64 p, t, 4000000000;\n@p trap;\nbra WAIT6;\n"
-                 "DONE6:\n}\n" ::"r"(bar), "r"(parity) : "memory");
-}
-
 // one arrival on bar once this thread's earlier cp.asyncs have landed (.noinc: the barrier's count includes it)
 __device__ __forceinline__ void attn6_cp_async_mbar_arrive(uint32_t bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
@@ -997,7 +985,7 @@ __global__ void __launch_bounds__(384, 1) attention_backward_kernel6_dkdv(const 
             for (int it = 0; it < n_iter; it++) {
                 const int s = it % STAGES, u = it / STAGES, hq = kvh * G + it % G, q0 = (qt_hi - it / G) * BR;
                 const uint32_t full = bfull + 8 * s;
-                if (u > 0) attn6_mbar_wait(bempty + 8 * s, (u - 1) & 1);  // all 8 consumer warps are done with item it - STAGES
+                if (u > 0) attn5_mbar_wait(bempty + 8 * s, (u - 1) & 1);  // all 8 consumer warps are done with item it - STAGES
                 if (tid == 0) {
                     attn5_mbar_expect_tx(full, 2 * C::QB);
                     for (int cb = 0; cb < HD / 64; cb++) {
@@ -1031,10 +1019,10 @@ __global__ void __launch_bounds__(384, 1) attention_backward_kernel6_dkdv(const 
     const float sl2 = p.scale_log2;
     const uint32_t kA = sK + wg * 64 * 128, vA = sV + wg * 64 * 128;  // this warpgroup's 64 key rows, column block 0
 
-    attn6_mbar_wait(bkv, 0);  // K and V landed
+    attn5_mbar_wait(bkv, 0);  // K and V landed
     for (int it = 0; it < n_iter; it++) {
         const int st = it % STAGES, q0 = (qt_hi - it / G) * BR;
-        attn6_mbar_wait(bfull + 8 * st, (it / STAGES) & 1);  // Q, dO and the rows of item it landed
+        attn5_mbar_wait(bfull + 8 * st, (it / STAGES) & 1);  // Q, dO and the rows of item it landed
         const uint32_t cQ = sQ + st * C::QB, cdO = sdO + st * C::QB;
         const float* cL = reinterpret_cast<const float*>(sm + C::OFF_R + st * C::RB);
         const float* cD = cL + BR;
@@ -1159,7 +1147,7 @@ __global__ void __launch_bounds__(384, 1) attention_backward_kernel6_dq(const At
             for (int kt = kt_lo; kt <= kt_hi; kt++) {
                 const int n = kt - kt_lo, s = n % STAGES, u = n / STAGES;
                 const uint32_t full = bfull + 8 * s;
-                if (u > 0) attn6_mbar_wait(bempty + 8 * s, (u - 1) & 1);  // all 8 consumer warps are done with tile kt - STAGES
+                if (u > 0) attn5_mbar_wait(bempty + 8 * s, (u - 1) & 1);  // all 8 consumer warps are done with tile kt - STAGES
                 attn5_mbar_expect_tx(full, 2 * C::KB);
                 for (int cb = 0; cb < HD / 64; cb++) {
                     attn5_tma_load(sK + s * C::KB + cb * BK * 128, &tm_k, cb * 64, kvh, kt * BK, b, full);
@@ -1193,11 +1181,11 @@ __global__ void __launch_bounds__(384, 1) attention_backward_kernel6_dq(const At
     const float sl2 = p.scale_log2;
     const uint32_t qA = sQ + wg * 64 * 128, oA = sdO + wg * 64 * 128;  // this warpgroup's 64 query rows
 
-    attn6_mbar_wait(bq, 0);  // Q and dO landed
+    attn5_mbar_wait(bq, 0);  // Q and dO landed
     if constexpr (!PINGPONG) {  // 6a: a tile's three matmuls and its arithmetic in turn, each batch waited for (4a's loop body)
         for (int kt = kt_lo; kt <= kt_hi; kt++) {
             const int n_ = kt - kt_lo, st = n_ % STAGES, k0 = kt * BK;
-            attn6_mbar_wait(bfull + 8 * st, (n_ / STAGES) & 1);  // K and V of tile kt landed
+            attn5_mbar_wait(bfull + 8 * st, (n_ / STAGES) & 1);  // K and V of tile kt landed
             const uint32_t cK = sK + st * C::KB, cV = sV + st * C::KB;
 
             // S = Q K^T, dP = dO V^T: (64 queries x BK keys) per warpgroup
@@ -1302,7 +1290,7 @@ __global__ void __launch_bounds__(384, 1) attention_backward_kernel6_dq(const At
         const int bar_mine = 1 + wg, bar_other = 2 - wg;
         // (branch-free around the wgmmas: ptxas serializes them otherwise; the first S, dP and the last dQ are peeled)
         if (wg == 1) attn5_bar_arrive(1);  // warpgroup 1 (wg 0) takes the first turn
-        attn6_mbar_wait(bfull, 0);  // tile kt_lo is in stage 0
+        attn5_mbar_wait(bfull, 0);  // tile kt_lo is in stage 0
         attn5_bar_sync(bar_mine);
         wg_fence();
         issue_sdp(0);
@@ -1314,7 +1302,7 @@ __global__ void __launch_bounds__(384, 1) attention_backward_kernel6_dq(const At
         pack_da();
         for (int kt = kt_lo + 1; kt <= kt_hi; kt++) {
             const int n_ = kt - kt_lo, st = n_ % STAGES, sp = (n_ - 1) % STAGES;
-            attn6_mbar_wait(bfull + 8 * st, (n_ / STAGES) & 1);  // K and V of tile kt landed
+            attn5_mbar_wait(bfull + 8 * st, (n_ / STAGES) & 1);  // K and V of tile kt landed
             attn5_bar_sync(bar_mine);
             wg_fence();
             issue_dq(sp);  // first, so that stage sp goes back before S(t), dP(t) are done (2 stages: see above)

@@ -21,9 +21,17 @@ __device__ __forceinline__ void attn5_mbar_arrive(uint32_t bar) {
 __device__ __forceinline__ void attn5_mbar_expect_tx(uint32_t bar, uint32_t bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
+// Wait for the phase of the given parity to complete. A wait of more than ~4 s (a lost copy or arrival, a
+// wrong parity) traps, so such a bug shows as a launch error instead of a hung device. All in one asm
+// block: with the loop and the trap in C++ (or a call, e.g. printf), ptxas dropped setmaxnreg and
+// serialized the wgmmas (kernel6, session 9).
 __device__ __forceinline__ void attn5_mbar_wait(uint32_t bar, int parity) {
-    asm volatile("{\n.reg .pred p;\nWAIT5:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT5;\n}\n"
-                 ::"r"(bar), "r"(parity) : "memory");
+    asm volatile("{\n.reg .pred p;\n.reg .u64 t0, t;\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@p bra DONE5;\n"
+                 "mov.u64 t0, %%globaltimer;\n"
+                 "WAIT5:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@p bra DONE5;\n"
+                 "mov.u64 t, %%globaltimer;\nsub.u64 t, t, t0;\nsetp.gt.u64 p, t, 4000000000;\n@p trap;\nbra WAIT5;\n"
+                 "DONE5:\n}\n" ::"r"(bar), "r"(parity) : "memory");
 }
 // box (64 dims x rows) of a (B, T, heads, hd) tensor at (dim c0, head c1, row c2, batch c3) -> smem dst
 __device__ __forceinline__ void attn5_tma_load(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3, uint32_t bar) {
