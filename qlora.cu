@@ -521,6 +521,7 @@ static void plan_and_alloc(Trainer& t, std::vector<Arena>& ar) {
         o.recompute = true;
         plan_memory(t, ar);
     }
+    const bool offload_asked = o.offload;
     if (!o.offload && arena_total(ar) > budget && offload_host_bytes(t) < 0.8 * host_avail) {
         snprintf(b, sizeof b, "; offload chosen: with the residual stream on the GPU the run needs %.2f GiB",
                  arena_total(ar) / 1073741824.0);
@@ -534,6 +535,12 @@ static void plan_and_alloc(Trainer& t, std::vector<Arena>& ar) {
         why += b;
         o.keep_attention = false;
         plan_memory(t, ar);
+        if (o.offload && !offload_asked) {   // the offload chosen above may be needless now: the residual stream back on the GPU
+            o.offload = false;
+            plan_memory(t, ar);
+            if (arena_total(ar) > budget) { o.offload = true; plan_memory(t, ar); }
+            else why += " (so no offload)";
+        }
     }
     size_t total = arena_total(ar);
     printf("memory plan (batch %d x seq %d, dequantized weights %s, recompute %s, offload %s%s):\n", o.batch, o.seq,

@@ -71,6 +71,14 @@ g=$(python3 -c "x = $(total $d/plan_off.out); y = $katt; print(round(x - y / 2 +
 [ $r2 = 0 ] && [ $r4 = 0 ] && grep -q 'recompute on (attention too), offload on;.*; attention recomputed too' $d/plan_att.out \
   && [ -n "$(losses $d/plan_off.out)" ] && [ "$(losses $d/plan_off.out)" = "$(losses $d/plan_att.out)" ]
 ok $? "--gpu-memory ${g:-?} (under the $(total $d/plan_off.out) GiB that keeps ${katt:-?} GiB of attention outputs): attention recomputed, $(total $d/plan_att.out) GiB, said so; losses $(losses $d/plan_att.out)bit-identical"
+# a budget between that plan with the residual stream back on the GPU (no offload, attention recomputed:
+# the plan above plus what offload saves) and the offload plan that keeps attention: offload, chosen on
+# the way, is undone once attention is recomputed (llama3-1b, 16k: the band is ~0.16 GiB wide)
+g=$(python3 -c "c = $(total $d/plan_att.out) + $(total $d/plan_rc.out) - $(total $d/plan_off.out); print(round((c + $(total $d/plan_off.out)) / 2 + 0.75, 2))" 2>/dev/null)
+./qlora $big --gpu-memory "${g:-0}" > $d/plan_undo.out 2>&1; r5=$?
+[ $r4 = 0 ] && [ $r5 = 0 ] && grep -q 'recompute on (attention too), offload off;.*; offload chosen.*; attention recomputed too.*(so no offload)' $d/plan_undo.out \
+  && ! grep -q 'pinned host memory' $d/plan_undo.out && [ "$(losses $d/plan_att.out)" = "$(losses $d/plan_undo.out)" ]
+ok $? "--gpu-memory ${g:-?} (between the offload plan and that plan without offload): attention recomputed, offload undone, $(total $d/plan_undo.out) GiB, said so; losses bit-identical"
 # a budget 1 GiB below the plan that keeps llama3-1b's dequantized weights (1.8 GiB at 4 x 2048) and above
 # the one that re-dequantizes them a layer at a time
 mid="--model random:llama3-1b --batch 4 --seq 2048 --steps 3"
