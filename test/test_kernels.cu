@@ -2,7 +2,7 @@
 // never zero) bf16 inputs. Outputs are poisoned (NaN / 0xff bytes) before each launch.
 //   exact (bytes):  NF4/FP4 quantize vs qlora.h and vs bitsandbytes' golden vectors and model weights,
 //                   dequantize, LoRA dropout, casts, the bf16 roundings of RMSNorm given its rstd,
-//                   determinism (same call twice, same bits)
+//                   RMSNorm's kernel2 against its kernel1, determinism (same call twice, same bits)
 //   error budgets:  vs reference.h in double (or a double loop), per element, named after the
 //                   roundings the GPU makes: BF16 = 2^-8 relative per bf16 rounding (half an ulp at 8
 //                   significant bits); FP32_SUM(k) = k * 2^-24 relative to the sum of |terms|
@@ -379,65 +379,113 @@ static void test_matmul(MatmulCtx& ctx) {
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
 
-static void test_rmsnorm() {
+// One width C on N rows through the trainer's launchers, which take kernel2 for C <= RMSNORM2_MAX_C
+// and kernel1 past it: the forward, the fused residual forward (in place, as generation runs it) and
+// the backward, overwriting and accumulating, each against reference.h in double; then kernel1's own
+// launchers on the same inputs, whose bits kernel2's must equal (kernels/rmsnorm.cuh: the same fp32
+// operations in the same order). The fp32 sums run C / 32 terms a lane, then the butterfly: their
+// budget is FP32_SUM(C / 32 + 32), at least the 160 that covers C <= 4096.
+static void test_rmsnorm_case(int N, int C, uint64_t seed) {
     const float eps = 1e-5f;
-    for (int pass = 0; pass < 2; pass++) {
-        int N = pass ? 8 : 37, C = pass ? 4096 : 1024;
-        bool residual = pass == 1;
-        std::vector<uint16_t> h = rand_bf16((size_t)N * C, 1.0f, 700 + pass), delta = rand_bf16((size_t)N * C, 0.5f, 710 + pass),
-                              w = rand_bf16(C, 0.1f, 720 + pass, 1.0f);
-        for (int i = 0; i < N; i++) for (int j = 0; j < C; j++) {   // rows of different scales
-            size_t o = (size_t)i * C + j; h[o] = f32_to_bf16(bf16_to_f32(h[o]) * (0.1f + i));
-        }
-        DB16 H(h), D(delta), W(w), Y((size_t)N * C); DBuf<float> R(N);
+    const double SUM = std::max(160, C / 32 + 32) * FP32_ULP;
+    size_t nc = (size_t)N * C;
+    std::vector<uint16_t> h = rand_bf16(nc, 1.0f, seed), delta = rand_bf16(nc, 0.5f, seed + 1), w = rand_bf16(C, 0.1f, seed + 2, 1.0f),
+                          dy = rand_bf16(nc, 1.0f, seed + 3), dx0 = rand_bf16(nc, 0.3f, seed + 4);
+    for (int i = 0; i < N; i++) for (int j = 0; j < C; j++) {   // rows of different scales
+        size_t o = (size_t)i * C + j; h[o] = f32_to_bf16(bf16_to_f32(h[o]) * (0.1f + i));
+    }
+    std::vector<float> wf = to_f(w);
+    std::string differ;   // outputs whose bits differ from kernel1's
+    auto same = [&](const char* what, const void* a, const void* b, size_t nbytes) { if (memcmp(a, b, nbytes)) differ += std::string(" ") + what; };
+    char nm[128];
+    DB16 W(w);
+    DBuf<float> R0(N);    // the plain forward's rstd, for the backward
+    for (int residual = 0; residual < 2; residual++) {
+        const char* tag = residual ? " residual" : "";
+        DB16 H(h), D(delta), Y(nc), H1(h), Y1(nc); DBuf<float> R(N), R1(N);
         std::vector<uint16_t> x = h;   // the norm's input
         if (residual) {
             rmsnorm_residual_forward(H.b(), Y.b(), R.p, H.b(), D.b(), W.b(), N, C, eps, 0);   // in place: h += delta
-            for (size_t i = 0; i < x.size(); i++) x[i] = f32_to_bf16(bf16_to_f32(h[i]) + bf16_to_f32(delta[i]));
+            rmsnorm_forward1_launch<true>(Y1.b(), R1.p, H1.b(), H1.b(), D.b(), W.b(), N, C, eps, 0);
+            for (size_t i = 0; i < nc; i++) x[i] = f32_to_bf16(bf16_to_f32(h[i]) + bf16_to_f32(delta[i]));
             dsync();
-            check_bytes("rmsnorm residual: h = bf16(h + delta), in place", H.down().data(), x.data(), 2 * x.size());
-        } else rmsnorm_forward(Y.b(), R.p, H.b(), W.b(), N, C, eps, 0);
+            snprintf(nm, sizeof nm, "rmsnorm residual C=%d: h = bf16(h + delta), in place", C);
+            std::vector<uint16_t> hg = H.down();
+            check_bytes(nm, hg.data(), x.data(), 2 * nc);
+            same("h_out", hg.data(), H1.down().data(), 2 * nc);
+        } else {
+            rmsnorm_forward(Y.b(), R.p, H.b(), W.b(), N, C, eps, 0);
+            rmsnorm_forward1_launch<false>(Y1.b(), R1.p, nullptr, H1.b(), nullptr, W.b(), N, C, eps, 0);
+            cudaCheck(cudaMemcpy(R0.p, R.p, 4 * (size_t)N, cudaMemcpyDeviceToDevice));
+        }
         dsync();
-        std::vector<double> xd = to_d(x), yref((size_t)N * C), rref(N);
-        std::vector<float> wf = to_f(w), rg = R.down();
+        std::vector<double> xd = to_d(x), yref(nc), rref(N);
+        std::vector<float> rg = R.down();
         ref_rmsnorm_forward<double>(yref.data(), rref.data(), xd.data(), wf.data(), N, C, eps);
         std::vector<double> rgd(rg.begin(), rg.end());
-        char nm[96];
-        snprintf(nm, sizeof nm, "rmsnorm%s rstd (N=%d C=%d) FP32_SUM(160)", residual ? " residual" : "", N, C);
-        check_within(nm, rgd, rref, rel_bound(rref, 160 * FP32_ULP));
+        snprintf(nm, sizeof nm, "rmsnorm%s rstd (N=%d C=%d) FP32_SUM(%d)", tag, N, C, std::max(160, C / 32 + 32));
+        check_within(nm, rgd, rref, rel_bound(rref, SUM));
         // given our rstd, y = bf16(w * bf16(x * r)) is exact: every step is one fp32 op and a rounding
-        std::vector<uint16_t> yg = Y.down(), yemu(yg.size());
+        std::vector<uint16_t> yg = Y.down(), yemu(nc);
         for (int i = 0; i < N; i++) for (int j = 0; j < C; j++) {
             size_t o = (size_t)i * C + j;
             yemu[o] = f32_to_bf16(wf[j] * bf16_round(bf16_to_f32(x[o]) * rg[i]));
         }
-        snprintf(nm, sizeof nm, "rmsnorm%s y: HF rounding given rstd", residual ? " residual" : "");
-        check_bytes(nm, yg.data(), yemu.data(), 2 * yg.size());
-        snprintf(nm, sizeof nm, "rmsnorm%s y vs fp64 2*BF16", residual ? " residual" : "");
+        snprintf(nm, sizeof nm, "rmsnorm%s C=%d y: HF rounding given rstd", tag, C);
+        check_bytes(nm, yg.data(), yemu.data(), 2 * nc);
+        snprintf(nm, sizeof nm, "rmsnorm%s C=%d y vs fp64 2*BF16", tag, C);
         check_within(nm, to_d(yg), yref, rel_bound(yref, BF16_2 + 2e-5));   // + rstd's fp32 error
+        same(residual ? "y(residual)" : "y", yg.data(), Y1.down().data(), 2 * nc);
+        same(residual ? "rstd(residual)" : "rstd", rg.data(), R1.down().data(), 4 * (size_t)N);
+    }
 
-        // backward, accumulate into an existing dx on the second pass
-        std::vector<uint16_t> dy = rand_bf16((size_t)N * C, 1.0f, 730 + pass), dx0 = rand_bf16((size_t)N * C, 0.3f, 740 + pass);
-        DB16 DY(dy), X(x), DX((size_t)N * C);
-        if (residual) DX.up(dx0);
-        rmsnorm_backward(DX.b(), DY.b(), X.b(), W.b(), R.p, N, C, residual, 0);
+    // backward from the plain forward's x and rstd: overwrite, then accumulate into an existing dx
+    std::vector<float> rg = R0.down();
+    std::vector<double> xd = to_d(h), dyd = to_d(dy), rgd(rg.begin(), rg.end()), sgx(N, 0.0);
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < C; j++) sgx[i] += fabs(dyd[(size_t)i * C + j] * wf[j] * xd[(size_t)i * C + j] * rgd[i]);
+    DB16 DY(dy), X(h);
+    for (int acc = 0; acc < 2; acc++) {
+        DB16 DX(nc), DX1(nc);
+        if (acc) { DX.up(dx0); DX1.up(dx0); }
+        rmsnorm_backward(DX.b(), DY.b(), X.b(), W.b(), R0.p, N, C, acc, 0);
+        rmsnorm_backward1_launch(DX1.b(), DY.b(), X.b(), W.b(), R0.p, N, C, acc, 0);
         dsync();
-        std::vector<double> dxref((size_t)N * C, 0.0), dyd = to_d(dy), bound((size_t)N * C);
-        if (residual) dxref = to_d(dx0);
+        std::vector<double> dxref = acc ? to_d(dx0) : std::vector<double>(nc, 0.0), bound(nc);
         std::vector<double> dx_old = dxref;
         ref_rmsnorm_backward<double>(dxref.data(), dyd.data(), xd.data(), wf.data(), rgd.data(), N, C);
-        for (int i = 0; i < N; i++) {
-            double r = rgd[i], sgx = 0;
-            for (int j = 0; j < C; j++) sgx += fabs(dyd[(size_t)i * C + j] * wf[j] * xd[(size_t)i * C + j] * r);
+        for (int i = 0; i < N; i++)
             for (int j = 0; j < C; j++) {   // BF16 output + FP32_SUM over the row's dot and the update's terms
                 size_t o = (size_t)i * C + j;
-                double g = fabs(dyd[o] * wf[j]), xh = fabs(xd[o] * r);
-                bound[o] = BF16 * fabs(dxref[o]) + 160 * FP32_ULP * (r * g + r * xh * sgx / C + fabs(dx_old[o]));
+                double r = rgd[i], g = fabs(dyd[o] * wf[j]), xh = fabs(xd[o] * r);
+                bound[o] = BF16 * fabs(dxref[o]) + SUM * (r * g + r * xh * sgx[i] / C + fabs(dx_old[o]));
             }
-        }
-        snprintf(nm, sizeof nm, "rmsnorm backward%s vs fp64 BF16", residual ? " (accumulate)" : "");
-        check_within(nm, to_d(DX.down()), dxref, bound);
+        std::vector<uint16_t> dxg = DX.down();
+        snprintf(nm, sizeof nm, "rmsnorm backward%s C=%d vs fp64 BF16", acc ? " (accumulate)" : "", C);
+        check_within(nm, to_d(dxg), dxref, bound);
+        same(acc ? "dx(accumulate)" : "dx", dxg.data(), DX1.down().data(), 2 * nc);
     }
+    check(differ.empty(), "rmsnorm C=%-5d %s == kernel1, bit for bit: y, rstd, h_out, dx (accumulate or not)%s%s", C,
+          C <= RMSNORM2_MAX_C ? "kernel2" : "trainer's (kernel1)", differ.empty() ? "" : "; differ:", differ.c_str());
+}
+
+// Every kernel2 instance the trainer's dispatch can pick (VPL x LPR: C / 8 vectors over LPR lanes,
+// VPL = ceil(C / 8 / LPR)), at rows that fill it and rows that end part way through a lane's vectors
+// (some lanes with none); and kernel1 past 8192.
+static void test_rmsnorm() {
+    const int widths[] = {
+        8, 40, 64,          // LPR 8  (VPL 1): one vector, lanes 1..7 with none; five; a full row
+        96, 128,            // LPR 16 (VPL 1): Qwen's head_dim 128 (and a partial row)
+        200, 256,           // LPR 32, VPL 1
+        456, 512,           // VPL 2
+        1000, 1024,         // VPL 4
+        2048,               // VPL 8: llama3-1b
+        3072, 4096,         // VPL 16: llama3-3b (partial: 384 vectors over 512 slots), llama3-8b
+        4104, 5120, 8192,   // VPL 32: one vector past VPL 16, Qwen3-14b's 5120, a full 8192
+        8200, 16384,        // kernel1
+    };
+    int k = 0;
+    for (int C : widths) test_rmsnorm_case(37, C, 7000 + 10 * k++);
 }
 
 // ---------------------------------------------------------------------------------------------
