@@ -28,19 +28,27 @@
 // on it (kernel2 traps after some seconds rather than hang if it is not).
 //
 // Sizes: hd in {64, 128} (templated), any T >= 1 (tails are zero-filled and masked), nh % nkv == 0.
-// Offsets are int64 (T up to 131072 and beyond). Pointers must be 16-byte aligned.
+// Offsets are int64 (T up to 131072 and beyond). Pointers must be 16-byte aligned (TMA's rule too).
 //
-// Hopper (sm_90a): the same math on wgmma (kernels/wgmma.cuh): for hd 128 the forward's kernel2 (two warpgroups
-// of 64 query rows, 128-key tiles), and for hd 64 and 128 the backward split in two kernels, kernel4 (dK, dV
-// per key tile; dQ per query tile, recomputing S and dP: 7 matmuls instead of 5 but no dQ traffic between
-// CTAs, deterministic without semaphores). Other GPUs: the forward's kernel1 and the backward's kernel2; hd 64
-// keeps kernel1 on Hopper too (kernel2 at hd 64: 5.01 ms against 4.51 for llama3-1b's 16 layers at 4 x 2048).
-// llama3-1b (hd 64), 4 x 2048, 16 layers, H100: backward 23.54 ms with kernel2, 15.87 with kernel4 (session 7).
+// What runs where (attention_forward and attention_backward choose; the variant names are dev/cuda/'s):
+//   hd 128, Hopper (sm_90a): forward kernel5 (5a), backward kernel6 (6a): FlashAttention-3's warp-specialised
+//     schedule on wgmma (kernels/wgmma.cuh) and TMA (kernels/tma.cuh). A producer warpgroup copies tiles into
+//     an mbarrier ring, two consumer warpgroups of 64 rows compute and never __syncthreads; in the forward they
+//     take turns on the tensor cores (pingpong), so one's softmax runs under the other's wgmmas. kernel6 is
+//     kernel4's two kernels (below) on that schedule, kernel4's operations in kernel4's order: the same bits.
+//     Which variant (ring depth, pingpong) is one constant at each dispatch. Not yet run on a GPU (graduated in
+//     session 10 from compiling playground code); predicted at llama3-8b: forward ~0.34 ms (~400 TFLOP/s),
+//     backward ~1.1 ms (~310).
+//   hd 64, Hopper: forward kernel1 (kernel2, wgmma, measured slower there: 5.01 ms against 4.51 for llama3-1b's
+//     16 layers at 4 x 2048); backward kernel4, split in two kernels (dK, dV per key tile; dQ per query tile,
+//     recomputing S and dP: 7 matmuls instead of 5 but no dQ traffic between CTAs, deterministic without
+//     semaphores). llama3-1b, 4 x 2048, 16 layers, H100: backward 23.54 ms with kernel2, 15.87 with kernel4.
+//   Other GPUs (and attention_wgmma_off): forward kernel1, backward kernel2 (mma.sync).
 //
-// Scratch: attention_backward_scratch_bytes(B, T, nh, hd): D (B nh T fp32) for kernel4; kernel2 adds dq_accum
-// (B T nh hd fp32) and the dQ semaphores; the backward initialises what it needs itself. H100, llama3-8b shapes
-// (B=4, T=2048, nh=32, nkv=8, hd=128): mma.sync forward 0.47 ms (291 TFLOP/s causal), backward 2.13 ms (161);
-// wgmma forward 0.42 ms (322-328, kernel2), backward 1.34 ms (255-256, kernel4).
+// Scratch: attention_backward_scratch_bytes(B, T, nh, hd): D (B nh T fp32) for kernel4 and kernel6; kernel2 adds
+// dq_accum (B T nh hd fp32) and the dQ semaphores; the backward initialises what it needs itself. H100, llama3-8b
+// shapes (B=4, T=2048, nh=32, nkv=8, hd=128): mma.sync forward 0.47 ms (291 TFLOP/s causal), backward 2.13 ms
+// (161); wgmma forward 0.42 ms (322-328, kernel2, now dev/cuda/'s 2a), backward 1.34 ms (255-256, kernel4).
 // One 131072-token sequence (B=1, same heads): kernel2's scratch 2.02 GiB, backward ~1.9 s (dev/cuda/attention_long.cu).
 // Version history, timings and profiles: dev/cuda/attention_forward.cu, dev/cuda/attention_backward.cu.
 #pragma once
@@ -49,7 +57,8 @@
 #include <stdint.h>        // defines: int64_t, uint32_t
 #include <math.h>          // defines: sqrtf, INFINITY
 #include "common.cuh"      // defines: bf16, cudaCheck, kernel_assert, is_aligned16
-#include "wgmma.cuh"       // defines: wg_swz, wg_desc, wg_mma_64x64_ss, wg_mma_64x128_rs (kernel4)
+#include "wgmma.cuh"       // defines: wg_swz, wg_desc, wg_mma_64x64_ss, wg_mma_64x128_ss, wg_mma_64x128_rs, wg_mma_rs (kernels 4-6)
+#include "tma.cuh"         // defines: attn5_mbar_*, attn5_tma_load, attn5_bar_*, attn5_setmaxnreg_*, attn5_tensor_map (kernels 5, 6)
 
 // ---------------------------------------------------------------------------------------------
 // parameters
@@ -329,56 +338,78 @@ __global__ void __launch_bounds__(BR / (16 * RT) * 32, MINB) attention_forward_k
         }
 }
 
-// kernel2 (hd 128, Hopper): kernel1's tiles and online softmax on wgmma. Two warpgroups of 64 query rows
-// (BQ = 128), 128-key tiles double-buffered in 128B-swizzled smem (kernels/wgmma.cuh):
-//   S = Q K^T   m64n128k16, A = this warpgroup's Q rows, B = the key tile       (both K-major)
-//   O += P V    m64n128k16, A = P from registers (bf16), B = the value tile     (MN-major)
-// Warp w still owns rows 16 w + g, + 8 (the accumulator layout is mma.sync's), so the softmax is kernel1's.
-template <int HD, int BQ, int BK>
-struct AttnFwdTile2 {
-    static constexpr int THREADS = BQ / 64 * 128;
+// kernel5 (session 8): FlashAttention-3's forward schedule, hd 128, Hopper. 384 threads, 1 CTA/SM:
+//   warpgroup 0 produces: one thread loads the Q tile (128 rows) and then K and V tiles (128 keys) by TMA
+//     (cp.async.bulk.tensor, 128B swizzle = wg_swz's layout, rows past T zero-filled by the copy engine)
+//     into a STAGES-deep ring, K and V with their own full (tx bytes) and empty (8 consumer warps) mbarriers;
+//   warpgroups 1 and 2 consume, 64 query rows each, kernel2's math (kernel1's online softmax on wgmma;
+//     kernel2 is dev/cuda/attention_forward.cu's 2a since kernel5 replaced it). Per key tile t a consumer
+//     issues, in its turn, S(t) = Q K(t)^T and O += P(t-1) V(t-1) back to back, hands the turn on, and runs
+//     the softmax of S(t) while the other warpgroup's wgmmas run (PINGPONG: named barriers 1 and 2, 256
+//     threads; warpgroup 1 starts). O is rescaled by tile t's alpha once P(t-1) V(t-1) is done with it:
+//     kernel2's order of operations on O, m and l, so the results should match kernel2's bit for bit.
+// setmaxnreg: producer 24 registers, consumers 240 (O 64 + S 64 + P 32 a thread).
+
+template <int HD, int BQ, int BK, int STAGES>
+struct AttnFwdTile5 {
+    static constexpr int THREADS = 384;  // producer + 2 consumer warpgroups
     static constexpr int QB = BQ * HD * 2, KB = BK * HD * 2;  // bytes: Q tile, K (or V) tile
-    static constexpr size_t OFF_K = QB, OFF_V = OFF_K + 2 * KB, SMEM = OFF_V + 2 * KB;  // Q, K (2 stages), V (2 stages)
+    static constexpr size_t OFF_K = QB, OFF_V = OFF_K + STAGES * KB, SMEM = OFF_V + STAGES * KB;
     static constexpr size_t SMEM_ALLOC = SMEM + 1024;  // the dynamic smem base is aligned up to 1024 bytes
-    static_assert(HD == 128 && BQ == 128 && BK == 128, "attention_forward_kernel2: written for these (hd 64: kernel1 measured faster, 4.51 vs 5.01 ms at llama3-1b)");
+    static_assert(HD == 128 && BQ == 128 && BK == 128, "attention_forward_kernel5: written for these");
+    static_assert(SMEM_ALLOC + 256 <= 227 * 1024, "attention_forward_kernel5: too many stages for 227 KB");
 };
 
-template <int HD, int BQ, int BK>
-__global__ void __launch_bounds__(BQ / 64 * 128, 1) attention_forward_kernel2(const AttnFwdParams p) {
-    using C = AttnFwdTile2<HD, BQ, BK>;
-    constexpr int NT = C::THREADS, CH = HD / 8;
-    extern __shared__ unsigned char attn_smemf2[];
-    unsigned char* sm = attn_smemf2 + ((1024 - (attn_smem_u32(attn_smemf2) & 1023)) & 1023);
+template <int HD, int BQ, int BK, int STAGES, bool PINGPONG>
+__global__ void __launch_bounds__(384, 1) attention_forward_kernel5(const AttnFwdParams p, const __grid_constant__ CUtensorMap tm_q,
+                                                                    const __grid_constant__ CUtensorMap tm_k,
+                                                                    const __grid_constant__ CUtensorMap tm_v) {
+    using C = AttnFwdTile5<HD, BQ, BK, STAGES>;
+    extern __shared__ unsigned char attn_smemf5[];
+    __shared__ __align__(8) uint64_t bars[1 + 4 * STAGES];  // q full, K full[S], V full[S], K empty[S], V empty[S]
+    unsigned char* sm = attn_smemf5 + ((1024 - (attn_smem_u32(attn_smemf5) & 1023)) & 1023);
     const uint32_t sQ = attn_smem_u32(sm), sK = sQ + C::OFF_K, sV = sQ + C::OFF_V;
+    const uint32_t bq = attn_smem_u32(&bars[0]), bkf = bq + 8, bvf = bkf + 8 * STAGES, bke = bvf + 8 * STAGES, bve = bke + 8 * STAGES;
 
     const int T = p.T, nh = p.nh, nkv = p.nkv;
     const int b = blockIdx.x / nh, h = blockIdx.x % nh, kvh = h / (nh / nkv);
     const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;  // heaviest (last) query tiles first
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3, wg = warp >> 2;
+    const int tid = threadIdx.x;
     const int q_last = min(q0 + BQ, T) - 1;
     const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
     const int ds_max = ds ? ds[q_last] : 0;  // doc_start is non-decreasing along the row
     const int t_lo = (ds ? ds[q0] : 0) / BK, t_hi = q_last / BK;
-    const int64_t qstride = (int64_t)nh * HD, kstride = (int64_t)nkv * HD;
-    const bf16* gQ = p.q + (int64_t)b * T * qstride + (int64_t)h * HD;
-    const bf16* gK = p.k + (int64_t)b * T * kstride + (int64_t)kvh * HD;
-    const bf16* gV = p.v + (int64_t)b * T * kstride + (int64_t)kvh * HD;
 
-    for (int c = tid; c < BQ * CH; c += NT) {
-        const int r = c / CH, cc = c % CH, i = q0 + r;
-        attn_cp_async16(sQ + wg_swz<BQ>(r, cc * 8), gQ + (i < T ? i : 0) * qstride + cc * 8, i < T);
-    }
-    auto load_kv = [&](int st, int t) {
-        for (int c = tid; c < BK * CH; c += NT) {
-            const int r = c / CH, cc = c % CH, j = t * BK + r;
-            const int64_t off = (j < T ? j : 0) * kstride + cc * 8;
-            attn_cp_async16(sK + st * C::KB + wg_swz<BK>(r, cc * 8), gK + off, j < T);  // zero rows past T:
-            attn_cp_async16(sV + st * C::KB + wg_swz<BK>(r, cc * 8), gV + off, j < T);  // 0 * garbage could be NaN
+    if (tid == 0) {
+        attn5_mbar_init(bq, 1);
+        for (int s = 0; s < STAGES; s++) {
+            attn5_mbar_init(bkf + 8 * s, 1); attn5_mbar_init(bvf + 8 * s, 1);  // the producer's expect_tx
+            attn5_mbar_init(bke + 8 * s, 8); attn5_mbar_init(bve + 8 * s, 8);  // lane 0 of each consumer warp
         }
-    };
-    load_kv(0, t_lo);
-    attn_cp_async_commit();
+        attn5_mbar_init_fence();
+    }
+    __syncthreads();
 
+    if (tid < 128) {  // producer: one thread issues every copy
+        attn5_setmaxnreg_dec<24>();
+        if (tid == 0) {
+            attn5_mbar_expect_tx(bq, C::QB);
+            for (int cb = 0; cb < HD / 64; cb++) attn5_tma_load(sQ + cb * BQ * 128, &tm_q, cb * 64, h, q0, b, bq);
+            for (int t = t_lo; t <= t_hi; t++) {
+                const int n = t - t_lo, s = n % STAGES, u = n / STAGES;
+                if (u > 0) attn5_mbar_wait(bke + 8 * s, (u - 1) & 1);  // both warpgroups are done with K(t - S)
+                attn5_mbar_expect_tx(bkf + 8 * s, C::KB);
+                for (int cb = 0; cb < HD / 64; cb++) attn5_tma_load(sK + s * C::KB + cb * BK * 128, &tm_k, cb * 64, kvh, t * BK, b, bkf + 8 * s);
+                if (u > 0) attn5_mbar_wait(bve + 8 * s, (u - 1) & 1);
+                attn5_mbar_expect_tx(bvf + 8 * s, C::KB);
+                for (int cb = 0; cb < HD / 64; cb++) attn5_tma_load(sV + s * C::KB + cb * BK * 128, &tm_v, cb * 64, kvh, t * BK, b, bvf + 8 * s);
+            }
+        }
+        return;
+    }
+    attn5_setmaxnreg_inc<240>();
+
+    const int ct = tid - 128, cw = ct >> 7, warp = ct >> 5, lane = ct & 31, g = lane >> 2, t4 = lane & 3;
     const int ia0 = q0 + warp * 16 + g;  // this lane's rows: ia0 and ia0 + 8
     int dsa[2];
 #pragma unroll
@@ -388,30 +419,26 @@ __global__ void __launch_bounds__(BQ / 64 * 128, 1) attention_forward_kernel2(co
 #pragma unroll
     for (int n = 0; n < HD / 2; n++) o[n] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // running max (raw score units), lane-partial sum
-    const uint32_t qA = sQ + wg * 64 * 128;  // this warpgroup's 64 query rows, column block 0
+    const uint32_t qA = sQ + cw * 64 * 128;  // this warpgroup's 64 query rows, column block 0
+    const int bar_mine = 1 + cw, bar_other = 2 - cw;
 
-    for (int t = t_lo; t <= t_hi; t++) {
-        const int st = (t - t_lo) & 1, k0 = t * BK;
-        attn_cp_async_wait_all();
-        wg_fence_proxy();  // the cp.async stores, before wgmma reads them
-        __syncthreads();   // tile t landed; both warpgroups are done with the other stage
-        if (t < t_hi) { load_kv(st ^ 1, t + 1); attn_cp_async_commit(); }
-        const uint32_t cK = sK + st * C::KB, cV = sV + st * C::KB;
-
-        // S = Q K^T: (64 rows x BK keys) per warpgroup
-        float s[BK / 2];
-        wg_fence();
+    float s[BK / 2];          // S (64 rows x BK keys) per warpgroup, then P
+    uint32_t pa[BK / 16][4];  // P as bf16 A fragments (key blocks 2 kc, 2 kc + 1 -> key chunk kc)
+    float alpha[2];
+    auto issue_s = [&](int st) {  // S = Q K^T of the key tile in stage st (no commit)
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {
             const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
-            wg_mma_64x128_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(cK + ko, 16, 1024), kk);
+            wg_mma_64x128_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(sK + st * C::KB + ko, 16, 1024), kk);
         }
-        wg_commit();
-        wg_wait<0>();
-        wg_fence_regs(s);
-
-        // mask only the tiles that cross the diagonal, the tail, or a document start
-        if (!(k0 + BK - 1 <= q0 && k0 >= ds_max)) {
+    };
+    auto issue_pv = [&](int st) {  // O += P V of the value tile in stage st (no commit)
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++) wg_mma_64x128_rs<1>(o, pa[kc], wg_desc(sV + st * C::KB + kc * 2048, BK * 128, 1024));
+    };
+    auto softmax = [&](int t) {  // kernel2's: mask S of tile t, online softmax: S -> P, m and l updated, alpha for O
+        const int k0 = t * BK;
+        if (!(k0 + BK - 1 <= q0 && k0 >= ds_max)) {  // only tiles across the diagonal, the tail or a document start
 #pragma unroll
             for (int n = 0; n < BK / 8; n++)
 #pragma unroll
@@ -420,16 +447,15 @@ __global__ void __launch_bounds__(BQ / 64 * 128, 1) attention_forward_kernel2(co
                     if (j > i || j < dsa[e >> 1]) s[4 * n + e] = -INFINITY;
                 }
         }
-        // online softmax, two rows per lane; a row fully masked so far keeps m = -inf and p = 0
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
+        for (int r = 0; r < 2; r++) {  // a row fully masked so far keeps m = -inf and p = 0
             float mx = m[r];
 #pragma unroll
             for (int n = 0; n < BK / 8; n++) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             const float msc = mx == -INFINITY ? 0.f : mx * sl2;
-            const float alpha = attn_exp2(m[r] * sl2 - msc);  // exp2(-inf) = 0 on the first tile
+            alpha[r] = attn_exp2(m[r] * sl2 - msc);  // exp2(-inf) = 0 on the first tile
             m[r] = mx;
             float sum = 0.f;
 #pragma unroll
@@ -438,12 +464,12 @@ __global__ void __launch_bounds__(BQ / 64 * 128, 1) attention_forward_kernel2(co
                 s[4 * n + 2 * r + 1] = attn_exp2(fmaf(s[4 * n + 2 * r + 1], sl2, -msc));
                 sum += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
             }
-            l[r] = l[r] * alpha + sum;
-#pragma unroll
-            for (int n = 0; n < HD / 8; n++) { o[4 * n + 2 * r] *= alpha; o[4 * n + 2 * r + 1] *= alpha; }
+            l[r] = l[r] * alpha[r] + sum;
         }
-        // O += P V: the S accumulators of key blocks 2 kc, 2 kc + 1 are the A fragment of key chunk kc
-        uint32_t pa[BK / 16][4];
+    };
+    auto rescale_pack = [&]() {  // O *= alpha (P V of the tile before is done with O), P -> bf16 fragments
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) { o[4 * n] *= alpha[0]; o[4 * n + 1] *= alpha[0]; o[4 * n + 2] *= alpha[1]; o[4 * n + 3] *= alpha[1]; }
 #pragma unroll
         for (int kc = 0; kc < BK / 16; kc++)
 #pragma unroll
@@ -451,14 +477,67 @@ __global__ void __launch_bounds__(BQ / 64 * 128, 1) attention_forward_kernel2(co
                 const int n = 2 * kc + (hh >> 1), e = (hh & 1) * 2;
                 pa[kc][hh] = attn_pack_bf16(s[4 * n + e], s[4 * n + e + 1]);
             }
-        wg_fence();
+    };
+    auto fence_pa = [&]() {  // P stays in its registers until the wgmmas reading it are done
 #pragma unroll
-        for (int kc = 0; kc < BK / 16; kc++) wg_mma_rs<1>(o, pa[kc], wg_desc(cV + kc * 2048, BK * 128, 1024));
+        for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+            for (int hh = 0; hh < 4; hh++) asm volatile("" : "+r"(pa[kc][hh])::"memory");
+    };
+    auto turn_begin = [&]() { if constexpr (PINGPONG) attn5_bar_sync(bar_mine); };
+    auto turn_end = [&]() { if constexpr (PINGPONG) attn5_bar_arrive(bar_other); };
+
+    // (branch-free around the wgmmas: ptxas serializes them otherwise; the first S and the last P V are peeled)
+    if (PINGPONG && cw == 1) attn5_bar_arrive(1);  // warpgroup 1 (cw 0) takes the first turn
+    attn5_mbar_wait(bq, 0);
+    attn5_mbar_wait(bkf, 0);  // tile t_lo is in stage 0
+    turn_begin();
+    wg_fence();
+    issue_s(0);
+    wg_commit();
+    turn_end();
+    wg_wait<0>();
+    wg_fence_regs(s);
+    if (lane == 0) attn5_mbar_arrive(bke);
+    softmax(t_lo);
+    rescale_pack();
+    for (int t = t_lo + 1; t <= t_hi; t++) {
+        const int n = t - t_lo, st = n % STAGES, sp = (n - 1) % STAGES;
+        attn5_mbar_wait(bkf + 8 * st, (n / STAGES) & 1);        // K(t) landed
+        attn5_mbar_wait(bvf + 8 * sp, ((n - 1) / STAGES) & 1);  // V(t - 1) landed
+        turn_begin();
+        wg_fence();
+        issue_s(st);
         wg_commit();
-        wg_wait<0>();  // before the next tile's loads reuse this stage
+        issue_pv(sp);
+        wg_commit();
+        turn_end();
+        wg_wait<1>();  // S(t) (P V of tile t - 1 may still run)
+        wg_fence_regs(s);
+        if (lane == 0) attn5_mbar_arrive(bke + 8 * st);
+        softmax(t);
+        wg_wait<0>();
         wg_fence_regs(o);
+        fence_pa();
+        if (lane == 0) attn5_mbar_arrive(bve + 8 * sp);
+        rescale_pack();
     }
-    // epilogue: finish the row sums across the quad, normalise, store O and lse
+    {
+        const int n = t_hi - t_lo, sp = n % STAGES;
+        attn5_mbar_wait(bvf + 8 * sp, (n / STAGES) & 1);
+        turn_begin();
+        wg_fence();
+        issue_pv(sp);
+        wg_commit();
+        turn_end();
+        wg_wait<0>();
+        wg_fence_regs(o);
+        fence_pa();
+    }
+    if (PINGPONG && cw == 0) attn5_bar_sync(1);  // takes warpgroup 2's last arrival: no barrier left half-done
+
+    // epilogue (kernel2's): finish the row sums across the quad, normalise, store O and lse
+    const int64_t qstride = (int64_t)nh * HD;
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         float lr = l[r];
@@ -473,15 +552,6 @@ __global__ void __launch_bounds__(BQ / 64 * 128, 1) attention_forward_kernel2(co
             *reinterpret_cast<uint32_t*>(dst + n * 8) = attn_pack_bf16(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
         if (t4 == 0) p.lse[((int64_t)b * nh + h) * T + i] = (m[r] * sl2 + __log2f(lr)) * 0.69314718056f;
     }
-}
-template <int HD, int BQ, int BK>
-void attention_forward2_launch(const AttnFwdParams& p, cudaStream_t stream) {
-    using C = AttnFwdTile2<HD, BQ, BK>;
-    auto kernel = attention_forward_kernel2<HD, BQ, BK>;
-    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
-    dim3 grid(p.B * p.nh, (p.T + BQ - 1) / BQ);
-    kernel<<<grid, C::THREADS, C::SMEM_ALLOC, stream>>>(p);
-    cudaCheck(cudaGetLastError());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1130,6 +1200,448 @@ __global__ void __launch_bounds__(BQ / 64 * 128, HD == 64 ? 2 : 1) attention_bac
     }
 }
 
+// kernel6 (session 9, hd 128, Hopper): kernel4's two kernels on the forward kernel5's schedule. 384 threads,
+// 1 CTA/SM: warpgroup 0 produces (TMA into a STAGES-deep ring of stages, each with a full and an empty mbarrier),
+// warpgroups 1 and 2 consume with kernel4's math in kernel4's order of operations, so dq, dk and dv should come
+// out bit-identical to 4a's. setmaxnreg: producer 40, consumers 232 in the dK/dV kernel (dK, dV, S^T, dP^T and
+// the P^T, dS^T fragments: 230 used); 24 and 240 in the dQ kernel (152 used). No __syncthreads in the loops: a
+// consumer warpgroup waits only for its next stage to be full, so the two drift apart and one's exp and packing
+// can run under the other's wgmmas; nobody issues loads between the matmuls.
+//   kernel6_dkdv: K and V of the CTA's 128 keys by TMA once; per item (query head, 64-row query tile, in
+//     kernel4's order) warp 0 of the producer streams Q and dO (lane 0, TMA) and the tile's lse, D and
+//     doc_start rows (all 32 lanes, 4-byte cp.async: a row of lse or D starts at (b nh + h) T floats, not
+//     16-byte aligned for every T, so no bulk copy); the full barrier counts the expect_tx arrival and the
+//     32 lanes' cp.async.mbarrier.arrive.noinc, and completes once the TMA bytes have landed too.
+//   kernel6_dq: Q and dO of the CTA's 128 queries by TMA once; K and V tiles of 64 keys streamed (one thread).
+//     PINGPONG (6e): its consumers take turns on the tensor cores (kernel5's), dS K one tile behind S and dP.
+// The empty barriers count lane 0 of each of the 8 consumer warps, after its wgmmas on the stage are waited for.
+// Rows past T land as zeros (TMA's out-of-bounds fill, cp.async's zero-fill) and are masked as in kernel4.
+
+template <int HD, int BC, int BR, int STAGES>
+struct AttnBwdTile6 {
+    static constexpr int THREADS = 384;  // producer warpgroup + 2 consumer warpgroups of 64 keys
+    static constexpr int KB = BC * HD * 2, QB = BR * HD * 2, RB = 3 * BR * 4;  // bytes: K (or V), Q (or dO), lse + D + doc_start
+    // K, V, Q (STAGES), dO (STAGES), lse/D/doc_start rows (STAGES)
+    static constexpr size_t OFF_V = KB, OFF_Q = 2 * KB, OFF_DO = OFF_Q + STAGES * QB, OFF_R = OFF_DO + STAGES * QB;
+    static constexpr size_t SMEM = OFF_R + STAGES * RB, SMEM_ALLOC = SMEM + 1024;  // base aligned up to 1024 bytes
+    static_assert(HD == 128 && BC == 128 && BR == 64, "kernel6_dkdv: written for kernel4_dkdv's tiles at hd 128");
+    static_assert(SMEM_ALLOC + 256 <= 227 * 1024, "kernel6_dkdv: too many stages for 227 KB");
+};
+
+template <int HD, int BC, int BR, int STAGES>
+__global__ void __launch_bounds__(384, 1) attention_backward_kernel6_dkdv(const AttnBwdParams p, const __grid_constant__ CUtensorMap tm_q,
+                                                                         const __grid_constant__ CUtensorMap tm_do,
+                                                                         const __grid_constant__ CUtensorMap tm_k,
+                                                                         const __grid_constant__ CUtensorMap tm_v) {
+    using C = AttnBwdTile6<HD, BC, BR, STAGES>;
+    constexpr int NT = C::THREADS;
+    extern __shared__ unsigned char attn_smem6[];
+    __shared__ __align__(8) uint64_t bars[1 + 2 * STAGES];  // K and V landed; full[STAGES], empty[STAGES]
+    unsigned char* sm = attn_smem6 + ((1024 - (attn_smem_u32(attn_smem6) & 1023)) & 1023);
+    const uint32_t sK = attn_smem_u32(sm), sV = sK + C::OFF_V, sQ = sK + C::OFF_Q, sdO = sK + C::OFF_DO, sR = sK + C::OFF_R;
+    const uint32_t bkv = attn_smem_u32(&bars[0]), bfull = bkv + 8, bempty = bfull + 8 * STAGES;
+
+    const int T = p.T, nh = p.nh, nkv = p.nkv, G = nh / nkv;
+    const int b = blockIdx.x / nkv, kvh = blockIdx.x % nkv;
+    const int k0 = blockIdx.y * BC, k_last = min(k0 + BC, T) - 1;  // tile 0 (most query tiles) first
+    const int tid = threadIdx.x;
+    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
+
+    if (tid == 0) {
+        attn5_mbar_init(bkv, 1);
+        for (int s = 0; s < STAGES; s++) {
+            attn5_mbar_init(bfull + 8 * s, 1 + 32);  // the producer's expect_tx + its warp's 32 cp.async arrivals
+            attn5_mbar_init(bempty + 8 * s, 8);      // lane 0 of each consumer warp
+        }
+        attn5_mbar_init_fence();
+    }
+    __syncthreads();
+    if (tid == 0) {  // this tile's K and V, once, under the search below
+        attn5_mbar_expect_tx(bkv, 2 * C::KB);
+        for (int cb = 0; cb < HD / 64; cb++) {
+            attn5_tma_load(sK + cb * BC * 128, &tm_k, cb * 64, kvh, k0, b, bkv);
+            attn5_tma_load(sV + cb * BC * 128, &tm_v, cb * 64, kvh, k0, b, bkv);
+        }
+    }
+    int i_max = T - 1;  // last query that can see any of these keys (kernel4's search, by all 384 threads)
+    if (ds) {
+        int lo = k_last, hi = T - 1;
+        while (lo < hi) {
+            const int step = (hi - lo + NT - 1) / NT, pos = lo + (tid + 1) * step;
+            const int n_ok = __syncthreads_count(pos <= hi && ds[pos] <= k_last);
+            lo += n_ok * step;
+            hi = min(hi, lo + step - 1);
+        }
+        i_max = lo;
+    }
+    // item it: query head kvh G + it % G, query tile qt_hi - it / G (kernel4's order, so dK and dV sum in its order)
+    const int qt_lo = k0 / BR, qt_hi = i_max / BR, n_iter = G * (qt_hi - qt_lo + 1);
+
+    if (tid < 128) {  // producer: warp 0 (lane 0 the TMA copies, every lane the lse, D and doc_start rows)
+        attn5_setmaxnreg_dec<40>();  // at 24 it spilled 8 bytes across the split
+        if (tid < 32) {
+            for (int it = 0; it < n_iter; it++) {
+                const int s = it % STAGES, u = it / STAGES, hq = kvh * G + it % G, q0 = (qt_hi - it / G) * BR;
+                const uint32_t full = bfull + 8 * s;
+                if (u > 0) attn5_mbar_wait(bempty + 8 * s, (u - 1) & 1);  // all 8 consumer warps are done with item it - STAGES
+                if (tid == 0) {
+                    attn5_mbar_expect_tx(full, 2 * C::QB);
+                    for (int cb = 0; cb < HD / 64; cb++) {
+                        attn5_tma_load(sQ + s * C::QB + cb * BR * 128, &tm_q, cb * 64, hq, q0, b, full);
+                        attn5_tma_load(sdO + s * C::QB + cb * BR * 128, &tm_do, cb * 64, hq, q0, b, full);
+                    }
+                }
+                const int64_t lrow = ((int64_t)b * nh + hq) * T;
+#pragma unroll
+                for (int c = tid; c < 3 * BR; c += 32) {  // (3, BR) lse, D, doc_start; zeros past T (doc_start also without documents)
+                    const int which = c / BR, i = q0 + c % BR, ic = i < T ? i : 0;
+                    const void* src = which == 0 ? (const void*)(p.lse + lrow + ic)
+                                    : which == 1 ? (const void*)(p.D + lrow + ic) : ds ? (const void*)(ds + ic) : (const void*)p.lse;
+                    attn_cp_async4(sR + s * C::RB + c * 4, src, i < T && (which < 2 || ds));
+                }
+                attn6_cp_async_mbar_arrive(full);
+            }
+            attn_cp_async_wait_all();
+        }
+        return;
+    }
+    attn5_setmaxnreg_inc<232>();  // 128 x 40 + 256 x 232 = 384 x 168
+
+    // consumers: kernel4_dkdv's loop body; warp 0..7 of the consumers, warpgroup wg holds keys 64 wg ..
+    const int ct = tid - 128, warp = ct >> 5, lane = ct & 31, g = lane >> 2, t4 = lane & 3, wg = warp >> 2;
+    const int64_t kstride = (int64_t)nkv * HD;
+    float dk[HD / 2], dv[HD / 2];  // (64 keys x HD) per warpgroup: [4 n + e] = key 16 warp + g + 8 (e >> 1), dim 8 n + 2 t4 + (e & 1)
+#pragma unroll
+    for (int n = 0; n < HD / 2; n++) dk[n] = dv[n] = 0.f;
+    const int kr0 = warp * 16;
+    const float sl2 = p.scale_log2;
+    const uint32_t kA = sK + wg * 64 * 128, vA = sV + wg * 64 * 128;  // this warpgroup's 64 key rows, column block 0
+
+    attn5_mbar_wait(bkv, 0);  // K and V landed
+    for (int it = 0; it < n_iter; it++) {
+        const int st = it % STAGES, q0 = (qt_hi - it / G) * BR;
+        attn5_mbar_wait(bfull + 8 * st, (it / STAGES) & 1);  // Q, dO and the rows of item it landed
+        const uint32_t cQ = sQ + st * C::QB, cdO = sdO + st * C::QB;
+        const float* cL = reinterpret_cast<const float*>(sm + C::OFF_R + st * C::RB);
+        const float* cD = cL + BR;
+        const int* cDs = reinterpret_cast<const int*>(cD + BR);
+
+        // S^T = K Q^T and dP^T = V dO^T: (64 keys x BR queries) per warpgroup
+        float s[BR / 2], dp[BR / 2];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t ko = (kk >> 2) * BC * 128 + (kk & 3) * 32, qo = (kk >> 2) * BR * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(s, wg_desc(kA + ko, 16, 1024), wg_desc(cQ + qo, 16, 1024), kk);
+        }
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t ko = (kk >> 2) * BC * 128 + (kk & 3) * 32, qo = (kk >> 2) * BR * 128 + (kk & 3) * 32;
+            wg_mma_64x64_ss<0, 0>(dp, wg_desc(vA + ko, 16, 1024), wg_desc(cdO + qo, 16, 1024), kk);
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(s); wg_fence_regs(dp);
+
+        // P^T = exp2(S^T * scale * log2e - lse * log2e), masked to 0; dS^T = P^T (dP^T - D)
+        const bool need_mask = k0 + BC - 1 > q0 || q0 + BR > T || (ds && k0 < cDs[BR - 1]);
+#pragma unroll
+        for (int n = 0; n < BR / 8; n++) {
+            const float2 l2 = *reinterpret_cast<const float2*>(cL + n * 8 + 2 * t4);
+            const float2 d2 = *reinterpret_cast<const float2*>(cD + n * 8 + 2 * t4);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float pt = attn_exp2(fmaf(s[4 * n + e], sl2, -(e & 1 ? l2.y : l2.x) * 1.44269504089f));
+                if (need_mask) {
+                    const int qc = n * 8 + 2 * t4 + (e & 1), i = q0 + qc, j = k0 + kr0 + g + (e >> 1) * 8;
+                    if (j > i || i >= T || j < cDs[qc]) pt = 0.f;
+                }
+                s[4 * n + e] = pt;
+                dp[4 * n + e] = pt * (dp[4 * n + e] - (e & 1 ? d2.y : d2.x));
+            }
+        }
+        uint32_t pa[BR / 16][4], da[BR / 16][4];  // bf16 A fragments of P^T and dS^T (16 keys x 16 queries per warp)
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++)
+#pragma unroll
+            for (int h = 0; h < 4; h++) {  // h: (row g | g + 8) x (cols 0-7 | 8-15) of the k16 block
+                const int n = 2 * kc + (h >> 1), e = (h & 1) * 2;
+                pa[kc][h] = attn_pack_bf16(s[4 * n + e], s[4 * n + e + 1]);
+                da[kc][h] = attn_pack_bf16(dp[4 * n + e], dp[4 * n + e + 1]);
+            }
+        // dV += P^T dO, dK += dS^T Q; waited for before this warp hands the stage back
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++) wg_mma_rs<1>(dv, pa[kc], wg_desc(cdO + kc * 2048, BR * 128, 1024));
+#pragma unroll
+        for (int kc = 0; kc < BR / 16; kc++) wg_mma_rs<1>(dk, da[kc], wg_desc(cQ + kc * 2048, BR * 128, 1024));
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(dk); wg_fence_regs(dv);
+        if (lane == 0) attn5_mbar_arrive(bempty + 8 * st);  // this warp is done with stage st (its rows read above)
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int j = k0 + kr0 + g + 8 * r;
+        if (j >= T) continue;
+        const int64_t off = ((int64_t)b * T + j) * kstride + (int64_t)kvh * HD + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            *reinterpret_cast<uint32_t*>(p.dk + off + n * 8) = attn_pack_bf16(dk[4 * n + 2 * r] * p.scale, dk[4 * n + 2 * r + 1] * p.scale);
+            *reinterpret_cast<uint32_t*>(p.dv + off + n * 8) = attn_pack_bf16(dv[4 * n + 2 * r], dv[4 * n + 2 * r + 1]);
+        }
+    }
+}
+
+template <int HD, int BQ, int BK, int STAGES>
+struct AttnBwdTile6q {
+    static constexpr int THREADS = 384;  // producer warpgroup + 2 consumer warpgroups of 64 queries
+    static constexpr int QB = BQ * HD * 2, KB = BK * HD * 2;  // bytes: Q (or dO) tile, K (or V) tile
+    static constexpr size_t OFF_DO = QB, OFF_K = 2 * QB, OFF_V = OFF_K + STAGES * KB, SMEM = OFF_V + STAGES * KB;  // Q, dO, K (STAGES), V (STAGES)
+    static constexpr size_t SMEM_ALLOC = SMEM + 1024;
+    static_assert(HD == 128 && BQ == 128 && BK == 64, "kernel6_dq: written for kernel4_dq's tiles at hd 128");
+    static_assert(SMEM_ALLOC + 256 <= 227 * 1024, "kernel6_dq: too many stages for 227 KB");
+};
+
+template <int HD, int BQ, int BK, int STAGES, bool PINGPONG>
+__global__ void __launch_bounds__(384, 1) attention_backward_kernel6_dq(const AttnBwdParams p, const __grid_constant__ CUtensorMap tm_q,
+                                                                       const __grid_constant__ CUtensorMap tm_do,
+                                                                       const __grid_constant__ CUtensorMap tm_k,
+                                                                       const __grid_constant__ CUtensorMap tm_v) {
+    using C = AttnBwdTile6q<HD, BQ, BK, STAGES>;
+    extern __shared__ unsigned char attn_smem6q[];
+    __shared__ __align__(8) uint64_t bars[1 + 2 * STAGES];  // Q and dO landed; full[STAGES], empty[STAGES]
+    unsigned char* sm = attn_smem6q + ((1024 - (attn_smem_u32(attn_smem6q) & 1023)) & 1023);
+    const uint32_t sQ = attn_smem_u32(sm), sdO = sQ + C::OFF_DO, sK = sQ + C::OFF_K, sV = sQ + C::OFF_V;
+    const uint32_t bq = attn_smem_u32(&bars[0]), bfull = bq + 8, bempty = bfull + 8 * STAGES;
+
+    const int T = p.T, nh = p.nh, nkv = p.nkv, G = nh / nkv;
+    const int b = blockIdx.x / nh, h = blockIdx.x % nh, kvh = h / G;
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;  // the heaviest (last) query tiles first
+    const int tid = threadIdx.x;
+    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
+    // key tiles: from the one holding the first row's document start to the last row's diagonal
+    const int q_last = min(q0 + BQ, T) - 1, kt_lo = (ds ? ds[q0] : 0) / BK, kt_hi = q_last / BK;
+
+    if (tid == 0) {
+        attn5_mbar_init(bq, 1);
+        for (int s = 0; s < STAGES; s++) {
+            attn5_mbar_init(bfull + 8 * s, 1);  // the producer's expect_tx
+            attn5_mbar_init(bempty + 8 * s, 8);  // lane 0 of each consumer warp
+        }
+        attn5_mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (tid < 128) {  // producer: one thread issues every copy
+        attn5_setmaxnreg_dec<24>();
+        if (tid == 0) {
+            attn5_mbar_expect_tx(bq, 2 * C::QB);
+            for (int cb = 0; cb < HD / 64; cb++) {
+                attn5_tma_load(sQ + cb * BQ * 128, &tm_q, cb * 64, h, q0, b, bq);
+                attn5_tma_load(sdO + cb * BQ * 128, &tm_do, cb * 64, h, q0, b, bq);
+            }
+            for (int kt = kt_lo; kt <= kt_hi; kt++) {
+                const int n = kt - kt_lo, s = n % STAGES, u = n / STAGES;
+                const uint32_t full = bfull + 8 * s;
+                if (u > 0) attn5_mbar_wait(bempty + 8 * s, (u - 1) & 1);  // all 8 consumer warps are done with tile kt - STAGES
+                attn5_mbar_expect_tx(full, 2 * C::KB);
+                for (int cb = 0; cb < HD / 64; cb++) {
+                    attn5_tma_load(sK + s * C::KB + cb * BK * 128, &tm_k, cb * 64, kvh, kt * BK, b, full);
+                    attn5_tma_load(sV + s * C::KB + cb * BK * 128, &tm_v, cb * 64, kvh, kt * BK, b, full);
+                }
+            }
+        }
+        return;
+    }
+    attn5_setmaxnreg_inc<240>();
+
+    // consumers: kernel4_dq's loop body; warp 0..7 of the consumers, warpgroup wg holds queries 64 wg ..
+    const int ct = tid - 128, warp = ct >> 5, lane = ct & 31, g = lane >> 2, t4 = lane & 3, wg = warp >> 2;
+    const int64_t qstride = (int64_t)nh * HD;
+    // this thread's two query rows (16 warp + g, + 8 within the tile): lse (pre-scaled by log2 e), D, doc_start
+    const int qr0 = warp * 16 + g;
+    float lse2[2], Dr[2];
+    int dsr[2], qi[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        qi[r] = q0 + qr0 + 8 * r;
+        const int64_t li = ((int64_t)b * nh + h) * T + min(qi[r], T - 1);
+        lse2[r] = p.lse[li] * 1.44269504089f;
+        Dr[r] = p.D[li];
+        dsr[r] = ds ? ds[min(qi[r], T - 1)] : 0;
+    }
+    const int ds_max = ds ? ds[q_last] : 0;  // doc_start is non-decreasing along the row
+    float dq[HD / 2];  // (64 queries x HD) per warpgroup, the accumulator layout
+#pragma unroll
+    for (int n = 0; n < HD / 2; n++) dq[n] = 0.f;
+    const float sl2 = p.scale_log2;
+    const uint32_t qA = sQ + wg * 64 * 128, oA = sdO + wg * 64 * 128;  // this warpgroup's 64 query rows
+
+    attn5_mbar_wait(bq, 0);  // Q and dO landed
+    if constexpr (!PINGPONG) {  // 6a: a tile's three matmuls and its arithmetic in turn, each batch waited for (4a's loop body)
+        for (int kt = kt_lo; kt <= kt_hi; kt++) {
+            const int n_ = kt - kt_lo, st = n_ % STAGES, k0 = kt * BK;
+            attn5_mbar_wait(bfull + 8 * st, (n_ / STAGES) & 1);  // K and V of tile kt landed
+            const uint32_t cK = sK + st * C::KB, cV = sV + st * C::KB;
+
+            // S = Q K^T, dP = dO V^T: (64 queries x BK keys) per warpgroup
+            float s[BK / 2], dp[BK / 2];
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+                wg_mma_64x64_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(cK + ko, 16, 1024), kk);
+            }
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+                wg_mma_64x64_ss<0, 0>(dp, wg_desc(oA + qo, 16, 1024), wg_desc(cV + ko, 16, 1024), kk);
+            }
+            wg_commit();
+            wg_wait<0>();
+            wg_fence_regs(s); wg_fence_regs(dp);
+
+            // P = exp2(S * scale * log2e - lse * log2e), masked to 0; dS = P (dP - D), as bf16 A fragments
+            const bool need_mask = k0 + BK - 1 > q0 || k0 + BK > T || q0 + BQ > T || (ds && k0 < ds_max);
+            uint32_t da[BK / 16][4];
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int r = e >> 1;
+                    float pr = attn_exp2(fmaf(s[4 * n + e], sl2, -lse2[r]));
+                    if (need_mask) {
+                        const int j = k0 + n * 8 + 2 * t4 + (e & 1);
+                        if (j > qi[r] || j >= T || qi[r] >= T || j < dsr[r]) pr = 0.f;
+                    }
+                    dp[4 * n + e] = pr * (dp[4 * n + e] - Dr[r]);
+                }
+#pragma unroll
+            for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+                for (int hh = 0; hh < 4; hh++) {
+                    const int n = 2 * kc + (hh >> 1), e = (hh & 1) * 2;
+                    da[kc][hh] = attn_pack_bf16(dp[4 * n + e], dp[4 * n + e + 1]);
+                }
+            // dQ += dS K (B = K, MN-major); waited for before this warp hands the stage back
+            wg_fence();
+#pragma unroll
+            for (int kc = 0; kc < BK / 16; kc++) wg_mma_rs<1>(dq, da[kc], wg_desc(cK + kc * 2048, BK * 128, 1024));
+            wg_commit();
+            wg_wait<0>();
+            wg_fence_regs(dq);
+            if (lane == 0) attn5_mbar_arrive(bempty + 8 * st);  // this warp is done with stage st
+        }
+    } else {  // 6e: kernel5's pingpong, dQ += dS(t-1) K(t-1) one tile behind S(t), dP(t) (dQ's order unchanged)
+        float s[BK / 2], dp[BK / 2];  // S, dP: (64 queries x BK keys) per warpgroup; dP becomes dS
+        uint32_t da[BK / 16][4];       // dS as bf16 A fragments
+        auto issue_sdp = [&](int st) {  // S = Q K^T, dP = dO V^T of the key tile in stage st (no commit)
+            const uint32_t cK = sK + st * C::KB, cV = sV + st * C::KB;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+                wg_mma_64x64_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(cK + ko, 16, 1024), kk);
+            }
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+                wg_mma_64x64_ss<0, 0>(dp, wg_desc(oA + qo, 16, 1024), wg_desc(cV + ko, 16, 1024), kk);
+            }
+        };
+        auto issue_dq = [&](int st) {  // dQ += dS K of the key tile in stage st (B = K, MN-major; no commit)
+#pragma unroll
+            for (int kc = 0; kc < BK / 16; kc++) wg_mma_rs<1>(dq, da[kc], wg_desc(sK + st * C::KB + kc * 2048, BK * 128, 1024));
+        };
+        auto ds_of = [&](int kt) {  // P = exp2(S * scale * log2e - lse * log2e), masked to 0; dP -> dS = P (dP - D)
+            const int k0 = kt * BK;
+            const bool need_mask = k0 + BK - 1 > q0 || k0 + BK > T || q0 + BQ > T || (ds && k0 < ds_max);
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int r = e >> 1;
+                    float pr = attn_exp2(fmaf(s[4 * n + e], sl2, -lse2[r]));
+                    if (need_mask) {
+                        const int j = k0 + n * 8 + 2 * t4 + (e & 1);
+                        if (j > qi[r] || j >= T || qi[r] >= T || j < dsr[r]) pr = 0.f;
+                    }
+                    dp[4 * n + e] = pr * (dp[4 * n + e] - Dr[r]);
+                }
+        };
+        auto pack_da = [&]() {  // dS -> bf16 A fragments (key blocks 2 kc, 2 kc + 1 -> key chunk kc)
+#pragma unroll
+            for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+                for (int hh = 0; hh < 4; hh++) {
+                    const int n = 2 * kc + (hh >> 1), e = (hh & 1) * 2;
+                    da[kc][hh] = attn_pack_bf16(dp[4 * n + e], dp[4 * n + e + 1]);
+                }
+        };
+        auto fence_da = [&]() {  // dS stays in its registers until the wgmmas reading it are done
+#pragma unroll
+            for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+                for (int hh = 0; hh < 4; hh++) asm volatile("" : "+r"(da[kc][hh])::"memory");
+        };
+        const int bar_mine = 1 + wg, bar_other = 2 - wg;
+        // (branch-free around the wgmmas: ptxas serializes them otherwise; the first S, dP and the last dQ are peeled)
+        if (wg == 1) attn5_bar_arrive(1);  // warpgroup 1 (wg 0) takes the first turn
+        attn5_mbar_wait(bfull, 0);  // tile kt_lo is in stage 0
+        attn5_bar_sync(bar_mine);
+        wg_fence();
+        issue_sdp(0);
+        wg_commit();
+        attn5_bar_arrive(bar_other);
+        wg_wait<0>();
+        wg_fence_regs(s); wg_fence_regs(dp);
+        ds_of(kt_lo);
+        pack_da();
+        for (int kt = kt_lo + 1; kt <= kt_hi; kt++) {
+            const int n_ = kt - kt_lo, st = n_ % STAGES, sp = (n_ - 1) % STAGES;
+            attn5_mbar_wait(bfull + 8 * st, (n_ / STAGES) & 1);  // K and V of tile kt landed
+            attn5_bar_sync(bar_mine);
+            wg_fence();
+            issue_dq(sp);  // first, so that stage sp goes back before S(t), dP(t) are done (2 stages: see above)
+            wg_commit();
+            issue_sdp(st);
+            wg_commit();
+            attn5_bar_arrive(bar_other);
+            wg_wait<1>();  // dQ += dS(t-1) K(t-1) (S(t), dP(t) may still run)
+            wg_fence_regs(dq);
+            fence_da();
+            if (lane == 0) attn5_mbar_arrive(bempty + 8 * sp);  // K(t-1)'s last reader is done: stage sp back
+            wg_wait<0>();
+            wg_fence_regs(s); wg_fence_regs(dp);
+            ds_of(kt);
+            pack_da();
+        }
+        {
+            const int sp = (kt_hi - kt_lo) % STAGES;
+            attn5_bar_sync(bar_mine);
+            wg_fence();
+            issue_dq(sp);
+            wg_commit();
+            attn5_bar_arrive(bar_other);
+            wg_wait<0>();
+            wg_fence_regs(dq);
+            fence_da();
+            if (lane == 0) attn5_mbar_arrive(bempty + 8 * sp);  // (as 6a: every tile's stage handed back)
+        }
+        if (wg == 0) attn5_bar_sync(1);  // takes warpgroup 2's last arrival: no barrier left half-done
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (qi[r] >= T) continue;
+        const int64_t off = ((int64_t)b * T + qi[r]) * qstride + (int64_t)h * HD + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++)
+            *reinterpret_cast<uint32_t*>(p.dq + off + n * 8) = attn_pack_bf16(dq[4 * n + 2 * r] * p.scale, dq[4 * n + 2 * r + 1] * p.scale);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // launchers
 
@@ -1166,29 +1678,46 @@ void attention_forward_launch(const AttnFwdParams& p, cudaStream_t stream) {
     cudaCheck(cudaGetLastError());
 }
 
+// kernel5 (hd 128, Hopper): STAGES, the depth of the K/V ring (2: variant 5a, 3: 5b); PINGPONG false: 5c
+template <int HD, int BQ, int BK, int STAGES, bool PINGPONG>
+void attention_forward5_launch(const AttnFwdParams& p, cudaStream_t stream) {
+    using C = AttnFwdTile5<HD, BQ, BK, STAGES>;
+    auto kernel = attention_forward_kernel5<HD, BQ, BK, STAGES, PINGPONG>;
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+    const CUtensorMap tq = attn5_tensor_map(p.q, p.B, p.T, p.nh, HD, BQ), tk = attn5_tensor_map(p.k, p.B, p.T, p.nkv, HD, BK),
+                      tv = attn5_tensor_map(p.v, p.B, p.T, p.nkv, HD, BK);
+    dim3 grid(p.B * p.nh, (p.T + BQ - 1) / BQ);
+    kernel<<<grid, C::THREADS, C::SMEM_ALLOC, stream>>>(p, tq, tk, tv);
+    cudaCheck(cudaGetLastError());
+}
+
 // out = softmax(causal(q k^T / sqrt(hd))) v per head (GQA: head h reads kv head h / (nh/nkv)); lse saved for backward.
 inline void attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, const int* doc_start,
                               int B, int T, int nh, int nkv, int hd, cudaStream_t stream) {
     const void* ptrs[] = {out, q, k, v};
     attention_check_args(ptrs, 4, B, T, nh, nkv, hd);
     AttnFwdParams p{out, lse, q, k, v, doc_start, B, T, nh, nkv, 1.4426950408889634f / sqrtf((float)hd)};
-    // dev/cuda/attention_forward.cu variants 1l (hd 64), 2a (hd 128 on Hopper) and 1h (hd 128): the fastest measured on H100
-    // at the llama3 shapes (4 warps of 32 query rows each, 2 CTAs/SM)
+    // hd 128 on Hopper: kernel5 with a K/V ring of 2 stages (dev/cuda/attention_forward.cu's 5a) or 3 (5b);
+    // set from the session-10 measurement
+    constexpr int fwd5_stages = 2;
+    // elsewhere variants 1l (hd 64) and 1h (hd 128): the fastest measured on H100 at the llama3 shapes (4 warps of
+    // 32 query rows each, 2 CTAs/SM); kernel2 (wgmma) at hd 64 was slower than 1l
     if (hd == 64) attention_forward_launch<64, 128, 64, 2, 2, true>(p, stream);
-    else if (attention_has_wgmma()) attention_forward2_launch<128, 128, 128>(p, stream);
+    else if (attention_has_wgmma()) attention_forward5_launch<128, 128, 128, fwd5_stages, true>(p, stream);
     else attention_forward_launch<128, 128, 64, 2, 2, false>(p, stream);
 }
 
-// kernel4 (wgmma) on Hopper, kernel2 otherwise
-inline bool attention_backward_uses_kernel4(int hd) { return (hd == 64 || hd == 128) && attention_has_wgmma(); }
+// kernel4 (hd 64) or kernel6 (hd 128), the dQ and dK/dV kernels apart, on Hopper; kernel2 otherwise
+inline bool attention_backward_split(int hd) { return (hd == 64 || hd == 128) && attention_has_wgmma(); }
 // kernel2's scratch, in bytes: dq_accum (B, T, nh, hd) fp32, D (B, nh, T) fp32, the dQ semaphores (B, nh, ceil(T / 16)) int
 inline size_t attention_backward_kernel2_scratch_bytes(int B, int T, int nh, int hd) {
     const size_t n_sem = (size_t)B * nh * ((T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS);
     return ((size_t)B * T * nh * hd + (size_t)B * nh * T) * sizeof(float) + n_sem * sizeof(int);
 }
-// Scratch for attention_backward, in bytes: kernel2's, or D alone for kernel4. The backward initialises what it needs.
+// Scratch for attention_backward, in bytes: D (B, nh, T) fp32 alone for kernel4 and kernel6, or kernel2's.
+// The backward initialises what it needs.
 inline size_t attention_backward_scratch_bytes(int B, int T, int nh, int hd) {
-    return attention_backward_uses_kernel4(hd) ? (size_t)B * nh * T * sizeof(float) : attention_backward_kernel2_scratch_bytes(B, T, nh, hd);
+    return attention_backward_split(hd) ? (size_t)B * nh * T * sizeof(float) : attention_backward_kernel2_scratch_bytes(B, T, nh, hd);
 }
 
 template <int HD, int BC, int BR, int MINB, bool DQ_PF>
@@ -1217,26 +1746,79 @@ void attention_backward4_launch(const AttnBwdParams& p, cudaStream_t stream) {
     cudaCheck(cudaGetLastError());
 }
 
-// The backward launches: preprocess (D, zero the dQ semaphores), then kernel2, or kernel4's two kernels.
-template <int HD, int BC, int BR, int MINB, bool DQ_PF, int KERNEL = 2>
-void attention_backward_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q, const bf16* k,
-                           const bf16* v, const bf16* out, const float* lse, const int* doc_start,
-                           int B, int T, int nh, int nkv, cudaStream_t stream) {
-    // kernel2: dq_accum (B, T, nh, HD), D (B, nh, T), dq_sem (B, nh, ceil(T/16)); kernel4: D alone
-    float* dq_accum = KERNEL == 4 ? nullptr : scratch;
-    float* D = KERNEL == 4 ? scratch : scratch + (size_t)B * T * nh * HD;
-    int* dq_sem = KERNEL == 4 ? nullptr : reinterpret_cast<int*>(D + (size_t)B * nh * T);
-    const int64_t rows = (int64_t)B * T * nh, n_sem = KERNEL == 4 ? 0 : (int64_t)B * nh * ((T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS);
+// kernel6 (hd 128, Hopper), variants 6a-6f of dev/cuda/attention_backward.cu: STAGES, the depth of both kernels' TMA
+// rings; DQ6, DKDV6: kernel6's dQ, dK/dV kernel, or kernel4's (6c, 6d time one half of kernel6 against kernel4's
+// other); PINGPONG: kernel6's dQ kernel with its consumer warpgroups taking turns on the tensor cores (6e, 6f).
+// The tensor maps are encoded on the host at every call (a few microseconds; they hold the tensors' addresses).
+template <int HD, int STAGES, bool DQ6, bool DKDV6, bool PINGPONG = false>
+void attention_backward6_launch(const AttnBwdParams& p, cudaStream_t stream) {
+    const dim3 grid_q(p.B * p.nh, (p.T + 127) / 128), grid_kv(p.B * p.nkv, (p.T + 127) / 128);
+    if constexpr (DQ6) {
+        using C = AttnBwdTile6q<HD, 128, 64, STAGES>;
+        auto kdq = attention_backward_kernel6_dq<HD, 128, 64, STAGES, PINGPONG>;
+        cudaCheck(cudaFuncSetAttribute(kdq, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+        const CUtensorMap tq = attn5_tensor_map(p.q, p.B, p.T, p.nh, HD, 128), tdo = attn5_tensor_map(p.dout, p.B, p.T, p.nh, HD, 128),
+                          tk = attn5_tensor_map(p.k, p.B, p.T, p.nkv, HD, 64), tv = attn5_tensor_map(p.v, p.B, p.T, p.nkv, HD, 64);
+        kdq<<<grid_q, C::THREADS, C::SMEM_ALLOC, stream>>>(p, tq, tdo, tk, tv);
+    } else {
+        using C = AttnBwdTile4q<HD, 128, 64>;
+        auto kdq = attention_backward_kernel4_dq<HD, 128, 64>;
+        cudaCheck(cudaFuncSetAttribute(kdq, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+        kdq<<<grid_q, C::THREADS, C::SMEM_ALLOC, stream>>>(p);
+    }
+    cudaCheck(cudaGetLastError());
+    if constexpr (DKDV6) {
+        using C = AttnBwdTile6<HD, 128, 64, STAGES>;
+        auto kdkdv = attention_backward_kernel6_dkdv<HD, 128, 64, STAGES>;
+        cudaCheck(cudaFuncSetAttribute(kdkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+        const CUtensorMap tq = attn5_tensor_map(p.q, p.B, p.T, p.nh, HD, 64), tdo = attn5_tensor_map(p.dout, p.B, p.T, p.nh, HD, 64),
+                          tk = attn5_tensor_map(p.k, p.B, p.T, p.nkv, HD, 128), tv = attn5_tensor_map(p.v, p.B, p.T, p.nkv, HD, 128);
+        kdkdv<<<grid_kv, C::THREADS, C::SMEM_ALLOC, stream>>>(p, tq, tdo, tk, tv);
+    } else {
+        using C = AttnBwdTile4<HD, 128, 64>;
+        auto kdkdv = attention_backward_kernel4_dkdv<HD, 128, 64>;
+        cudaCheck(cudaFuncSetAttribute(kdkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+        kdkdv<<<grid_kv, C::THREADS, C::SMEM_ALLOC, stream>>>(p);
+    }
+    cudaCheck(cudaGetLastError());
+}
+
+// D (B, nh, T) = rowsum(dout * out); n_sem of kernel2's dQ semaphores (0 for the split kernels) set to 0
+template <int HD>
+void attention_backward_preprocess(float* D, int* dq_sem, const bf16* out, const bf16* dout, int B, int T, int nh, int64_t n_sem,
+                                   cudaStream_t stream) {
+    const int64_t rows = (int64_t)B * T * nh;
     const int block = 256;
     attention_backward_preprocess_kernel2<HD><<<(unsigned)((rows * (HD / 8) + block - 1) / block), block, 0, stream>>>(
         D, dq_sem, out, dout, B, T, nh, n_sem);
     cudaCheck(cudaGetLastError());
-    const float scale = 1.0f / sqrtf((float)HD);
-    AttnBwdParams p{dq, dk, dv, dq_accum, dq_sem, D, dout, q, k, v, lse, doc_start, B, T, nh, nkv, scale, scale * 1.4426950408889634f};
-    if constexpr (KERNEL == 4) attention_backward4_launch<HD>(p, stream);
-    else attention_backward_launch<HD, BC, BR, MINB, DQ_PF>(p, stream);
 }
 
+// The backward on other GPUs: preprocess (D, the dQ semaphores zeroed), then kernel2. scratch: kernel2's.
+template <int HD, int BC, int BR, int MINB, bool DQ_PF>
+void attention_backward_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q, const bf16* k,
+                           const bf16* v, const bf16* out, const float* lse, const int* doc_start,
+                           int B, int T, int nh, int nkv, cudaStream_t stream) {
+    float* dq_accum = scratch;                                     // (B, T, nh, HD)
+    float* D = scratch + (size_t)B * T * nh * HD;                  // (B, nh, T)
+    int* dq_sem = reinterpret_cast<int*>(D + (size_t)B * nh * T);  // (B, nh, ceil(T / 16))
+    attention_backward_preprocess<HD>(D, dq_sem, out, dout, B, T, nh, (int64_t)B * nh * ((T + ATTN_SEM_ROWS - 1) / ATTN_SEM_ROWS), stream);
+    const float scale = 1.0f / sqrtf((float)HD);
+    AttnBwdParams p{dq, dk, dv, dq_accum, dq_sem, D, dout, q, k, v, lse, doc_start, B, T, nh, nkv, scale, scale * 1.4426950408889634f};
+    attention_backward_launch<HD, BC, BR, MINB, DQ_PF>(p, stream);
+}
+
+// The backward on Hopper: preprocess (D), then LAUNCH's dQ and dK/dV kernels (kernel4's or kernel6's).
+// scratch: D (B, nh, T) alone.
+template <int HD, void (*LAUNCH)(const AttnBwdParams&, cudaStream_t)>
+void attention_backward_split_hd(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q, const bf16* k,
+                                 const bf16* v, const bf16* out, const float* lse, const int* doc_start,
+                                 int B, int T, int nh, int nkv, cudaStream_t stream) {
+    attention_backward_preprocess<HD>(scratch, nullptr, out, dout, B, T, nh, 0, stream);
+    const float scale = 1.0f / sqrtf((float)HD);
+    AttnBwdParams p{dq, dk, dv, nullptr, nullptr, scratch, dout, q, k, v, lse, doc_start, B, T, nh, nkv, scale, scale * 1.4426950408889634f};
+    LAUNCH(p, stream);
+}
 
 // dq, dk, dv from dout, the forward's inputs, out and lse. scratch: attention_backward_scratch_bytes().
 // Bitwise deterministic: the same inputs give the same dq, dk, dv bits on every run.
@@ -1245,11 +1827,17 @@ inline void attention_backward(bf16* dq, bf16* dk, bf16* dv, float* scratch, con
                                int B, int T, int nh, int nkv, int hd, cudaStream_t stream) {
     const void* ptrs[] = {dq, dk, dv, scratch, dout, q, k, v, out};
     attention_check_args(ptrs, 9, B, T, nh, nkv, hd);
-    // kernel4 on Hopper; elsewhere dev/cuda/attention_backward.cu variants 2a (hd 128) and 2c (hd 64)
-    if (attention_backward_uses_kernel4(hd) && hd == 64)
-        attention_backward_hd<64, 128, 64, 1, true, 4>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
-    else if (attention_backward_uses_kernel4(hd))
-        attention_backward_hd<128, 128, 64, 1, true, 4>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
+    // hd 128 on Hopper: kernel6 as dev/cuda/attention_backward.cu's variant {stages, dq6, dkdv6, pingpong}:
+    //   6a {2, 1, 1, 0}  6b {3, 1, 1, 0}  6c {2, 0, 1, 0}  6d {2, 1, 0, 0}  6e {2, 1, 1, 1}  6f {3, 1, 1, 1}
+    // set from the session-10 measurement
+    struct Bwd6 { int stages; bool dq6, dkdv6, pingpong; };
+    constexpr Bwd6 bwd6 = {2, true, true, false};  // 6a
+    // hd 64 on Hopper: kernel4; elsewhere variants 2a (hd 128) and 2c (hd 64)
+    if (attention_backward_split(hd) && hd == 64)
+        attention_backward_split_hd<64, attention_backward4_launch<64>>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
+    else if (attention_backward_split(hd))
+        attention_backward_split_hd<128, attention_backward6_launch<128, bwd6.stages, bwd6.dq6, bwd6.dkdv6, bwd6.pingpong>>(
+            dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
     else if (hd == 64) attention_backward_hd<64, 128, 64, 1, true>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
     else attention_backward_hd<128, 128, 64, 1, true>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
 }

@@ -1,8 +1,10 @@
 // test/test_attention.cu: kernels/attention.cuh against a CPU reference, forward and backward.
-// Shapes: B=2, T in {1, 17, 128, 300}, nh=4, nkv in {4, 2, 1}, hd in {64, 128}, with and without
+// Shapes: B=2, T in {1, 17, 100, 128, 300}, nh=4, nkv in {4, 2, 1}, hd in {64, 128}, with and without
 // document packing; and B=2, T=1000, nh=8 (8 key tiles), against the CPU where that is cheap. On a Hopper
-// the small shapes run twice: the wgmma kernels it uses, then (attention_wgmma_off) the mma.sync ones of
-// every other GPU.
+// the small shapes run twice: the kernels it uses there (hd 128: forward kernel5, backward kernel6, whose
+// TMA boxes of 64 or 128 rows run past T < 128; hd 64: kernel1, kernel4), then (attention_wgmma_off) the
+// mma.sync ones of every other GPU. Also on a Hopper: each variant of kernel5 (5a-5c) and kernel6 (6a-6f)
+// that the dispatch constants can pick must give the dispatched forward's and kernel4's bits.
 // Inputs are seeded random bf16 values; outputs are poisoned (NaN) before each launch.
 //
 // Determinism: at T=300, T=1000 and the llama3-8b and -1b shapes (B=4, T=2048, nh=32, nkv=8, hd=128 and 64; several key
@@ -21,9 +23,10 @@
 #include <cuda_runtime.h>            // defines: cudaMalloc, cudaGetDeviceCount
 #include <vector>                    // defines: std::vector
 #include <algorithm>                 // defines: std::max
-#include "test.h"                    // defines: check, check_close, test_summary, test_skip
+#include "test.h"                    // defines: check, check_close, check_bytes, test_summary, test_skip
 #include "../qlora.h"                // defines: f32_to_bf16, bf16_to_f32, rng_u32, rng_uniform
-#include "../kernels/attention.cuh"  // defines: attention_forward, attention_backward, attention_backward_scratch_bytes
+#include "../kernels/attention.cuh"  // defines: attention_forward, attention_backward, attention_backward_scratch_bytes,
+                                     //   attention_forward5_launch, attention_backward_split_hd, attention_backward{4,6}_launch
 
 // ---------------------------------------------------------------------------------------------
 // CPU reference. sim = false: fp64 throughout, no rounding. sim = true: our precision plan.
@@ -160,34 +163,47 @@ static void check_tensor(const char* what, const char* cfg, const std::vector<fl
 
 // ---------------------------------------------------------------------------------------------
 
+// one case's inputs: q (B, T, nh, hd), k, v (B, T, nkv, hd), dout (B, T, nh, hd) as bf16 bits and their values;
+// doc (B, T) doc_start rows when packed, else empty
+struct Inputs {
+    std::vector<uint16_t> qb, kb, vb, dob;
+    std::vector<float> q, k, v, dout;
+    std::vector<int> doc;
+};
+static Inputs make_inputs(Shape s, bool packed, uint64_t seed) {
+    const int B = s.B, T = s.T;
+    const size_t nq = (size_t)B * T * s.nh * s.hd, nk = (size_t)B * T * s.nkv * s.hd;
+    Inputs in;
+    fill_bf16(in.qb, in.q, nq, 2.0f, seed, 1);  // |q.k| / sqrt(hd) up to ~1.3 std: softmax neither flat nor one-hot
+    fill_bf16(in.kb, in.k, nk, 2.0f, seed, 2);
+    fill_bf16(in.vb, in.v, nk, 1.0f, seed, 3);
+    fill_bf16(in.dob, in.dout, nq, 1.0f, seed, 4);
+    if (packed) {  // documents of 1..T/4+8 tokens, so whole key tiles get skipped at T=300
+        in.doc.resize((size_t)B * T);
+        uint64_t ctr = 0;
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < T;) {
+                const int len = 1 + (int)(rng_u32(seed, 5, ctr++) % (uint32_t)(T / 4 + 8));
+                for (int j = i; j < std::min(T, i + len); j++) in.doc[(size_t)b * T + j] = i;
+                i += len;
+            }
+    }
+    return in;
+}
+
 // vs_cpu: check forward and backward against the CPU reference; repeat: run the backward twice, compare bits
 static void run_case(Shape s, bool packed, uint64_t seed, bool vs_cpu, bool repeat) {
     const int B = s.B, T = s.T, nh = s.nh, nkv = s.nkv, hd = s.hd;
     char cfg[96];
     snprintf(cfg, sizeof cfg, "T=%d nh=%d nkv=%d hd=%d%s", T, nh, nkv, hd, packed ? " docs" : "");
     const size_t nq = (size_t)B * T * nh * hd, nk = (size_t)B * T * nkv * hd, nl = (size_t)B * nh * T;
-    std::vector<uint16_t> qb, kb, vb, dob;
-    std::vector<float> q, k, v, dout;
-    fill_bf16(qb, q, nq, 2.0f, seed, 1);  // |q.k| / sqrt(hd) up to ~1.3 std: softmax neither flat nor one-hot
-    fill_bf16(kb, k, nk, 2.0f, seed, 2);
-    fill_bf16(vb, v, nk, 1.0f, seed, 3);
-    fill_bf16(dob, dout, nq, 1.0f, seed, 4);
-    std::vector<int> doc;
-    if (packed) {  // documents of 1..T/4+8 tokens, so whole key tiles get skipped at T=300
-        doc.resize((size_t)B * T);
-        uint64_t ctr = 0;
-        for (int b = 0; b < B; b++)
-            for (int i = 0; i < T;) {
-                const int len = 1 + (int)(rng_u32(seed, 5, ctr++) % (uint32_t)(T / 4 + 8));
-                for (int j = i; j < std::min(T, i + len); j++) doc[(size_t)b * T + j] = i;
-                i += len;
-            }
-    }
-    const int* doc_h = packed ? doc.data() : nullptr;
+    const Inputs in = make_inputs(s, packed, seed);
+    const std::vector<float> &q = in.q, &k = in.k, &v = in.v, &dout = in.dout;
+    const int* doc_h = packed ? in.doc.data() : nullptr;
 
     // forward
-    bf16 *d_q = (bf16*)to_device(qb), *d_k = (bf16*)to_device(kb), *d_v = (bf16*)to_device(vb), *d_do = (bf16*)to_device(dob);
-    int* d_doc = packed ? to_device(doc) : nullptr;
+    bf16 *d_q = (bf16*)to_device(in.qb), *d_k = (bf16*)to_device(in.kb), *d_v = (bf16*)to_device(in.vb), *d_do = (bf16*)to_device(in.dob);
+    int* d_doc = packed ? to_device(in.doc) : nullptr;
     bf16* d_out = poisoned<bf16>(nq);
     float* d_lse = poisoned<float>(nl);
     attention_forward(d_out, d_lse, d_q, d_k, d_v, d_doc, B, T, nh, nkv, hd, 0);
@@ -251,6 +267,93 @@ static void run_case(Shape s, bool packed, uint64_t seed, bool vs_cpu, bool repe
         if (ptr) cudaCheck(cudaFree(ptr));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Hopper, hd 128: every variant of kernel5 and kernel6 the dispatch constants can pick, bit for bit. kernel5's
+// variants differ only in schedule (ring depth, pingpong), so 5a, 5b, 5c must give the dispatched forward's bits;
+// kernel6 runs kernel4's operations in kernel4's order, so 6a-6f (and the dispatched backward) must give kernel4's.
+// Each run's outputs are poisoned with other bytes than the reference's, so an element left unwritten differs.
+
+typedef void (*FwdLaunch)(const AttnFwdParams&, cudaStream_t);
+typedef void (*BwdRun)(bf16*, bf16*, bf16*, float*, const bf16*, const bf16*, const bf16*, const bf16*, const bf16*,
+                       const float*, const int*, int, int, int, int, cudaStream_t);
+static void dispatched_backward(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q, const bf16* k,
+                                const bf16* v, const bf16* out, const float* lse, const int* doc, int B, int T, int nh, int nkv,
+                                cudaStream_t stream) {
+    attention_backward(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc, B, T, nh, nkv, 128, stream);
+}
+
+static void hopper_variants_identical(Shape s, bool packed, uint64_t seed) {
+    const int B = s.B, T = s.T, nh = s.nh, nkv = s.nkv;
+    char cfg[96];
+    snprintf(cfg, sizeof cfg, "T=%d B=%d nh=%d nkv=%d hd=128%s", T, B, nh, nkv, packed ? " docs" : "");
+    const size_t nq = (size_t)B * T * nh * 128, nk = (size_t)B * T * nkv * 128, nl = (size_t)B * nh * T;
+    const Inputs in = make_inputs(s, packed, seed);
+    bf16 *d_q = (bf16*)to_device(in.qb), *d_k = (bf16*)to_device(in.kb), *d_v = (bf16*)to_device(in.vb), *d_do = (bf16*)to_device(in.dob);
+    int* d_doc = packed ? to_device(in.doc) : nullptr;
+    bf16* d_out = poisoned<bf16>(nq);
+    float* d_lse = poisoned<float>(nl);
+
+    // forward: the dispatched kernel5 is the reference; out (B, T, nh, 128) bf16, then lse (B, nh, T) fp32, as bytes
+    auto fwd_bytes = [&]() {
+        std::vector<uint8_t> h(nq * 2 + nl * 4);
+        cudaCheck(cudaMemcpy(h.data(), d_out, nq * 2, cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(h.data() + nq * 2, d_lse, nl * 4, cudaMemcpyDeviceToHost));
+        return h;
+    };
+    attention_forward(d_out, d_lse, d_q, d_k, d_v, d_doc, B, T, nh, nkv, 128, 0);
+    cudaCheck(cudaDeviceSynchronize());
+    const std::vector<uint8_t> fwd_ref = fwd_bytes();
+    const struct { const char* name; FwdLaunch fn; } fwd[] = {
+        {"5a", attention_forward5_launch<128, 128, 128, 2, true>},
+        {"5b", attention_forward5_launch<128, 128, 128, 3, true>},
+        {"5c", attention_forward5_launch<128, 128, 128, 2, false>},
+    };
+    for (const auto& V : fwd) {
+        cudaCheck(cudaMemset(d_out, 0x7f, nq * 2)); cudaCheck(cudaMemset(d_lse, 0x7f, nl * 4));
+        V.fn(AttnFwdParams{d_out, d_lse, d_q, d_k, d_v, d_doc, B, T, nh, nkv, 1.4426950408889634f / sqrtf(128.f)}, 0);
+        cudaCheck(cudaDeviceSynchronize());
+        char name[160];
+        snprintf(name, sizeof name, "fwd %s == dispatched out|lse %s", V.name, cfg);
+        const std::vector<uint8_t> got = fwd_bytes();
+        check_bytes(name, got.data(), fwd_ref.data(), got.size());
+    }
+
+    // backward, from the forward's out and lse: kernel4 is the reference; dq (B, T, nh, 128), dk, dv (B, T, nkv, 128)
+    bf16 *d_dq = poisoned<bf16>(nq), *d_dk = poisoned<bf16>(nk), *d_dv = poisoned<bf16>(nk);
+    const size_t scratch_bytes = attention_backward_scratch_bytes(B, T, nh, 128);  // D alone, as kernel4 and kernel6 need
+    float* d_scratch = poisoned<float>(scratch_bytes / sizeof(float));
+    auto bwd_bytes = [&](BwdRun run, uint8_t poison) {
+        cudaCheck(cudaMemset(d_dq, poison, nq * 2)); cudaCheck(cudaMemset(d_dk, poison, nk * 2)); cudaCheck(cudaMemset(d_dv, poison, nk * 2));
+        cudaCheck(cudaMemset(d_scratch, poison, scratch_bytes));
+        run(d_dq, d_dk, d_dv, d_scratch, d_do, d_q, d_k, d_v, d_out, d_lse, d_doc, B, T, nh, nkv, 0);
+        cudaCheck(cudaDeviceSynchronize());
+        std::vector<uint8_t> h((nq + 2 * nk) * 2);
+        cudaCheck(cudaMemcpy(h.data(), d_dq, nq * 2, cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(h.data() + nq * 2, d_dk, nk * 2, cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(h.data() + (nq + nk) * 2, d_dv, nk * 2, cudaMemcpyDeviceToHost));
+        return h;
+    };
+    const std::vector<uint8_t> bwd_ref = bwd_bytes(attention_backward_split_hd<128, attention_backward4_launch<128>>, 0xff);
+    const struct { const char* name; BwdRun fn; } bwd[] = {  // {stages, dq6, dkdv6, pingpong} as the dispatch's bwd6
+        {"6a", attention_backward_split_hd<128, attention_backward6_launch<128, 2, true, true, false>>},
+        {"6b", attention_backward_split_hd<128, attention_backward6_launch<128, 3, true, true, false>>},
+        {"6c", attention_backward_split_hd<128, attention_backward6_launch<128, 2, false, true, false>>},
+        {"6d", attention_backward_split_hd<128, attention_backward6_launch<128, 2, true, false, false>>},
+        {"6e", attention_backward_split_hd<128, attention_backward6_launch<128, 2, true, true, true>>},
+        {"6f", attention_backward_split_hd<128, attention_backward6_launch<128, 3, true, true, true>>},
+        {"dispatched", dispatched_backward},
+    };
+    for (const auto& V : bwd) {
+        char name[160];
+        snprintf(name, sizeof name, "bwd %s == kernel4 dq|dk|dv %s", V.name, cfg);
+        const std::vector<uint8_t> got = bwd_bytes(V.fn, 0x7f);
+        check_bytes(name, got.data(), bwd_ref.data(), got.size());
+    }
+    for (void* ptr : {(void*)d_q, (void*)d_k, (void*)d_v, (void*)d_do, (void*)d_doc, (void*)d_out, (void*)d_lse, (void*)d_dq,
+                      (void*)d_dk, (void*)d_dv, (void*)d_scratch})
+        if (ptr) cudaCheck(cudaFree(ptr));
+}
+
 // test_attention [T]: all cases, or only those of one T (short runs under compute-sanitizer)
 int main(int argc, char** argv) {
     int ndev = 0;
@@ -263,7 +366,7 @@ int main(int argc, char** argv) {
         attention_wgmma_off = portable && hopper;
         if (hopper) printf("-- %s kernels\n", portable ? "mma.sync (other GPUs')" : "wgmma (Hopper's)");
         for (int hd : {64, 128})
-            for (int T : {1, 17, 128, 300})
+            for (int T : {1, 17, 100, 128, 300})
                 for (int nkv : {4, 2, 1})
                     for (int packed = 0; packed < 2; packed++, seed++)
                         if (!only_T || T == only_T) run_case(Shape{2, T, 4, nkv, hd}, packed, seed, true, T == 300);
@@ -278,5 +381,16 @@ int main(int argc, char** argv) {
     // (dev/cuda/attention_backward.cu) came out the same twice; here they gave 177 different dq elements
     if (!only_T || only_T == 2048) run_case(Shape{4, 2048, 32, 8, 128}, false, seed, false, true);
     if (!only_T || only_T == 2048) run_case(Shape{4, 2048, 32, 8, 64}, false, seed, false, true);   // llama3-1b's heads
+    // Hopper: kernel5's and kernel6's variants bit for bit, at tiles longer than T (TMA boxes past the tensor's end),
+    // odd tails, packed rows, several key tiles, B = 4 (the batch coordinate of the copies)
+    if (hopper) {
+        printf("-- kernel5, kernel6 variants (hd 128)\n");
+        const struct { Shape s; bool packed; } cases[] = {
+            {{2, 1, 4, 1, 128}, false}, {{2, 17, 4, 2, 128}, true}, {{2, 100, 4, 4, 128}, false}, {{2, 300, 4, 1, 128}, true},
+            {{2, 1000, 8, 2, 128}, false}, {{2, 1000, 8, 2, 128}, true}, {{4, 2048, 32, 8, 128}, false},
+        };
+        for (const auto& c : cases)
+            if (!only_T || c.s.T == only_T) hopper_variants_identical(c.s, c.packed, seed++);
+    }
     return test_summary();
 }

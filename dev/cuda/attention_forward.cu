@@ -11,9 +11,12 @@
 //   kernel1: FlashAttention-2 on mma.sync m16n8k16 + ldmatrix + 2-stage cp.async; a warp owns 16 RT
 //            query rows; letters are tile/occupancy variants of it (see VARIANTS below).
 //   kernel2: kernel1's tiles on wgmma (sm_90a): two warpgroups of 64 query rows, 128-key tiles in
-//            128B-swizzled smem, S = Q K^T and O += P V as m64n128k16 (P from registers). Production on Hopper.
+//            128B-swizzled smem, S = Q K^T and O += P V as m64n128k16 (P from registers). Production on Hopper
+//            until kernel5 replaced it (session 10); kept here as 2a, the baseline kernel5 is checked against.
 //   kernel3: kernel2 software-pipelined (FA3's intra-warpgroup overlap: S of tile t+1 issued before P V of
 //            tile t, the softmax under P V). Slower; kept here, not used.
+//   kernel5: FA3's schedule (TMA producer warpgroup, mbarrier ring, two consumer warpgroups in pingpong), in
+//            kernels/attention.cuh: production on Hopper at hd 128 (5a, 2 stages) since session 10.
 //
 // Two numbers, llama3-8b (B=4 T=2048 nh=32 nkv=8 hd=128): 137 GFLOP (causal); at the ~760 TFLOP/s a
 // cuBLAS bf16 GEMM reaches on this H100 that is 0.18 ms. Bytes: q, k, v, out = 160 MB -> 0.055 ms at
@@ -81,15 +84,175 @@
 // 168 registers at launch, 0 spills, no C75xx serialization warning. Not yet run: none of this session's
 // calls got a device machine (starts failed or it was busy); correctness and timings are owed to the next
 // session with a GPU: ./attention_forward 2a,3a,5a,5b,5c
-#include <cuda_runtime.h>                  // defines: cudaEvent_t, cudaGetDriverEntryPointByVersion
+// Session 10 (no GPU): kernel5 and its helpers (now kernels/tma.cuh) moved to kernels/attention.cuh and became the
+// trainer's hd-128 forward on Hopper (5a; the dispatch's fwd5_stages picks 5b), kernel2 moved here; still unrun.
+// The check also compares 5a-5c's output and lse bits with 2a's (kernel2's order of operations: expected identical).
+#include <cuda_runtime.h>                  // defines: cudaEvent_t
 #include <stdio.h>                         // defines: printf
-#include <string.h>                        // defines: strcmp, strstr, strlen
+#include <string.h>                        // defines: strcmp, strstr, strlen, memcpy
 #include <math.h>                          // defines: exp, sqrt
 #include <vector>                          // defines: std::vector
 #include <algorithm>                       // defines: std::sort
 #include "../../qlora.h"                   // defines: f32_to_bf16, bf16_to_f32, rng_uniform, rng_u32
-#include "../../kernels/attention.cuh"     // defines: attention_forward_kernel1, attention_forward_launch, attention_forward2_launch
-#include "tma.cuh"                         // defines: attn5_mbar_*, attn5_tma_load, attn5_bar_*, attn5_tensor_map (kernel5)
+#include "../../kernels/attention.cuh"     // defines: attention_forward_launch (kernel1), attention_forward5_launch, AttnFwdParams
+
+// ---------------------------------------------------------------------------------------------
+// kernel2 (graduated, then replaced by kernel5, which kernels/attention.cuh runs at hd 128 on Hopper)
+
+// kernel2 (hd 128, Hopper): kernel1's tiles and online softmax on wgmma. Two warpgroups of 64 query rows
+// (BQ = 128), 128-key tiles double-buffered in 128B-swizzled smem (kernels/wgmma.cuh):
+//   S = Q K^T   m64n128k16, A = this warpgroup's Q rows, B = the key tile       (both K-major)
+//   O += P V    m64n128k16, A = P from registers (bf16), B = the value tile     (MN-major)
+// Warp w still owns rows 16 w + g, + 8 (the accumulator layout is mma.sync's), so the softmax is kernel1's.
+template <int HD, int BQ, int BK>
+struct AttnFwdTile2 {
+    static constexpr int THREADS = BQ / 64 * 128;
+    static constexpr int QB = BQ * HD * 2, KB = BK * HD * 2;  // bytes: Q tile, K (or V) tile
+    static constexpr size_t OFF_K = QB, OFF_V = OFF_K + 2 * KB, SMEM = OFF_V + 2 * KB;  // Q, K (2 stages), V (2 stages)
+    static constexpr size_t SMEM_ALLOC = SMEM + 1024;  // the dynamic smem base is aligned up to 1024 bytes
+    static_assert(HD == 128 && BQ == 128 && BK == 128, "attention_forward_kernel2: written for these (hd 64: kernel1 measured faster, 4.51 vs 5.01 ms at llama3-1b)");
+};
+
+template <int HD, int BQ, int BK>
+__global__ void __launch_bounds__(BQ / 64 * 128, 1) attention_forward_kernel2(const AttnFwdParams p) {
+    using C = AttnFwdTile2<HD, BQ, BK>;
+    constexpr int NT = C::THREADS, CH = HD / 8;
+    extern __shared__ unsigned char attn_smemf2[];
+    unsigned char* sm = attn_smemf2 + ((1024 - (attn_smem_u32(attn_smemf2) & 1023)) & 1023);
+    const uint32_t sQ = attn_smem_u32(sm), sK = sQ + C::OFF_K, sV = sQ + C::OFF_V;
+
+    const int T = p.T, nh = p.nh, nkv = p.nkv;
+    const int b = blockIdx.x / nh, h = blockIdx.x % nh, kvh = h / (nh / nkv);
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;  // heaviest (last) query tiles first
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3, wg = warp >> 2;
+    const int q_last = min(q0 + BQ, T) - 1;
+    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
+    const int ds_max = ds ? ds[q_last] : 0;  // doc_start is non-decreasing along the row
+    const int t_lo = (ds ? ds[q0] : 0) / BK, t_hi = q_last / BK;
+    const int64_t qstride = (int64_t)nh * HD, kstride = (int64_t)nkv * HD;
+    const bf16* gQ = p.q + (int64_t)b * T * qstride + (int64_t)h * HD;
+    const bf16* gK = p.k + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+    const bf16* gV = p.v + (int64_t)b * T * kstride + (int64_t)kvh * HD;
+
+    for (int c = tid; c < BQ * CH; c += NT) {
+        const int r = c / CH, cc = c % CH, i = q0 + r;
+        attn_cp_async16(sQ + wg_swz<BQ>(r, cc * 8), gQ + (i < T ? i : 0) * qstride + cc * 8, i < T);
+    }
+    auto load_kv = [&](int st, int t) {
+        for (int c = tid; c < BK * CH; c += NT) {
+            const int r = c / CH, cc = c % CH, j = t * BK + r;
+            const int64_t off = (j < T ? j : 0) * kstride + cc * 8;
+            attn_cp_async16(sK + st * C::KB + wg_swz<BK>(r, cc * 8), gK + off, j < T);  // zero rows past T:
+            attn_cp_async16(sV + st * C::KB + wg_swz<BK>(r, cc * 8), gV + off, j < T);  // 0 * garbage could be NaN
+        }
+    };
+    load_kv(0, t_lo);
+    attn_cp_async_commit();
+
+    const int ia0 = q0 + warp * 16 + g;  // this lane's rows: ia0 and ia0 + 8
+    int dsa[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) dsa[r] = ds ? ds[min(ia0 + 8 * r, T - 1)] : 0;
+    const float sl2 = p.scale_log2;
+    float o[HD / 2];  // (64 rows x HD) per warpgroup: [4 n + e] = row 16 warp + g + 8 (e >> 1), dim 8 n + 2 t4 + (e & 1)
+#pragma unroll
+    for (int n = 0; n < HD / 2; n++) o[n] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // running max (raw score units), lane-partial sum
+    const uint32_t qA = sQ + wg * 64 * 128;  // this warpgroup's 64 query rows, column block 0
+
+    for (int t = t_lo; t <= t_hi; t++) {
+        const int st = (t - t_lo) & 1, k0 = t * BK;
+        attn_cp_async_wait_all();
+        wg_fence_proxy();  // the cp.async stores, before wgmma reads them
+        __syncthreads();   // tile t landed; both warpgroups are done with the other stage
+        if (t < t_hi) { load_kv(st ^ 1, t + 1); attn_cp_async_commit(); }
+        const uint32_t cK = sK + st * C::KB, cV = sV + st * C::KB;
+
+        // S = Q K^T: (64 rows x BK keys) per warpgroup
+        float s[BK / 2];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
+            wg_mma_64x128_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(cK + ko, 16, 1024), kk);
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_fence_regs(s);
+
+        // mask only the tiles that cross the diagonal, the tail, or a document start
+        if (!(k0 + BK - 1 <= q0 && k0 >= ds_max)) {
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int j = k0 + n * 8 + 2 * t4 + (e & 1), i = ia0 + (e >> 1) * 8;
+                    if (j > i || j < dsa[e >> 1]) s[4 * n + e] = -INFINITY;
+                }
+        }
+        // online softmax, two rows per lane; a row fully masked so far keeps m = -inf and p = 0
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float mx = m[r];
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float msc = mx == -INFINITY ? 0.f : mx * sl2;
+            const float alpha = attn_exp2(m[r] * sl2 - msc);  // exp2(-inf) = 0 on the first tile
+            m[r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++) {
+                s[4 * n + 2 * r] = attn_exp2(fmaf(s[4 * n + 2 * r], sl2, -msc));
+                s[4 * n + 2 * r + 1] = attn_exp2(fmaf(s[4 * n + 2 * r + 1], sl2, -msc));
+                sum += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
+            }
+            l[r] = l[r] * alpha + sum;
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++) { o[4 * n + 2 * r] *= alpha; o[4 * n + 2 * r + 1] *= alpha; }
+        }
+        // O += P V: the S accumulators of key blocks 2 kc, 2 kc + 1 are the A fragment of key chunk kc
+        uint32_t pa[BK / 16][4];
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++)
+#pragma unroll
+            for (int hh = 0; hh < 4; hh++) {
+                const int n = 2 * kc + (hh >> 1), e = (hh & 1) * 2;
+                pa[kc][hh] = attn_pack_bf16(s[4 * n + e], s[4 * n + e + 1]);
+            }
+        wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < BK / 16; kc++) wg_mma_rs<1>(o, pa[kc], wg_desc(cV + kc * 2048, BK * 128, 1024));
+        wg_commit();
+        wg_wait<0>();  // before the next tile's loads reuse this stage
+        wg_fence_regs(o);
+    }
+    // epilogue: finish the row sums across the quad, normalise, store O and lse
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float lr = l[r];
+        lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+        lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+        const float inv = 1.f / lr;
+        const int i = ia0 + 8 * r;
+        if (i >= T) continue;
+        bf16* dst = p.out + ((int64_t)b * T + i) * qstride + (int64_t)h * HD + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++)
+            *reinterpret_cast<uint32_t*>(dst + n * 8) = attn_pack_bf16(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
+        if (t4 == 0) p.lse[((int64_t)b * nh + h) * T + i] = (m[r] * sl2 + __log2f(lr)) * 0.69314718056f;
+    }
+}
+template <int HD, int BQ, int BK>
+void attention_forward2_launch(const AttnFwdParams& p, cudaStream_t stream) {
+    using C = AttnFwdTile2<HD, BQ, BK>;
+    auto kernel = attention_forward_kernel2<HD, BQ, BK>;
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
+    dim3 grid(p.B * p.nh, (p.T + BQ - 1) / BQ);
+    kernel<<<grid, C::THREADS, C::SMEM_ALLOC, stream>>>(p);
+    cudaCheck(cudaGetLastError());
+}
 
 // ---------------------------------------------------------------------------------------------
 // kernel3 (tried, not kept: slower than kernel2, see the header)
@@ -99,7 +262,7 @@
 //   S = Q K^T   m64n128k16, A = this warpgroup's Q rows, B = the key tile       (both K-major)
 //   O += P V    m64n128k16, A = P from registers (bf16), B = the value tile     (MN-major)
 // Warp w still owns rows 16 w + g, + 8 (the accumulator layout is mma.sync's), so the softmax is kernel1's.
-// Pipelined (kernels/attention.cuh's kernel2 is the same without): the softmax of tile t + 1 runs while the
+// Pipelined (kernel2 above is the same without): the softmax of tile t + 1 runs while the
 // tensor cores do P V of tile t.
 template <int HD, int BQ, int BK>
 struct AttnFwdTile3 {
@@ -275,234 +438,6 @@ void attention_forward3_launch(const AttnFwdParams& p, cudaStream_t stream) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// kernel5 (session 8): FlashAttention-3's forward schedule, hd 128, Hopper. 384 threads, 1 CTA/SM:
-//   warpgroup 0 produces: one thread loads the Q tile (128 rows) and then K and V tiles (128 keys) by TMA
-//     (cp.async.bulk.tensor, 128B swizzle = wg_swz's layout, rows past T zero-filled by the copy engine)
-//     into a STAGES-deep ring, K and V with their own full (tx bytes) and empty (8 consumer warps) mbarriers;
-//   warpgroups 1 and 2 consume, 64 query rows each, kernel2's math. Per key tile t a consumer issues, in its
-//     turn, S(t) = Q K(t)^T and O += P(t-1) V(t-1) back to back, hands the turn on, and runs the softmax of
-//     S(t) while the other warpgroup's wgmmas run (PINGPONG: named barriers 1 and 2, 256 threads; warpgroup
-//     1 starts). O is rescaled by tile t's alpha once P(t-1) V(t-1) is done with it: kernel2's order of
-//     operations on O, m and l, so the results match kernel2's.
-// setmaxnreg: producer 24 registers, consumers 240 (O 64 + S 64 + P 32 a thread).
-
-template <int HD, int BQ, int BK, int STAGES>
-struct AttnFwdTile5 {
-    static constexpr int THREADS = 384;  // producer + 2 consumer warpgroups
-    static constexpr int QB = BQ * HD * 2, KB = BK * HD * 2;  // bytes: Q tile, K (or V) tile
-    static constexpr size_t OFF_K = QB, OFF_V = OFF_K + STAGES * KB, SMEM = OFF_V + STAGES * KB;
-    static constexpr size_t SMEM_ALLOC = SMEM + 1024;  // the dynamic smem base is aligned up to 1024 bytes
-    static_assert(HD == 128 && BQ == 128 && BK == 128, "attention_forward_kernel5: written for these");
-    static_assert(SMEM_ALLOC + 256 <= 227 * 1024, "attention_forward_kernel5: too many stages for 227 KB");
-};
-
-template <int HD, int BQ, int BK, int STAGES, bool PINGPONG>
-__global__ void __launch_bounds__(384, 1) attention_forward_kernel5(const AttnFwdParams p, const __grid_constant__ CUtensorMap tm_q,
-                                                                    const __grid_constant__ CUtensorMap tm_k,
-                                                                    const __grid_constant__ CUtensorMap tm_v) {
-    using C = AttnFwdTile5<HD, BQ, BK, STAGES>;
-    extern __shared__ unsigned char attn_smemf5[];
-    __shared__ __align__(8) uint64_t bars[1 + 4 * STAGES];  // q full, K full[S], V full[S], K empty[S], V empty[S]
-    unsigned char* sm = attn_smemf5 + ((1024 - (attn_smem_u32(attn_smemf5) & 1023)) & 1023);
-    const uint32_t sQ = attn_smem_u32(sm), sK = sQ + C::OFF_K, sV = sQ + C::OFF_V;
-    const uint32_t bq = attn_smem_u32(&bars[0]), bkf = bq + 8, bvf = bkf + 8 * STAGES, bke = bvf + 8 * STAGES, bve = bke + 8 * STAGES;
-
-    const int T = p.T, nh = p.nh, nkv = p.nkv;
-    const int b = blockIdx.x / nh, h = blockIdx.x % nh, kvh = h / (nh / nkv);
-    const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;  // heaviest (last) query tiles first
-    const int tid = threadIdx.x;
-    const int q_last = min(q0 + BQ, T) - 1;
-    const int* ds = p.doc_start ? p.doc_start + (int64_t)b * T : nullptr;
-    const int ds_max = ds ? ds[q_last] : 0;  // doc_start is non-decreasing along the row
-    const int t_lo = (ds ? ds[q0] : 0) / BK, t_hi = q_last / BK;
-
-    if (tid == 0) {
-        attn5_mbar_init(bq, 1);
-        for (int s = 0; s < STAGES; s++) {
-            attn5_mbar_init(bkf + 8 * s, 1); attn5_mbar_init(bvf + 8 * s, 1);  // the producer's expect_tx
-            attn5_mbar_init(bke + 8 * s, 8); attn5_mbar_init(bve + 8 * s, 8);  // lane 0 of each consumer warp
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-
-    if (tid < 128) {  // producer: one thread issues every copy
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
-        if (tid == 0) {
-            attn5_mbar_expect_tx(bq, C::QB);
-            for (int cb = 0; cb < HD / 64; cb++) attn5_tma_load(sQ + cb * BQ * 128, &tm_q, cb * 64, h, q0, b, bq);
-            for (int t = t_lo; t <= t_hi; t++) {
-                const int n = t - t_lo, s = n % STAGES, u = n / STAGES;
-                if (u > 0) attn5_mbar_wait(bke + 8 * s, (u - 1) & 1);  // both warpgroups are done with K(t - S)
-                attn5_mbar_expect_tx(bkf + 8 * s, C::KB);
-                for (int cb = 0; cb < HD / 64; cb++) attn5_tma_load(sK + s * C::KB + cb * BK * 128, &tm_k, cb * 64, kvh, t * BK, b, bkf + 8 * s);
-                if (u > 0) attn5_mbar_wait(bve + 8 * s, (u - 1) & 1);
-                attn5_mbar_expect_tx(bvf + 8 * s, C::KB);
-                for (int cb = 0; cb < HD / 64; cb++) attn5_tma_load(sV + s * C::KB + cb * BK * 128, &tm_v, cb * 64, kvh, t * BK, b, bvf + 8 * s);
-            }
-        }
-        return;
-    }
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
-
-    const int ct = tid - 128, cw = ct >> 7, warp = ct >> 5, lane = ct & 31, g = lane >> 2, t4 = lane & 3;
-    const int ia0 = q0 + warp * 16 + g;  // this lane's rows: ia0 and ia0 + 8
-    int dsa[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) dsa[r] = ds ? ds[min(ia0 + 8 * r, T - 1)] : 0;
-    const float sl2 = p.scale_log2;
-    float o[HD / 2];  // (64 rows x HD) per warpgroup: [4 n + e] = row 16 warp + g + 8 (e >> 1), dim 8 n + 2 t4 + (e & 1)
-#pragma unroll
-    for (int n = 0; n < HD / 2; n++) o[n] = 0.f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // running max (raw score units), lane-partial sum
-    const uint32_t qA = sQ + cw * 64 * 128;  // this warpgroup's 64 query rows, column block 0
-    const int bar_mine = 1 + cw, bar_other = 2 - cw;
-
-    float s[BK / 2];          // S (64 rows x BK keys) per warpgroup, then P
-    uint32_t pa[BK / 16][4];  // P as bf16 A fragments (key blocks 2 kc, 2 kc + 1 -> key chunk kc)
-    float alpha[2];
-    auto issue_s = [&](int st) {  // S = Q K^T of the key tile in stage st (no commit)
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
-            const uint32_t qo = (kk >> 2) * BQ * 128 + (kk & 3) * 32, ko = (kk >> 2) * BK * 128 + (kk & 3) * 32;
-            wg_mma_64x128_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(sK + st * C::KB + ko, 16, 1024), kk);
-        }
-    };
-    auto issue_pv = [&](int st) {  // O += P V of the value tile in stage st (no commit)
-#pragma unroll
-        for (int kc = 0; kc < BK / 16; kc++) wg_mma_64x128_rs<1>(o, pa[kc], wg_desc(sV + st * C::KB + kc * 2048, BK * 128, 1024));
-    };
-    auto softmax = [&](int t) {  // kernel2's: mask S of tile t, online softmax: S -> P, m and l updated, alpha for O
-        const int k0 = t * BK;
-        if (!(k0 + BK - 1 <= q0 && k0 >= ds_max)) {  // only tiles across the diagonal, the tail or a document start
-#pragma unroll
-            for (int n = 0; n < BK / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int j = k0 + n * 8 + 2 * t4 + (e & 1), i = ia0 + (e >> 1) * 8;
-                    if (j > i || j < dsa[e >> 1]) s[4 * n + e] = -INFINITY;
-                }
-        }
-#pragma unroll
-        for (int r = 0; r < 2; r++) {  // a row fully masked so far keeps m = -inf and p = 0
-            float mx = m[r];
-#pragma unroll
-            for (int n = 0; n < BK / 8; n++) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float msc = mx == -INFINITY ? 0.f : mx * sl2;
-            alpha[r] = attn_exp2(m[r] * sl2 - msc);  // exp2(-inf) = 0 on the first tile
-            m[r] = mx;
-            float sum = 0.f;
-#pragma unroll
-            for (int n = 0; n < BK / 8; n++) {
-                s[4 * n + 2 * r] = attn_exp2(fmaf(s[4 * n + 2 * r], sl2, -msc));
-                s[4 * n + 2 * r + 1] = attn_exp2(fmaf(s[4 * n + 2 * r + 1], sl2, -msc));
-                sum += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
-            }
-            l[r] = l[r] * alpha[r] + sum;
-        }
-    };
-    auto rescale_pack = [&]() {  // O *= alpha (P V of the tile before is done with O), P -> bf16 fragments
-#pragma unroll
-        for (int n = 0; n < HD / 8; n++) { o[4 * n] *= alpha[0]; o[4 * n + 1] *= alpha[0]; o[4 * n + 2] *= alpha[1]; o[4 * n + 3] *= alpha[1]; }
-#pragma unroll
-        for (int kc = 0; kc < BK / 16; kc++)
-#pragma unroll
-            for (int hh = 0; hh < 4; hh++) {
-                const int n = 2 * kc + (hh >> 1), e = (hh & 1) * 2;
-                pa[kc][hh] = attn_pack_bf16(s[4 * n + e], s[4 * n + e + 1]);
-            }
-    };
-    auto fence_pa = [&]() {  // P stays in its registers until the wgmmas reading it are done
-#pragma unroll
-        for (int kc = 0; kc < BK / 16; kc++)
-#pragma unroll
-            for (int hh = 0; hh < 4; hh++) asm volatile("" : "+r"(pa[kc][hh])::"memory");
-    };
-    auto turn_begin = [&]() { if constexpr (PINGPONG) attn5_bar_sync(bar_mine); };
-    auto turn_end = [&]() { if constexpr (PINGPONG) attn5_bar_arrive(bar_other); };
-
-    // (branch-free around the wgmmas: ptxas serializes them otherwise; the first S and the last P V are peeled)
-    if (PINGPONG && cw == 1) attn5_bar_arrive(1);  // warpgroup 1 (cw 0) takes the first turn
-    attn5_mbar_wait(bq, 0);
-    attn5_mbar_wait(bkf, 0);  // tile t_lo is in stage 0
-    turn_begin();
-    wg_fence();
-    issue_s(0);
-    wg_commit();
-    turn_end();
-    wg_wait<0>();
-    wg_fence_regs(s);
-    if (lane == 0) attn5_mbar_arrive(bke);
-    softmax(t_lo);
-    rescale_pack();
-    for (int t = t_lo + 1; t <= t_hi; t++) {
-        const int n = t - t_lo, st = n % STAGES, sp = (n - 1) % STAGES;
-        attn5_mbar_wait(bkf + 8 * st, (n / STAGES) & 1);        // K(t) landed
-        attn5_mbar_wait(bvf + 8 * sp, ((n - 1) / STAGES) & 1);  // V(t - 1) landed
-        turn_begin();
-        wg_fence();
-        issue_s(st);
-        wg_commit();
-        issue_pv(sp);
-        wg_commit();
-        turn_end();
-        wg_wait<1>();  // S(t) (P V of tile t - 1 may still run)
-        wg_fence_regs(s);
-        if (lane == 0) attn5_mbar_arrive(bke + 8 * st);
-        softmax(t);
-        wg_wait<0>();
-        wg_fence_regs(o);
-        fence_pa();
-        if (lane == 0) attn5_mbar_arrive(bve + 8 * sp);
-        rescale_pack();
-    }
-    {
-        const int n = t_hi - t_lo, sp = n % STAGES;
-        attn5_mbar_wait(bvf + 8 * sp, (n / STAGES) & 1);
-        turn_begin();
-        wg_fence();
-        issue_pv(sp);
-        wg_commit();
-        turn_end();
-        wg_wait<0>();
-        wg_fence_regs(o);
-        fence_pa();
-    }
-    if (PINGPONG && cw == 0) attn5_bar_sync(1);  // takes warpgroup 2's last arrival: no barrier left half-done
-
-    // epilogue (kernel2's): finish the row sums across the quad, normalise, store O and lse
-    const int64_t qstride = (int64_t)nh * HD;
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        float lr = l[r];
-        lr += __shfl_xor_sync(0xffffffffu, lr, 1);
-        lr += __shfl_xor_sync(0xffffffffu, lr, 2);
-        const float inv = 1.f / lr;
-        const int i = ia0 + 8 * r;
-        if (i >= T) continue;
-        bf16* dst = p.out + ((int64_t)b * T + i) * qstride + (int64_t)h * HD + 2 * t4;
-#pragma unroll
-        for (int n = 0; n < HD / 8; n++)
-            *reinterpret_cast<uint32_t*>(dst + n * 8) = attn_pack_bf16(o[4 * n + 2 * r] * inv, o[4 * n + 2 * r + 1] * inv);
-        if (t4 == 0) p.lse[((int64_t)b * nh + h) * T + i] = (m[r] * sl2 + __log2f(lr)) * 0.69314718056f;
-    }
-}
-
-template <int HD, int BQ, int BK, int STAGES, bool PINGPONG>
-void attention_forward5_launch(const AttnFwdParams& p, cudaStream_t stream) {
-    using C = AttnFwdTile5<HD, BQ, BK, STAGES>;
-    auto kernel = attention_forward_kernel5<HD, BQ, BK, STAGES, PINGPONG>;
-    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)C::SMEM_ALLOC));
-    const CUtensorMap tq = attn5_tensor_map(p.q, p.B, p.T, p.nh, HD, BQ), tk = attn5_tensor_map(p.k, p.B, p.T, p.nkv, HD, BK),
-                      tv = attn5_tensor_map(p.v, p.B, p.T, p.nkv, HD, BK);
-    dim3 grid(p.B * p.nh, (p.T + BQ - 1) / BQ);
-    kernel<<<grid, C::THREADS, C::SMEM_ALLOC, stream>>>(p, tq, tk, tv);
-    cudaCheck(cudaGetLastError());
-}
-
-// ---------------------------------------------------------------------------------------------
 
 typedef void (*FwdLaunch)(const AttnFwdParams&, cudaStream_t);
 struct Variant { const char* name; int hd; FwdLaunch fn; const char* what; };
@@ -513,9 +448,9 @@ static const Variant VARIANTS[] = {
     {"1c", 128, attention_forward_launch<128, 64, 64, 1, 3, true>, "hd128 Br64 Bc64, 4 warps, Q in regs, 3 CTA/SM"},
     {"1h", 128, attention_forward_launch<128, 128, 64, 2, 2, false>, "hd128 Br128 Bc64, 4 warps x 32 rows, Q from smem, 2 CTA/SM (production)"},
     {"1i", 128, attention_forward_launch<128, 128, 32, 2, 2, false>, "hd128 Br128 Bc32, 4 warps x 32 rows, Q from smem, 2 CTA/SM"},
-    {"2a", 128, attention_forward2_launch<128, 128, 128>, "hd128 Bq128 Bk128, wgmma, 2 warpgroups, 1 CTA/SM (production on Hopper)"},
+    {"2a", 128, attention_forward2_launch<128, 128, 128>, "hd128 Bq128 Bk128, wgmma, 2 warpgroups, 1 CTA/SM (production on Hopper before kernel5)"},
     {"3a", 128, attention_forward3_launch<128, 128, 128>, "hd128 Bq128 Bk128, wgmma, 2 warpgroups, softmax under P V (not kept)"},
-    {"5a", 128, attention_forward5_launch<128, 128, 128, 2, true>, "hd128 Bq128 Bk128, TMA producer + 2 consumer warpgroups, pingpong, 2 stages"},
+    {"5a", 128, attention_forward5_launch<128, 128, 128, 2, true>, "hd128 Bq128 Bk128, TMA producer + 2 consumer warpgroups, pingpong, 2 stages (production on Hopper)"},
     {"5b", 128, attention_forward5_launch<128, 128, 128, 3, true>, "hd128 Bq128 Bk128, TMA producer + 2 consumer warpgroups, pingpong, 3 stages"},
     {"5c", 128, attention_forward5_launch<128, 128, 128, 2, false>, "hd128 Bq128 Bk128, TMA producer + 2 consumer warpgroups, no pingpong, 2 stages"},
     {"1j", 128, attention_forward_launch<128, 256, 64, 2, 1, false>, "hd128 Br256 Bc64, 8 warps x 32 rows, Q from smem, 1 CTA/SM"},
@@ -601,8 +536,9 @@ static AttnFwdParams params(const Problem& P) {
     return AttnFwdParams{P.d_out, P.d_lse, P.d_q, P.d_k, P.d_v, P.d_doc, P.B, P.T, P.nh, P.nkv, 1.4426950408889634f / sqrtf((float)P.hd)};
 }
 
-// check one variant: poisoned outputs, rel-L2 and max-abs against the fp64 reference
-static bool check_variant(const Variant& V, Problem& P, const std::vector<double>& out_ref, const std::vector<double>& lse_ref) {
+// check one variant: poisoned outputs, rel-L2 and max-abs against the fp64 reference; bits: out's, then lse's
+static bool check_variant(const Variant& V, Problem& P, const std::vector<double>& out_ref, const std::vector<double>& lse_ref,
+                          std::vector<uint16_t>& bits) {
     const size_t nq = out_ref.size(), nl = lse_ref.size();
     cudaCheck(cudaMemset(P.d_out, 0xff, nq * 2));
     cudaCheck(cudaMemset(P.d_lse, 0xff, nl * 4));
@@ -619,6 +555,9 @@ static bool check_variant(const Variant& V, Problem& P, const std::vector<double
         max_abs = fmax(max_abs, isnan(d) ? INFINITY : fabs(d));
     }
     for (size_t i = 0; i < nl; i++) lse_abs = fmax(lse_abs, isnan(lse[i]) ? INFINITY : fabs(lse[i] - lse_ref[i]));
+    bits = out;
+    bits.resize(nq + 2 * nl);
+    memcpy(bits.data() + nq, lse.data(), nl * 4);
     const double rel = sqrt(num / den);
     const bool ok = rel < 1e-2 && max_abs < 2e-2 && lse_abs < 1e-4;
     printf("  %-3s %-5s T=%-5d docs=%-4d out rel_l2 %.2e max_abs %.2e  lse max_abs %.2e\n", V.name, ok ? "ok" : "FAIL",
@@ -672,8 +611,18 @@ int main(int argc, char** argv) {
             std::vector<double> out_ref(q.size()), lse_ref((size_t)P.B * P.nh * P.T);
             attention_forward_cpu(out_ref.data(), lse_ref.data(), q.data(), k.data(), v.data(), doc_len ? P.doc.data() : nullptr,
                                   P.B, P.T, P.nh, P.nkv, hd);
+            std::vector<uint16_t> bits2a;  // kernel5 runs kernel2's operations in kernel2's order: expect the same bits
             for (const Variant& V : VARIANTS)
-                if (V.hd == hd && selected(only, V.name)) all_ok &= check_variant(V, P, out_ref, lse_ref);
+                if (V.hd == hd && selected(only, V.name)) {
+                    std::vector<uint16_t> bits;
+                    all_ok &= check_variant(V, P, out_ref, lse_ref, bits);
+                    if (!strcmp(V.name, "2a")) bits2a = bits;
+                    if (V.name[0] == '5' && !bits2a.empty()) {
+                        size_t diff = 0;
+                        for (size_t i = 0; i < bits.size(); i++) diff += bits[i] != bits2a[i];
+                        printf("      vs 2a: %s (%zu of out's and lse's 16-bit halves differ)\n", diff ? "DIFFERS (expected the same bits)" : "bitwise identical", diff);
+                    }
+                }
             free_problem(P);
         }
 
