@@ -9,7 +9,7 @@
 #   1. test_qlora, test_attention, test_kernels, test/test_resilience.sh (pass/fail lines);
 #   2. the playgrounds in PG (default: attention_forward 2a,5a,5b,5c; attention_backward 4a,6a-6f;
 #      rmsnorm; "attention_forward:" with nothing after the colon runs all its variants);
-#   3. the A/B: llama3-8b 4 x 2048 without and with --recompute, llama3-1b 4 x 2048, this tree's trainer
+#   3. the A/B: llama3-8b 4 x 2048 without and with --recompute (llama3-1b 4 x 2048 after 4.), this tree's trainer
 #      and BASE's on the same machine: losses (9 digits) must agree bit for bit where the change says so;
 #   4. one llama3-8b 1 x 131,072 step (LONG=0 skips it).
 # $OUT gets summary.txt (every pass/fail line, every step line and median) and one log a stage.
@@ -60,12 +60,13 @@ run)
   }
   ab 8b --model random:llama3-8b --batch 4 --seq 2048 --steps 8 --peak-tflops 772
   ab "8b recompute" --model random:llama3-8b --batch 4 --seq 2048 --steps 8 --recompute --peak-tflops 772
-  ab 1b --model random:llama3-1b --batch 4 --seq 2048 --steps 10 --peak-tflops 772
   rm -f "$O/run.log"
   if [ "${LONG:-1}" = 1 ] && ! late 131k; then
     timeout 300 ./qlora --model random:llama3-8b --batch 1 --seq 131072 --steps 1 --recompute --peak-tflops 772 >"$O/long.log" 2>&1
     echo "== 131k: exit $? at ${SECONDS}s" >>"$S"; grep -E "^memory plan|^  total on the GPU|^step |median" "$O/long.log" >>"$S"
   fi
+  ab 1b --model random:llama3-1b --batch 4 --seq 2048 --steps 10 --peak-tflops 772
+  rm -f "$O/run.log"
   cat "$S" ;;
 *)
   sed -n '2,16p' "$0"; exit 2 ;;
