@@ -1697,13 +1697,13 @@ inline void attention_forward(bf16* out, float* lse, const bf16* q, const bf16* 
     const void* ptrs[] = {out, q, k, v};
     attention_check_args(ptrs, 4, B, T, nh, nkv, hd);
     AttnFwdParams p{out, lse, q, k, v, doc_start, B, T, nh, nkv, 1.4426950408889634f / sqrtf((float)hd)};
-    // hd 128 on Hopper: kernel5 with a K/V ring of 2 stages (dev/cuda/attention_forward.cu's 5a) or 3 (5b);
-    // set from the session-10 measurement
-    constexpr int fwd5_stages = 2;
+    // hd 128 on Hopper: kernel5 with a K/V ring of 2 stages (dev/cuda/attention_forward.cu's 5a) below T = 8192,
+    // of 3 (5b) from there: H100, llama3-8b heads, 4 x 2048: 5a 0.294 ms, 5b 0.312; 1 x 16384: 5a 3.77, 5b 3.64 (session 10)
     // elsewhere variants 1l (hd 64) and 1h (hd 128): the fastest measured on H100 at the llama3 shapes (4 warps of
     // 32 query rows each, 2 CTAs/SM); kernel2 (wgmma) at hd 64 was slower than 1l
     if (hd == 64) attention_forward_launch<64, 128, 64, 2, 2, true>(p, stream);
-    else if (attention_has_wgmma()) attention_forward5_launch<128, 128, 128, fwd5_stages, true>(p, stream);
+    else if (attention_has_wgmma() && T < 8192) attention_forward5_launch<128, 128, 128, 2, true>(p, stream);
+    else if (attention_has_wgmma()) attention_forward5_launch<128, 128, 128, 3, true>(p, stream);
     else attention_forward_launch<128, 128, 64, 2, 2, false>(p, stream);
 }
 
@@ -1829,9 +1829,10 @@ inline void attention_backward(bf16* dq, bf16* dk, bf16* dv, float* scratch, con
     attention_check_args(ptrs, 9, B, T, nh, nkv, hd);
     // hd 128 on Hopper: kernel6 as dev/cuda/attention_backward.cu's variant {stages, dq6, dkdv6, pingpong}:
     //   6a {2, 1, 1, 0}  6b {3, 1, 1, 0}  6c {2, 0, 1, 0}  6d {2, 1, 0, 0}  6e {2, 1, 1, 1}  6f {3, 1, 1, 1}
-    // set from the session-10 measurement
+    // 6f, the fastest measured (H100, session 10; ms at llama3-8b's heads, 4 x 2048 / 1 x 16384 / 16384 packed 2k):
+    //   4a 1.363 / 17.45 / 2.673   6a 1.163 / 14.65 / 2.239   6b 1.131 / 14.36 / 2.167   6f 1.060 / 13.82 / 2.064
     struct Bwd6 { int stages; bool dq6, dkdv6, pingpong; };
-    constexpr Bwd6 bwd6 = {2, true, true, false};  // 6a
+    constexpr Bwd6 bwd6 = {3, true, true, true};  // 6f
     // hd 64 on Hopper: kernel4; elsewhere variants 2a (hd 128) and 2c (hd 64)
     if (attention_backward_split(hd) && hd == 64)
         attention_backward_split_hd<64, attention_backward4_launch<64>>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
