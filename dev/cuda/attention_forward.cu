@@ -84,8 +84,15 @@
 // 168 registers at launch, 0 spills, no C75xx serialization warning. Not yet run: none of this session's
 // calls got a device machine (starts failed or it was busy); correctness and timings are owed to the next
 // session with a GPU: ./attention_forward 2a,3a,5a,5b,5c
-// Session 10 (no GPU): kernel5 and its helpers (now kernels/tma.cuh) moved to kernels/attention.cuh and became the
-// trainer's hd-128 forward on Hopper (5a; the dispatch's fwd5_stages picks 5b), kernel2 moved here; still unrun.
+// Session 10: kernel5 and its helpers (now kernels/tma.cuh) moved to kernels/attention.cuh and became the trainer's
+// hd-128 forward on Hopper, kernel2 moved here. Measured (H100 80GB HBM3, 2026-12-07, one run; ms, causal TFLOP/s;
+// 5a-5c == 2a bit for bit):
+//   shape (B, T)             2a           5a           5b           5c
+//   llama3-8b (4, 2048)      0.421 327    0.294 467    0.312 441    0.328 419
+//   hd128 (1, 16384)         5.25  419    3.77  583    3.64  605    3.78  581
+//   hd128 (1, 16384) docs 2k 0.811 339    0.568 484    0.600 458    0.620 443
+// Beyond the prediction (0.34 / 4.5 ms): +43% at 2k. The pingpong is worth ~10% at 2k (5c), the third stage
+// pays only on long rows (5b). Production: 5a below T = 8192, 5b from there.
 // The check also compares 5a-5c's output and lse bits with 2a's (kernel2's order of operations: expected identical).
 #include <cuda_runtime.h>                  // defines: cudaEvent_t
 #include <stdio.h>                         // defines: printf

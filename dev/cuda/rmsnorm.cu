@@ -28,7 +28,10 @@
 //   backward acc     v1 ~0.134 ms   v2 ~0.107 ms
 // so 17.0 -> ~13.7 ms a llama3-8b step. C = 128 (QK norm, N = 262144): v1 uses 16 of 32 lanes, one
 // 256-byte access a warp per pass; v2 packs 2 rows a warp: forward ~0.070 -> ~0.055 ms.
-// Measured: not yet run on a GPU.
+// Measured (H100 80GB HBM3, 2026-12-07, one run; copy 2,991 GB/s; us, v1 / v2, N = 8192, C = 4096): forward
+// 80.0 / 58.9, fused 125.5 / 103.9, backward 121.8 / 75.4, accumulating 145.7 / 96.9 (v2 at 76-93% of copy);
+// QK-norm rows (C = 128, N = 262144) forward 66.5 / 52.1, (C = 64) 122.8 / 53.6. v2 == v1 bit for bit on every
+// shape. In the trainer: RMSNorm 17.0 -> 12.5 ms a llama3-8b step (--profile).
 #include <cstdio>                        // defines: printf
 #include <cstring>                       // defines: memcmp
 #include <vector>                        // defines: std::vector
