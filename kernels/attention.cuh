@@ -1216,6 +1216,9 @@ __global__ void __launch_bounds__(BQ / 64 * 128, HD == 64 ? 2 : 1) attention_bac
 //     PINGPONG (6e): its consumers take turns on the tensor cores (kernel5's), dS K one tile behind S and dP.
 // The empty barriers count lane 0 of each of the 8 consumer warps, after its wgmmas on the stage are waited for.
 // Rows past T land as zeros (TMA's out-of-bounds fill, cp.async's zero-fill) and are masked as in kernel4.
+// The consumers' loop bodies and stores are kernel4's text, copied rather than shared: factored into
+// __forceinline__ helpers (session 10) they compiled to other SASS, and kernel4_dkdv at hd 128 went from 254
+// registers to 255 plus 4 bytes of spill; sharing them wants a GPU run to time and check.
 
 template <int HD, int BC, int BR, int STAGES>
 struct AttnBwdTile6 {
