@@ -4,7 +4,7 @@
 // the small shapes run twice: the kernels it uses there (hd 128: forward kernel5, backward kernel6, whose
 // TMA boxes of 64 or 128 rows run past T < 128; hd 64: kernel1, kernel4), then (attention_wgmma_off) the
 // mma.sync ones of every other GPU. Also on a Hopper: each variant of kernel5 (5a-5c) and kernel6 (6a-6f)
-// that the dispatch constants can pick must give the dispatched forward's and kernel4's bits.
+// that the dispatch can pick must give the dispatched forward's and kernel4's bits.
 // Inputs are seeded random bf16 values; outputs are poisoned (NaN) before each launch.
 //
 // Determinism: at T=300, T=1000 and the llama3-8b and -1b shapes (B=4, T=2048, nh=32, nkv=8, hd=128 and 64; several key
