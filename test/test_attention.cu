@@ -268,7 +268,7 @@ static void run_case(Shape s, bool packed, uint64_t seed, bool vs_cpu, bool repe
 }
 
 // ---------------------------------------------------------------------------------------------
-// Hopper, hd 128: every variant of kernel5 and kernel6 the dispatch constants can pick, bit for bit. kernel5's
+// Hopper, hd 128: every variant of kernel5 and kernel6 the dispatch can pick, bit for bit. kernel5's
 // variants differ only in schedule (ring depth, pingpong), so 5a, 5b, 5c must give the dispatched forward's bits;
 // kernel6 runs kernel4's operations in kernel4's order, so 6a-6f (and the dispatched backward) must give kernel4's.
 // Each run's outputs are poisoned with other bytes than the reference's, so an element left unwritten differs.
