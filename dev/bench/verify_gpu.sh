@@ -7,7 +7,7 @@
 #   dev/bench/verify_gpu.sh run            there, with build/verify carried: results under $OUT
 # run, in this order, each stage skipped once LIMIT seconds (default 540) have passed:
 #   1. test_qlora, test_attention, test_kernels, test/test_resilience.sh (pass/fail lines);
-#   2. the playgrounds in PG (built: those below and lora_backward; default: attention_forward 2a,5a,5b,5c; attention_backward 4a,6a-6f;
+#   2. the playgrounds in PG (built: those below, lora_backward and pcie_copy; default: attention_forward 2a,5a,5b,5c; attention_backward 4a,6a-6f;
 #      rmsnorm; "attention_forward:" with nothing after the colon runs all its variants);
 #   3. the A/B: llama3-8b 4 x 2048 without and with --recompute (llama3-1b 4 x 2048 after 4.), this tree's trainer
 #      and BASE's on the same machine: losses (9 digits) must agree bit for bit where the change says so;
@@ -20,9 +20,9 @@ build)
   base=${2:-}
   mkdir -p $V
   F="-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a"
-  make -s qlora build/test_qlora build/test_attention build/test_kernels GPU_ARCH=90 || exit 1
+  make -s -B qlora build/test_qlora build/test_attention build/test_kernels GPU_ARCH=90 NVCCFLAGS="$F" || exit 1   # no -lineinfo: half the size
   cp qlora build/test_qlora build/test_attention build/test_kernels $V/
-  for f in attention_forward attention_backward rmsnorm lora_backward; do
+  for f in attention_forward attention_backward rmsnorm lora_backward pcie_copy; do
     nvcc $F -o $V/$f dev/cuda/$f.cu -lcublas -lcublasLt || exit 1
   done
   if [ -n "$base" ]; then
