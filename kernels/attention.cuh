@@ -43,6 +43,7 @@
 //     16 layers at 4 x 2048); backward kernel4, split in two kernels (dK, dV per key tile; dQ per query tile,
 //     recomputing S and dP: 7 matmuls instead of 5 but no dQ traffic between CTAs, deterministic without
 //     semaphores). llama3-1b, 4 x 2048, 16 layers, H100: backward 23.54 ms with kernel2, 15.87 with kernel4.
+//     kernel6 runs hd 64 too (variants 6a64-6g64, kernel4's bits expected; not yet run on a GPU), not dispatched.
 //   Other GPUs (and attention_wgmma_off): forward kernel1, backward kernel2 (mma.sync).
 //
 // Scratch: attention_backward_scratch_bytes(B, T, nh, hd): D (B nh T fp32) for kernel4 and kernel6; kernel2 adds
@@ -1200,7 +1201,7 @@ __global__ void __launch_bounds__(BQ / 64 * 128, HD == 64 ? 2 : 1) attention_bac
     }
 }
 
-// kernel6 (session 9, hd 128, Hopper): kernel4's two kernels on the forward kernel5's schedule. 384 threads,
+// kernel6 (session 9, hd 128; hd 64 since session 12, Hopper): kernel4's two kernels on the forward kernel5's schedule. 384 threads,
 // 1 CTA/SM: warpgroup 0 produces (TMA into a STAGES-deep ring of stages, each with a full and an empty mbarrier),
 // warpgroups 1 and 2 consume with kernel4's math in kernel4's order of operations, so dq, dk and dv should come
 // out bit-identical to 4a's. setmaxnreg: producer 40, consumers 232 in the dK/dV kernel (dK, dV, S^T, dP^T and
@@ -1216,6 +1217,10 @@ __global__ void __launch_bounds__(BQ / 64 * 128, HD == 64 ? 2 : 1) attention_bac
 //     PINGPONG (6e): its consumers take turns on the tensor cores (kernel5's), dS K one tile behind S and dP.
 // The empty barriers count lane 0 of each of the 8 consumer warps, after its wgmmas on the stage are waited for.
 // Rows past T land as zeros (TMA's out-of-bounds fill, cp.async's zero-fill) and are masked as in kernel4.
+// hd 64 (session 12): the same tiles and code; a row of Q, K, V or dO is one 128-byte swizzle row, so one TMA box
+// per tile instead of two (the HD / 64 loops), and the HD-wide accumulators (dK, dV, dQ) take m64n64 wgmmas
+// (wg_mma_rs, as kernel4 at hd 64). ptxas: 168 registers at launch, 0 spills. Smem halves (dK/dV 83 KiB, dQ 81 at
+// 3 stages), but 2 CTAs/SM would leave a consumer ~104 registers, below kernel4_dq's 128 at hd 64: 1 CTA/SM.
 // The consumers' loop bodies and stores are kernel4's text, copied rather than shared: factored into
 // __forceinline__ helpers (session 10) they compiled to other SASS, and kernel4_dkdv at hd 128 went from 254
 // registers to 255 plus 4 bytes of spill; sharing them wants a GPU run to time and check.
@@ -1227,7 +1232,7 @@ struct AttnBwdTile6 {
     // K, V, Q (STAGES), dO (STAGES), lse/D/doc_start rows (STAGES)
     static constexpr size_t OFF_V = KB, OFF_Q = 2 * KB, OFF_DO = OFF_Q + STAGES * QB, OFF_R = OFF_DO + STAGES * QB;
     static constexpr size_t SMEM = OFF_R + STAGES * RB, SMEM_ALLOC = SMEM + 1024;  // base aligned up to 1024 bytes
-    static_assert(HD == 128 && BC == 128 && BR == 64, "kernel6_dkdv: written for kernel4_dkdv's tiles at hd 128");
+    static_assert((HD == 64 || HD == 128) && BC == 128 && BR == 64, "kernel6_dkdv: written for kernel4_dkdv's tiles");
     static_assert(SMEM_ALLOC + 256 <= 227 * 1024, "kernel6_dkdv: too many stages for 227 KB");
 };
 
@@ -1403,7 +1408,7 @@ struct AttnBwdTile6q {
     static constexpr int QB = BQ * HD * 2, KB = BK * HD * 2;  // bytes: Q (or dO) tile, K (or V) tile
     static constexpr size_t OFF_DO = QB, OFF_K = 2 * QB, OFF_V = OFF_K + STAGES * KB, SMEM = OFF_V + STAGES * KB;  // Q, dO, K (STAGES), V (STAGES)
     static constexpr size_t SMEM_ALLOC = SMEM + 1024;
-    static_assert(HD == 128 && BQ == 128 && BK == 64, "kernel6_dq: written for kernel4_dq's tiles at hd 128");
+    static_assert((HD == 64 || HD == 128) && BQ == 128 && BK == 64, "kernel6_dq: written for kernel4_dq's tiles");
     static_assert(SMEM_ALLOC + 256 <= 227 * 1024, "kernel6_dq: too many stages for 227 KB");
 };
 
@@ -1749,7 +1754,7 @@ void attention_backward4_launch(const AttnBwdParams& p, cudaStream_t stream) {
     cudaCheck(cudaGetLastError());
 }
 
-// kernel6 (hd 128, Hopper), variants 6a-6f of dev/cuda/attention_backward.cu: STAGES, the depth of both kernels' TMA
+// kernel6 (hd 64 or 128, Hopper), variants 6a-6f (hd 64: 6a64-6g64) of dev/cuda/attention_backward.cu: STAGES, the depth of both kernels' TMA
 // rings; DQ6, DKDV6: kernel6's dQ, dK/dV kernel, or kernel4's (6c, 6d time one half of kernel6 against kernel4's
 // other); PINGPONG: kernel6's dQ kernel with its consumer warpgroups taking turns on the tensor cores (6e, 6f).
 // The tensor maps are encoded on the host at every call (a few microseconds; they hold the tensors' addresses).

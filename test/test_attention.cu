@@ -3,8 +3,8 @@
 // document packing; and B=2, T=1000, nh=8 (8 key tiles), against the CPU where that is cheap. On a Hopper
 // the small shapes run twice: the kernels it uses there (hd 128: forward kernel5, backward kernel6, whose
 // TMA boxes of 64 or 128 rows run past T < 128; hd 64: kernel1, kernel4), then (attention_wgmma_off) the
-// mma.sync ones of every other GPU. Also on a Hopper: each variant of kernel5 (5a-5c) and kernel6 (6a-6f)
-// that the dispatch can pick must give the dispatched forward's and kernel4's bits.
+// mma.sync ones of every other GPU. Also on a Hopper: each variant of kernel5 (5a-5c) and kernel6 (6a-6f, and at
+// hd 64 6a64-6h64) that the dispatch can pick must give the dispatched forward's and kernel4's bits.
 // Inputs are seeded random bf16 values; outputs are poisoned (NaN) before each launch.
 //
 // Determinism: at T=300, T=1000 and the llama3-8b and -1b shapes (B=4, T=2048, nh=32, nkv=8, hd=128 and 64; several key
@@ -268,39 +268,41 @@ static void run_case(Shape s, bool packed, uint64_t seed, bool vs_cpu, bool repe
 }
 
 // ---------------------------------------------------------------------------------------------
-// Hopper, hd 128: every variant of kernel5 and kernel6 the dispatch can pick, bit for bit. kernel5's
+// Hopper: every variant of kernel5 (hd 128) and kernel6 (hd 128 and 64) the dispatch can pick, bit for bit. kernel5's
 // variants differ only in schedule (ring depth, pingpong), so 5a, 5b, 5c must give the dispatched forward's bits;
-// kernel6 runs kernel4's operations in kernel4's order, so 6a-6f (and the dispatched backward) must give kernel4's.
+// kernel6 runs kernel4's operations in kernel4's order, so 6a-6f, 6a64-6h64 (and the dispatched backward) must give
+// kernel4's at the same hd. At hd 64 the forward (kernel1) only makes out and lse.
 // Each run's outputs are poisoned with other bytes than the reference's, so an element left unwritten differs.
 
 typedef void (*FwdLaunch)(const AttnFwdParams&, cudaStream_t);
 typedef void (*BwdRun)(bf16*, bf16*, bf16*, float*, const bf16*, const bf16*, const bf16*, const bf16*, const bf16*,
                        const float*, const int*, int, int, int, int, cudaStream_t);
+template <int HD>
 static void dispatched_backward(bf16* dq, bf16* dk, bf16* dv, float* scratch, const bf16* dout, const bf16* q, const bf16* k,
                                 const bf16* v, const bf16* out, const float* lse, const int* doc, int B, int T, int nh, int nkv,
                                 cudaStream_t stream) {
-    attention_backward(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc, B, T, nh, nkv, 128, stream);
+    attention_backward(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc, B, T, nh, nkv, HD, stream);
 }
 
 static void hopper_variants_identical(Shape s, bool packed, uint64_t seed) {
-    const int B = s.B, T = s.T, nh = s.nh, nkv = s.nkv;
+    const int B = s.B, T = s.T, nh = s.nh, nkv = s.nkv, hd = s.hd;
     char cfg[96];
-    snprintf(cfg, sizeof cfg, "T=%d B=%d nh=%d nkv=%d hd=128%s", T, B, nh, nkv, packed ? " docs" : "");
-    const size_t nq = (size_t)B * T * nh * 128, nk = (size_t)B * T * nkv * 128, nl = (size_t)B * nh * T;
+    snprintf(cfg, sizeof cfg, "T=%d B=%d nh=%d nkv=%d hd=%d%s", T, B, nh, nkv, hd, packed ? " docs" : "");
+    const size_t nq = (size_t)B * T * nh * hd, nk = (size_t)B * T * nkv * hd, nl = (size_t)B * nh * T;
     const Inputs in = make_inputs(s, packed, seed);
     bf16 *d_q = (bf16*)to_device(in.qb), *d_k = (bf16*)to_device(in.kb), *d_v = (bf16*)to_device(in.vb), *d_do = (bf16*)to_device(in.dob);
     int* d_doc = packed ? to_device(in.doc) : nullptr;
     bf16* d_out = poisoned<bf16>(nq);
     float* d_lse = poisoned<float>(nl);
 
-    // forward: the dispatched kernel5 is the reference; out (B, T, nh, 128) bf16, then lse (B, nh, T) fp32, as bytes
+    // forward: the dispatched kernel5 is the reference (hd 128); out (B, T, nh, hd) bf16, then lse (B, nh, T) fp32, as bytes
     auto fwd_bytes = [&]() {
         std::vector<uint8_t> h(nq * 2 + nl * 4);
         cudaCheck(cudaMemcpy(h.data(), d_out, nq * 2, cudaMemcpyDeviceToHost));
         cudaCheck(cudaMemcpy(h.data() + nq * 2, d_lse, nl * 4, cudaMemcpyDeviceToHost));
         return h;
     };
-    attention_forward(d_out, d_lse, d_q, d_k, d_v, d_doc, B, T, nh, nkv, 128, 0);
+    attention_forward(d_out, d_lse, d_q, d_k, d_v, d_doc, B, T, nh, nkv, hd, 0);
     cudaCheck(cudaDeviceSynchronize());
     const std::vector<uint8_t> fwd_ref = fwd_bytes();
     const struct { const char* name; FwdLaunch fn; } fwd[] = {
@@ -309,6 +311,7 @@ static void hopper_variants_identical(Shape s, bool packed, uint64_t seed) {
         {"5c", attention_forward5_launch<128, 128, 128, 2, false>},
     };
     for (const auto& V : fwd) {
+        if (hd != 128) break;  // kernel5 is hd 128 only
         cudaCheck(cudaMemset(d_out, 0x7f, nq * 2)); cudaCheck(cudaMemset(d_lse, 0x7f, nl * 4));
         V.fn(AttnFwdParams{d_out, d_lse, d_q, d_k, d_v, d_doc, B, T, nh, nkv, 1.4426950408889634f / sqrtf(128.f)}, 0);
         cudaCheck(cudaDeviceSynchronize());
@@ -318,9 +321,9 @@ static void hopper_variants_identical(Shape s, bool packed, uint64_t seed) {
         check_bytes(name, got.data(), fwd_ref.data(), got.size());
     }
 
-    // backward, from the forward's out and lse: kernel4 is the reference; dq (B, T, nh, 128), dk, dv (B, T, nkv, 128)
+    // backward, from the forward's out and lse: kernel4 is the reference; dq (B, T, nh, hd), dk, dv (B, T, nkv, hd)
     bf16 *d_dq = poisoned<bf16>(nq), *d_dk = poisoned<bf16>(nk), *d_dv = poisoned<bf16>(nk);
-    const size_t scratch_bytes = attention_backward_scratch_bytes(B, T, nh, 128);  // D alone, as kernel4 and kernel6 need
+    const size_t scratch_bytes = attention_backward_scratch_bytes(B, T, nh, hd);  // D alone, as kernel4 and kernel6 need
     float* d_scratch = poisoned<float>(scratch_bytes / sizeof(float));
     auto bwd_bytes = [&](BwdRun run, uint8_t poison) {
         cudaCheck(cudaMemset(d_dq, poison, nq * 2)); cudaCheck(cudaMemset(d_dk, poison, nk * 2)); cudaCheck(cudaMemset(d_dv, poison, nk * 2));
@@ -333,17 +336,28 @@ static void hopper_variants_identical(Shape s, bool packed, uint64_t seed) {
         cudaCheck(cudaMemcpy(h.data() + (nq + nk) * 2, d_dv, nk * 2, cudaMemcpyDeviceToHost));
         return h;
     };
-    const std::vector<uint8_t> bwd_ref = bwd_bytes(attention_backward_split_hd<128, attention_backward4_launch<128>>, 0xff);
-    const struct { const char* name; BwdRun fn; } bwd[] = {  // {stages, dq6, dkdv6, pingpong} as the dispatch's bwd6
-        {"6a", attention_backward_split_hd<128, attention_backward6_launch<128, 2, true, true, false>>},
-        {"6b", attention_backward_split_hd<128, attention_backward6_launch<128, 3, true, true, false>>},
-        {"6c", attention_backward_split_hd<128, attention_backward6_launch<128, 2, false, true, false>>},
-        {"6d", attention_backward_split_hd<128, attention_backward6_launch<128, 2, true, false, false>>},
-        {"6e", attention_backward_split_hd<128, attention_backward6_launch<128, 2, true, true, true>>},
-        {"6f", attention_backward_split_hd<128, attention_backward6_launch<128, 3, true, true, true>>},
-        {"dispatched", dispatched_backward},
+    const std::vector<uint8_t> bwd_ref = bwd_bytes(hd == 64 ? attention_backward_split_hd<64, attention_backward4_launch<64>>
+                                                            : attention_backward_split_hd<128, attention_backward4_launch<128>>, 0xff);
+    const struct { int hd; const char* name; BwdRun fn; } bwd[] = {  // {stages, dq6, dkdv6, pingpong} as the dispatch's bwd6
+        {128, "6a", attention_backward_split_hd<128, attention_backward6_launch<128, 2, true, true, false>>},
+        {128, "6b", attention_backward_split_hd<128, attention_backward6_launch<128, 3, true, true, false>>},
+        {128, "6c", attention_backward_split_hd<128, attention_backward6_launch<128, 2, false, true, false>>},
+        {128, "6d", attention_backward_split_hd<128, attention_backward6_launch<128, 2, true, false, false>>},
+        {128, "6e", attention_backward_split_hd<128, attention_backward6_launch<128, 2, true, true, true>>},
+        {128, "6f", attention_backward_split_hd<128, attention_backward6_launch<128, 3, true, true, true>>},
+        {128, "dispatched", dispatched_backward<128>},
+        {64, "6a64", attention_backward_split_hd<64, attention_backward6_launch<64, 2, true, true, false>>},
+        {64, "6b64", attention_backward_split_hd<64, attention_backward6_launch<64, 3, true, true, false>>},
+        {64, "6c64", attention_backward_split_hd<64, attention_backward6_launch<64, 2, false, true, false>>},
+        {64, "6d64", attention_backward_split_hd<64, attention_backward6_launch<64, 2, true, false, false>>},
+        {64, "6e64", attention_backward_split_hd<64, attention_backward6_launch<64, 2, true, true, true>>},
+        {64, "6f64", attention_backward_split_hd<64, attention_backward6_launch<64, 3, true, true, true>>},
+        {64, "6g64", attention_backward_split_hd<64, attention_backward6_launch<64, 4, true, true, true>>},
+        {64, "6h64", attention_backward_split_hd<64, attention_backward6_launch<64, 3, false, true, false>>},
+        {64, "dispatched", dispatched_backward<64>},
     };
     for (const auto& V : bwd) {
+        if (V.hd != hd) continue;
         char name[160];
         snprintf(name, sizeof name, "bwd %s == kernel4 dq|dk|dv %s", V.name, cfg);
         const std::vector<uint8_t> got = bwd_bytes(V.fn, 0x7f);
@@ -382,15 +396,16 @@ int main(int argc, char** argv) {
     if (!only_T || only_T == 2048) run_case(Shape{4, 2048, 32, 8, 128}, false, seed, false, true);
     if (!only_T || only_T == 2048) run_case(Shape{4, 2048, 32, 8, 64}, false, seed, false, true);   // llama3-1b's heads
     // Hopper: kernel5's and kernel6's variants bit for bit, at tiles longer than T (TMA boxes past the tensor's end),
-    // odd tails, packed rows, several key tiles, B = 4 (the batch coordinate of the copies)
-    if (hopper) {
-        printf("-- kernel5, kernel6 variants (hd 128)\n");
-        const struct { Shape s; bool packed; } cases[] = {
-            {{2, 1, 4, 1, 128}, false}, {{2, 17, 4, 2, 128}, true}, {{2, 100, 4, 4, 128}, false}, {{2, 300, 4, 1, 128}, true},
-            {{2, 1000, 8, 2, 128}, false}, {{2, 1000, 8, 2, 128}, true}, {{4, 2048, 32, 8, 128}, false},
-        };
-        for (const auto& c : cases)
-            if (!only_T || c.s.T == only_T) hopper_variants_identical(c.s, c.packed, seed++);
-    }
+    // odd tails, packed rows, several key tiles, B = 4 (the batch coordinate of the copies); hd 128, then hd 64
+    if (hopper)
+        for (int hd : {128, 64}) {
+            printf("-- kernel5, kernel6 variants (hd %d)\n", hd);
+            const struct { Shape s; bool packed; } cases[] = {
+                {{2, 1, 4, 1, hd}, false}, {{2, 17, 4, 2, hd}, true}, {{2, 100, 4, 4, hd}, false}, {{2, 300, 4, 1, hd}, true},
+                {{2, 1000, 8, 2, hd}, false}, {{2, 1000, 8, 2, hd}, true}, {{4, 2048, 32, 8, hd}, false},
+            };
+            for (const auto& c : cases)
+                if (!only_T || c.s.T == only_T) hopper_variants_identical(c.s, c.packed, seed++);
+        }
     return test_summary();
 }

@@ -154,6 +154,28 @@
 // 6a landed at its prediction (1.1 / 14.3 ms predicted). 6e at 2 stages loses to 6a, as predicted (the ring
 // stalls); 6f, its 3-stage ring, is the fastest everywhere (-9% on 6a, -22% on 4a): the pingpong pays once the
 // ring keeps up. 6f is production.
+//
+// Session 12: kernel6 at hd 64 (llama3-1b's heads), where the backward still runs kernel4 (4a64 here: 4a's kernels at
+// hd 64, its dQ kernel at 2 CTAs/SM). The same tiles and code as at hd 128 (kernels/attention.cuh says what changes:
+// one TMA box per row, m64n64 accumulators); 6a64-6f64 are 6a-6f's {stages, dq6, dkdv6, pingpong} at hd 64, 6g64
+// is 6f64 with a 4-stage ring (smem: dK/dV 100 KiB, dQ 97), 6h64 pairs 6f64's dK/dV kernel with 4a64's dQ kernel
+// (which runs 2 CTAs/SM where kernel6's runs 1). Each must give 4a64's bits (the check and the timed shape compare).
+// ptxas: every hd-64 kernel6 168 registers at launch, 0 spills (setmaxnreg as at hd 128); 4a64: dK/dV 204, dQ 128.
+// Prediction (before running), llama3-1b (B=4 T=2048 nh=32 nkv=8 hd=64), per layer: the same item counts as
+// llama3-8b (same B, T, heads), half the matmul FLOPs per item, the same elementwise work per item. Per SM 264
+// dK/dV + 264 dQ items at 1024 + 768 tensor cycles a pair at hd 64 (3584 at hd 128). Model a pair as matmul/e + X,
+// X the per-item cost the tensor pipe does not cover. kernel4's two points (hd 128 main ~8940 cycles a pair, hd 64
+// ~6380 from the trainer's 15.3 ms for 16 layers) give e = 0.70, X = 3820 if X is the same at both hd; e = 1 gives
+// X = 5360 / 4590 (kernel4_dq's 2 CTAs/SM hide more at hd 64). 6f at hd 128 (~7070 a pair) then leaves X6 = 1950
+// (e 0.70) to 3490 (e 1), and at hd 64 (1 CTA/SM, nothing gained from occupancy): 4510-5280 cycles a pair, main
+// 0.65-0.76 ms, total ~0.74 ms (0.69-0.80) against ~0.96 for 4a64: ~230 TFLOP/s (215-250), -23% (-17..-28%);
+// 16 layers 15.3 -> ~11.8 ms. About hd 128's -22%, not more although the matmuls are half: 4a64's dQ kernel already
+// hides part of the per-item cost (four warpgroups an SM), and the dQ pingpong is balanced at hd 64 (one warpgroup's
+// exp/mask/pack, ~350 issue cycles a warp a tile, against the other's 384 tensor cycles), so it hides less than at
+// hd 128. 6h64 within 0-8% of 6f64 (either way); 6f64 10-15% faster than 6a64 (the pingpong matters more where the
+// elementwise part is relatively larger); 6g64 within 2% of 6f64 (3 stages already lead by ~2 items of ~1.3-1.5 us
+// against ~1 us of TMA latency); 6c64, 6d64 each about half of 6a64's gain.
+// Not yet run on a GPU. To run: ./attention_backward 4a64,6a64,6b64,6c64,6d64,6e64,6f64,6g64,6h64
 #include <cuda_runtime.h>                  // defines: cudaEvent_t
 #include <stdio.h>                         // defines: printf
 #include <string.h>                        // defines: strcmp, strstr
@@ -944,6 +966,15 @@ static const Variant VARIANTS[] = {
     {"6d", 128, attention_backward6_hd<128, 2, true, false>, attention_backward6_launch<128, 2, true, false>, "4a's dK dV kernel + 6a's dQ kernel"},
     {"6e", 128, attention_backward6_hd<128, 2, true, true, true>, attention_backward6_launch<128, 2, true, true, true>, "6a with the dQ kernel's consumers in pingpong (kernel5's), dS K one tile behind"},
     {"6f", 128, attention_backward6_hd<128, 3, true, true, true>, attention_backward6_launch<128, 3, true, true, true>, "6e with a 3-stage ring (ring stalls vs the pingpong itself)"},
+    {"4a64", 64, attention_backward_split_hd<64, attention_backward4_launch<64>>, attention_backward4_launch<64>, "4a at hd 64 (production on Hopper at hd 64)"},
+    {"6a64", 64, attention_backward6_hd<64, 2, true, true>, attention_backward6_launch<64, 2, true, true>, "6a at hd 64"},
+    {"6b64", 64, attention_backward6_hd<64, 3, true, true>, attention_backward6_launch<64, 3, true, true>, "6b at hd 64"},
+    {"6c64", 64, attention_backward6_hd<64, 2, false, true>, attention_backward6_launch<64, 2, false, true>, "6c at hd 64"},
+    {"6d64", 64, attention_backward6_hd<64, 2, true, false>, attention_backward6_launch<64, 2, true, false>, "6d at hd 64"},
+    {"6e64", 64, attention_backward6_hd<64, 2, true, true, true>, attention_backward6_launch<64, 2, true, true, true>, "6e at hd 64"},
+    {"6f64", 64, attention_backward6_hd<64, 3, true, true, true>, attention_backward6_launch<64, 3, true, true, true>, "6f at hd 64"},
+    {"6g64", 64, attention_backward6_hd<64, 4, true, true, true>, attention_backward6_launch<64, 4, true, true, true>, "6f64 with a 4-stage ring"},
+    {"6h64", 64, attention_backward6_hd<64, 3, false, true>, attention_backward6_launch<64, 3, false, true>, "6f64's dK dV kernel + 4a64's dQ kernel (2 CTAs/SM)"},
     {"2b", 128, attention_backward_hd<128, 128, 64, 1, false>, attention_backward_launch<128, 128, 64, 1, false>, "hd128 Bc128 Br64, ordered dQ, load after matmul"},
     {"1c", 64, attention_backward1_hd<64, 128, 64, 1>, attention_backward1_launch<64, 128, 64, 1>, "hd64 Bc128 Br64, 8 warps, 1 CTA/SM, atomics"},
     {"1d", 64, attention_backward1_hd<64, 64, 64, 2>, attention_backward1_launch<64, 64, 64, 2>, "hd64 Bc64 Br64, 4 warps, 2 CTA/SM, atomics"},
@@ -1055,7 +1086,7 @@ static bool check_variant(const Variant& V, Problem& P, const std::vector<double
     bf16* src[3] = {P.d_dq, P.d_dk, P.d_dv};
     const size_t n[3] = {P.nq, P.nk, P.nk};
     bool ok = true;
-    printf("  %-3s T=%-5d docs=%-4d", V.name, P.T, P.doc_len);
+    printf("  %-4s T=%-5d docs=%-4d", V.name, P.T, P.doc_len);
     for (int t = 0; t < 3; t++) {
         got[t].resize(n[t]);
         cudaCheck(cudaMemcpy(got[t].data(), src[t], n[t] * 2, cudaMemcpyDeviceToHost));
@@ -1154,16 +1185,17 @@ int main(int argc, char** argv) {
             std::vector<double> ref[3] = {std::vector<double>(P.nq), std::vector<double>(P.nk), std::vector<double>(P.nk)};
             attention_backward_cpu(ref[0].data(), ref[1].data(), ref[2].data(), f[3].data(), f[0].data(), f[1].data(), f[2].data(),
                                    o.data(), lse.data(), doc_len ? P.doc.data() : nullptr, P.B, P.T, P.nh, P.nkv, hd);
-            std::vector<uint16_t> bits4a[3];  // kernel6 runs 4a's operations in 4a's order: expect the same bits
+            std::vector<uint16_t> bits4a[3];  // kernel6 runs 4a's (4a64's) operations in its order: expect the same bits
             for (const Variant& V : VARIANTS)
                 if (V.hd == hd && selected(only, V.name)) {
                     std::vector<uint16_t> bits[3];
                     all_ok &= check_variant(V, P, ref, bits);
-                    if (!strcmp(V.name, "4a")) for (int t = 0; t < 3; t++) bits4a[t] = bits[t];
+                    if (!strncmp(V.name, "4a", 2)) for (int t = 0; t < 3; t++) bits4a[t] = bits[t];  // 4a or 4a64
                     size_t diff[3];
                     if (V.name[0] == '6' && !bits4a[0].empty()) {
                         const bool id = bits_diff(bits, bits4a, diff) == 0;
-                        printf("      vs 4a: %s (dq %zu, dk %zu, dv %zu elements differ)\n", id ? "bitwise identical" : "DIFFERS (expected the same bits)", diff[0], diff[1], diff[2]);
+                        all_ok &= id;
+                        printf("      vs 4a%s: %s (dq %zu, dk %zu, dv %zu elements differ)\n", hd == 64 ? "64" : "", id ? "bitwise identical" : "DIFFERS (expected the same bits)", diff[0], diff[1], diff[2]);
                     }
                     const bool same = repeat_diff(V, P, diff, bits) == 0;
                     if (V.name[0] != '1') all_ok &= same;  // kernel1 is not deterministic
@@ -1195,10 +1227,11 @@ int main(int argc, char** argv) {
             if (V.name[0] != '1') all_ok &= same;  // kernel1 is not deterministic, and says so
             char rep[96];
             int len = snprintf(rep, sizeof rep, "%s %zu %zu %zu", same ? "same" : "DIFF", diff[0], diff[1], diff[2]);
-            if (!strcmp(V.name, "4a")) for (int t = 0; t < 3; t++) bits4a[t].swap(bits[t]);
+            if (!strncmp(V.name, "4a", 2)) for (int t = 0; t < 3; t++) bits4a[t].swap(bits[t]);  // 4a or 4a64
             if (V.name[0] == '6' && !bits4a[0].empty()) {
                 const bool id = bits_diff(bits, bits4a, diff) == 0;
-                snprintf(rep + len, sizeof rep - len, ", vs 4a %s %zu %zu %zu", id ? "same" : "DIFF", diff[0], diff[1], diff[2]);
+                all_ok &= id;
+                snprintf(rep + len, sizeof rep - len, ", vs 4a%s %s %zu %zu %zu", S.hd == 64 ? "64" : "", id ? "same" : "DIFF", diff[0], diff[1], diff[2]);
             }
             printf("%-18s %-4s %9.4f %9.1f %9.4f %9.1f  %-22s %s\n", S.name, V.name, all, flops / (all * 1e-3) / 1e12, main_ms,
                    flops / (main_ms * 1e-3) / 1e12, rep, V.what);
