@@ -43,7 +43,7 @@
 //     16 layers at 4 x 2048); backward kernel4, split in two kernels (dK, dV per key tile; dQ per query tile,
 //     recomputing S and dP: 7 matmuls instead of 5 but no dQ traffic between CTAs, deterministic without
 //     semaphores). llama3-1b, 4 x 2048, 16 layers, H100: backward 23.54 ms with kernel2, 15.87 with kernel4.
-//     kernel6 runs hd 64 too (variants 6a64-6g64, kernel4's bits expected; not yet run on a GPU), not dispatched.
+//     kernel6 runs hd 64 too (variants 6a64-6h64, kernel4's bits expected; not yet run on a GPU), not dispatched.
 //   Other GPUs (and attention_wgmma_off): forward kernel1, backward kernel2 (mma.sync).
 //
 // Scratch: attention_backward_scratch_bytes(B, T, nh, hd): D (B nh T fp32) for kernel4 and kernel6; kernel2 adds
@@ -1220,7 +1220,8 @@ __global__ void __launch_bounds__(BQ / 64 * 128, HD == 64 ? 2 : 1) attention_bac
 // hd 64 (session 12): the same tiles and code; a row of Q, K, V or dO is one 128-byte swizzle row, so one TMA box
 // per tile instead of two (the HD / 64 loops), and the HD-wide accumulators (dK, dV, dQ) take m64n64 wgmmas
 // (wg_mma_rs, as kernel4 at hd 64). ptxas: 168 registers at launch, 0 spills. Smem halves (dK/dV 83 KiB, dQ 81 at
-// 3 stages), but 2 CTAs/SM would leave a consumer ~104 registers, below kernel4_dq's 128 at hd 64: 1 CTA/SM.
+// 3 stages), but registers keep 1 CTA/SM: tried, the dQ kernel at __launch_bounds__(384, 2) (80 at launch, 24/104
+// by setmaxnreg) spilled 120 bytes with PINGPONG and 384 without (where ptxas also serialized the wgmmas, C7512).
 // The consumers' loop bodies and stores are kernel4's text, copied rather than shared: factored into
 // __forceinline__ helpers (session 10) they compiled to other SASS, and kernel4_dkdv at hd 128 went from 254
 // registers to 255 plus 4 bytes of spill; sharing them wants a GPU run to time and check.
@@ -1754,7 +1755,7 @@ void attention_backward4_launch(const AttnBwdParams& p, cudaStream_t stream) {
     cudaCheck(cudaGetLastError());
 }
 
-// kernel6 (hd 64 or 128, Hopper), variants 6a-6f (hd 64: 6a64-6g64) of dev/cuda/attention_backward.cu: STAGES, the depth of both kernels' TMA
+// kernel6 (hd 64 or 128, Hopper), variants 6a-6f (hd 64: 6a64-6h64) of dev/cuda/attention_backward.cu: STAGES, the depth of both kernels' TMA
 // rings; DQ6, DKDV6: kernel6's dQ, dK/dV kernel, or kernel4's (6c, 6d time one half of kernel6 against kernel4's
 // other); PINGPONG: kernel6's dQ kernel with its consumer warpgroups taking turns on the tensor cores (6e, 6f).
 // The tensor maps are encoded on the host at every call (a few microseconds; they hold the tensors' addresses).

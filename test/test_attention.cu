@@ -399,7 +399,7 @@ int main(int argc, char** argv) {
     // odd tails, packed rows, several key tiles, B = 4 (the batch coordinate of the copies); hd 128, then hd 64
     if (hopper)
         for (int hd : {128, 64}) {
-            printf("-- kernel5, kernel6 variants (hd %d)\n", hd);
+            printf("-- %s variants (hd %d)\n", hd == 128 ? "kernel5, kernel6" : "kernel6", hd);
             const struct { Shape s; bool packed; } cases[] = {
                 {{2, 1, 4, 1, hd}, false}, {{2, 17, 4, 2, hd}, true}, {{2, 100, 4, 4, hd}, false}, {{2, 300, 4, 1, hd}, true},
                 {{2, 1000, 8, 2, hd}, false}, {{2, 1000, 8, 2, hd}, true}, {{4, 2048, 32, 8, hd}, false},
