@@ -40,10 +40,11 @@
 //     4 x 2048 forward 0.294 ms (467 TFLOP/s causal; kernel2 0.421), backward 1.060 ms (324; kernel4 1.363);
 //     1 x 16384 forward 3.64 ms (605), backward 13.8 ms (398; kernel4 17.4). Bits equal kernel2's and kernel4's.
 //   hd 64, Hopper: forward kernel1 (kernel2, wgmma, measured slower there: 5.01 ms against 4.51 for llama3-1b's
-//     16 layers at 4 x 2048); backward kernel4, split in two kernels (dK, dV per key tile; dQ per query tile,
-//     recomputing S and dP: 7 matmuls instead of 5 but no dQ traffic between CTAs, deterministic without
-//     semaphores). llama3-1b, 4 x 2048, 16 layers, H100: backward 23.54 ms with kernel2, 15.87 with kernel4.
-//     kernel6 runs hd 64 too (variants 6a64-6h64, kernel4's bits expected; not yet run on a GPU), not dispatched.
+//     16 layers at 4 x 2048; kernel5 at hd 64, variants 5a64-5c64, built but not yet timed); backward kernel4,
+//     split in two kernels (dK, dV per key tile; dQ per query tile, recomputing S and dP: 7 matmuls instead of 5
+//     but no dQ traffic between CTAs, deterministic without semaphores). llama3-1b, 4 x 2048, 16 layers, H100:
+//     backward 23.54 ms with kernel2, 15.87 with kernel4. kernel6 runs hd 64 too (variants 6a64-6h64, kernel4's
+//     bits expected; not yet run on a GPU), not dispatched.
 //   Other GPUs (and attention_wgmma_off): forward kernel1, backward kernel2 (mma.sync).
 //
 // Scratch: attention_backward_scratch_bytes(B, T, nh, hd): D (B nh T fp32) for kernel4 and kernel6; kernel2 adds
@@ -339,7 +340,7 @@ __global__ void __launch_bounds__(BR / (16 * RT) * 32, MINB) attention_forward_k
         }
 }
 
-// kernel5 (session 8): FlashAttention-3's forward schedule, hd 128, Hopper. 384 threads, 1 CTA/SM:
+// kernel5 (session 8): FlashAttention-3's forward schedule, hd 128 (and 64, below), Hopper. 384 threads, 1 CTA/SM:
 //   warpgroup 0 produces: one thread loads the Q tile (128 rows) and then K and V tiles (128 keys) by TMA
 //     (cp.async.bulk.tensor, 128B swizzle = wg_swz's layout, rows past T zero-filled by the copy engine)
 //     into a STAGES-deep ring, K and V with their own full (tx bytes) and empty (8 consumer warps) mbarriers;
@@ -349,7 +350,12 @@ __global__ void __launch_bounds__(BR / (16 * RT) * 32, MINB) attention_forward_k
 //     the softmax of S(t) while the other warpgroup's wgmmas run (PINGPONG: named barriers 1 and 2, 256
 //     threads; warpgroup 1 starts). O is rescaled by tile t's alpha once P(t-1) V(t-1) is done with it:
 //     kernel2's order of operations on O, m and l, so the results should match kernel2's bit for bit.
-// setmaxnreg: producer 24 registers, consumers 240 (O 64 + S 64 + P 32 a thread).
+// setmaxnreg: producer 24 registers, consumers 240 (O 64 + S 64 + P 32 a thread at hd 128).
+// hd 64 (session 11, not dispatched, not yet run): a row is 128 bytes, one swizzle atom, so every tile is one column
+//   block (one TMA box per tile); S = Q K^T takes 4 k16 steps instead of 8 and O += P V is m64n64k16 (wg_mma_rs by O's
+//   size), O 32 registers a thread. Same tiles, ring and schedule: per key tile half the tensor work of hd 128 against
+//   the same softmax (64 x 128 exps per warpgroup): the exps (MUFU) and the wgmmas tie, so the pingpong has less
+//   wgmma time to hide each softmax under (dev/cuda/attention_forward.cu's prediction).
 
 template <int HD, int BQ, int BK, int STAGES>
 struct AttnFwdTile5 {
@@ -357,7 +363,7 @@ struct AttnFwdTile5 {
     static constexpr int QB = BQ * HD * 2, KB = BK * HD * 2;  // bytes: Q tile, K (or V) tile
     static constexpr size_t OFF_K = QB, OFF_V = OFF_K + STAGES * KB, SMEM = OFF_V + STAGES * KB;
     static constexpr size_t SMEM_ALLOC = SMEM + 1024;  // the dynamic smem base is aligned up to 1024 bytes
-    static_assert(HD == 128 && BQ == 128 && BK == 128, "attention_forward_kernel5: written for these");
+    static_assert((HD == 64 || HD == 128) && BQ == 128 && BK == 128, "attention_forward_kernel5: written for these");
     static_assert(SMEM_ALLOC + 256 <= 227 * 1024, "attention_forward_kernel5: too many stages for 227 KB");
 };
 
@@ -433,9 +439,9 @@ __global__ void __launch_bounds__(384, 1) attention_forward_kernel5(const AttnFw
             wg_mma_64x128_ss<0, 0>(s, wg_desc(qA + qo, 16, 1024), wg_desc(sK + st * C::KB + ko, 16, 1024), kk);
         }
     };
-    auto issue_pv = [&](int st) {  // O += P V of the value tile in stage st (no commit)
+    auto issue_pv = [&](int st) {  // O += P V of the value tile in stage st (no commit); m64nHDk16
 #pragma unroll
-        for (int kc = 0; kc < BK / 16; kc++) wg_mma_64x128_rs<1>(o, pa[kc], wg_desc(sV + st * C::KB + kc * 2048, BK * 128, 1024));
+        for (int kc = 0; kc < BK / 16; kc++) wg_mma_rs<1>(o, pa[kc], wg_desc(sV + st * C::KB + kc * 2048, BK * 128, 1024));
     };
     auto softmax = [&](int t) {  // kernel2's: mask S of tile t, online softmax: S -> P, m and l updated, alpha for O
         const int k0 = t * BK;
@@ -1201,7 +1207,7 @@ __global__ void __launch_bounds__(BQ / 64 * 128, HD == 64 ? 2 : 1) attention_bac
     }
 }
 
-// kernel6 (session 9, hd 128; hd 64 since session 12, Hopper): kernel4's two kernels on the forward kernel5's schedule. 384 threads,
+// kernel6 (session 9, hd 128; hd 64 since session 11, Hopper): kernel4's two kernels on the forward kernel5's schedule. 384 threads,
 // 1 CTA/SM: warpgroup 0 produces (TMA into a STAGES-deep ring of stages, each with a full and an empty mbarrier),
 // warpgroups 1 and 2 consume with kernel4's math in kernel4's order of operations, so dq, dk and dv should come
 // out bit-identical to 4a's. setmaxnreg: producer 40, consumers 232 in the dK/dV kernel (dK, dV, S^T, dP^T and
@@ -1217,7 +1223,7 @@ __global__ void __launch_bounds__(BQ / 64 * 128, HD == 64 ? 2 : 1) attention_bac
 //     PINGPONG (6e): its consumers take turns on the tensor cores (kernel5's), dS K one tile behind S and dP.
 // The empty barriers count lane 0 of each of the 8 consumer warps, after its wgmmas on the stage are waited for.
 // Rows past T land as zeros (TMA's out-of-bounds fill, cp.async's zero-fill) and are masked as in kernel4.
-// hd 64 (session 12): the same tiles and code; a row of Q, K, V or dO is one 128-byte swizzle row, so one TMA box
+// hd 64 (session 11): the same tiles and code; a row of Q, K, V or dO is one 128-byte swizzle row, so one TMA box
 // per tile instead of two (the HD / 64 loops), and the HD-wide accumulators (dK, dV, dQ) take m64n64 wgmmas
 // (wg_mma_rs, as kernel4 at hd 64). ptxas: 168 registers at launch, 0 spills. Smem halves (dK/dV 83 KiB, dQ 81 at
 // 3 stages), but registers keep 1 CTA/SM: tried, the dQ kernel at __launch_bounds__(384, 2) (80 at launch, 24/104
@@ -1687,7 +1693,7 @@ void attention_forward_launch(const AttnFwdParams& p, cudaStream_t stream) {
     cudaCheck(cudaGetLastError());
 }
 
-// kernel5 (hd 128, Hopper): STAGES, the depth of the K/V ring (2: variant 5a, 3: 5b); PINGPONG false: 5c
+// kernel5 (Hopper): STAGES, the depth of the K/V ring (2: variant 5a, 3: 5b); PINGPONG false: 5c; at hd 64 5a64-5c64
 template <int HD, int BQ, int BK, int STAGES, bool PINGPONG>
 void attention_forward5_launch(const AttnFwdParams& p, cudaStream_t stream) {
     using C = AttnFwdTile5<HD, BQ, BK, STAGES>;

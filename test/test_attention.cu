@@ -4,7 +4,9 @@
 // the small shapes run twice: the kernels it uses there (hd 128: forward kernel5, backward kernel6, whose
 // TMA boxes of 64 or 128 rows run past T < 128; hd 64: kernel1, kernel4), then (attention_wgmma_off) the
 // mma.sync ones of every other GPU. Also on a Hopper: each variant of kernel5 (5a-5c) and kernel6 (6a-6f, and at
-// hd 64 6a64-6h64) that the dispatch can pick must give the dispatched forward's and kernel4's bits.
+// hd 64 6a64-6h64) that the dispatch can pick must give the dispatched forward's and kernel4's bits; and at hd 64,
+// where the forward is kernel1, every case (in the wgmma pass) also runs kernel5 at hd 64: 5a64 against the CPU
+// reference with the dispatched forward's budget (where the case has one), 5b64 and 5c64 bit for bit with 5a64.
 // Inputs are seeded random bf16 values; outputs are poisoned (NaN) before each launch.
 //
 // Determinism: at T=300, T=1000 and the llama3-8b and -1b shapes (B=4, T=2048, nh=32, nkv=8, hd=128 and 64; several key
@@ -161,6 +163,45 @@ static void check_tensor(const char* what, const char* cfg, const std::vector<fl
     check(r_gpu <= 1e-2 && r_gpu <= 2.0 * r_sim + 1e-3, "%-44s rel_l2=%.3e (sim %.3e, budget min(1e-2, 2*sim+1e-3))", name, r_gpu, r_sim);
 }
 
+// Hopper, hd 64: kernel5 (5a64-5c64; the dispatch runs kernel1 there) on the case's device inputs. 5a64 against the
+// CPU reference (when given) with the dispatched forward's budget; 5b64 and 5c64 differ from it only in schedule (ring
+// depth, pingpong), so they must give its bits, poisoned with other bytes than 5a64's so an unwritten element differs.
+typedef void (*FwdLaunch)(const AttnFwdParams&, cudaStream_t);
+static void kernel5_hd64(const AttnFwdParams& p, const char* cfg, const std::vector<double>* out_ref,
+                         const std::vector<double>* out_sim, const std::vector<double>* lse_ref) {
+    const size_t nq = (size_t)p.B * p.T * p.nh * 64, nl = (size_t)p.B * p.nh * p.T;
+    const struct { const char* name; FwdLaunch fn; } k5[] = {
+        {"5a64", attention_forward5_launch<64, 128, 128, 2, true>},
+        {"5b64", attention_forward5_launch<64, 128, 128, 3, true>},
+        {"5c64", attention_forward5_launch<64, 128, 128, 2, false>},
+    };
+    std::vector<uint16_t> out_a;  // 5a64's out (B, T, nh, 64) bf16 bits
+    std::vector<float> lse_a;     // and lse (B, nh, T)
+    for (const auto& V : k5) {
+        const bool first = &V == k5;
+        cudaCheck(cudaMemset(p.out, first ? 0xff : 0x7f, nq * 2)); cudaCheck(cudaMemset(p.lse, first ? 0xff : 0x7f, nl * 4));
+        V.fn(p, 0);
+        cudaCheck(cudaDeviceSynchronize());
+        const std::vector<uint16_t> out = to_host((const uint16_t*)p.out, nq);
+        const std::vector<float> lse = to_host(p.lse, nl);
+        char name[160];
+        if (first) {
+            if (out_ref) {
+                snprintf(name, sizeof name, "%s %s", V.name, cfg);
+                check_tensor("fwd out", name, bf16_vals(out), *out_ref, *out_sim);
+                snprintf(name, sizeof name, "fwd lse %s %s", V.name, cfg);
+                check_close(name, lse.data(), lse_ref->data(), nl, 1e-4, 1e-5);
+            }
+            out_a = out; lse_a = lse;
+            continue;
+        }
+        snprintf(name, sizeof name, "fwd %s == 5a64 out %s", V.name, cfg);
+        check_bytes(name, out.data(), out_a.data(), nq * 2);
+        snprintf(name, sizeof name, "fwd %s == 5a64 lse %s", V.name, cfg);
+        check_bytes(name, lse.data(), lse_a.data(), nl * 4);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 // one case's inputs: q (B, T, nh, hd), k, v (B, T, nkv, hd), dout (B, T, nh, hd) as bf16 bits and their values;
@@ -227,6 +268,9 @@ static void run_case(Shape s, bool packed, uint64_t seed, bool vs_cpu, bool repe
         ob = to_host((uint16_t*)d_out, nq);
         lse_in = to_host(d_lse, nl);
     }
+    if (hd == 64 && attention_has_wgmma())  // (after the above: it overwrites out and lse)
+        kernel5_hd64(AttnFwdParams{d_out, d_lse, d_q, d_k, d_v, d_doc, B, T, nh, nkv, 1.4426950408889634f / sqrtf(64.f)}, cfg,
+                     vs_cpu ? &out_ref : nullptr, vs_cpu ? &out_sim : nullptr, vs_cpu ? &lse_ref : nullptr);
 
     // backward
     bf16* d_o = (bf16*)to_device(ob);
@@ -274,7 +318,6 @@ static void run_case(Shape s, bool packed, uint64_t seed, bool vs_cpu, bool repe
 // kernel4's at the same hd. At hd 64 the forward (kernel1) only makes out and lse.
 // Each run's outputs are poisoned with other bytes than the reference's, so an element left unwritten differs.
 
-typedef void (*FwdLaunch)(const AttnFwdParams&, cudaStream_t);
 typedef void (*BwdRun)(bf16*, bf16*, bf16*, float*, const bf16*, const bf16*, const bf16*, const bf16*, const bf16*,
                        const float*, const int*, int, int, int, int, cudaStream_t);
 template <int HD>

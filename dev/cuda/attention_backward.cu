@@ -155,7 +155,7 @@
 // stalls); 6f, its 3-stage ring, is the fastest everywhere (-9% on 6a, -22% on 4a): the pingpong pays once the
 // ring keeps up. 6f is production.
 //
-// Session 12: kernel6 at hd 64 (llama3-1b's heads), where the backward still runs kernel4 (4a64 here: 4a's kernels at
+// Session 11: kernel6 at hd 64 (llama3-1b's heads), where the backward still runs kernel4 (4a64 here: 4a's kernels at
 // hd 64, its dQ kernel at 2 CTAs/SM). The same tiles and code as at hd 128 (kernels/attention.cuh says what changes:
 // one TMA box per row, m64n64 accumulators); 6a64-6f64 are 6a-6f's {stages, dq6, dkdv6, pingpong} at hd 64, 6g64
 // is 6f64 with a 4-stage ring (smem: dK/dV 100 KiB, dQ 97), 6h64 pairs 6f64's dK/dV kernel with 4a64's dQ kernel

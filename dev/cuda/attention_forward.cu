@@ -93,7 +93,25 @@
 //   hd128 (1, 16384) docs 2k 0.811 339    0.568 484    0.600 458    0.620 443
 // Beyond the prediction (0.34 / 4.5 ms): +43% at 2k. The pingpong is worth ~10% at 2k (5c), the third stage
 // pays only on long rows (5b). Production: 5a below T = 8192, 5b from there.
-// The check also compares 5a-5c's output and lse bits with 2a's (kernel2's order of operations: expected identical).
+//
+// Session 11: kernel5 at hd 64 (5a64, 5b64, 5c64: 5a-5c's ring depth and pingpong; 1l stays the trainer's hd-64 forward).
+// A 64-dim row is one 128-byte swizzle atom, so each tile is one TMA box; S = Q K^T 4 k16 steps (8 at hd 128),
+// O += P V m64n64k16; tiles (Bq 128, Bk 128), ring and schedule as at hd 128. ptxas: 168 registers at launch (setmaxnreg
+// 24 / 240 as at hd 128), 0 spills, no C75xx warning; smem 81 KiB (2 stages), 113 KiB (3).
+// Prediction (before any run): at hd 64 the exps tie with the wgmmas. Per 128 x 128 tile pair (both warpgroups) the
+// wgmmas are 2 x (64 x 128 x 64 + 64 x 64 x 128) = 2.1 M FMA, at 2048 bf16 FMA a clock per SM 1024 cycles; the softmax
+// takes 16384 ex2 at 16 a clock per SM (MUFU): 1024 cycles too (hd 128: 2048 against the same 1024, so its softmax
+// hides). Tied pipes never both run flat out; say 1.25x: ~1280 cycles a tile pair against hd 128's ~2048, 0.625x the
+// time for 0.5x the FLOPs. Scaling the measured hd-128 rates (467, 605) by 0.5 / 0.625: llama3-1b (4, 2048) ~375 TFLOP/s, ~0.185 ms
+// (1l 0.266: ~1.45x; 16 layers ~3.0 ms against the trainer's 4.56); 1b long (1, 16384) ~485, ~2.3 ms (1l 3.77).
+// 5b64 within 3% of 5a64 at 2k (loads are half hd 128's bytes). 5c64 5-10% behind 5a64 (hd 128: 10%): without the
+// turns both softmaxes can land at once and fight over MUFU while the tensor pipe idles. Below ~300 TFLOP/s: the
+// schedule is not overlapping MUFU and wgmma (profile the pipes); at ~375, the lever left is the exp itself (part of
+// the ex2s as a polynomial on the FMA pipe, FlashAttention-4's trick); a larger Bk only amortises fixed per-tile costs.
+// Not yet run on a GPU:
+//   ./attention_forward 1l,5a64,5b64,5c64
+// The check also compares 5a-5c's out and lse bits with 2a's (kernel2's order of operations: expected identical), and
+// 5b64's and 5c64's with 5a64's (the same operations, other schedules); a difference fails the run (Variant::same_bits).
 #include <cuda_runtime.h>                  // defines: cudaEvent_t
 #include <stdio.h>                         // defines: printf
 #include <string.h>                        // defines: strcmp, strstr, strlen, memcpy
@@ -447,7 +465,8 @@ void attention_forward3_launch(const AttnFwdParams& p, cudaStream_t stream) {
 // ---------------------------------------------------------------------------------------------
 
 typedef void (*FwdLaunch)(const AttnFwdParams&, cudaStream_t);
-struct Variant { const char* name; int hd; FwdLaunch fn; const char* what; };
+// same_bits: the variant whose out and lse bits this one must reproduce (the same operations in the same order), or null
+struct Variant { const char* name; int hd; FwdLaunch fn; const char* what; const char* same_bits = nullptr; };
 static const Variant VARIANTS[] = {
     {"1a", 128, attention_forward_launch<128, 128, 64, 1, 1, true>, "hd128 Br128 Bc64, 8 warps, Q in regs, 1 CTA/SM"},
     {"1b", 128, attention_forward_launch<128, 128, 64, 1, 2, false>, "hd128 Br128 Bc64, 8 warps, Q from smem, 2 CTA/SM (v3 production)"},
@@ -457,9 +476,9 @@ static const Variant VARIANTS[] = {
     {"1i", 128, attention_forward_launch<128, 128, 32, 2, 2, false>, "hd128 Br128 Bc32, 4 warps x 32 rows, Q from smem, 2 CTA/SM"},
     {"2a", 128, attention_forward2_launch<128, 128, 128>, "hd128 Bq128 Bk128, wgmma, 2 warpgroups, 1 CTA/SM (production on Hopper before kernel5)"},
     {"3a", 128, attention_forward3_launch<128, 128, 128>, "hd128 Bq128 Bk128, wgmma, 2 warpgroups, softmax under P V (not kept)"},
-    {"5a", 128, attention_forward5_launch<128, 128, 128, 2, true>, "hd128 Bq128 Bk128, TMA producer + 2 consumer warpgroups, pingpong, 2 stages (production on Hopper)"},
-    {"5b", 128, attention_forward5_launch<128, 128, 128, 3, true>, "hd128 Bq128 Bk128, TMA producer + 2 consumer warpgroups, pingpong, 3 stages"},
-    {"5c", 128, attention_forward5_launch<128, 128, 128, 2, false>, "hd128 Bq128 Bk128, TMA producer + 2 consumer warpgroups, no pingpong, 2 stages"},
+    {"5a", 128, attention_forward5_launch<128, 128, 128, 2, true>, "hd128 Bq128 Bk128, TMA producer + 2 consumer warpgroups, pingpong, 2 stages (production on Hopper)", "2a"},
+    {"5b", 128, attention_forward5_launch<128, 128, 128, 3, true>, "hd128 Bq128 Bk128, TMA producer + 2 consumer warpgroups, pingpong, 3 stages", "2a"},
+    {"5c", 128, attention_forward5_launch<128, 128, 128, 2, false>, "hd128 Bq128 Bk128, TMA producer + 2 consumer warpgroups, no pingpong, 2 stages", "2a"},
     {"1j", 128, attention_forward_launch<128, 256, 64, 2, 1, false>, "hd128 Br256 Bc64, 8 warps x 32 rows, Q from smem, 1 CTA/SM"},
     {"1d", 64, attention_forward_launch<64, 128, 64, 1, 2, true>, "hd64 Br128 Bc64, 8 warps, Q in regs, 2 CTA/SM (v3 production)"},
     {"1e", 64, attention_forward_launch<64, 128, 128, 1, 1, true>, "hd64 Br128 Bc128, 8 warps, Q in regs, 1 CTA/SM"},
@@ -467,6 +486,9 @@ static const Variant VARIANTS[] = {
     {"1k", 64, attention_forward_launch<64, 128, 64, 2, 2, false>, "hd64 Br128 Bc64, 4 warps x 32 rows, Q from smem, 2 CTA/SM"},
     {"1l", 64, attention_forward_launch<64, 128, 64, 2, 2, true>, "hd64 Br128 Bc64, 4 warps x 32 rows, Q in regs, 2 CTA/SM (production)"},
     {"1m", 64, attention_forward_launch<64, 256, 64, 2, 1, true>, "hd64 Br256 Bc64, 8 warps x 32 rows, Q in regs, 1 CTA/SM"},
+    {"5a64", 64, attention_forward5_launch<64, 128, 128, 2, true>, "hd64 Bq128 Bk128, TMA producer + 2 consumer warpgroups, pingpong, 2 stages"},
+    {"5b64", 64, attention_forward5_launch<64, 128, 128, 3, true>, "hd64 Bq128 Bk128, TMA producer + 2 consumer warpgroups, pingpong, 3 stages", "5a64"},
+    {"5c64", 64, attention_forward5_launch<64, 128, 128, 2, false>, "hd64 Bq128 Bk128, TMA producer + 2 consumer warpgroups, no pingpong, 2 stages", "5a64"},
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -618,18 +640,21 @@ int main(int argc, char** argv) {
             std::vector<double> out_ref(q.size()), lse_ref((size_t)P.B * P.nh * P.T);
             attention_forward_cpu(out_ref.data(), lse_ref.data(), q.data(), k.data(), v.data(), doc_len ? P.doc.data() : nullptr,
                                   P.B, P.T, P.nh, P.nkv, hd);
-            std::vector<uint16_t> bits2a;  // kernel5 runs kernel2's operations in kernel2's order: expect the same bits
-            for (const Variant& V : VARIANTS)
-                if (V.hd == hd && selected(only, V.name)) {
-                    std::vector<uint16_t> bits;
-                    all_ok &= check_variant(V, P, out_ref, lse_ref, bits);
-                    if (!strcmp(V.name, "2a")) bits2a = bits;
-                    if (V.name[0] == '5' && !bits2a.empty()) {
+            // each variant's bits (out's, then lse's), for those that must reproduce an earlier one's (V.same_bits)
+            std::vector<std::vector<uint16_t>> bits(sizeof VARIANTS / sizeof VARIANTS[0]);
+            for (size_t vi = 0; vi < bits.size(); vi++) {
+                const Variant& V = VARIANTS[vi];
+                if (V.hd != hd || !selected(only, V.name)) continue;
+                all_ok &= check_variant(V, P, out_ref, lse_ref, bits[vi]);
+                for (size_t ri = 0; V.same_bits && ri < vi; ri++)
+                    if (!strcmp(VARIANTS[ri].name, V.same_bits) && !bits[ri].empty()) {
                         size_t diff = 0;
-                        for (size_t i = 0; i < bits.size(); i++) diff += bits[i] != bits2a[i];
-                        printf("      vs 2a: %s (%zu of out's and lse's 16-bit halves differ)\n", diff ? "DIFFERS (expected the same bits)" : "bitwise identical", diff);
+                        for (size_t i = 0; i < bits[vi].size(); i++) diff += bits[vi][i] != bits[ri][i];
+                        printf("      vs %s: %s (%zu of out's and lse's 16-bit halves differ)\n", V.same_bits,
+                               diff ? "DIFFERS (expected the same bits)" : "bitwise identical", diff);
+                        all_ok &= diff == 0;
                     }
-                }
+            }
             free_problem(P);
         }
 
