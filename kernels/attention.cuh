@@ -39,12 +39,11 @@
 //     Which variant (ring depth, pingpong) is chosen at each dispatch. H100, llama3-8b heads (session 10):
 //     4 x 2048 forward 0.294 ms (467 TFLOP/s causal; kernel2 0.421), backward 1.060 ms (324; kernel4 1.363);
 //     1 x 16384 forward 3.64 ms (605), backward 13.8 ms (398; kernel4 17.4). Bits equal kernel2's and kernel4's.
-//   hd 64, Hopper: forward kernel1 (kernel2, wgmma, measured slower there: 5.01 ms against 4.51 for llama3-1b's
-//     16 layers at 4 x 2048; kernel5 at hd 64, variants 5a64-5c64, built but not yet timed); backward kernel4,
-//     split in two kernels (dK, dV per key tile; dQ per query tile, recomputing S and dP: 7 matmuls instead of 5
-//     but no dQ traffic between CTAs, deterministic without semaphores). llama3-1b, 4 x 2048, 16 layers, H100:
-//     backward 23.54 ms with kernel2, 15.87 with kernel4. kernel6 runs hd 64 too (variants 6a64-6h64, kernel4's
-//     bits expected; not yet run on a GPU), not dispatched.
+//   hd 64, Hopper (session 11): forward kernel5 (5a64), backward kernel6 (6f64), the same kernels at hd 64. H100,
+//     llama3-1b heads, 4 x 2048, a layer: forward 0.214 ms (kernel1: 0.263), backward 0.759 (kernel4: 0.850); in
+//     the trainer's profile 16 layers take 3.74 + 13.79 ms (4.56 + 15.26 before). kernel4, split in two kernels
+//     (dK, dV per key tile; dQ per query tile, recomputing S and dP: 7 matmuls instead of 5 but no dQ traffic
+//     between CTAs, deterministic without semaphores), is kernel6's reference: 6a64-6h64 give its bits.
 //   Other GPUs (and attention_wgmma_off): forward kernel1, backward kernel2 (mma.sync).
 //
 // Scratch: attention_backward_scratch_bytes(B, T, nh, hd): D (B nh T fp32) for kernel4 and kernel6; kernel2 adds
@@ -351,11 +350,11 @@ __global__ void __launch_bounds__(BR / (16 * RT) * 32, MINB) attention_forward_k
 //     threads; warpgroup 1 starts). O is rescaled by tile t's alpha once P(t-1) V(t-1) is done with it:
 //     kernel2's order of operations on O, m and l, so the results should match kernel2's bit for bit.
 // setmaxnreg: producer 24 registers, consumers 240 (O 64 + S 64 + P 32 a thread at hd 128).
-// hd 64 (session 11, not dispatched, not yet run): a row is 128 bytes, one swizzle atom, so every tile is one column
+// hd 64 (session 11, dispatched on Hopper: 5a64): a row is 128 bytes, one swizzle atom, so every tile is one column
 //   block (one TMA box per tile); S = Q K^T takes 4 k16 steps instead of 8 and O += P V is m64n64k16 (wg_mma_rs by O's
 //   size), O 32 registers a thread. Same tiles, ring and schedule: per key tile half the tensor work of hd 128 against
 //   the same softmax (64 x 128 exps per warpgroup): the exps (MUFU) and the wgmmas tie, so the pingpong has less
-//   wgmma time to hide each softmax under (dev/cuda/attention_forward.cu's prediction).
+//   wgmma time to hide each softmax under. H100, llama3-1b heads: 321 TFLOP/s at 4 x 2048 (1l 262), 439 at 1 x 16384.
 
 template <int HD, int BQ, int BK, int STAGES>
 struct AttnFwdTile5 {
@@ -1223,7 +1222,7 @@ __global__ void __launch_bounds__(BQ / 64 * 128, HD == 64 ? 2 : 1) attention_bac
 //     PINGPONG (6e): its consumers take turns on the tensor cores (kernel5's), dS K one tile behind S and dP.
 // The empty barriers count lane 0 of each of the 8 consumer warps, after its wgmmas on the stage are waited for.
 // Rows past T land as zeros (TMA's out-of-bounds fill, cp.async's zero-fill) and are masked as in kernel4.
-// hd 64 (session 11): the same tiles and code; a row of Q, K, V or dO is one 128-byte swizzle row, so one TMA box
+// hd 64 (session 11, dispatched: 6f64): the same tiles and code; a row of Q, K, V or dO is one 128-byte swizzle row, so one TMA box
 // per tile instead of two (the HD / 64 loops), and the HD-wide accumulators (dK, dV, dQ) take m64n64 wgmmas
 // (wg_mma_rs, as kernel4 at hd 64). ptxas: 168 registers at launch, 0 spills. Smem halves (dK/dV 83 KiB, dQ 81 at
 // 3 stages), but registers keep 1 CTA/SM: tried, the dQ kernel at __launch_bounds__(384, 2) (80 at launch, 24/104
@@ -1714,15 +1713,18 @@ inline void attention_forward(bf16* out, float* lse, const bf16* q, const bf16* 
     AttnFwdParams p{out, lse, q, k, v, doc_start, B, T, nh, nkv, 1.4426950408889634f / sqrtf((float)hd)};
     // hd 128 on Hopper: kernel5 with a K/V ring of 2 stages (dev/cuda/attention_forward.cu's 5a) below T = 8192,
     // of 3 (5b) from there: H100, llama3-8b heads, 4 x 2048: 5a 0.294 ms, 5b 0.312; 1 x 16384: 5a 3.77, 5b 3.64 (session 10)
+    // hd 64 on Hopper: kernel5 5a64 (session 11, H100, llama3-1b heads: 4 x 2048 0.214 ms against 1l's 0.263; 1 x 16384
+    // 2.51 against 3.55; 5b64 0.216 / 2.94, 5c64 0.215 / 2.56)
     // elsewhere variants 1l (hd 64) and 1h (hd 128): the fastest measured on H100 at the llama3 shapes (4 warps of
-    // 32 query rows each, 2 CTAs/SM); kernel2 (wgmma) at hd 64 was slower than 1l
-    if (hd == 64) attention_forward_launch<64, 128, 64, 2, 2, true>(p, stream);
+    // 32 query rows each, 2 CTAs/SM)
+    if (hd == 64 && attention_has_wgmma()) attention_forward5_launch<64, 128, 128, 2, true>(p, stream);
+    else if (hd == 64) attention_forward_launch<64, 128, 64, 2, 2, true>(p, stream);
     else if (attention_has_wgmma() && T < 8192) attention_forward5_launch<128, 128, 128, 2, true>(p, stream);
     else if (attention_has_wgmma()) attention_forward5_launch<128, 128, 128, 3, true>(p, stream);
     else attention_forward_launch<128, 128, 64, 2, 2, false>(p, stream);
 }
 
-// kernel4 (hd 64) or kernel6 (hd 128), the dQ and dK/dV kernels apart, on Hopper; kernel2 otherwise
+// kernel6 (hd 64 and 128), the dQ and dK/dV kernels apart, on Hopper; kernel2 otherwise
 inline bool attention_backward_split(int hd) { return (hd == 64 || hd == 128) && attention_has_wgmma(); }
 // kernel2's scratch, in bytes: dq_accum (B, T, nh, hd) fp32, D (B, nh, T) fp32, the dQ semaphores (B, nh, ceil(T / 16)) int
 inline size_t attention_backward_kernel2_scratch_bytes(int B, int T, int nh, int hd) {
@@ -1848,9 +1850,12 @@ inline void attention_backward(bf16* dq, bf16* dk, bf16* dv, float* scratch, con
     //   4a 1.363 / 17.45 / 2.673   6a 1.163 / 14.65 / 2.239   6b 1.131 / 14.36 / 2.167   6f 1.060 / 13.82 / 2.064
     struct Bwd6 { int stages; bool dq6, dkdv6, pingpong; };
     constexpr Bwd6 bwd6 = {3, true, true, true};  // 6f
-    // hd 64 on Hopper: kernel4; elsewhere variants 2a (hd 128) and 2c (hd 64)
+    // hd 64 on Hopper: 6f too (6f64; session 11, H100, llama3-1b heads, 4 x 2048, ms: 4a64 0.850, 6a64 0.779, 6c64 0.747,
+    // 6f64 0.759, 6h64 0.753: 6c64 is 1.7% ahead of 6f64, the one timed in the trainer); elsewhere variants 2a (hd 128)
+    // and 2c (hd 64)
     if (attention_backward_split(hd) && hd == 64)
-        attention_backward_split_hd<64, attention_backward4_launch<64>>(dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
+        attention_backward_split_hd<64, attention_backward6_launch<64, bwd6.stages, bwd6.dq6, bwd6.dkdv6, bwd6.pingpong>>(
+            dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);
     else if (attention_backward_split(hd))
         attention_backward_split_hd<128, attention_backward6_launch<128, bwd6.stages, bwd6.dq6, bwd6.dkdv6, bwd6.pingpong>>(
             dq, dk, dv, scratch, dout, q, k, v, out, lse, doc_start, B, T, nh, nkv, stream);

@@ -2,11 +2,12 @@
 // Shapes: B=2, T in {1, 17, 100, 128, 300}, nh=4, nkv in {4, 2, 1}, hd in {64, 128}, with and without
 // document packing; and B=2, T=1000, nh=8 (8 key tiles), against the CPU where that is cheap. On a Hopper
 // the small shapes run twice: the kernels it uses there (hd 128: forward kernel5, backward kernel6, whose
-// TMA boxes of 64 or 128 rows run past T < 128; hd 64: kernel1, kernel4), then (attention_wgmma_off) the
+// TMA boxes of 64 or 128 rows run past T < 128; hd 64: the same kernels, 5a64 and 6f64), then (attention_wgmma_off) the
 // mma.sync ones of every other GPU. Also on a Hopper: each variant of kernel5 (5a-5c) and kernel6 (6a-6f, and at
-// hd 64 6a64-6h64) that the dispatch can pick must give the dispatched forward's and kernel4's bits; and at hd 64,
-// where the forward is kernel1, every case (in the wgmma pass) also runs kernel5 at hd 64: 5a64 against the CPU
-// reference with the dispatched forward's budget (where the case has one), 5b64 and 5c64 bit for bit with 5a64.
+// hd 64 6a64-6h64) that the dispatch can pick must give the dispatched forward's and kernel4's bits; and at hd 64
+// every case (in the wgmma pass) also runs kernel5's hd-64 variants by name: 5a64 against the CPU reference with the
+// dispatched forward's budget (where the case has one; since 5a64 became the dispatch, a repeat of that check), 5b64
+// and 5c64 bit for bit with 5a64.
 // Inputs are seeded random bf16 values; outputs are poisoned (NaN) before each launch.
 //
 // Determinism: at T=300, T=1000 and the llama3-8b and -1b shapes (B=4, T=2048, nh=32, nkv=8, hd=128 and 64; several key
@@ -163,7 +164,7 @@ static void check_tensor(const char* what, const char* cfg, const std::vector<fl
     check(r_gpu <= 1e-2 && r_gpu <= 2.0 * r_sim + 1e-3, "%-44s rel_l2=%.3e (sim %.3e, budget min(1e-2, 2*sim+1e-3))", name, r_gpu, r_sim);
 }
 
-// Hopper, hd 64: kernel5 (5a64-5c64; the dispatch runs kernel1 there) on the case's device inputs. 5a64 against the
+// Hopper, hd 64: kernel5 (5a64-5c64; the dispatch runs 5a64) on the case's device inputs. 5a64 against the
 // CPU reference (when given) with the dispatched forward's budget; 5b64 and 5c64 differ from it only in schedule (ring
 // depth, pingpong), so they must give its bits, poisoned with other bytes than 5a64's so an unwritten element differs.
 typedef void (*FwdLaunch)(const AttnFwdParams&, cudaStream_t);
@@ -315,7 +316,7 @@ static void run_case(Shape s, bool packed, uint64_t seed, bool vs_cpu, bool repe
 // Hopper: every variant of kernel5 (hd 128) and kernel6 (hd 128 and 64) the dispatch can pick, bit for bit. kernel5's
 // variants differ only in schedule (ring depth, pingpong), so 5a, 5b, 5c must give the dispatched forward's bits;
 // kernel6 runs kernel4's operations in kernel4's order, so 6a-6f, 6a64-6h64 (and the dispatched backward) must give
-// kernel4's at the same hd. At hd 64 the forward (kernel1) only makes out and lse.
+// kernel4's at the same hd. At hd 64 kernel5's variants are checked in run_case (kernel5_hd64), not here.
 // Each run's outputs are poisoned with other bytes than the reference's, so an element left unwritten differs.
 
 typedef void (*BwdRun)(bf16*, bf16*, bf16*, float*, const bf16*, const bf16*, const bf16*, const bf16*, const bf16*,
