@@ -7,7 +7,7 @@
 #   dev/bench/verify_gpu.sh run            there, with build/verify carried: results under $OUT
 # run, in this order, each stage skipped once LIMIT seconds (default 540) have passed:
 #   1. test_qlora, test_attention, test_kernels, test/test_resilience.sh (pass/fail lines);
-#   2. the playgrounds in PG (built: those below, lora_backward and pcie_copy; default: attention_forward 2a,5a,5b,5c; attention_backward 4a,6a-6f;
+#   2. the playgrounds in PG (built: those below, lora_backward and pcie_copy; default: attention_forward 2a,5a,5b,1l,5a64,5c64; attention_backward 4a,6a,6f,4a64,6c64,6f64,6h64;
 #      rmsnorm; "attention_forward:" with nothing after the colon runs all its variants);
 #   3. the A/B: llama3-8b 4 x 2048 without and with --recompute (llama3-1b 4 x 2048 after 4.), this tree's trainer
 #      and BASE's on the same machine: losses (9 digits) must agree bit for bit where the change says so;
@@ -46,7 +46,7 @@ run)
     timeout 200 bash test/test_resilience.sh >"$O/test_resilience.log" 2>&1; echo "== test_resilience: exit $? at ${SECONDS}s" >>"$S"
     grep -E "FAIL|passed" "$O/test_resilience.log" | tail -6 >>"$S"
   fi
-  IFS=';' read -ra pgs <<< "${PG-attention_forward:2a,5a,5b,5c;attention_backward:4a,6a,6b,6c,6d,6e,6f;rmsnorm:}"
+  IFS=";" read -ra pgs <<< "${PG-attention_forward:2a,5a,5b,1l,5a64,5c64;attention_backward:4a,6a,6f,4a64,6c64,6f64,6h64;rmsnorm:}"
   for pg in "${pgs[@]}"; do
     name=${pg%%:*}; args=${pg#*:}; late "$name" && continue
     timeout 120 $V/$name $args >>"$O/playgrounds.log" 2>&1; echo "== $name $args: exit $? at ${SECONDS}s" >>"$S"
