@@ -490,9 +490,9 @@ static const Variant VARIANTS[] = {
     {"1e", 64, attention_forward_launch<64, 128, 128, 1, 1, true>, "hd64 Br128 Bc128, 8 warps, Q in regs, 1 CTA/SM"},
     {"1f", 64, attention_forward_launch<64, 64, 64, 1, 4, true>, "hd64 Br64 Bc64, 4 warps, Q in regs, 4 CTA/SM"},
     {"1k", 64, attention_forward_launch<64, 128, 64, 2, 2, false>, "hd64 Br128 Bc64, 4 warps x 32 rows, Q from smem, 2 CTA/SM"},
-    {"1l", 64, attention_forward_launch<64, 128, 64, 2, 2, true>, "hd64 Br128 Bc64, 4 warps x 32 rows, Q in regs, 2 CTA/SM (production)"},
+    {"1l", 64, attention_forward_launch<64, 128, 64, 2, 2, true>, "hd64 Br128 Bc64, 4 warps x 32 rows, Q in regs, 2 CTA/SM (production off Hopper; on Hopper before 5a64)"},
     {"1m", 64, attention_forward_launch<64, 256, 64, 2, 1, true>, "hd64 Br256 Bc64, 8 warps x 32 rows, Q in regs, 1 CTA/SM"},
-    {"5a64", 64, attention_forward5_launch<64, 128, 128, 2, true>, "hd64 Bq128 Bk128, TMA producer + 2 consumer warpgroups, pingpong, 2 stages"},
+    {"5a64", 64, attention_forward5_launch<64, 128, 128, 2, true>, "hd64 Bq128 Bk128, TMA producer + 2 consumer warpgroups, pingpong, 2 stages (production on Hopper)"},
     {"5b64", 64, attention_forward5_launch<64, 128, 128, 3, true>, "hd64 Bq128 Bk128, TMA producer + 2 consumer warpgroups, pingpong, 3 stages", "5a64"},
     {"5c64", 64, attention_forward5_launch<64, 128, 128, 2, false>, "hd64 Bq128 Bk128, TMA producer + 2 consumer warpgroups, no pingpong, 2 stages", "5a64"},
 };
